@@ -1,0 +1,116 @@
+"""Tensor-parallel split/merge and pipeline stage layout (DESIGN §4).
+
+Everything here works from a `TensorSpec`: the split axis and the fused layout say how a full tensor
+maps onto TP ranks, so growth operators never see shards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scalegrow.arch import SWIGLU, VOCAB, TensorSpec
+
+
+def split(spec: TensorSpec, full: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    """Full tensor -> `tp` contiguous shards, rank order."""
+    if spec.tp_axis is None or tp == 1:
+        return [full] * tp
+    if spec.layout == SWIGLU:
+        # [gate; up] -> rank r holds [gate_r; up_r]
+        gate, up = full.chunk(2, dim=0)
+        return [torch.cat(pair, dim=0) for pair in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0))]
+    if full.shape[spec.tp_axis] % tp:
+        raise ValueError(f"{spec.name}: dim {spec.tp_axis} of shape {tuple(full.shape)} is not "
+                         f"divisible by tensor parallel size {tp}")
+    return [s.contiguous() for s in full.chunk(tp, dim=spec.tp_axis)]
+
+
+def merge(spec: TensorSpec, shards: list[torch.Tensor]) -> torch.Tensor:
+    """TP shards, rank order -> the full tensor. Replicated tensors come from rank 0."""
+    if spec.tp_axis is None or len(shards) == 1:
+        return shards[0]
+    if spec.layout == SWIGLU:
+        halves = [s.chunk(2, dim=0) for s in shards]  # each rank: [gate_r; up_r]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=spec.tp_axis)
+
+
+def shard_shape(spec: TensorSpec, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    if spec.tp_axis is None:
+        return tuple(shape)
+    out = list(shape)
+    out[spec.tp_axis] //= tp
+    return tuple(out)
+
+
+def pad_vocab(spec: TensorSpec, full: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
+    """Trim or zero-extend the vocabulary rows of an embedding/output tensor to `padded_vocab_size`."""
+    assert spec.layout == VOCAB
+    rows = full.shape[0]
+    if rows >= padded_vocab_size:
+        return full[:padded_vocab_size]
+    pad = full.new_zeros((padded_vocab_size - rows, *full.shape[1:]))
+    return torch.cat([full, pad], dim=0)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's rule: round the tokenizer's vocabulary up to a multiple of divisible_by * TP."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """How `num_layers` transformer layers sit on pipeline stages."""
+
+    layers_per_stage: tuple[int, ...]
+
+    @property
+    def pp(self) -> int:
+        return len(self.layers_per_stage)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.layers_per_stage)
+
+    def first_layer(self, stage: int) -> int:
+        return sum(self.layers_per_stage[:stage])
+
+    def locate(self, layer: int) -> tuple[int, int]:
+        """Global layer index -> (stage, index local to that stage)."""
+        for stage, count in enumerate(self.layers_per_stage):
+            if layer < count:
+                return stage, layer
+            layer -= count
+        raise IndexError(f"layer {layer} beyond {self.num_layers} layers")
+
+    @classmethod
+    def build(cls, num_layers: int, pp: int, first: int | None = None,
+              last: int | None = None) -> "StageLayout":
+        """Even split, or Megatron's uneven split with explicit first/last stage layer counts."""
+        if pp < 1:
+            raise ValueError(f"pipeline parallel size must be >= 1, got {pp}")
+        counts = [None] * pp
+        if first is not None:
+            counts[0] = first
+        if last is not None and pp > 1:
+            counts[-1] = last
+        fixed = sum(c for c in counts if c is not None)
+        middle = [i for i, c in enumerate(counts) if c is None]
+        rest = num_layers - fixed
+        if rest < 0 or (middle and rest % len(middle)) or (not middle and rest):
+            raise ValueError(f"num_layers {num_layers} cannot be split over {pp} pipeline stages"
+                             + (f" with first={first}, last={last}" if first or last else ""))
+        for i in middle:
+            counts[i] = rest // len(middle)
+        return cls(tuple(counts))
+
+    def megatron_args(self) -> dict[str, int | None]:
+        """The `decoder_{first,last}_pipeline_num_layers` args that reproduce this layout."""
+        even = StageLayout.build(self.num_layers, self.pp) if self.num_layers % self.pp == 0 else None
+        if even == self:
+            return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None}
+        first, last = self.layers_per_stage[0], self.layers_per_stage[-1]
+        return {"decoder_first_pipeline_num_layers": first,
+                "decoder_last_pipeline_num_layers": last if self.pp > 1 else None}

@@ -1,0 +1,143 @@
+"""`scalegrow` console script (DESIGN §1). Exit 0: success; 2: bad input; 1: verify found a
+difference over --atol; 3: internal error."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+import warnings
+
+import torch
+
+from scalegrow import __version__
+from scalegrow.errors import InputError
+
+EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage errors are bad input too: one line, exit 2
+        raise InputError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="scalegrow", description=__doc__)
+    p.add_argument("--version", action="version", version=f"scalegrow {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("grow", help="grow a Megatron checkpoint (and re-partition it in the same pass)")
+    g.add_argument("--src", required=True, help="source checkpoint directory")
+    g.add_argument("--dst", required=True, help="output directory (must not exist)")
+    g.add_argument("--method", default="lemon", help="growth method (default: lemon)")
+    g.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
+    _layout_args(g)
+    g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
+
+    v = sub.add_parser("verify", help="check that two checkpoints compute the same function")
+    v.add_argument("--src", required=True)
+    v.add_argument("--dst", required=True)
+    v.add_argument("--tokens", type=int, default=512, help="tokens in the random test batch")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--atol", type=float, default=1e-4, help="max |Δlogits| allowed (fp32)")
+
+    i = sub.add_parser("inspect", help="describe a checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    n = sub.add_parser("init", help="write a randomly initialised checkpoint from a model YAML")
+    n.add_argument("--target", required=True, help="YAML of Megatron model args (all required ones)")
+    n.add_argument("--dst", required=True)
+    _layout_args(n)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    return p
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None, help="target tensor parallel size (default: source's)")
+    p.add_argument("--pp", type=int, default=None, help="target pipeline parallel size (default: source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InputError(f"--{name}: must be >= 1, got {value}")
+
+
+def cmd_grow(a) -> int:
+    from scalegrow.pipeline import grow
+
+    _positive("tp", a.tp), _positive("pp", a.pp)
+    summary = grow(a.src, a.dst, a.method, a.target, tp=a.tp, pp=a.pp, seed=a.seed,
+                   overwrite=a.overwrite, progress=not a.no_progress)
+    print(f"grew {a.src} with {a.method}: {summary}")
+    return EXIT_OK
+
+
+def cmd_verify(a) -> int:
+    from scalegrow.pipeline import verify
+
+    result = verify(a.src, a.dst, tokens=a.tokens, seed=a.seed)
+    print(json.dumps(result))
+    return EXIT_OK if result["max_abs_diff"] <= a.atol else EXIT_MISMATCH
+
+
+def cmd_inspect(a) -> int:
+    from scalegrow.pipeline import inspect
+
+    info = inspect(a.path)
+    if a.json:
+        print(json.dumps(info))
+        return EXIT_OK
+    m = info["model"]
+    print(f"{info['path']}: Megatron {info['format']} checkpoint, iteration {info['iteration']}")
+    print(f"  layout   TP={info['tensor_model_parallel_size']} PP={info['pipeline_model_parallel_size']} "
+          f"layers/stage={info['layers_per_stage']} dtype={info['dtype']}")
+    print(f"  model    {info['num_parameters'] / 1e6:.2f}M params: num_layers={m['num_layers']} "
+          f"hidden_size={m['hidden_size']} ffn_hidden_size={m['ffn_hidden_size']} "
+          f"heads={m['num_attention_heads']} groups={m['num_query_groups']} kv_channels={m['kv_channels']} "
+          f"vocab={m['padded_vocab_size']}")
+    print(f"           {m['normalization']}, {'SwiGLU' if m['swiglu'] else 'GELU'}, "
+          f"{m['position_embedding_type']}, {'untied' if m['untie_embeddings_and_output_weights'] else 'tied'}, "
+          f"bias={m['add_bias_linear']}")
+    for shard in info["shards"]:
+        print(f"  shard    {shard['file']}  {shard['bytes'] / 2**20:.2f} MiB")
+    return EXIT_OK
+
+
+def cmd_init(a) -> int:
+    from scalegrow.config import ModelConfig
+    from scalegrow.pipeline import init_checkpoint
+
+    _positive("tp", a.tp), _positive("pp", a.pp)
+    cfg = ModelConfig.from_yaml(a.target)
+    summary = init_checkpoint(cfg, a.dst, tp=a.tp or 1, pp=a.pp or 1, seed=a.seed,
+                              dtype=DTYPES[a.dtype], overwrite=a.overwrite)
+    print(f"initialised: {summary}")
+    return EXIT_OK
+
+
+COMMANDS = {"grow": cmd_grow, "verify": cmd_verify, "inspect": cmd_inspect, "init": cmd_init}
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", module="megatron")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"scalegrow: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("scalegrow: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    except Exception:  # an internal error: keep the traceback for the bug report
+        traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

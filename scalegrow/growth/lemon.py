@@ -1,0 +1,160 @@
+"""LEMON: lossless model expansion (Wang et al., ICLR 2024, arXiv 2310.07999).
+
+Implemented, by section of the paper:
+- §4.1 width, residual stream: average expansion x* = [x × k, mean(x)·1_r] applied once, globally, to
+  embeddings, positions, every block output (proj/fc2 rows and biases) and every norm.
+- §4.1 LayerNorm: γ* = √s·[γ × k, γ_r], β* = [β × k, 0_r], eps* = s·eps, s = k·D_S/D_T; the norm then
+  outputs [LN(x) × k, 0_r]. RMSNorm (our derivation): zero residue instead of the mean, same γ and eps.
+- §4.2 MHA/MLP width: heads (head dim kept) and FFN neurons replicated circularly; with GQA a query
+  group moves with all its q heads. Fan-in weights (Q/K/V/fc1 input columns, proj/fc2 input columns,
+  untied output layer) split asymmetrically: copies sum to the original, random cancelling noise.
+- §4.3 depth: new blocks interleaved in the upper part of the stack, each a copy of the block below
+  with zero-sum ("cancelling") output projections, so under pre-LN it is an exact identity; at most 2×
+  per application, larger targets by repeating it.
+- Tied output layer: the logits of [E × k, ·]·[y × k, 0] come out k× larger, so the final norm's γ, β
+  carry 1/k (the reference code's `scale_for_bert`).
+"""
+from __future__ import annotations
+
+import torch
+
+from scalegrow.config import ModelConfig
+from scalegrow.growth.base import GrowthOperator, require_equal, require_not_smaller
+from scalegrow.growth.maps import ResidualMap, UnitMap, seeded_generator
+
+
+def depth_plan(src_layers: int, dst_layers: int) -> list[tuple[int, bool]]:
+    """Per target layer: (source layer it comes from, is it a new identity block).
+
+    One application grows n -> m <= 2n: the first 2n - m layers map 1:1, then each remaining layer is
+    followed by a new one. A new block after the last layer is fine: it is an identity before the final
+    norm, and it copies the layer below it since there is none above.
+    """
+    layers = [(i, False) for i in range(src_layers)]
+    while len(layers) < dst_layers:
+        n = len(layers)
+        m = min(2 * n, dst_layers)
+        keep = 2 * n - m
+        grown = layers[:keep]
+        for entry in layers[keep:]:
+            grown += [entry, (entry[0], True)]
+        layers = grown
+    return layers
+
+
+def qkv_block_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
+    """Map over QKV row blocks [ng, per_g + 2] (each block hn rows): target group g copies source group
+    g mod ng_S with all its heads; q slot i copies slot i mod per_S; k and v slots copy k and v."""
+    ps, pt = src.heads_per_group, dst.heads_per_group
+    group = torch.arange(dst.num_query_groups) % src.num_query_groups
+    slot = torch.cat([torch.arange(pt) % ps, torch.tensor([ps, ps + 1])])
+    index = group[:, None] * (ps + 2) + slot[None, :]
+    return UnitMap(index.flatten(), src.num_query_groups * (ps + 2))
+
+
+def head_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
+    """Map over q heads (the proj input blocks), consistent with `qkv_block_map`."""
+    ps, pt = src.heads_per_group, dst.heads_per_group
+    group = torch.arange(dst.num_query_groups) % src.num_query_groups
+    index = group[:, None] * ps + (torch.arange(pt) % ps)[None, :]
+    return UnitMap(index.flatten(), src.num_attention_heads)
+
+
+class LemonGrowth(GrowthOperator):
+    name = "lemon"
+    lossless = True
+
+    def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        super().check(src, dst)
+        require_equal(src, dst, "kv_channels", why="LEMON keeps the head dimension")
+        require_not_smaller(src, dst, ("num_layers", "hidden_size", "ffn_hidden_size",
+                                       "num_attention_heads", "num_query_groups"))
+        if dst.heads_per_group < src.heads_per_group:
+            raise ValueError(
+                f"num_query_groups: target has {dst.heads_per_group} q heads per group, fewer than the "
+                f"source's {src.heads_per_group}; every source head must keep a copy")
+
+    def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
+        """LayerNorm/RMSNorm need eps* = s·eps for the expanded stream to normalise exactly."""
+        self.check(src, dst)
+        s = ResidualMap(src.hidden_size, dst.hidden_size, True).s
+        return dst.replace(norm_epsilon=src.norm_epsilon * s)
+
+    def setup(self) -> None:
+        src, dst = self.src, self.dst
+        self.stream = ResidualMap(src.hidden_size, dst.hidden_size, mean_fill=src.normalization == "LayerNorm")
+        self.blocks = qkv_block_map(src, dst)
+        self.heads = head_map(src, dst)
+        self.neurons = UnitMap.circular(src.ffn_hidden_size, dst.ffn_hidden_size)
+        self.plan = depth_plan(src.num_layers, dst.num_layers)
+        self.std = dst.init_method_std
+
+    # ---- plan --------------------------------------------------------------------------------
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        return (self.plan[index][0],)
+
+    # ---- tensors -----------------------------------------------------------------------------
+    def grow_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: self.stream.expand(t.float(), dim=1) for name, t in tensors.items()}
+
+    def grow_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]],
+                   specs) -> dict[str, torch.Tensor]:
+        src_layer, is_new = self.plan[index]
+        tensors = {name: t.float() for name, t in sources[src_layer].items()}
+        if is_new:  # §4.3: output projections of a new block start at zero (cancelling once split)
+            for name, t in tensors.items():
+                if name.startswith(("self_attention.linear_proj.", "mlp.linear_fc2.")):
+                    tensors[name] = torch.zeros_like(t)
+        return {spec.name: self._grow(spec.role, spec.name, tensors[spec.name], index) for spec in specs}
+
+    def grow_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        tied_scale = 1.0 / self.stream.k if self.src.tied else 1.0
+        for name, t in tensors.items():
+            t = t.float()
+            if name.endswith("final_layernorm.weight"):
+                out[name] = self._norm_weight(t) * tied_scale
+            elif name.endswith("final_layernorm.bias"):
+                out[name] = self._norm_bias(t) * tied_scale
+            elif self.src.tied:  # word embeddings, stored as output_layer on the last stage
+                out[name] = self.stream.expand(t, dim=1)
+            else:
+                out[name] = self.stream.split_fanin(t, 1, self._gen("output_layer"), self.std)
+        return out
+
+    # ---- per role ----------------------------------------------------------------------------
+    def _gen(self, *names: object) -> torch.Generator:
+        return seeded_generator(self.seed, *names)
+
+    def _norm_weight(self, gamma: torch.Tensor) -> torch.Tensor:
+        fill = gamma.mean()
+        return (self.stream.s ** 0.5) * self.stream.copies.expand(gamma, 0, fill)
+
+    def _norm_bias(self, beta: torch.Tensor) -> torch.Tensor:
+        return self.stream.copies.expand(beta, 0)  # residue 0
+
+    def _grow(self, role: str, name: str, t: torch.Tensor, index: int) -> torch.Tensor:
+        gen = self._gen(index, name)
+        hn = self.src.kv_channels
+        if role == "norm_weight":
+            return self._norm_weight(t)
+        if role == "norm_bias":
+            return self._norm_bias(t)
+        if role == "out_bias":
+            return self.stream.expand(t, 0)
+        if role in ("qkv_weight", "qkv_bias"):
+            # [ng*(per+2)*hn, ...] -> [ng*(per+2), hn, ...]: replicate whole row blocks
+            blocks = t.reshape(self.blocks.n_src, hn, *t.shape[1:])
+            rows = self.blocks.expand(blocks, 0).flatten(0, 1)
+            return rows if role == "qkv_bias" else self.stream.split_fanin(rows, 1, gen, self.std)
+        if role == "proj_weight":
+            rows = self.stream.expand(t, 0)  # [D_T, np_S*hn]
+            heads = rows.reshape(rows.shape[0], self.heads.n_src, hn)  # [D_T, np_S, hn]
+            return self.heads.split_fanin(heads, 1, gen, self.std).flatten(1)
+        if role in ("fc1_weight", "fc1_bias"):
+            halves = t.reshape(2 if self.src.swiglu else 1, self.neurons.n_src, *t.shape[1:])
+            rows = self.neurons.expand(halves, 1).flatten(0, 1)  # gate and up rows move together
+            return rows if role == "fc1_bias" else self.stream.split_fanin(rows, 1, gen, self.std)
+        if role == "fc2_weight":
+            return self.neurons.split_fanin(self.stream.expand(t, 0), 1, gen, self.std)
+        raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")

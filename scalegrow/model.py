@@ -1,0 +1,171 @@
+"""Reference GPT in plain PyTorch with megatron-core `GPTModel` semantics (local layer spec).
+
+State-dict names are exactly megatron-core's at TP=1, PP=1, so a Megatron checkpoint's merged `model`
+dict loads here (minus `_extra_state`) and back. tests/test_parity.py pins the math to megatron-core.
+Layout is [batch, seq, hidden]; megatron runs [seq, batch, hidden], which is the same arithmetic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalegrow.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig, eps: float | None = None) -> nn.Module:
+    eps = cfg.norm_epsilon if eps is None else eps
+    if cfg.normalization == "RMSNorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=eps)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+        self.position_embeddings = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                                    if cfg.position_embedding_type == "learned_absolute" else None)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+        return x
+
+
+def rotary_freqs(cfg: ModelConfig, seq_len: int, device=None) -> torch.Tensor:
+    """Megatron's RotaryEmbedding (non-interleaved): [seq, rot_dim] angles, cat(freqs, freqs)."""
+    dim = cfg.kv_channels if cfg.rotary_percent >= 1.0 else int(cfg.kv_channels * cfg.rotary_percent)
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((freqs, freqs), dim=-1)
+
+
+def apply_rotary(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """t: [b, heads, s, hn]; rotates the first rot_dim channels, passes the rest through."""
+    rot_dim = freqs.shape[-1]
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    x1, x2 = torch.chunk(t_rot, 2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    t_rot = t_rot * freqs.cos().to(t.dtype) + rotated * freqs.sin().to(t.dtype)
+    return torch.cat((t_rot, t_pass), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, proj_in = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
+        self.linear_qkv = nn.Linear(h, cfg.qkv_rows, bias=cfg.has_qkv_bias)
+        self.linear_proj = nn.Linear(proj_in, h, bias=cfg.has_linear_bias)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        b, s, _ = x.shape
+        ng, per_g, hn = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
+        # [b, s, ng*(per_g+2)*hn] -> [b, s, ng, per_g+2, hn]: each group's q heads, then k, then v
+        qkv = self.linear_qkv(x).view(b, s, ng, per_g + 2, hn)
+        q = qkv[:, :, :, :per_g].reshape(b, s, ng * per_g, hn).transpose(1, 2)  # [b, np, s, hn]
+        k = qkv[:, :, :, per_g].transpose(1, 2)  # [b, ng, s, hn]
+        v = qkv[:, :, :, per_g + 1].transpose(1, 2)
+        if freqs is not None:
+            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        # GQA: group g serves the per_g consecutive q heads g*per_g .. g*per_g+per_g-1
+        k = k.repeat_interleave(per_g, dim=1)
+        v = v.repeat_interleave(per_g, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hn))
+        return self.linear_proj(out.transpose(1, 2).reshape(b, s, ng * per_g * hn))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.swiglu
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.fc1_rows, bias=cfg.has_linear_bias)
+        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.has_linear_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        if self.swiglu:
+            gate, up = torch.chunk(h, 2, dim=-1)  # fc1 rows are [gate; up]
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.linear_fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attention = SelfAttention(cfg)
+        self.pre_mlp_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), freqs)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = make_norm(cfg)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg)
+        self.decoder = Decoder(cfg)
+        self.output_layer = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+                             if cfg.untie_embeddings_and_output_weights else None)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-norm output [b, s, hidden] for token ids [b, s]."""
+        x = self.embedding(tokens)
+        freqs = (rotary_freqs(self.cfg, tokens.shape[1], tokens.device)
+                 if self.cfg.position_embedding_type == "rope" else None)
+        for layer in self.decoder.layers:
+            x = layer(x, freqs)
+        return self.decoder.final_layernorm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [b, s, padded_vocab_size]."""
+        return F.linear(self.hidden_states(tokens), self.output_weight())
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy over tokens [b, s]."""
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def init_weights(model: GPT, seed: int) -> None:
+    """Megatron's default init: N(0, std) weights, std/sqrt(2L) on output projections, zero biases."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                std = out_std if ("linear_proj" in name or "linear_fc2" in name) else cfg.init_method_std
+                param.normal_(0.0, std, generator=gen)
+
+
+def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Detached tensors under megatron-core names."""
+    return {k: v.detach() for k, v in model.state_dict().items()}

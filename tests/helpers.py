@@ -1,0 +1,61 @@
+"""Shared test helpers: tiny configs, trained-looking weights, hashing."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from scalegrow.config import ModelConfig
+from scalegrow.model import GPT, init_weights
+
+FAMILIES = {
+    # GPT-2-like: LayerNorm, GELU, MHA, learned positions, tied, biases
+    "gpt2": dict(normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute",
+                 untie_embeddings_and_output_weights=False, add_bias_linear=True),
+    # LLaMA-like: RMSNorm, SwiGLU, GQA, rope, untied, no biases
+    "llama": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                  untie_embeddings_and_output_weights=True, add_bias_linear=False, num_query_groups=2),
+    # the other corners of the product
+    "ln-swiglu-gqa-rope-tied-qkvbias": dict(normalization="LayerNorm", swiglu=True, position_embedding_type="rope",
+                                           untie_embeddings_and_output_weights=False, add_bias_linear=False,
+                                           add_qkv_bias=True, num_query_groups=2),
+    "rms-gelu-mha-learned-untied-bias": dict(normalization="RMSNorm", swiglu=False,
+                                            position_embedding_type="learned_absolute",
+                                            untie_embeddings_and_output_weights=True, add_bias_linear=True),
+}
+
+
+def family_config(family: str, **overrides) -> ModelConfig:
+    base = dict(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
+                padded_vocab_size=128, max_position_embeddings=64, norm_epsilon=1e-5)
+    base.update(FAMILIES[family])
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, noise: float = 0.05) -> GPT:
+    """Megatron init plus noise on every parameter, so norms and biases are not trivial."""
+    model = GPT(cfg)
+    init_weights(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise)
+    return model.eval()
+
+
+def tokens(cfg: ModelConfig, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, cfg.padded_vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def tree_sha256(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_yaml(path: Path, **values) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path

@@ -1,0 +1,116 @@
+"""megatron-core as the oracle, on CPU. Test code only: the CPU shims below never enter the library.
+
+megatron-core's `GPTModel` builds on CPU with `use_cpu_initialization=True`; a forward pass needs a
+few shims (DESIGN §6): the global memory buffer allocates on CPU, the CUDA RNG tracker's fork is a
+no-op, `torch.cuda.current_device` answers 'cpu', `torch.cuda.synchronize` does nothing, and the caller
+passes an explicit causal attention mask.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from scalegrow.config import ModelConfig
+
+warnings.filterwarnings("ignore", module="megatron")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def install_cpu_shims() -> None:
+    from megatron.core import tensor_parallel
+    from megatron.core import utils as mcu
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        return torch.empty(tensor_shape, dtype=dtype)
+
+    mcu.GlobalMemoryBuffer.get_tensor = get_tensor
+    tensor_parallel.random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None):
+    """Start gloo and megatron's model-parallel groups (idempotent for the single-process case)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    install_cpu_shims()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port or free_port())
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    with contextlib.suppress(Exception):
+        model_parallel_cuda_manual_seed(1234)
+
+
+def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, **extra):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels, normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32 if pp > 1 else None,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        **extra,
+    )
+
+
+def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True,
+              post_process: bool = True, **extra):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return GPTModel(
+        config=transformer_config(cfg, tp, pp, **extra),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
+        vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process, post_process=post_process,
+        share_embeddings_and_output_weights=cfg.tied,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_percent=cfg.rotary_percent, rotary_base=cfg.rotary_base,
+    )
+
+
+def causal_inputs(tokens: torch.Tensor):
+    """Position ids and the explicit boolean causal mask (True = masked) megatron's local spec wants."""
+    s = tokens.shape[1]
+    position_ids = torch.arange(s).unsqueeze(0).expand_as(tokens)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+    return position_ids, mask
+
+
+def forward(model, tokens: torch.Tensor) -> torch.Tensor:
+    position_ids, mask = causal_inputs(tokens)
+    with torch.no_grad():
+        return model(tokens, position_ids, mask)
+
+
+def load_strict(model, state_dict: dict, fill_extra_state: bool = False) -> None:
+    """Strict load. `fill_extra_state` supplies megatron's `_extra_state` keys for a plain state dict
+    (the reference model's); a checkpoint we wrote must carry them itself."""
+    sd = dict(state_dict)
+    if fill_extra_state:
+        sd.update({k: None for k in model.state_dict() if k.endswith("_extra_state") and k not in sd})
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result

@@ -1,0 +1,141 @@
+"""LEMON is lossless (max |Δlogits| <= 1e-4 in fp32) and still breaks symmetry."""
+import itertools
+
+import pytest
+import torch
+
+from scalegrow.config import ModelConfig
+from scalegrow.growth import REGISTRY, get_operator
+from scalegrow.growth.lemon import LemonGrowth, depth_plan
+from scalegrow.errors import InputError
+from scalegrow.model import GPT
+from scalegrow.stream import grow_state_dict
+from helpers import FAMILIES, family_config, random_model, tokens
+from test_parity import PRODUCT, tiny_config
+
+ATOL = 1e-4
+
+TARGETS = {  # source: 3 layers, hidden 64, 4 heads (MHA, or GQA in 2 groups), ffn 96
+    "width-2x": dict(hidden_size=128, num_attention_heads=8, ffn_hidden_size=192),
+    "width-1.5x": dict(hidden_size=96, num_attention_heads=6, ffn_hidden_size=150),
+    "width-1.25x-heads-kept": dict(hidden_size=80, ffn_hidden_size=100),
+    "depth-5": dict(num_layers=5),
+    "depth-6": dict(num_layers=6),
+    "depth-7": dict(num_layers=7),  # > 2x: LEMON's 2x step applied twice
+    "both-1.5x": dict(hidden_size=96, num_attention_heads=6, ffn_hidden_size=144, num_layers=5),
+    "both-2x": dict(hidden_size=128, num_attention_heads=8, ffn_hidden_size=200, num_layers=6),
+    "ffn-and-heads-only": dict(num_attention_heads=8, ffn_hidden_size=130, kv_channels=16),
+}
+
+
+def _groups(src, target):
+    """Keep GQA sources GQA: scale groups with heads (2 heads per group)."""
+    if src.num_query_groups == src.num_attention_heads:
+        return {}
+    heads = target.get("num_attention_heads", src.num_attention_heads)
+    return {"num_query_groups": heads // 2}
+
+
+def grown_diff(src_cfg, target, seed=0):
+    dst_cfg = ModelConfig.from_dict({**_groups(src_cfg, target), **target}, base=src_cfg)
+    small = random_model(src_cfg, seed)
+    op = LemonGrowth(src_cfg, dst_cfg, seed=seed)
+    big = GPT(op.dst).eval()
+    big.load_state_dict(grow_state_dict(op, small.state_dict()), strict=True)
+    x = tokens(src_cfg)
+    with torch.no_grad():
+        return (big(x) - small(x)).abs().max().item(), small, big, op
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_lossless_families(family, target):
+    diff, *_ = grown_diff(family_config(family), TARGETS[target])
+    assert diff <= ATOL
+
+
+@pytest.mark.parametrize("combo", PRODUCT, ids=["-".join(map(str, p)) for p in PRODUCT])
+def test_lossless_whole_product(combo):
+    """Every config combination, with a non-integer width ratio and non-2x depth at once."""
+    src = tiny_config(*combo)
+    diff, *_ = grown_diff(src.replace(num_layers=3), TARGETS["both-1.5x"])
+    assert diff <= ATOL
+
+
+def test_more_query_heads_per_group():
+    src = family_config("llama")  # 4 heads in 2 groups
+    diff, _, _, op = grown_diff(src, dict(num_attention_heads=8, num_query_groups=2, hidden_size=128))
+    assert op.dst.heads_per_group == 4 and diff <= ATOL
+
+
+def test_depth_plan():
+    assert depth_plan(4, 4) == [(i, False) for i in range(4)]
+    # 4 -> 6: the first 2 map 1:1, then each of the upper two is followed by a new block
+    assert depth_plan(4, 6) == [(0, False), (1, False), (2, False), (2, True), (3, False), (3, True)]
+    assert [n for _, n in depth_plan(4, 8)] == [False, True] * 4
+    plan = depth_plan(3, 10)  # 3 -> 6 -> 10
+    assert len(plan) == 10 and sum(not n for _, n in plan) == 3
+    assert [s for s, n in plan if not n] == [0, 1, 2]
+
+
+def test_new_blocks_are_identities():
+    cfg = family_config("llama")
+    _, small, big, op = grown_diff(cfg, dict(num_layers=6))
+    for j, (src, new) in enumerate(op.plan):
+        layer = big.decoder.layers[j]
+        if new:
+            assert layer.self_attention.linear_proj.weight.abs().max() == 0
+            assert layer.mlp.linear_fc2.weight.abs().max() == 0
+        else:
+            assert torch.equal(layer.mlp.linear_fc1.weight, small.decoder.layers[src].mlp.linear_fc1.weight)
+
+
+def test_width_noise_cancels_but_is_not_zero():
+    """New blocks of a wider model get non-zero, zero-sum ("cancelling") output projections."""
+    _, _, big, op = grown_diff(family_config("gpt2"), TARGETS["both-2x"])
+    new = [j for j, (_, n) in enumerate(op.plan) if n]
+    fc2 = big.decoder.layers[new[0]].mlp.linear_fc2.weight  # [128, 200], neurons copy j mod 96
+    assert fc2.abs().max() > 1e-3
+    pair_sum = fc2[:, :96] + fc2[:, 96:192]  # neurons 0..7 have a third copy at 192..199
+    pair_sum[:, :8] += fc2[:, 192:]
+    assert pair_sum.abs().max() < 1e-6
+
+
+def test_symmetry_broken_after_one_step():
+    """Replicated FFN neurons and heads start equal and move apart after one optimizer step."""
+    cfg = family_config("gpt2", num_layers=2)
+    _, _, big, _ = grown_diff(cfg, dict(num_attention_heads=8, kv_channels=16, ffn_hidden_size=192))
+    fc1 = lambda: big.decoder.layers[0].mlp.linear_fc1.weight.detach().clone()
+    qkv = lambda: big.decoder.layers[0].self_attention.linear_qkv.weight.detach().clone().view(8, 3, 16, 64)
+    # MHA rows are [np, 3, hn]... per group of one head: group g copies g mod 4
+    w1, q1 = fc1(), qkv()
+    assert torch.equal(w1[:96], w1[96:]) and torch.equal(q1[:4], q1[4:])
+    big.train()
+    opt = torch.optim.AdamW(big.parameters(), lr=1e-3)
+    big.loss(tokens(cfg, batch=4, seq=33, seed=3)).backward()
+    opt.step()
+    w2, q2 = fc1(), qkv()
+    assert (w2[:96] - w2[96:]).abs().max() > 1e-4
+    assert (q2[:4] - q2[4:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("target,key", [
+    (dict(hidden_size=32, num_attention_heads=2), "hidden_size"),
+    (dict(num_layers=2), "num_layers"),
+    (dict(ffn_hidden_size=64), "ffn_hidden_size"),
+    (dict(kv_channels=32, num_attention_heads=2), "kv_channels"),
+    (dict(num_attention_heads=8, num_query_groups=8, kv_channels=16), "num_query_groups"),  # 2 -> 1 per group
+    (dict(normalization="LayerNorm"), "normalization"),
+    (dict(untie_embeddings_and_output_weights=False), "untie_embeddings_and_output_weights"),
+])
+def test_invalid_targets_name_the_key(target, key):
+    src = family_config("llama")
+    with pytest.raises(ValueError, match=f"^{key}:"):
+        LemonGrowth(src, ModelConfig.from_dict(target, base=src))
+
+
+def test_registry_lists_valid_names():
+    assert get_operator("lemon") is LemonGrowth
+    with pytest.raises(InputError, match="unknown growth method 'lemmon' \\(valid: .*lemon"):
+        get_operator("lemmon")
+    assert "lemon" in REGISTRY
