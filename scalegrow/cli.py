@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--atol", type=float, default=1e-4, help="max |Δlogits| allowed (fp32)")
 
+    c = sub.add_parser("convert", help="re-partition (TP/PP) and/or change format, tensors unchanged")
+    c.add_argument("--src", required=True)
+    c.add_argument("--dst", required=True)
+    _layout_args(c)
+
     i = sub.add_parser("inspect", help="describe a checkpoint")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -49,17 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("init", help="write a randomly initialised checkpoint from a model YAML")
     n.add_argument("--target", required=True, help="YAML of Megatron model args (all required ones)")
     n.add_argument("--dst", required=True)
-    _layout_args(n)
+    _layout_args(n, writes_any_format=False)
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     return p
 
 
-def _layout_args(p: argparse.ArgumentParser) -> None:
+def _layout_args(p: argparse.ArgumentParser, writes_any_format: bool = True) -> None:
     p.add_argument("--tp", type=int, default=None, help="target tensor parallel size (default: source's)")
     p.add_argument("--pp", type=int, default=None, help="target pipeline parallel size (default: source's)")
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, metavar="N",
+                   help="layers on the first pipeline stage (uneven split, as in Megatron-LM)")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, metavar="N",
+                   help="layers on the last pipeline stage (uneven split, as in Megatron-LM)")
+    if writes_any_format:
+        p.add_argument("--format", choices=("torch", "torch_dist"), default="torch",
+                       help="output format: Megatron legacy 'torch' (default) or megatron-core 'torch_dist'")
+        p.add_argument("--vocab-size", type=int, default=None,
+                       help="the tokenizer's true vocabulary size, to re-pad for the target TP")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _target_layout(a):
+    from scalegrow.pipeline import TargetLayout
+
+    for name in ("tp", "pp", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                 "vocab_size"):
+        _positive(name.replace("_", "-"), getattr(a, name, None))
+    return TargetLayout(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
+                        getattr(a, "format", "torch"), getattr(a, "vocab_size", None))
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -70,10 +94,17 @@ def _positive(name: str, value: int | None) -> None:
 def cmd_grow(a) -> int:
     from scalegrow.pipeline import grow
 
-    _positive("tp", a.tp), _positive("pp", a.pp)
-    summary = grow(a.src, a.dst, a.method, a.target, tp=a.tp, pp=a.pp, seed=a.seed,
+    summary = grow(a.src, a.dst, a.method, a.target, _target_layout(a), seed=a.seed,
                    overwrite=a.overwrite, progress=not a.no_progress)
     print(f"grew {a.src} with {a.method}: {summary}")
+    return EXIT_OK
+
+
+def cmd_convert(a) -> int:
+    from scalegrow.pipeline import convert
+
+    summary = convert(a.src, a.dst, _target_layout(a), overwrite=a.overwrite, progress=not a.no_progress)
+    print(f"converted {a.src}: {summary}")
     return EXIT_OK
 
 
@@ -112,15 +143,16 @@ def cmd_init(a) -> int:
     from scalegrow.config import ModelConfig
     from scalegrow.pipeline import init_checkpoint
 
-    _positive("tp", a.tp), _positive("pp", a.pp)
+    layout = _target_layout(a)
     cfg = ModelConfig.from_yaml(a.target)
-    summary = init_checkpoint(cfg, a.dst, tp=a.tp or 1, pp=a.pp or 1, seed=a.seed,
-                              dtype=DTYPES[a.dtype], overwrite=a.overwrite)
+    summary = init_checkpoint(cfg, a.dst, tp=layout.tp or 1, pp=layout.pp or 1, first=layout.first,
+                              last=layout.last, seed=a.seed, dtype=DTYPES[a.dtype], overwrite=a.overwrite)
     print(f"initialised: {summary}")
     return EXIT_OK
 
 
-COMMANDS = {"grow": cmd_grow, "verify": cmd_verify, "inspect": cmd_inspect, "init": cmd_init}
+COMMANDS = {"grow": cmd_grow, "convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect,
+            "init": cmd_init}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,20 @@ import scalegrow
 from scalegrow import arch
 from scalegrow.checkpoint import open_checkpoint
 from scalegrow.checkpoint.io import atomic_output_dir
-from scalegrow.checkpoint.megatron import MegatronCheckpoint, MegatronWriter, expected_specs
-from scalegrow.checkpoint.sharding import StageLayout
+from scalegrow.checkpoint.dist import write_torch_dist
+from scalegrow.checkpoint.megatron import (TRACKER, MegatronWriter, expected_specs, iteration_dir_name,
+                                           open_megatron)
+from scalegrow.checkpoint.sharding import StageLayout, padded_vocab_size
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.growth import get_operator
+from scalegrow.growth.base import GrowthOperator
+from scalegrow.growth.identity import Identity
 from scalegrow.model import GPT, init_weights
-from scalegrow.stream import grow_checkpoint
+from scalegrow.stream import fit_vocab, grow_checkpoint
 
 METADATA = "scalegrow.json"
+FORMATS = ("torch", "torch_dist")
 
 
 @dataclass
@@ -45,21 +51,34 @@ class Summary:
                 f"{self.bytes_written / 2**20:.1f} MiB) in {self.seconds:.1f}s")
 
 
-def write_metadata(out_dir: Path, cfg: ModelConfig, writer: MegatronWriter, method: str,
-                   source: MegatronCheckpoint | None, **extra) -> None:
+@dataclass(frozen=True)
+class TargetLayout:
+    """Where and how to write: TP/PP (None: the source's), an uneven first/last stage, the format,
+    and the tokenizer's true vocabulary size for re-padding (None: from args, else keep the rows)."""
+
+    tp: int | None = None
+    pp: int | None = None
+    first: int | None = None
+    last: int | None = None
+    format: str = "torch"
+    vocab_size: int | None = None
+
+
+def write_metadata(out_dir: Path, cfg: ModelConfig, tp: int, layout: StageLayout, fmt: str, method: str,
+                   iteration: int | str, source=None, **extra) -> None:
     meta = {
         "scalegrow_version": scalegrow.__version__,
-        "format": "torch",
+        "format": fmt,
         "method": method,
         "model": cfg.to_dict(),
-        "tensor_model_parallel_size": writer.tp,
-        "pipeline_model_parallel_size": writer.layout.pp,
-        "layers_per_stage": list(writer.layout.layers_per_stage),
-        "iteration": writer.iteration,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": layout.pp,
+        "layers_per_stage": list(layout.layers_per_stage),
+        "iteration": iteration,
         "source": None if source is None else {
-            "path": str(source.root.resolve()), "manifest_sha256": source.manifest_sha256(),
-            "model": source.config.to_dict(), "tensor_model_parallel_size": source.tp,
-            "pipeline_model_parallel_size": source.pp},
+            "path": str(source.root.resolve()), "format": source.format,
+            "manifest_sha256": source.manifest_sha256(), "model": source.config.to_dict(),
+            "tensor_model_parallel_size": source.tp, "pipeline_model_parallel_size": source.pp},
         **extra,
     }
     (out_dir / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
@@ -69,11 +88,23 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _layout(cfg: ModelConfig, pp: int) -> StageLayout:
+def _layout(cfg: ModelConfig, pp: int, first: int | None = None, last: int | None = None) -> StageLayout:
     try:
-        return StageLayout.build(cfg.num_layers, pp)
+        return StageLayout.build(cfg.num_layers, pp, first, last)
     except ValueError as exc:
         raise InputError(f"--pp: {exc}") from exc
+
+
+def _target_vocab(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
+    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by × TP, so a new TP
+    can need other padding. The true size comes from --vocab-size or args.vocab_size; without
+    either, the padded rows are kept as the vocabulary (as Megatron's own converter does)."""
+    true_size = vocab_size or cfg.vocab_size
+    if true_size is not None and true_size > cfg.padded_vocab_size:
+        raise InputError(f"--vocab-size: {true_size} exceeds the checkpoint's {cfg.padded_vocab_size} "
+                         f"vocabulary rows")
+    padded = padded_vocab_size(true_size or cfg.padded_vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    return cfg.replace(padded_vocab_size=padded, vocab_size=true_size)
 
 
 def _check_tp(cfg: ModelConfig, tp: int, where: str) -> None:
@@ -83,40 +114,44 @@ def _check_tp(cfg: ModelConfig, tp: int, where: str) -> None:
         raise InputError(f"{where}: {exc}") from exc
 
 
-def init_checkpoint(cfg: ModelConfig, dst: str | Path, tp: int = 1, pp: int = 1, seed: int = 0,
-                    dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Summary:
+def init_checkpoint(cfg: ModelConfig, dst: str | Path, tp: int = 1, pp: int = 1, first: int | None = None,
+                    last: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    overwrite: bool = False) -> Summary:
     """A randomly initialised (Megatron init) checkpoint: a stand-in for a pretrained one."""
     start = time.time()
     _check_tp(cfg, tp, "--tp")
     model = GPT(cfg)
     init_weights(model, seed)
-    return save_model(model.state_dict(), cfg, dst, tp=tp, pp=pp, dtype=dtype, overwrite=overwrite,
-                      method="init", start=start, extra={"seed": seed})
+    return save_model(model.state_dict(), cfg, dst, tp=tp, pp=pp, first=first, last=last, dtype=dtype,
+                      overwrite=overwrite, method="init", start=start, extra={"seed": seed})
 
 
 def save_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path, *, tp: int = 1,
-               pp: int = 1, dtype: torch.dtype = torch.float32, overwrite: bool = False,
+               pp: int = 1, first: int | None = None, last: int | None = None, dtype: torch.dtype = torch.float32, overwrite: bool = False,
                method: str = "export", iteration: int | str = "release", start: float | None = None,
                base_args=None, extra: dict | None = None) -> Summary:
     """Write an in-memory reference-model state dict as a Megatron checkpoint at TP/PP."""
     start = time.time() if start is None else start
-    layout = _layout(cfg, pp)
-    full = dict(sd)
+    cfg = _target_vocab(cfg, tp, None)
+    _check_tp(cfg, tp, "--tp")
+    layout = _layout(cfg, pp, first, last)
+    full = fit_vocab(dict(sd), cfg.padded_vocab_size)
     if cfg.tied and pp > 1:
-        full[arch.OUTPUT_LAYER] = sd[arch.WORD_EMBEDDINGS]
+        full[arch.OUTPUT_LAYER] = full[arch.WORD_EMBEDDINGS]
     with atomic_output_dir(dst, overwrite) as out:
         writer = MegatronWriter(out, cfg, base_args, tp, layout, iteration, dtype)
         for stage in range(pp):
             writer.write_all(stage, {k: full[k] for k, _ in expected_specs(cfg, layout, stage)})
         writer.finish()
-        write_metadata(out, cfg, writer, method, None, **(extra or {}))
+        write_metadata(out, cfg, tp, layout, "torch", method, iteration, None, **(extra or {}))
         nbytes = _dir_bytes(out)
     return Summary(Path(dst), None, cfg.num_parameters(), time.time() - start, nbytes, tp, pp)
 
 
 def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path | None,
-         tp: int | None = None, pp: int | None = None, seed: int = 0, overwrite: bool = False,
+         layout: TargetLayout = TargetLayout(), seed: int = 0, overwrite: bool = False,
          progress: bool = True) -> Summary:
+    """Grow `src_path` with `method` to the model in the `target` YAML, written at `layout`."""
     start = time.time()
     op_cls = get_operator(method)
     src = open_checkpoint(src_path)
@@ -124,17 +159,54 @@ def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path 
     try:
         op = op_cls(src.config, dst_cfg, seed=seed)
     except ValueError as exc:
-        raise InputError(f"{target}: {exc}") from exc
-    tp, pp = tp or src.tp, pp or src.pp
-    _check_tp(op.dst, tp, "--tp")
-    layout = _layout(op.dst, pp)
+        raise InputError(f"{target or '--target'}: {exc}") from exc
+    return _transform(src, op, dst, layout, overwrite, progress, start, seed=seed)
+
+
+def convert(src_path: str | Path, dst: str | Path, layout: TargetLayout = TargetLayout(),
+            overwrite: bool = False, progress: bool = True) -> Summary:
+    """Re-partition (TP/PP) and/or change format; the tensors themselves are untouched."""
+    start = time.time()
+    src = open_checkpoint(src_path)
+    return _transform(src, Identity(src.config, src.config), dst, layout, overwrite, progress, start)
+
+
+def _transform(src, op: GrowthOperator, dst: str | Path, req: TargetLayout, overwrite: bool,
+               progress: bool, start: float, **meta) -> Summary:
+    """Stream `op` applied to `src` into `dst` at the requested layout and format."""
+    if req.format not in FORMATS:
+        raise InputError(f"--format: unknown checkpoint format {req.format!r} (valid: {', '.join(FORMATS)})")
+    tp, pp = req.tp or src.tp, req.pp or src.pp
+    cfg = _target_vocab(op.dst, tp, req.vocab_size)
+    _check_tp(cfg, tp, "--tp")
+    keep_split = req.pp is None and req.first is None and req.last is None
+    if keep_split and cfg.num_layers == src.layout.num_layers:
+        layout = src.layout  # the source's own (possibly uneven) stage split
+    else:
+        layout = _layout(cfg, pp, req.first, req.last)
     with atomic_output_dir(dst, overwrite) as out:
-        writer = MegatronWriter(out, op.dst, src.args, tp, layout, src.iteration, src.dtype)
-        grow_checkpoint(src, op, writer, progress=progress)
-        write_metadata(out, op.dst, writer, method, src, seed=seed)
+        if req.format == "torch":
+            writer = MegatronWriter(out, cfg, src.args, tp, layout, src.iteration, src.dtype)
+            grow_checkpoint(src, op, writer, progress=progress)
+        else:  # stream into a TP1/PP1 scratch copy, then save that (mmap'd) as torch_dist
+            scratch = out / ".scratch"
+            writer = MegatronWriter(scratch, cfg, src.args, 1, StageLayout((cfg.num_layers,)),
+                                    src.iteration, src.dtype)
+            grow_checkpoint(src, op, writer, progress=progress)
+            args = _layout_args(cfg.to_megatron_args(src.args, tp=tp, pp=pp), layout)
+            write_torch_dist(open_megatron(scratch), out / iteration_dir_name(src.iteration), args, src.iteration)
+            shutil.rmtree(scratch)
+            (out / TRACKER).write_text(str(src.iteration))
+        write_metadata(out, cfg, tp, layout, req.format, op.name, src.iteration, src, **meta)
         nbytes = _dir_bytes(out)
-    return Summary(Path(dst), src.config.num_parameters(), op.dst.num_parameters(), time.time() - start,
+    return Summary(Path(dst), src.config.num_parameters(), cfg.num_parameters(), time.time() - start,
                    nbytes, tp, pp)
+
+
+def _layout_args(args, layout: StageLayout):
+    for key, value in layout.megatron_args().items():
+        setattr(args, key, value)
+    return args
 
 
 def load_model(path: str | Path) -> GPT:
@@ -154,12 +226,12 @@ def verify(src_path: str | Path, dst_path: str | Path, tokens: int = 512, seed: 
                           generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         la, lb = a(batch), b(batch)
-    common = min(la.shape[-1], lb.shape[-1])
+    common = vocab
     diff = (la[..., :common] - lb[..., :common]).abs().max().item()
     scale = la[..., :common].abs().max().item()
 
-    def loss(logits):
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()).item()
+    def loss(logits):  # over the shared vocabulary: re-padded rows are not part of the function
+        return F.cross_entropy(logits[:, :-1, :common].flatten(0, 1), batch[:, 1:].flatten()).item()
 
     return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale else 0.0,
             "loss_src": loss(la), "loss_dst": loss(lb)}

@@ -33,7 +33,7 @@ class LayerCache:
         return self._layers[index]
 
 
-def _fit_vocab(tensors: dict[str, torch.Tensor], padded_vocab_size: int) -> dict[str, torch.Tensor]:
+def fit_vocab(tensors: dict[str, torch.Tensor], padded_vocab_size: int) -> dict[str, torch.Tensor]:
     """Re-pad vocabulary rows for the target layout (Megatron pads per TP size)."""
     vocab = (arch.WORD_EMBEDDINGS, arch.OUTPUT_LAYER)
     spec = arch.TensorSpec(arch.WORD_EMBEDDINGS, "word_embeddings", 0, arch.VOCAB)
@@ -49,7 +49,7 @@ def grow_checkpoint(src: MegatronCheckpoint, op: GrowthOperator, writer: Megatro
     for stage in range(layout.pp):
         writer.open_stage(stage)
         if stage == 0:
-            _write(writer, _fit_vocab(op.grow_embeddings(src.embeddings()), dst.padded_vocab_size))
+            _write(writer, fit_vocab(op.grow_embeddings(src.embeddings()), dst.padded_vocab_size))
             bar.update()
         first = layout.first_layer(stage)
         for j in range(first, first + layout.layers_per_stage[stage]):
@@ -58,7 +58,7 @@ def grow_checkpoint(src: MegatronCheckpoint, op: GrowthOperator, writer: Megatro
             _write(writer, {arch.layer_key(j, k): v for k, v in grown.items()})
             bar.update()
         if stage == layout.pp - 1:
-            head = _fit_vocab(op.grow_head(src.head()), dst.padded_vocab_size)
+            head = fit_vocab(op.grow_head(src.head()), dst.padded_vocab_size)
             if dst.tied and layout.pp == 1:
                 head.pop(arch.OUTPUT_LAYER)  # tied at PP=1: the embedding is the output layer
             _write(writer, head)

@@ -28,7 +28,7 @@ FAMILIES = {
 
 def family_config(family: str, **overrides) -> ModelConfig:
     base = dict(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
-                padded_vocab_size=128, max_position_embeddings=64, norm_epsilon=1e-5)
+                padded_vocab_size=128, vocab_size=100, max_position_embeddings=64, norm_epsilon=1e-5)
     base.update(FAMILIES[family])
     base.update(overrides)
     return ModelConfig(**base)

@@ -2,8 +2,8 @@
 
 megatron-core's `GPTModel` builds on CPU with `use_cpu_initialization=True`; a forward pass needs a
 few shims (DESIGN §6): the global memory buffer allocates on CPU, the CUDA RNG tracker's fork is a
-no-op, `torch.cuda.current_device` answers 'cpu', `torch.cuda.synchronize` does nothing, and the caller
-passes an explicit causal attention mask.
+no-op, `torch.cuda.current_device` answers 'cpu', `torch.cuda.synchronize` does nothing, and `Tensor.cuda()`
+stays on CPU (tied embeddings with PP > 1), and the caller passes an explicit causal attention mask.
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import socket
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from scalegrow.config import ModelConfig
+from scalegrow.checkpoint import mcore as _bridge
 
 warnings.filterwarnings("ignore", module="megatron")
 
@@ -37,6 +36,7 @@ def install_cpu_shims() -> None:
     tensor_parallel.random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self  # tied embeddings with PP > 1 all-reduce `.cuda()` copies
 
 
 def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None):
@@ -45,6 +45,9 @@ def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, 
     from megatron.core import parallel_state as ps
 
     install_cpu_shims()
+    from megatron.core.safe_globals import register_safe_globals
+
+    register_safe_globals()  # as Megatron-LM does at start-up: its args may be in common.pt
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(port or free_port())
@@ -57,39 +60,7 @@ def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, 
         model_parallel_cuda_manual_seed(1234)
 
 
-def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, **extra):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels, normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon,
-        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else F.gelu,
-        add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
-        init_method_std=cfg.init_method_std,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32 if pp > 1 else None,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        **extra,
-    )
-
-
-def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True,
-              post_process: bool = True, **extra):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    return GPTModel(
-        config=transformer_config(cfg, tp, pp, **extra),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
-        vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
-        pre_process=pre_process, post_process=post_process,
-        share_embeddings_and_output_weights=cfg.tied,
-        position_embedding_type=cfg.position_embedding_type,
-        rotary_percent=cfg.rotary_percent, rotary_base=cfg.rotary_base,
-    )
+build_gpt = _bridge.build_gpt
 
 
 def causal_inputs(tokens: torch.Tensor):
@@ -114,3 +85,67 @@ def load_strict(model, state_dict: dict, fill_extra_state: bool = False) -> None
         sd.update({k: None for k in model.state_dict() if k.endswith("_extra_state") and k not in sd})
     result = model.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
+
+
+# ---- multi-process: megatron-core at TP x PP on gloo ------------------------------------------------
+def pipeline_forward(model, tokens: torch.Tensor, tp: int, pp: int, hidden_size: int) -> torch.Tensor | None:
+    """Chain the stages by hand: each stage receives the previous stage's hidden states (same TP
+    rank), runs its layers and sends them on. The last stage returns full (TP-gathered) logits."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    stage, rank = ps.get_pipeline_model_parallel_rank(), dist.get_rank()
+    position_ids, mask = causal_inputs(tokens)
+    if stage > 0:
+        hidden = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size)  # [s, b, h]
+        dist.recv(hidden, src=rank - tp)
+        model.set_input_tensor(hidden)
+    with torch.no_grad():
+        out = model(tokens, position_ids, mask)
+    if stage < pp - 1:
+        dist.send(out.contiguous(), dst=rank + tp)
+        return None
+    return out
+
+
+def check_worker(rank: int, world: int, port: int, tp: int, pp: int, first, last, jobs: list, out_dir: str):
+    """One rank: for each job build megatron-core's GPTModel at this rank's stage, load this rank's
+    shard strictly (legacy) or through dist_checkpointing (torch_dist), run the pipelined forward;
+    the last stage's TP rank 0 saves the logits as `{out_dir}/{job index}.pt`."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from scalegrow.checkpoint.io import safe_load
+    from scalegrow.checkpoint.megatron import FILE_NAME, rank_dir_name, resolve_iteration_dir
+    from scalegrow.config import ModelConfig
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    init_parallel(tp, pp, rank=rank, world_size=world, port=port)
+    stage, t = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    for n, job in enumerate(jobs):
+        cfg = ModelConfig(**job["config"])
+        model = build_gpt(cfg, tp, pp, pre_process=stage == 0, post_process=stage == pp - 1,
+                          first=first, last=last, parallel_output=False).eval()
+        _, iter_dir, _ = resolve_iteration_dir(__import__("pathlib").Path(job["path"]))
+        if job["format"] == "torch":
+            state = safe_load(iter_dir / rank_dir_name(t, stage, pp) / FILE_NAME, mmap=False)
+            load_strict(model, state["model"])
+        else:
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
+            load_strict(model, loaded["model"])
+        logits = pipeline_forward(model, torch.load(job["tokens"]), tp, pp, cfg.hidden_size)
+        if logits is not None and t == 0:
+            torch.save(logits, f"{out_dir}/{n}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_megatron_check(tp: int, pp: int, jobs: list, out_dir, first=None, last=None) -> list[torch.Tensor]:
+    """Spawn tp*pp gloo ranks running `check_worker`; return each job's logits."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(check_worker, args=(tp * pp, free_port(), tp, pp, first, last, jobs, str(out_dir)),
+             nprocs=tp * pp, join=True)
+    return [torch.load(f"{out_dir}/{n}.pt") for n in range(len(jobs))]

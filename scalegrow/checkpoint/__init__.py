@@ -3,8 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scalegrow.checkpoint.megatron import MegatronCheckpoint, open_megatron
+from scalegrow.checkpoint.megatron import MegatronCheckpoint, open_megatron, resolve_iteration_dir
 
 
-def open_checkpoint(path: str | Path) -> MegatronCheckpoint:
-    return open_megatron(Path(path))
+def open_checkpoint(path: str | Path):
+    """A reader for a Megatron legacy (`torch`) or `torch_dist` checkpoint directory."""
+    from scalegrow.checkpoint.dist import is_torch_dist, open_dist
+
+    path = Path(path)
+    _, iter_dir, _ = resolve_iteration_dir(path)
+    if is_torch_dist(iter_dir):
+        return open_dist(path)
+    return open_megatron(path)
+
+
+__all__ = ["MegatronCheckpoint", "open_checkpoint"]

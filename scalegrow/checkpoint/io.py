@@ -37,7 +37,10 @@ def _megatron_allowed() -> list[Any]:
 
 
 def _torch_load(path: Path, mmap: bool, allowed: list[Any]) -> Any:
-    with torch.serialization.safe_globals(allowed):
+    # `safe_globals` removes what it was given on exit, even entries registered before it, so
+    # give it only what is not already allowed process-wide (e.g. by Megatron-LM at start-up).
+    present = set(map(id, torch.serialization.get_safe_globals()))
+    with torch.serialization.safe_globals([g for g in allowed if id(g) not in present]):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 

@@ -135,24 +135,35 @@ class MegatronCheckpoint:
             out[arch.OUTPUT_LAYER] = self.tensor(arch.OUTPUT_LAYER, out_spec)
         return out
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model under reference-model names (TP1/PP1). Loads everything: for verify."""
-        sd = dict(self.embeddings())
-        for i in range(self.config.num_layers):
-            sd.update({arch.layer_key(i, k): v.clone() for k, v in self.layer(i).items()})
-        head = self.head()
-        if self.config.tied:
-            head.pop(arch.OUTPUT_LAYER)
-        sd.update(head)
-        self._cache.clear()
-        return sd
+    def state_dict(self, clone: bool = True) -> dict[str, torch.Tensor]:
+        return assemble_state_dict(self, clone)
 
     def release(self) -> None:
         self._cache.clear()
 
     def manifest_sha256(self) -> str:
-        lines = [file_digest_line(p, self.root) for p in sorted(self.root.rglob("*")) if p.is_file()]
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        return manifest_sha256(self.root)
+
+
+def assemble_state_dict(ckpt, clone: bool = True) -> dict[str, torch.Tensor]:
+    """The whole model of any reader under reference-model names (TP1/PP1), for verify/export.
+    `clone=False` keeps mmap-backed views where the reader has them."""
+    copy = (lambda t: t.clone()) if clone else (lambda t: t)
+    sd = {k: copy(v) for k, v in ckpt.embeddings().items()}
+    for i in range(ckpt.config.num_layers):
+        sd.update({arch.layer_key(i, k): copy(v) for k, v in ckpt.layer(i).items()})
+    head = ckpt.head()
+    if ckpt.config.tied:
+        head.pop(arch.OUTPUT_LAYER)
+    sd.update({k: copy(v) for k, v in head.items()})
+    ckpt.release()
+    return sd
+
+
+def manifest_sha256(root: Path) -> str:
+    """sha256 over (path, size, sha256 of the first MiB) of every file under a checkpoint root."""
+    lines = [file_digest_line(p, root) for p in sorted(root.rglob("*")) if p.is_file()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _canonical(model: dict) -> dict:

@@ -100,10 +100,13 @@ class StageLayout:
         middle = [i for i, c in enumerate(counts) if c is None]
         rest = num_layers - fixed
         if rest < 0 or (middle and rest % len(middle)) or (not middle and rest):
-            raise ValueError(f"num_layers {num_layers} cannot be split over {pp} pipeline stages"
-                             + (f" with first={first}, last={last}" if first or last else ""))
+            detail = (f" with first={first}, last={last}" if first or last else
+                      " evenly (set --decoder-first/last-pipeline-num-layers for an uneven split)")
+            raise ValueError(f"num_layers {num_layers} cannot be split over {pp} pipeline stages{detail}")
         for i in middle:
             counts[i] = rest // len(middle)
+        if min(counts) < 1:
+            raise ValueError(f"num_layers {num_layers} over {pp} pipeline stages leaves a stage empty: {counts}")
         return cls(tuple(counts))
 
     def megatron_args(self) -> dict[str, int | None]:

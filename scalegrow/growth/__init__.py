@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from scalegrow.errors import InputError
 from scalegrow.growth.base import GrowthOperator
+from scalegrow.growth.identity import Identity
 from scalegrow.growth.lemon import LemonGrowth
 
 REGISTRY: dict[str, type[GrowthOperator]] = {
     LemonGrowth.name: LemonGrowth,
+    Identity.name: Identity,
 }
 
 
