@@ -72,8 +72,17 @@ def _layout_args(p: argparse.ArgumentParser, writes_any_format: bool = True) -> 
                        help="output format: Megatron legacy 'torch' (default) or megatron-core 'torch_dist'")
         p.add_argument("--vocab-size", type=int, default=None,
                        help="the tokenizer's true vocabulary size, to re-pad for the target TP")
+        p.add_argument("--dry-run", action="store_true",
+                       help="read and write nothing: print every output shard's tensors and shapes as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _print_plan(plan: dict) -> int:
+    files = {name: {"tensors": len(keys), "shapes": {k: list(v) for k, v in keys.items()}}
+             for name, keys in plan.items()}
+    print(json.dumps({"files": files}))
+    return EXIT_OK
 
 
 def _target_layout(a):
@@ -95,7 +104,9 @@ def cmd_grow(a) -> int:
     from scalegrow.pipeline import grow
 
     summary = grow(a.src, a.dst, a.method, a.target, _target_layout(a), seed=a.seed,
-                   overwrite=a.overwrite, progress=not a.no_progress)
+                   overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run)
+    if a.dry_run:
+        return _print_plan(summary)
     print(f"grew {a.src} with {a.method}: {summary}")
     return EXIT_OK
 
@@ -103,7 +114,10 @@ def cmd_grow(a) -> int:
 def cmd_convert(a) -> int:
     from scalegrow.pipeline import convert
 
-    summary = convert(a.src, a.dst, _target_layout(a), overwrite=a.overwrite, progress=not a.no_progress)
+    summary = convert(a.src, a.dst, _target_layout(a), overwrite=a.overwrite, progress=not a.no_progress,
+                      dry_run=a.dry_run)
+    if a.dry_run:
+        return _print_plan(summary)
     print(f"converted {a.src}: {summary}")
     return EXIT_OK
 

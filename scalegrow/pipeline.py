@@ -20,8 +20,8 @@ from scalegrow import arch
 from scalegrow.checkpoint import open_checkpoint
 from scalegrow.checkpoint.io import atomic_output_dir
 from scalegrow.checkpoint.dist import write_torch_dist
-from scalegrow.checkpoint.megatron import (TRACKER, MegatronWriter, expected_specs, iteration_dir_name,
-                                           open_megatron)
+from scalegrow.checkpoint.megatron import (TRACKER, MegatronWriter, MetaCheckpoint, PlanWriter,
+                                           expected_specs, iteration_dir_name, open_megatron)
 from scalegrow.checkpoint.sharding import StageLayout, padded_vocab_size
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
@@ -88,6 +88,12 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _check_dst(dst: str | Path, overwrite: bool) -> None:
+    """Fail before any work when the output exists (atomic_output_dir checks again at the end)."""
+    if Path(dst).exists() and not overwrite:
+        raise InputError(f"{dst}: destination exists (pass --overwrite to replace it)")
+
+
 def _layout(cfg: ModelConfig, pp: int, first: int | None = None, last: int | None = None) -> StageLayout:
     try:
         return StageLayout.build(cfg.num_layers, pp, first, last)
@@ -150,9 +156,11 @@ def save_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path, *
 
 def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path | None,
          layout: TargetLayout = TargetLayout(), seed: int = 0, overwrite: bool = False,
-         progress: bool = True) -> Summary:
-    """Grow `src_path` with `method` to the model in the `target` YAML, written at `layout`."""
+         progress: bool = True, dry_run: bool = False) -> Summary | dict:
+    """Grow `src_path` with `method` to the model in the `target` YAML, written at `layout`.
+    With `dry_run`, nothing is read or written: the output plan (file -> key -> shape) is returned."""
     start = time.time()
+    _check_dst(dst, overwrite or dry_run)
     op_cls = get_operator(method)
     src = open_checkpoint(src_path)
     dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
@@ -160,19 +168,36 @@ def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path 
         op = op_cls(src.config, dst_cfg, seed=seed)
     except ValueError as exc:
         raise InputError(f"{target or '--target'}: {exc}") from exc
+    if dry_run:
+        return _transform(_as_meta(src), op, dst, layout, overwrite, progress, start, dry_run=True)
     return _transform(src, op, dst, layout, overwrite, progress, start, seed=seed)
 
 
 def convert(src_path: str | Path, dst: str | Path, layout: TargetLayout = TargetLayout(),
-            overwrite: bool = False, progress: bool = True) -> Summary:
+            overwrite: bool = False, progress: bool = True, dry_run: bool = False) -> Summary | dict:
     """Re-partition (TP/PP) and/or change format; the tensors themselves are untouched."""
     start = time.time()
+    _check_dst(dst, overwrite or dry_run)
     src = open_checkpoint(src_path)
-    return _transform(src, Identity(src.config, src.config), dst, layout, overwrite, progress, start)
+    return _transform(_as_meta(src) if dry_run else src, Identity(src.config, src.config), dst, layout,
+                      overwrite, progress, start, dry_run=dry_run)
+
+
+def plan(src_cfg: ModelConfig, dst_cfg: ModelConfig, method: str = "lemon",
+         layout: TargetLayout = TargetLayout(), src_tp: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Run `method` on meta tensors of `src_cfg`'s shapes and return the output plan
+    {file: {key: shard shape}}; the operator really runs, but nothing is allocated or written."""
+    op = get_operator(method)(src_cfg, dst_cfg)
+    src = MetaCheckpoint(src_cfg, tp=src_tp, dtype=dtype)
+    return _transform(src, op, Path("plan"), layout, True, False, time.time(), dry_run=True)
+
+
+def _as_meta(src) -> MetaCheckpoint:
+    return MetaCheckpoint(src.config, src.tp, src.layout, src.dtype, src.args, src.iteration)
 
 
 def _transform(src, op: GrowthOperator, dst: str | Path, req: TargetLayout, overwrite: bool,
-               progress: bool, start: float, **meta) -> Summary:
+               progress: bool, start: float, dry_run: bool = False, **meta) -> Summary | dict:
     """Stream `op` applied to `src` into `dst` at the requested layout and format."""
     if req.format not in FORMATS:
         raise InputError(f"--format: unknown checkpoint format {req.format!r} (valid: {', '.join(FORMATS)})")
@@ -184,6 +209,10 @@ def _transform(src, op: GrowthOperator, dst: str | Path, req: TargetLayout, over
         layout = src.layout  # the source's own (possibly uneven) stage split
     else:
         layout = _layout(cfg, pp, req.first, req.last)
+    if dry_run:
+        writer = PlanWriter(Path(dst), cfg, src.args, tp, layout, src.iteration, src.dtype)
+        grow_checkpoint(src, op, writer, progress=progress)
+        return writer.plan
     with atomic_output_dir(dst, overwrite) as out:
         if req.format == "torch":
             writer = MegatronWriter(out, cfg, src.args, tp, layout, src.iteration, src.dtype)

@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import io
+import math
 import os
 import pathlib
 import pickle
+import queue
 import re
 import shutil
-import struct
+import sys
 import tempfile
+import threading
 import types
 import zipfile
-import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -91,73 +97,149 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path
         os.replace(partial, dst)
 
 
-class PreallocatedTorchFile:
-    """A `torch.save` file whose tensor bytes are written one tensor at a time.
+@dataclass(eq=False)
+class TensorSlot:
+    """Stands in for a tensor in an object given to `StreamingTorchFile`: it pickles exactly as
+    `torch.save` pickles a contiguous tensor, and its bytes are written later."""
 
-    `torch.save` lays the whole file out from fake tensors under `skip_data` (torch's own format, so
-    `torch.load` and Megatron read it unchanged); each real tensor is then `pwrite`n into its record
-    and the zip CRCs are patched on close. Memory stays bounded by one tensor, not by the file.
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    key: str | None = None  # storage record key, assigned while pickling
+
+    def __reduce_ex__(self, protocol):
+        stride = [1] * len(self.shape)
+        for i in range(len(self.shape) - 2, -1, -1):
+            stride[i] = stride[i + 1] * self.shape[i + 1]
+        return (torch._utils._rebuild_tensor_v2,
+                (_StorageRef(self), 0, torch.Size(self.shape), tuple(stride), False, OrderedDict()))
+
+
+@dataclass(eq=False)
+class _StorageRef:
+    slot: TensorSlot
+
+
+class _Pickler(pickle.Pickler):
+    """torch.save's convention: storages become persistent ids ('storage', type, key, location, numel)."""
+
+    def __init__(self, file, slots: list[TensorSlot]):
+        super().__init__(file, protocol=2)
+        self.slots = slots
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, _StorageRef):
+            return None
+        slot = obj.slot
+        slot.key = str(len(self.slots))
+        self.slots.append(slot)
+        storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[slot.dtype])
+        return ("storage", storage_type, slot.key, "cpu", math.prod(slot.shape))
+
+
+class StreamingTorchFile:
+    """A `torch.save`-format file whose tensors are written one at a time, as they are produced.
+
+    The pickle (args, keys, shapes) is written first from `TensorSlot` placeholders; each tensor's
+    bytes then go through torch's own zip writer (`PyTorchFileWriter`, which aligns records and
+    computes CRCs). `torch.load` and Megatron read the result like any other checkpoint. Memory
+    stays bounded by one tensor, not by the file.
     """
 
-    def __init__(self, path: Path, obj: dict, tensor_keys: list[tuple[str, ...]]):
-        """`obj` holds fake tensors at the paths in `tensor_keys` (tuples of nested dict keys),
-        listed in pickling order (dict insertion order), which is torch's storage-key order."""
-        self.path = path
-        with torch.serialization.skip_data(materialize_fake_tensors=True):
-            torch.save(obj, path)
-        records = _data_records(path)
-        assert len(records) == len(tensor_keys), (len(records), len(tensor_keys))
-        self._slots = {key: records[str(i)] for i, key in enumerate(tensor_keys)}
-        self._crc: dict[str, int] = {}
-        self._fd = os.open(path, os.O_WRONLY)
+    def __init__(self, path: Path, obj: Any):
+        buf = io.BytesIO()
+        slots: list[TensorSlot] = []
+        _Pickler(buf, slots).dump(obj)
+        self.path, self._todo = path, {id(s): s for s in slots}
+        self._zip = torch._C.PyTorchFileWriter(str(path))
+        for name, data in (("data.pkl", buf.getvalue()), (".format_version", b"1"),
+                           (".storage_alignment", b"64"), ("byteorder", sys.byteorder.encode())):
+            self._zip.write_record(name, data, len(data))
 
-    def write(self, key: tuple[str, ...], tensor: torch.Tensor) -> None:
-        record, offset, nbytes = self._slots.pop(key)
-        data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
-        assert data.nbytes == nbytes, (key, data.nbytes, nbytes)
-        os.pwrite(self._fd, memoryview(data), offset)
-        self._crc[record] = zlib.crc32(memoryview(data))
+    def write(self, slot: TensorSlot, tensor: torch.Tensor) -> None:
+        assert self._todo.pop(id(slot), None) is slot, f"{self.path}: slot written twice or unknown"
+        assert tuple(tensor.shape) == tuple(slot.shape) and tensor.dtype == slot.dtype, \
+            (self.path, tuple(tensor.shape), slot.shape, tensor.dtype, slot.dtype)
+        tensor = tensor.detach().contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:  # a view into a larger tensor (a TP shard)
+            tensor = tensor.clone()
+        self._zip.write_record(f"data/{slot.key}", tensor.untyped_storage(), tensor.nbytes)
 
     def close(self) -> None:
-        assert not self._slots, f"{self.path}: tensors never written: {sorted(self._slots)[:3]}"
-        os.close(self._fd)
-        _patch_crcs(self.path, self._crc)
+        assert not self._todo, f"{self.path}: {len(self._todo)} tensors never written"
+        self._zip.write_end_of_file()
+        del self._zip
 
 
-def _data_records(path: Path) -> dict[str, tuple[str, int, int]]:
-    """storage key -> (record name, byte offset of its data, size) for every `*/data/<key>` record."""
-    out = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        for info in zf.infolist():
-            parts = info.filename.split("/")
-            if len(parts) == 3 and parts[1] == "data":
-                f.seek(info.header_offset + 26)
-                name_len, extra_len = struct.unpack("<HH", f.read(4))
-                out[parts[2]] = (info.filename, info.header_offset + 30 + name_len + extra_len, info.file_size)
-    return out
+class WriteQueue:
+    """Writes on a background thread (torch's zip writer releases the GIL), so disk I/O overlaps
+    the next tensor's computation. At most `depth` tensors wait: memory stays bounded."""
+
+    def __init__(self, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="scalegrow-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    job()
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._check()
+        self._queue.put(job)
+
+    def drain(self) -> None:
+        self._queue.join()
+        self._check()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._check()
 
 
-def _patch_crcs(path: Path, crcs: dict[str, int]) -> None:
-    """Write each record's CRC-32 into its local header and central-directory entry."""
-    with zipfile.ZipFile(path) as zf:
-        infos = {i.filename: i for i in zf.infolist()}
-        cd_offset = zf.start_dir
-    with open(path, "r+b") as f:
-        for name, crc in crcs.items():
-            f.seek(infos[name].header_offset + 14)
-            f.write(struct.pack("<I", crc))
-        pos = cd_offset
-        while True:  # walk the central directory entries
-            f.seek(pos)
-            head = f.read(46)
-            if len(head) < 46 or head[:4] != b"PK\x01\x02":
-                break
-            name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
-            name = f.read(name_len).decode()
-            if name in crcs:
-                f.seek(pos + 16)
-                f.write(struct.pack("<I", crcs[name]))
-            pos += 46 + name_len + extra_len + comment_len
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def drop_mapped_pages(tensors: Iterable[torch.Tensor]) -> None:
+    """Let the pages of *mmap-loaded* tensors leave this process's RSS (they stay in the page cache).
+
+    Only for tensors from `safe_load(mmap=True)`: the mapping is private and never written, so a
+    later access simply reads the file again. On anonymous memory this would zero the data.
+    """
+    libc = _libc()
+    if libc is None:
+        return
+    for t in tensors:
+        if t.numel() == 0 or t.device.type != "cpu":
+            continue
+        start = t.data_ptr() & ~(_PAGE - 1)
+        end = t.data_ptr() + t.numel() * t.element_size()
+        libc.madvise(start, end - start, _MADV_DONTNEED)
 
 
 def file_digest_line(path: Path, root: Path, head_bytes: int = 1 << 20) -> str:

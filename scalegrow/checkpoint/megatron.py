@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import torch
 from scalegrow import arch
 from scalegrow.arch import TensorSpec
 from scalegrow.checkpoint import sharding
-from scalegrow.checkpoint.io import PreallocatedTorchFile, file_digest_line, safe_load
+from scalegrow.checkpoint.io import (StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages,
+                                     file_digest_line, safe_load)
 from scalegrow.checkpoint.sharding import StageLayout
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
@@ -110,14 +112,21 @@ class MegatronCheckpoint:
         return self._cache[stage]
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
-        """One full (TP-merged) tensor by its global key."""
+        """One full (TP-merged) tensor by its global key, as a private copy: the mmap'd pages it
+        came from leave RSS at once, so memory never holds a whole source stage."""
         parsed = arch.split_layer_key(key)
         if parsed is not None:
             stage, _ = self.layout.locate(parsed[0])
         else:
             stage = 0 if key.startswith("embedding.") else self.pp - 1
         lkey = local_key(key, self.layout)
-        return sharding.merge(spec, [m[lkey] for m in self._stage_models(stage)])
+        shards = [m[lkey] for m in self._stage_models(stage)]
+        if spec.tp_axis is None:
+            shards = shards[:1]  # replicated: rank 0's copy
+        full = sharding.merge(spec, shards)
+        full = full.clone() if full.data_ptr() == shards[0].data_ptr() else full
+        drop_mapped_pages(shards)
+        return full
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         return {s.name: self.tensor(arch.layer_key(index, s.name), s) for s in arch.layer_specs(self.config)}
@@ -318,8 +327,9 @@ class MegatronWriter:
         if iteration != "release":
             self.args.iteration = int(iteration)
         self._stage: int | None = None
-        self._files: list[PreallocatedTorchFile] = []
+        self._files: list = []
         self._specs: dict[str, TensorSpec] = {}
+        self._queue = WriteQueue()
 
     def stage_of(self, key: str) -> int:
         parsed = arch.split_layer_key(key)
@@ -327,29 +337,30 @@ class MegatronWriter:
             return self.layout.locate(parsed[0])[0]
         return 0 if key.startswith("embedding.") else self.layout.pp - 1
 
+    def file_path(self, tp_rank: int, stage: int) -> Path:
+        return (self.out_dir / iteration_dir_name(self.iteration) / rank_dir_name(tp_rank, stage, self.layout.pp)
+                / FILE_NAME)
+
+    def stage_plan(self, stage: int) -> dict[str, tuple[int, ...]]:
+        """Local key -> shard shape of every tensor each TP rank of `stage` holds (the same on all)."""
+        return {local_key(gkey, self.layout): sharding.shard_shape(spec, full_shape(self.cfg, spec), self.tp)
+                for gkey, spec in expected_specs(self.cfg, self.layout, stage)}
+
     def open_stage(self, stage: int) -> None:
         assert self._stage is None, "close the previous stage first"
         self._stage = stage
-        specs = expected_specs(self.cfg, self.layout, stage)
-        self._specs = dict(specs)
-        self._files = [self._open_file(stage, t, specs) for t in range(self.tp)]
+        self._specs = dict(expected_specs(self.cfg, self.layout, stage))
+        plan = self.stage_plan(stage)
+        self._files = [self._open_file(stage, t, plan) for t in range(self.tp)]
 
-    def _open_file(self, stage: int, tp_rank: int, specs) -> PreallocatedTorchFile:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        model, keys = {}, []
-        with FakeTensorMode():
-            for gkey, spec in specs:
-                lkey = local_key(gkey, self.layout)
-                shape = sharding.shard_shape(spec, full_shape(self.cfg, spec), self.tp)
-                model[lkey] = torch.empty(shape, dtype=self.dtype)
-                keys.append(("model", lkey))
-        model.update(_extra_state_keys(self.cfg, self.layout, stage))
-        path = self.out_dir / iteration_dir_name(self.iteration) / rank_dir_name(tp_rank, stage, self.layout.pp)
-        path.mkdir(parents=True, exist_ok=True)
+    def _open_file(self, stage: int, tp_rank: int, plan: dict[str, tuple[int, ...]]):
+        slots = {key: TensorSlot(shape, self.dtype) for key, shape in plan.items()}
+        model = {**slots, **_extra_state_keys(self.cfg, self.layout, stage)}
+        path = self.file_path(tp_rank, stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
         obj = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
                "iteration": 0 if self.iteration == "release" else int(self.iteration), "model": model}
-        return PreallocatedTorchFile(path / FILE_NAME, obj, keys)
+        return _StageFile(StreamingTorchFile(path, obj), slots)
 
     def write(self, key: str, full: torch.Tensor) -> None:
         """One full tensor under its global key; it must belong to the open stage."""
@@ -358,15 +369,17 @@ class MegatronWriter:
         assert tuple(full.shape) == want, f"{key}: operator produced {tuple(full.shape)}, expected {want}"
         lkey = local_key(key, self.layout)
         for f, shard in zip(self._files, sharding.split(spec, full.to(self.dtype), self.tp)):
-            f.write(("model", lkey), shard)
+            self._queue.submit(functools.partial(f.write, lkey, shard))
 
     def close_stage(self) -> None:
+        self._queue.drain()
         for f in self._files:
             f.close()
         self._files, self._stage = [], None
 
     def finish(self) -> None:
         assert self._stage is None
+        self._queue.close()
         (self.out_dir / TRACKER).write_text(str(self.iteration))
 
     def write_all(self, stage: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -375,6 +388,84 @@ class MegatronWriter:
         for key in self._specs:
             self.write(key, tensors[key])
         self.close_stage()
+
+
+class _StageFile:
+    """One rank's file of the open stage: tensors by local key."""
+
+    def __init__(self, file: StreamingTorchFile, slots: dict[str, TensorSlot]):
+        self.file, self.slots = file, slots
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self.file.write(self.slots[key], tensor)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class PlanWriter(MegatronWriter):
+    """Writes nothing: records every output shard's keys, shapes and dtypes (`--dry-run`, and the
+    meta-device plan tests at real model sizes), and checks what the operator hands over."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    def _open_file(self, stage: int, tp_rank: int, plan: dict[str, tuple[int, ...]]):
+        name = str(self.file_path(tp_rank, stage).relative_to(self.out_dir))
+        self.plan[name] = dict(plan)
+        return _PlanFile(name, plan, self.dtype)
+
+    def finish(self) -> None:
+        assert self._stage is None
+        self._queue.close()
+
+
+class _PlanFile:
+    def __init__(self, name: str, plan: dict[str, tuple[int, ...]], dtype: torch.dtype):
+        self.name, self._todo, self.dtype = name, dict(plan), dtype
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        want = self._todo.pop(key)
+        assert tuple(tensor.shape) == want and tensor.dtype == self.dtype, (self.name, key, tensor.shape, want)
+
+    def close(self) -> None:
+        assert not self._todo, f"{self.name}: tensors never written: {sorted(self._todo)[:3]}"
+
+
+class MetaCheckpoint:
+    """A source with a checkpoint's shapes and no data: tensors on the meta device."""
+
+    format = "meta"
+
+    def __init__(self, config: ModelConfig, tp: int = 1, layout: StageLayout | None = None,
+                 dtype: torch.dtype = torch.float32, args: argparse.Namespace | None = None,
+                 iteration: int | str = "release"):
+        self.config, self.tp, self.dtype, self.iteration = config, tp, dtype, iteration
+        self.layout = layout or StageLayout((config.num_layers,))
+        self.args = args if args is not None else config.to_megatron_args(tp=tp, pp=self.layout.pp)
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    def _meta(self, specs) -> dict[str, torch.Tensor]:
+        return {s.name: torch.empty(full_shape(self.config, s), dtype=self.dtype, device="meta") for s in specs}
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        return self._meta(arch.layer_specs(self.config))
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        return self._meta(arch.embedding_specs(self.config))
+
+    def head(self) -> dict[str, torch.Tensor]:
+        out = self._meta([s for s in arch.head_specs(self.config) if s.role != "output_layer"])
+        out[arch.OUTPUT_LAYER] = self._meta([TensorSpec(arch.OUTPUT_LAYER, "output_layer", 0, arch.VOCAB)])[arch.OUTPUT_LAYER]
+        return out
+
+    def release(self) -> None:
+        pass
+
 
 
 def _extra_state_keys(cfg: ModelConfig, layout: StageLayout, stage: int) -> dict[str, None]:

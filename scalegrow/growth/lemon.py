@@ -20,7 +20,7 @@ import torch
 
 from scalegrow.config import ModelConfig
 from scalegrow.growth.base import GrowthOperator, require_equal, require_not_smaller
-from scalegrow.growth.maps import ResidualMap, UnitMap, seeded_generator
+from scalegrow.growth.maps import Noise, ResidualMap, UnitMap, seeded_generator
 
 
 def depth_plan(src_layers: int, dst_layers: int) -> list[tuple[int, bool]]:
@@ -119,12 +119,12 @@ class LemonGrowth(GrowthOperator):
             elif self.src.tied:  # word embeddings, stored as output_layer on the last stage
                 out[name] = self.stream.expand(t, dim=1)
             else:
-                out[name] = self.stream.split_fanin(t, 1, self._gen("output_layer"), self.std)
+                out[name] = self.stream.split_fanin(t, 1, self._noise("output_layer"))
         return out
 
     # ---- per role ----------------------------------------------------------------------------
-    def _gen(self, *names: object) -> torch.Generator:
-        return seeded_generator(self.seed, *names)
+    def _noise(self, *names: object) -> Noise:
+        return Noise(self.seed, seeded_generator(self.seed, *names), self.std)
 
     def _norm_weight(self, gamma: torch.Tensor) -> torch.Tensor:
         fill = gamma.mean()
@@ -134,7 +134,7 @@ class LemonGrowth(GrowthOperator):
         return self.stream.copies.expand(beta, 0)  # residue 0
 
     def _grow(self, role: str, name: str, t: torch.Tensor, index: int) -> torch.Tensor:
-        gen = self._gen(index, name)
+        noise = self._noise(index, name)
         hn = self.src.kv_channels
         if role == "norm_weight":
             return self._norm_weight(t)
@@ -146,15 +146,15 @@ class LemonGrowth(GrowthOperator):
             # [ng*(per+2)*hn, ...] -> [ng*(per+2), hn, ...]: replicate whole row blocks
             blocks = t.reshape(self.blocks.n_src, hn, *t.shape[1:])
             rows = self.blocks.expand(blocks, 0).flatten(0, 1)
-            return rows if role == "qkv_bias" else self.stream.split_fanin(rows, 1, gen, self.std)
+            return rows if role == "qkv_bias" else self.stream.split_fanin(rows, 1, noise)
         if role == "proj_weight":
             rows = self.stream.expand(t, 0)  # [D_T, np_S*hn]
             heads = rows.reshape(rows.shape[0], self.heads.n_src, hn)  # [D_T, np_S, hn]
-            return self.heads.split_fanin(heads, 1, gen, self.std).flatten(1)
+            return self.heads.split_fanin(heads, 1, noise).flatten(1)
         if role in ("fc1_weight", "fc1_bias"):
             halves = t.reshape(2 if self.src.swiglu else 1, self.neurons.n_src, *t.shape[1:])
             rows = self.neurons.expand(halves, 1).flatten(0, 1)  # gate and up rows move together
-            return rows if role == "fc1_bias" else self.stream.split_fanin(rows, 1, gen, self.std)
+            return rows if role == "fc1_bias" else self.stream.split_fanin(rows, 1, noise)
         if role == "fc2_weight":
-            return self.neurons.split_fanin(self.stream.expand(t, 0), 1, gen, self.std)
+            return self.neurons.split_fanin(self.stream.expand(t, 0), 1, noise)
         raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")

@@ -1,0 +1,99 @@
+"""Memory and speed of a streaming grow, against the largest output shard and a plain copy.
+
+    python tools/bench/convert.py [--workdir DIR] [--keep]
+
+Cases: grow a ~1 GB fp32 TP2/PP2 checkpoint (16 layers, hidden 1024) to ~3 GB TP2/PP2 (24 layers,
+hidden 1536) with LEMON; then re-partition that output to TP1/PP4. Each runs the `scalegrow` CLI as
+a child process (start-up included) and reads its peak RSS from wait4(); the baseline is `cp -r` of
+the output it wrote (the same bytes). Prints one JSON line per case.
+Aims: peak RSS <= 1.5 x largest output shard + 0.5 GiB; wall time <= 3 x the copy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+GiB = 2**30
+SOURCE = dict(num_layers=16, hidden_size=1024, num_attention_heads=16, num_query_groups=4, kv_channels=64,
+              ffn_hidden_size=2816, padded_vocab_size=32000, vocab_size=32000, max_position_embeddings=2048,
+              normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+              untie_embeddings_and_output_weights=True, add_bias_linear=False)
+TARGET = dict(num_layers=24, hidden_size=1536, num_attention_heads=24, num_query_groups=6, ffn_hidden_size=4224)
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: list[str]) -> dict:
+    startup, _ = run_measured([sys.executable, "-c", "import scalegrow.cli, scalegrow.pipeline"])
+    seconds, peak = run_measured(exe + command[:1] + ["--src", str(work / src), "--dst", str(work / dst),
+                                                      "--no-progress"] + command[1:])
+    shutil.rmtree(work / "copy", ignore_errors=True)
+    copy_s, _ = run_measured(["cp", "-r", str(work / dst), str(work / "copy")])
+    shutil.rmtree(work / "copy")
+    shards = sorted((work / dst).rglob("model_optim_rng.pt"))
+    largest = max(p.stat().st_size for p in shards)
+    result = {
+        "case": name, "source_bytes": dir_bytes(work / src), "output_bytes": dir_bytes(work / dst),
+        "output_shards": len(shards), "largest_output_shard_bytes": largest,
+        "peak_rss_bytes": peak, "rss_budget_bytes": int(1.5 * largest + 0.5 * GiB),
+        "peak_rss_over_largest_shard": round(peak / largest, 3),
+        "seconds": round(seconds, 2), "copy_seconds": round(copy_s, 2),
+        "over_copy": round(seconds / copy_s, 2), "startup_seconds": round(startup, 2),
+        "over_copy_after_startup": round((seconds - startup) / copy_s, 2),
+    }
+    result["rss_aim_met"] = peak <= result["rss_budget_bytes"]
+    result["time_aim_met"] = seconds <= 3 * copy_s
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="scalegrow-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "scalegrow.cli"]
+    (work / "source.yaml").write_text(yaml.safe_dump(SOURCE))
+    (work / "target.yaml").write_text(yaml.safe_dump(TARGET))
+    shutil.rmtree(work / "src", ignore_errors=True)
+    subprocess.run(exe + ["init", "--target", str(work / "source.yaml"), "--dst", str(work / "src"),
+                          "--tp", "2", "--pp", "2"], check=True, stdout=subprocess.DEVNULL)
+
+    cases = [
+        ("LEMON grow 16L/h1024 -> 24L/h1536, TP2/PP2 -> TP2/PP2, fp32", "src", "dst",
+         ["grow", "--target", str(work / "target.yaml")]),
+        ("convert (re-partition only) of the grown model, TP2/PP2 -> TP1/PP4, fp32", "dst", "dst-tp1pp4",
+         ["convert", "--tp", "1", "--pp", "4"]),
+    ]
+    for name, src, dst, command in cases:
+        shutil.rmtree(work / dst, ignore_errors=True)
+        print(json.dumps(measure(exe, work, name, src, dst, command)), flush=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
