@@ -20,8 +20,9 @@ from scalegrow import arch
 from scalegrow.checkpoint import open_checkpoint
 from scalegrow.checkpoint.io import atomic_output_dir
 from scalegrow.checkpoint.dist import write_torch_dist
-from scalegrow.checkpoint.megatron import (TRACKER, MegatronWriter, MetaCheckpoint, PlanWriter,
-                                           expected_specs, iteration_dir_name, open_megatron)
+from scalegrow.checkpoint.megatron import (TRACKER, MetaCheckpoint, expected_specs, iteration_dir_name,
+                                           open_megatron)
+from scalegrow.checkpoint.writer import MegatronWriter, PlanWriter
 from scalegrow.checkpoint.sharding import StageLayout, padded_vocab_size
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError

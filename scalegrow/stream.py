@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from scalegrow import arch
-from scalegrow.checkpoint.megatron import MegatronCheckpoint, MegatronWriter
+from scalegrow.checkpoint.megatron import MegatronCheckpoint
+from scalegrow.checkpoint.writer import MegatronWriter
 from scalegrow.checkpoint.sharding import pad_vocab
 from scalegrow.growth.base import GrowthOperator
 

@@ -1,6 +1,5 @@
 """Bad input loses nothing: one line naming what is wrong, exit 2, no output, no `.partial`, and the
 source byte-for-byte untouched."""
-import argparse
 import os
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """Legacy Megatron checkpoint I/O: round trips, file format, safe loading, atomic output."""
 import argparse
 import os
-import pickle
 import zipfile
 
 import pytest

@@ -1,5 +1,4 @@
 """LEMON is lossless (max |Δlogits| <= 1e-4 in fp32) and still breaks symmetry."""
-import itertools
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ import torch
 
 from scalegrow.checkpoint.io import safe_load
 from scalegrow.cli import main
-from scalegrow.model import GPT
 from scalegrow.pipeline import save_model
 from helpers import family_config, random_model, tokens, write_yaml
 

@@ -7,7 +7,6 @@ import torch
 from scalegrow.checkpoint import open_checkpoint
 from scalegrow.checkpoint.io import safe_load
 from scalegrow.checkpoint.megatron import FILE_NAME
-from scalegrow.model import GPT
 from scalegrow.pipeline import TargetLayout, convert, grow, load_model, save_model
 from helpers import family_config, random_model, tokens, write_yaml
 
