@@ -138,7 +138,9 @@ def cmd_inspect(a) -> int:
         print(json.dumps(info))
         return EXIT_OK
     m = info["model"]
-    print(f"{info['path']}: Megatron {info['format']} checkpoint, iteration {info['iteration']}")
+    kind = {"torch": "Megatron legacy (torch)", "torch_dist": "megatron-core torch_dist",
+            "deepspeed": "DeepSpeed"}.get(info["format"], info["format"])
+    print(f"{info['path']}: {kind} checkpoint, iteration {info['iteration']}")
     print(f"  layout   TP={info['tensor_model_parallel_size']} PP={info['pipeline_model_parallel_size']} "
           f"layers/stage={info['layers_per_stage']} dtype={info['dtype']}")
     print(f"  model    {info['num_parameters'] / 1e6:.2f}M params: num_layers={m['num_layers']} "

@@ -140,14 +140,17 @@ class GPT(nn.Module):
             x = layer(x, freqs)
         return self.decoder.final_layernorm(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [b, s, padded_vocab_size]."""
-        return F.linear(self.hidden_states(tokens), self.output_weight())
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, s, padded_vocab_size]; with `labels` [b, s], the mean cross entropy instead
+        (so a training engine's forward returns the loss)."""
+        logits = F.linear(self.hidden_states(tokens), self.output_weight())
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy over tokens [b, s]."""
-        logits = self(tokens[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        """Mean next-token cross entropy over token windows [b, s + 1]."""
+        return self(tokens[:, :-1], tokens[:, 1:])
 
 
 def init_weights(model: GPT, seed: int) -> None:

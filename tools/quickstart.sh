@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Quickstart: install into ./.venv, write a small Megatron checkpoint (LLaMA-style: RMSNorm, SwiGLU,
-# GQA, rope), grow it with LEMON to 2x depth and 1.5x width, and prove the grown model is lossless.
+# Quickstart on the embedded corpus (Python's own standard library as text; no download):
+#   1. pretrain a tiny LLaMA-style GPT from scratch with DeepSpeed ZeRO (2 ranks; CPU if no GPU),
+#   2. grow its Megatron export with LEMON (2x depth, 1.5x width) and verify the growth is lossless,
+#   3. train the grown model with DeepSpeed on the LEMON schedule, starting from that growth.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/venv.sh
-OUT="${1:-runs/quickstart}"
-scalegrow init --target configs/models/gpt-tiny.yaml --dst "$OUT/small" --overwrite
-scalegrow grow --src "$OUT/small" --dst "$OUT/grown" --method lemon \
+if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
+deepspeed --num_gpus 2 launch/pretrain.py --config configs/runs/tiny_scratch.yaml
+scalegrow grow --src runs/tiny_scratch/export --dst runs/quickstart/grown --method lemon \
   --target configs/models/gpt-tiny-grown.yaml --overwrite
-scalegrow verify --src "$OUT/small" --dst "$OUT/grown"
-scalegrow inspect "$OUT/grown"
+scalegrow verify --src runs/tiny_scratch/export --dst runs/quickstart/grown
+deepspeed --num_gpus 2 launch/grow_pretrain.py --config configs/runs/tiny_lemon.yaml
+scalegrow inspect runs/tiny_lemon/export

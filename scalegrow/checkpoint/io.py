@@ -50,18 +50,21 @@ def _torch_load(path: Path, mmap: bool, allowed: list[Any]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def safe_load(path: str | Path, mmap: bool = True) -> Any:
+def safe_load(path: str | Path, mmap: bool = True, allowed: list[Any] | None = None) -> Any:
     """`torch.load(weights_only=True)` with an explicit allow-list; every failure is an InputError.
 
     With `mmap=True` tensor data stays on disk until touched, so opening a shard costs only its pickle.
+    The default list is BASE_ALLOWED, widened to megatron-core's own list only if a file needs it.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     try:
         try:
-            return _torch_load(path, mmap, BASE_ALLOWED)
+            return _torch_load(path, mmap, allowed or BASE_ALLOWED)
         except pickle.UnpicklingError:
+            if allowed is not None:
+                raise
             return _torch_load(path, mmap, BASE_ALLOWED + _megatron_allowed())
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))

@@ -1,0 +1,7 @@
+"""Pretrain from scratch with DeepSpeed ZeRO: `deepspeed launch/pretrain.py --config configs/runs/X.yaml [k=v ...]`"""
+import sys
+
+from scalegrow.train import main
+
+if __name__ == "__main__":
+    sys.exit(main("pretrain"))

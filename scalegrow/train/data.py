@@ -1,0 +1,182 @@
+"""Data the Megatron way: a sentencepiece tokenizer, documents from `datasets`, a megatron-core indexed
+dataset (`.bin/.idx`) per split, and deterministic batches that are a pure function of the step.
+
+The embedded default corpus is the Python standard library's own source files: every machine with
+Python has it, so the quickstart and the tests need no download.
+"""
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from scalegrow.errors import InputError
+
+EMBEDDED = "embedded"
+SPLITS = ("train", "valid")
+
+
+# ---- documents -------------------------------------------------------------------------------------
+def embedded_documents(max_bytes: int) -> Iterator[str]:
+    """Python standard-library modules, sorted by path, up to `max_bytes` (tests excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for path in sorted(root.rglob("*.py")):
+        parts = set(path.relative_to(root).parts)
+        if parts & {"test", "tests", "idlelib", "site-packages", "lib2to3"}:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        total += len(text)
+        yield text
+        if total >= max_bytes:
+            return
+
+
+def load_documents(corpus: str, max_bytes: int) -> Iterable[str]:
+    """Documents from the embedded corpus, or from any text/json/jsonl/parquet file via `datasets`
+    (a `text` column; plain text files are split into paragraphs)."""
+    if corpus == EMBEDDED:
+        return embedded_documents(max_bytes)
+    path = Path(corpus)
+    if not path.is_file():
+        raise InputError(f"{corpus}: no such corpus file (or use 'embedded')")
+    import datasets
+
+    kind = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
+    if kind is None:
+        raise InputError(f"{corpus}: unsupported corpus type {path.suffix!r} (.txt, .json, .jsonl, .parquet)")
+    extra = {"sample_by": "paragraph"} if kind == "text" else {}
+    ds = datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
+    if "text" not in ds.column_names:
+        raise InputError(f"{corpus}: no 'text' column (columns: {', '.join(ds.column_names)})")
+    return (row for row in ds["text"] if row and row.strip())
+
+
+def is_valid_document(index: int, fraction: float) -> bool:
+    """Deterministic held-out membership by document index (independent of corpus size)."""
+    return zlib.crc32(str(index).encode()) % 10_000 < fraction * 10_000
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------
+def train_tokenizer(documents: Iterable[str], model_prefix: Path, vocab_size: int) -> Path:
+    """A sentencepiece BPE model that round-trips any text exactly: identity normalisation, no
+    dummy prefix, whitespace kept (code needs its indentation), newline and tab as their own pieces,
+    byte fallback for anything unseen; eos marks the end of a document."""
+    import sentencepiece as spm
+
+    def sentences():
+        for doc in documents:
+            for line in doc.splitlines():
+                if line.strip():
+                    yield line[:4096]
+
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(), model_prefix=str(model_prefix), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "\t"], num_threads=2,
+        input_sentence_size=200_000, shuffle_input_sentence=False, minloglevel=2)
+    return Path(f"{model_prefix}.model")
+
+
+def load_tokenizer(path: str | Path):
+    import sentencepiece as spm
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such sentencepiece model")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+# ---- indexed datasets ----------------------------------------------------------------------------------
+def build_indexed(documents: Iterable[str], tokenizer, prefix: Path, valid_fraction: float) -> dict[str, int]:
+    """Tokenize every document (+ end-of-document) into `{prefix}_{train,valid}.{bin,idx}` with
+    megatron-core's builder. Returns the token count per split."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    dtype = np.uint16 if tokenizer.get_piece_size() < 65_000 else np.int32
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builders = {s: IndexedDatasetBuilder(f"{prefix}_{s}.bin", dtype=dtype) for s in SPLITS}
+    counts = dict.fromkeys(SPLITS, 0)
+    eod = tokenizer.eos_id()
+    for i, doc in enumerate(documents):
+        ids = tokenizer.encode(doc) + [eod]
+        split = "valid" if is_valid_document(i, valid_fraction) else "train"
+        builders[split].add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+        counts[split] += len(ids)
+    for s in SPLITS:
+        builders[s].finalize(f"{prefix}_{s}.idx")
+    return counts
+
+
+class TokenStream:
+    """The documents of one indexed dataset as one token stream, cut into (seq_length + 1)-token
+    windows at a stride of seq_length (inputs and next-token labels)."""
+
+    def __init__(self, path_prefix: str | Path, seq_length: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        if not IndexedDataset.exists(str(path_prefix)):
+            raise InputError(f"{path_prefix}: no indexed dataset (.bin/.idx)")
+        self.dataset = IndexedDataset(str(path_prefix))
+        self.seq_length = seq_length
+        self.ends = np.cumsum(self.dataset.sequence_lengths.astype(np.int64))
+        self.num_samples = max(0, (int(self.ends[-1]) - 1) // seq_length) if len(self.ends) else 0
+
+    def window(self, sample: int) -> torch.Tensor:
+        start, length = sample * self.seq_length, self.seq_length + 1
+        doc = int(np.searchsorted(self.ends, start, side="right"))
+        pieces = []
+        while length > 0:
+            doc_start = int(self.ends[doc - 1]) if doc else 0
+            offset = start - doc_start
+            take = min(length, int(self.ends[doc]) - start)
+            pieces.append(self.dataset.get(doc, offset=offset, length=take))
+            start, length, doc = start + take, length - take, doc + 1
+        return torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples each rank sees: a pure function of (step, micro-step, rank), so a resumed run
+    reads exactly the batches an uninterrupted one would."""
+
+    num_samples: int
+    micro_batch_size: int
+    accumulation: int
+    data_parallel: int
+    seed: int
+
+    def samples(self, step: int, micro: int, rank: int) -> list[int]:
+        per_step = self.micro_batch_size * self.accumulation * self.data_parallel
+        first = step * per_step + (micro * self.data_parallel + rank) * self.micro_batch_size
+        return [self._shuffled(g) for g in range(first, first + self.micro_batch_size)]
+
+    def _shuffled(self, global_index: int) -> int:
+        epoch, position = divmod(global_index, self.num_samples)
+        return int(_permutation(self.num_samples, self.seed + epoch)[position])
+
+
+_PERMUTATIONS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _permutation(n: int, seed: int) -> np.ndarray:
+    if (n, seed) not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()
+        _PERMUTATIONS[n, seed] = np.random.default_rng(seed).permutation(n)
+    return _PERMUTATIONS[n, seed]
+
+
+def batch(stream: TokenStream, samples: list[int]) -> torch.Tensor:
+    """[len(samples), seq_length + 1] token ids."""
+    return torch.stack([stream.window(s) for s in samples])

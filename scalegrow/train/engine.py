@@ -1,0 +1,112 @@
+"""The DeepSpeed engine: its config from the run config, and checkpoint save/resume/export.
+
+Ranks and groups come from the launcher (`launch/` calls `deepspeed.init_distributed`); nothing here
+initialises global state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scalegrow.errors import InputError
+from scalegrow.train.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job, as the launcher set it up."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def on_gpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, gpu: bool) -> dict:
+    """train_batch_size = micro × accumulation × data-parallel size, checked against any override."""
+    t = cfg.train
+    bf16 = cfg.deepspeed.bf16 == "true" or (cfg.deepspeed.bf16 == "auto" and gpu)
+    batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    ds = {
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.clip_grad,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.schedule.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
+            "weight_decay": t.weight_decay, "torch_adam": not gpu}},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    ds.update(cfg.deepspeed.config)
+    if ds["train_batch_size"] != batch:
+        raise InputError(f"deepspeed.config.train_batch_size: {ds['train_batch_size']} != micro_batch_size "
+                         f"{t.micro_batch_size} × gradient_accumulation_steps {t.gradient_accumulation_steps} "
+                         f"× data parallel {world_size} = {batch}")
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases (and nothing else 1-D) are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def initialize(model: torch.nn.Module, cfg: RunConfig, dist: Dist):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                      config=deepspeed_config(cfg, dist.world_size, on_gpu()))
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def save(engine, ckpt_dir: Path, step: int, extra: dict | None = None) -> None:
+    """DeepSpeed's own checkpoint; `latest` moves only once every rank has written its part."""
+    client = {"step": step, "torch_rng": torch.get_rng_state(), **(extra or {})}
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client)
+
+
+def resume(engine, ckpt_dir: Path) -> int:
+    """Load the latest checkpoint if there is one; returns the step to continue from (0: fresh)."""
+    if latest_tag(ckpt_dir) is None:
+        return 0
+    path, client = engine.load_checkpoint(str(ckpt_dir), load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if path is None:
+        raise InputError(f"{ckpt_dir}: could not load the latest DeepSpeed checkpoint")
+    torch.set_rng_state(client["torch_rng"])
+    return int(client["step"])
+
+
+def full_state_dict(engine, ckpt_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The whole model in fp32 on this (main) rank, from the checkpoint just saved: DeepSpeed's
+    `get_fp32_state_dict_from_zero_checkpoint` merges the ZeRO partitions of the fp32 master weights."""
+    if zero_stage == 0:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=latest_tag(ckpt_dir))

@@ -1,0 +1,188 @@
+"""The training run behind `launch/pretrain.py` and `launch/grow_pretrain.py`.
+
+data -> initial weights (random, a checkpoint, or grown from one) -> DeepSpeed engine -> train with
+val/loss at step 0, every eval_interval and at the end -> DeepSpeed checkpoints -> Megatron export.
+Re-running the same command resumes from the latest checkpoint, bit-identically on CPU.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from scalegrow.config import ModelConfig
+from scalegrow.model import GPT, init_weights
+from scalegrow.train import engine as ds
+from scalegrow.train.config import RunConfig, save_run_config
+from scalegrow.train.data import BatchPlan, TokenStream, batch
+from scalegrow.train.prepare import PreparedData, prepare_data
+from scalegrow.train.schedule import learning_rate
+
+
+@dataclass
+class Start:
+    """What a run starts from: the model config and its weights (None: fresh random init)."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor] | None
+    source: str | None = None
+
+
+class Logger:
+    """TensorBoard scalars and a tqdm bar, on the main rank only."""
+
+    def __init__(self, out: Path, dist: ds.Dist, total: int, start: int):
+        self.writer = self.bar = None
+        if dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def advance(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.bar.close()
+
+
+def _mean_over_ranks(value: float, count: float = 1.0) -> float:
+    if not torch_dist.is_initialized():
+        return value / count
+    t = torch.tensor([value, count], dtype=torch.float64)
+    torch_dist.all_reduce(t)
+    return (t[0] / t[1]).item()
+
+
+def evaluate(engine, valid: TokenStream, cfg: RunConfig, dist: ds.Dist) -> float:
+    """Mean next-token loss over a fixed held-out set: the first eval_iters × micro × dp windows."""
+    engine.eval()
+    micro, per_round = cfg.train.micro_batch_size, cfg.train.micro_batch_size * dist.world_size
+    rounds = max(1, min(cfg.train.eval_iters, valid.num_samples // per_round))
+    total = 0.0
+    with torch.no_grad():  # every rank runs the same number of forwards (ZeRO-3 gathers collectively)
+        for r in range(rounds):
+            samples = [(r * per_round + dist.rank * micro + i) % valid.num_samples for i in range(micro)]
+            tokens = batch(valid, samples).to(engine.device)
+            total += engine(tokens[:, :-1], tokens[:, 1:]).item()
+    engine.train()
+    return _mean_over_ranks(total, rounds)
+
+
+def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedData, ds.Dist], Start],
+        kind: str) -> dict:
+    out = Path(cfg.output.dir)
+    ckpt_dir = out / "checkpoints"
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, out / "run_config.yaml")
+    data = prepare_data(cfg, dist)
+    start = start_fn(cfg, data, dist)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(start.config)
+    if start.state_dict is None:
+        init_weights(model, cfg.train.seed)
+    else:
+        model.load_state_dict(start.state_dict, strict=True)
+    engine = ds.initialize(model, cfg, dist)
+    if dist.is_main:
+        (ckpt_dir).mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "scalegrow.json").write_text(json.dumps({"model": start.config.to_dict(), "kind": kind}))
+    step = ds.resume(engine, ckpt_dir)
+    plan = BatchPlan(data.train.num_samples, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
+                     dist.world_size, cfg.train.seed)
+    log = Logger(out, dist, cfg.train.steps, step)
+    history = {"val_loss": {}, "train_loss": {}}
+    if step == 0:
+        history["val_loss"][0] = evaluate(engine, data.valid, cfg, dist)
+        log.scalars(0, {"val/loss": history["val_loss"][0]})
+    began = time.time()
+    while step < cfg.train.steps:
+        loss, seconds = _train_step(engine, data.train, plan, cfg, dist, step)
+        step += 1
+        tokens = plan.micro_batch_size * plan.accumulation * plan.data_parallel * cfg.data.seq_length
+        history["train_loss"][step] = loss
+        log.scalars(step, {"train/loss": loss, "train/lr": learning_rate(step - 1, cfg.schedule, cfg.train.steps),
+                           "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                           "train/tokens_per_s": tokens / seconds})
+        log.advance(loss=loss)
+        if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
+            history["val_loss"][step] = evaluate(engine, data.valid, cfg, dist)
+            log.scalars(step, {"val/loss": history["val_loss"][step]})
+        if step % cfg.train.save_interval == 0 or step == cfg.train.steps:
+            ds.save(engine, ckpt_dir, step)
+    log.close()
+    return finish(cfg, dist, engine, start, data, history, time.time() - began, kind)
+
+
+def _train_step(engine, train: TokenStream, plan: BatchPlan, cfg: RunConfig, dist: ds.Dist,
+                step: int) -> tuple[float, float]:
+    tic = time.perf_counter()
+    ds.set_lr(engine, learning_rate(step, cfg.schedule, cfg.train.steps))
+    total = 0.0
+    for micro in range(plan.accumulation):
+        tokens = batch(train, plan.samples(step, micro, dist.rank)).to(engine.device)
+        loss = engine(tokens[:, :-1], tokens[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        total += loss.item()
+    return _mean_over_ranks(total, plan.accumulation), time.perf_counter() - tic
+
+
+def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedData, history: dict,
+           seconds: float, kind: str) -> dict:
+    """Export the final model as a Megatron checkpoint (main rank) and print a short summary."""
+    out = Path(cfg.output.dir)
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+    summary = {"steps": cfg.train.steps, "seconds": round(seconds, 1),
+               "params": start.config.num_parameters(), "export": str(out / "export"),
+               "val_loss": history["val_loss"], "final_train_loss": history["train_loss"].get(cfg.train.steps)}
+    if dist.is_main and cfg.train.steps > 0:
+        state = ds.full_state_dict(engine, out / "checkpoints", cfg.deepspeed.zero_stage)
+        export(cfg, start, state, data, kind, summary)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"{kind}: {summary['params'] / 1e6:.2f}M params, {cfg.train.steps} steps in {seconds:.0f}s, "
+              f"final train loss {summary['final_train_loss']}, val loss "
+              f"{history['val_loss'].get(cfg.train.steps)}; exported to {summary['export']}", flush=True)
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+    return summary
+
+
+def export(cfg: RunConfig, start: Start, state: dict, data: PreparedData, kind: str, summary: dict) -> None:
+    from scalegrow.pipeline import save_model
+
+    out = Path(cfg.output.dir)
+    target = out / ("export.torch" if cfg.export.format == "torch_dist" else "export")
+    args = start.config.to_megatron_args()
+    args.tokenizer_type, args.tokenizer_model = "GPTSentencePieceTokenizer", "tokenizer.model"
+    args.seq_length = cfg.data.seq_length
+    save_model(state, start.config, target, tp=cfg.export.tp, pp=cfg.export.pp, overwrite=True, method=kind,
+               iteration=cfg.train.steps, base_args=args,
+               extra={"training": {"source": start.source, "val_loss": summary["val_loss"],
+                                   "run_config": cfg.to_dict()}})
+    if cfg.export.format == "torch_dist":  # megatron-core's writer wants a one-process group of its own
+        subprocess.run([sys.executable, "-m", "scalegrow.cli", "convert", "--src", str(target), "--dst",
+                        str(out / "export"), "--format", "torch_dist", "--overwrite", "--no-progress"],
+                       check=True)
+        shutil.rmtree(target)
+    shutil.copy(data.tokenizer, out / "export" / "tokenizer.model")

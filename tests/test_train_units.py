@@ -1,0 +1,160 @@
+"""Training building blocks without a launcher: schedules, run configs, data."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scalegrow.errors import InputError
+from scalegrow.train.config import ScheduleConfig, load_run_config
+from scalegrow.train.data import (BatchPlan, TokenStream, build_indexed, embedded_documents, is_valid_document,
+                                  load_documents, load_tokenizer, train_tokenizer)
+from scalegrow.train.engine import deepspeed_config
+from scalegrow.train.schedule import learning_rate
+
+
+def test_cosine_schedule():
+    cfg = ScheduleConfig(name="cosine", lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [learning_rate(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert max(lrs) == pytest.approx(1e-3)
+    assert lrs[99] == pytest.approx(1e-4, rel=1e-2)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_lemon_schedule_keeps_peak_and_decays_faster():
+    scratch = ScheduleConfig(name="cosine", lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lemon = ScheduleConfig(name="lemon", lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_fraction=0.6)
+    s = [learning_rate(i, scratch, 100) for i in range(100)]
+    g = [learning_rate(i, lemon, 100) for i in range(100)]
+    assert max(g) == max(s) == pytest.approx(1e-3)  # the same peak LR as from scratch
+    assert g[60] == pytest.approx(1e-4) and g[99] == pytest.approx(1e-4)  # at min_lr after 60%, held
+    assert s[60] > 2e-4
+    assert all(gi <= si + 1e-12 for gi, si in zip(g, s))  # never above scratch: it decays faster
+
+
+def test_run_config_overrides_and_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("output: {dir: x}\ntrain: {steps: 10}\ninit: {from: somewhere}\n")
+    cfg = load_run_config(path, ["train.steps=30", "schedule.lr=2e-3", "deepspeed.zero_stage=3"])
+    assert (cfg.train.steps, cfg.schedule.lr, cfg.deepspeed.zero_stage, cfg.init.from_) == (30, 2e-3, 3, "somewhere")
+    with pytest.raises(InputError, match=r"train\.stepz: unknown key"):
+        load_run_config(path, ["train.stepz=3"])
+    with pytest.raises(InputError, match=r"train\.steps: expected int, got 'many'"):
+        load_run_config(path, ["train.steps=many"])
+    with pytest.raises(InputError, match=r"deepspeed\.zero_stage: must be 0, 1, 2 or 3"):
+        load_run_config(path, ["deepspeed.zero_stage=4"])
+    with pytest.raises(InputError, match="overrides look like dotted.key=value"):
+        load_run_config(path, ["train.steps"])
+
+
+def test_train_batch_size_is_checked(tmp_path):
+    cfg = load_run_config(None, ["train.micro_batch_size=4", "train.gradient_accumulation_steps=2"])
+    assert deepspeed_config(cfg, world_size=2, gpu=False)["train_batch_size"] == 16
+    cfg = load_run_config(None, ["train.micro_batch_size=4", "deepspeed.config={train_batch_size: 12}"])
+    with pytest.raises(InputError, match=r"train_batch_size: 12 != micro_batch_size 4 × gradient_accumulation_steps"
+                                         r" 1 × data parallel 2 = 8"):
+        deepspeed_config(cfg, world_size=2, gpu=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer and indexed datasets from 300 kB of the embedded corpus."""
+    out = tmp_path_factory.mktemp("data")
+    docs = list(embedded_documents(300_000))
+    model = train_tokenizer(docs, out / "tok", vocab_size=400)
+    counts = build_indexed(docs, load_tokenizer(model), out / "corpus", valid_fraction=0.1)
+    return out, docs, model, counts
+
+
+def test_embedded_corpus_is_deterministic():
+    a, b = list(embedded_documents(200_000)), list(embedded_documents(200_000))
+    assert a == b and len(a) > 5 and sum(map(len, a)) >= 200_000
+
+
+def test_indexed_dataset_round_trip(corpus):
+    out, docs, model, counts = corpus
+    tok = load_tokenizer(model)
+    assert tok.get_piece_size() == 400 and counts["train"] > 10 * counts["valid"] > 0
+    train = TokenStream(out / "corpus_train", seq_length=64)
+    assert train.num_samples == (counts["train"] - 1) // 64
+    stream = np.concatenate([train.dataset[i] for i in range(len(train.dataset))])
+    for sample in (0, 1, train.num_samples // 2, train.num_samples - 1):  # windows cross documents
+        assert torch.equal(train.window(sample), torch.from_numpy(stream[sample * 64: sample * 64 + 65].astype(np.int64)))
+    first_doc = [d for i, d in enumerate(docs) if not is_valid_document(i, 0.1)][0]
+    assert tok.decode(train.dataset[0].tolist()[:-1]) == first_doc  # lossless tokenization, EOD appended
+    assert train.dataset[0][-1] == tok.eos_id()
+
+
+def test_batch_plan_is_a_function_of_the_step():
+    plan = BatchPlan(num_samples=1000, micro_batch_size=4, accumulation=2, data_parallel=2, seed=7)
+    step = [plan.samples(5, m, r) for m in range(2) for r in range(2)]
+    assert len({s for group in step for s in group}) == 16  # no sample twice within a step
+    again = BatchPlan(num_samples=1000, micro_batch_size=4, accumulation=2, data_parallel=2, seed=7)
+    assert again.samples(5, 1, 1) == plan.samples(5, 1, 1)
+    epoch = [s for st in range(1000 // 16) for m in range(2) for r in range(2) for s in plan.samples(st, m, r)]
+    assert len(set(epoch)) == len(epoch)  # an epoch is a permutation
+    assert BatchPlan(1000, 4, 2, 2, seed=8).samples(5, 1, 1) != plan.samples(5, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_documents_from_datasets(tmp_path, kind):
+    docs = ["The first document.", "A second one, longer than the first.", "Third."]
+    path = tmp_path / f"corpus.{kind}"
+    if kind == "txt":
+        path.write_text("\n\n".join(docs) + "\n")
+    elif kind == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n")
+    else:
+        import datasets
+
+        datasets.Dataset.from_dict({"text": docs}).to_parquet(str(path))
+    assert [d.strip() for d in load_documents(str(path), 0)] == docs
+
+
+def test_bad_corpus(tmp_path):
+    with pytest.raises(InputError, match="no such corpus file"):
+        load_documents(str(tmp_path / "missing.txt"), 0)
+    (tmp_path / "c.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="unsupported corpus type"):
+        load_documents(str(tmp_path / "c.csv"), 0)
+
+
+def test_shipped_run_configs_are_valid():
+    """Every configs/runs/*.yaml loads, its model resolves, and each growth pair is one LEMON accepts."""
+    from pathlib import Path
+
+    from scalegrow.config import ModelConfig
+    from scalegrow.growth import get_operator
+
+    root = Path(__file__).resolve().parents[1]
+    runs = sorted((root / "configs/runs").glob("*.yaml"))
+    assert len(runs) >= 5
+    by_output = {}
+    for path in runs:
+        cfg = load_run_config(path)
+        by_output[cfg.output.dir] = cfg
+    for path in runs:
+        cfg = load_run_config(path)
+        if cfg.model:
+            cfg.model_config()
+        if cfg.growth.target and cfg.init.from_:
+            source_run = by_output[str(Path(cfg.init.from_).parent)]
+            small = ModelConfig.from_yaml(root / source_run.model)
+            target = ModelConfig.from_yaml(root / cfg.growth.target, base=small)
+            get_operator(cfg.growth.method)(small, target)
+
+
+def test_clean_gcide():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = ("00-database-info\n   This file was converted\n\n"
+           "Abdicator \\Ab\"di*ca`tor\\, n.\n   One who abdicates.\n   [1913 Webster]\n\n"
+           "Abditive \\Ab\"di*tive\\, a. [L. abditivus, fr. abdere to hide.]\n"
+           "   Having the quality of hiding. [R.] --Bailey.\n   [1913 Webster]\n")
+    tool = Path(__file__).resolve().parents[1] / "tools/clean_gcide.py"
+    out = subprocess.run([sys.executable, str(tool)], input=raw, capture_output=True, text=True, check=True).stdout
+    assert out == ("Abdicator , n. One who abdicates.\n\n"
+                   "Abditive , a. [L. abditivus, fr. abdere to hide.] Having the quality of hiding. --Bailey.\n\n")
