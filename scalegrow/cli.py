@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
     _layout_args(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
+    g.add_argument("--steps", type=int, default=100, help="ligo: operator training steps")
+    g.add_argument("--lr", type=float, default=2e-4, help="ligo: operator learning rate")
+    g.add_argument("--data", default="embedded", help="ligo: training corpus (text/json/parquet file, "
+                   "a preprocessed .bin/.idx prefix, or 'embedded')")
+    g.add_argument("--tokenizer", default=None, help="ligo: sentencepiece model (default: the source's)")
 
     v = sub.add_parser("verify", help="check that two checkpoints compute the same function")
     v.add_argument("--src", required=True)
@@ -103,8 +108,12 @@ def _positive(name: str, value: int | None) -> None:
 def cmd_grow(a) -> int:
     from scalegrow.pipeline import grow
 
+    from scalegrow.pipeline import LigoOptions
+
+    _positive("steps", a.steps)
+    ligo = LigoOptions(steps=a.steps, lr=a.lr, data=a.data, tokenizer=a.tokenizer)
     summary = grow(a.src, a.dst, a.method, a.target, _target_layout(a), seed=a.seed,
-                   overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run)
+                   overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, ligo=ligo)
     if a.dry_run:
         return _print_plan(summary)
     print(f"grew {a.src} with {a.method}: {summary}")

@@ -155,9 +155,21 @@ def save_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path, *
     return Summary(Path(dst), None, cfg.num_parameters(), time.time() - start, nbytes, tp, pp)
 
 
+@dataclass(frozen=True)
+class LigoOptions:
+    """Operator training for `--method ligo` (single process): steps, data and tokenizer."""
+
+    steps: int = 100
+    lr: float = 2e-4
+    data: str = "embedded"
+    tokenizer: str | None = None  # default: the tokenizer.model shipped with the source
+    seq_length: int = 128
+    micro_batch_size: int = 8
+
+
 def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path | None,
          layout: TargetLayout = TargetLayout(), seed: int = 0, overwrite: bool = False,
-         progress: bool = True, dry_run: bool = False) -> Summary | dict:
+         progress: bool = True, dry_run: bool = False, ligo: LigoOptions = LigoOptions()) -> Summary | dict:
     """Grow `src_path` with `method` to the model in the `target` YAML, written at `layout`.
     With `dry_run`, nothing is read or written: the output plan (file -> key -> shape) is returned."""
     start = time.time()
@@ -171,7 +183,34 @@ def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path 
         raise InputError(f"{target or '--target'}: {exc}") from exc
     if dry_run:
         return _transform(_as_meta(src), op, dst, layout, overwrite, progress, start, dry_run=True)
-    return _transform(src, op, dst, layout, overwrite, progress, start, seed=seed)
+    meta = {"seed": seed}
+    if method == "ligo":
+        meta["ligo"] = _train_ligo(op, src, src_path, ligo, seed, progress)
+    return _transform(src, op, dst, layout, overwrite, progress, start, **meta)
+
+
+def _train_ligo(op: GrowthOperator, src, src_path, opts: LigoOptions, seed: int, progress: bool) -> dict:
+    """Train the LiGO operator here (CPU or one GPU) on `opts.data` with the source's tokenizer."""
+    import tempfile
+
+    from scalegrow.train.data import EMBEDDED, TokenStream, build_indexed, load_documents, load_tokenizer
+    from scalegrow.train.ligo import train_local
+    from scalegrow.train.prepare import tokenizer_near
+
+    tokenizer = Path(opts.tokenizer) if opts.tokenizer else tokenizer_near(src_path)
+    if tokenizer is None:
+        raise InputError(f"--tokenizer: {src_path} ships no tokenizer.model; pass the source's tokenizer")
+    seq = min(opts.seq_length, src.config.max_position_embeddings)
+    with tempfile.TemporaryDirectory(prefix="scalegrow-ligo-") as tmp:
+        prefix = opts.data
+        if opts.data == EMBEDDED or not Path(f"{opts.data}_train.idx").is_file():
+            prefix = str(Path(tmp) / "corpus")
+            build_indexed(load_documents(opts.data, 4_000_000), load_tokenizer(tokenizer), Path(prefix), 0.05)
+        stream = TokenStream(f"{prefix}_train", seq)
+        losses = train_local(op, src.state_dict(), stream, opts.steps, opts.lr, warmup=max(1, opts.steps // 10),
+                             micro_batch_size=opts.micro_batch_size, seed=seed, progress=progress)
+    return {"steps": opts.steps, "lr": opts.lr, "data": opts.data, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None}
 
 
 def convert(src_path: str | Path, dst: str | Path, layout: TargetLayout = TargetLayout(),

@@ -45,7 +45,8 @@ def grow_checkpoint(src: MegatronCheckpoint, op: GrowthOperator, writer: Megatro
                     progress: bool = True) -> None:
     """Stream the grown model into `writer`, one target stage and one layer at a time."""
     dst, layout = writer.cfg, writer.layout
-    cache = LayerCache(src.layer)
+    reads = max(len(op.layer_sources(j)) for j in range(dst.num_layers))
+    cache = LayerCache(src.layer, size=max(2, reads))  # e.g. LiGO: every target layer reads all sources
     bar = tqdm(total=dst.num_layers + 2, desc=f"grow/{op.name}", unit="layer", disable=not progress)
     for stage in range(layout.pp):
         writer.open_stage(stage)

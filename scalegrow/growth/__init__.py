@@ -5,10 +5,12 @@ from scalegrow.errors import InputError
 from scalegrow.growth.base import GrowthOperator
 from scalegrow.growth.identity import Identity
 from scalegrow.growth.lemon import LemonGrowth
+from scalegrow.growth.ligo import LigoGrowth
 
 REGISTRY: dict[str, type[GrowthOperator]] = {
     LemonGrowth.name: LemonGrowth,
     Identity.name: Identity,
+    LigoGrowth.name: LigoGrowth,
 }
 
 

@@ -77,7 +77,8 @@ class LigoConfig:
     lr: float = 2e-4
     warmup_steps: int = 10
     width_init: str = "select"  # "select" (one-hot, Net2Net-like) or "random" (rows normalised to 1)
-    depth_noise: float = 0.03
+    width_noise: float = 0.01  # added to "select" to break the symmetry between copies
+    depth_noise: float = 0.03  # StackBERT-noisy: one-hot + U(0, depth_noise), rows normalised
 
 
 @dataclass

@@ -83,7 +83,7 @@ def train_tokenizer(documents: Iterable[str], model_prefix: Path, vocab_size: in
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences(), model_prefix=str(model_prefix), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        model_type="bpe", byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2,
         pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "\t"], num_threads=2,
         input_sentence_size=200_000, shuffle_input_sentence=False, minloglevel=2)

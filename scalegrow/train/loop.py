@@ -129,6 +129,8 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
             log.scalars(step, {"val/loss": history["val_loss"][step]})
         if step % cfg.train.save_interval == 0 or step == cfg.train.steps:
             ds.save(engine, ckpt_dir, step)
+    if cfg.train.steps == 0:  # nothing to train: export the starting point (e.g. a materialised LiGO)
+        ds.save(engine, ckpt_dir, 0)
     log.close()
     return finish(cfg, dist, engine, start, data, history, time.time() - began, kind)
 
@@ -156,7 +158,7 @@ def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedDa
     summary = {"steps": cfg.train.steps, "seconds": round(seconds, 1),
                "params": start.config.num_parameters(), "export": str(out / "export"),
                "val_loss": history["val_loss"], "final_train_loss": history["train_loss"].get(cfg.train.steps)}
-    if dist.is_main and cfg.train.steps > 0:
+    if dist.is_main:
         state = ds.full_state_dict(engine, out / "checkpoints", cfg.deepspeed.zero_stage)
         export(cfg, start, state, data, kind, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

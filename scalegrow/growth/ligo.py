@@ -1,0 +1,230 @@
+"""LiGO: learning to grow pretrained models (Wang et al., ICLR 2023, arXiv 2303.00980).
+
+The grown weights are a learned linear function of the small ones, M = L_depth · R_width (§3.1):
+- Width (§3.2): every weight grows as W* = B · W · Aᵀ (a Kronecker-factored R_width), with the paper's
+  tying. B_emb [D_T×D_S] is shared by the embeddings, the output layer, every norm and every block
+  output (B^O = B^fc2 = B_emb); every block input reads through it (A^{Q,K,V} = A^fc1 = B_embᵀ).
+  A^O = (B^V)ᵀ and A^fc2 = (B^fc1)ᵀ. Norms and biases take their output side's expansion.
+  For megatron-core's GQA layout the Q/K/V maps act on *whole heads* (head dim kept, ⊗ I_hn): a q-head
+  map for Q (and, through its transpose, for proj's inputs: each attention output head is a q head),
+  a group map for K and V. Mixing whole heads commutes with rotary embeddings. SwiGLU's gate and up
+  rows share the FFN map.
+- Depth (§3.3): target layer i = Σ_j w_ij · (widened source layer j), one coefficient matrix
+  [L_T×L_S] per module type (norm, qkv, proj, mlp norm, fc1, fc2), biases following their module.
+- Initialisation (our choice, after the reference code): depth "StackBERT-noisy": one-hot at i mod L_S
+  plus U(0, depth_noise), rows normalised to sum 1. Width "select": target unit j copies source unit
+  j mod n (Net2Net-like) plus N(0, width_noise) to break the symmetry between copies; or "random":
+  rows of N(0, 1) normalised to unit norm. With zero noise and equal sizes the operator is the identity.
+The operator has O(width² + depth²) parameters, not O(model). It is trained for ~100 steps with the
+LM loss through the functional large model (`LigoModel`), then materialised into plain weights.
+LiGO is not lossless: there is no norm correction.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scalegrow import arch
+from scalegrow.config import ModelConfig
+from scalegrow.growth.base import GrowthOperator, require_equal, require_not_smaller
+
+DEPTH_TYPES = ("input_layernorm", "qkv", "proj", "pre_mlp_layernorm", "fc1", "fc2")
+
+
+def module_type(name: str) -> str:
+    for prefix, kind in (("input_layernorm.", "input_layernorm"), ("self_attention.linear_qkv.", "qkv"),
+                         ("self_attention.linear_proj.", "proj"), ("pre_mlp_layernorm.", "pre_mlp_layernorm"),
+                         ("mlp.linear_fc1.", "fc1"), ("mlp.linear_fc2.", "fc2")):
+        if name.startswith(prefix):
+            return kind
+    raise AssertionError(name)
+
+
+def _width_init(n_dst: int, n_src: int, kind: str, noise: float, gen: torch.Generator) -> torch.Tensor:
+    if kind == "random":
+        m = torch.randn(n_dst, n_src, generator=gen)
+        return m / m.norm(dim=1, keepdim=True)
+    m = torch.zeros(n_dst, n_src)
+    m[torch.arange(n_dst), torch.arange(n_dst) % n_src] = 1.0
+    return m + noise * torch.randn(n_dst, n_src, generator=gen) if noise else m
+
+
+def _depth_init(l_dst: int, l_src: int, noise: float, gen: torch.Generator) -> torch.Tensor:
+    w = torch.zeros(l_dst, l_src)
+    w[torch.arange(l_dst), torch.arange(l_dst) % l_src] = 1.0
+    if noise:
+        w = w + noise * torch.rand(l_dst, l_src, generator=gen)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+class LigoOperator(nn.Module):
+    """The learnable growth operator: width maps and per-module-type depth coefficients."""
+
+    def __init__(self, src: ModelConfig, dst: ModelConfig, width_init: str = "select", width_noise: float = 0.01,
+                 depth_noise: float = 0.03, seed: int = 0):
+        super().__init__()
+        self.src, self.dst = src, dst
+        gen = torch.Generator().manual_seed(seed)
+
+        def width(n_dst, n_src):
+            return nn.Parameter(_width_init(n_dst, n_src, width_init, width_noise, gen))
+
+        self.b_emb = width(dst.hidden_size, src.hidden_size)
+        self.m_heads = width(dst.num_attention_heads, src.num_attention_heads)
+        self.m_groups = width(dst.num_query_groups, src.num_query_groups)
+        self.b_ffn = width(dst.ffn_hidden_size, src.ffn_hidden_size)
+        self.depth = nn.ParameterDict({t: nn.Parameter(_depth_init(dst.num_layers, src.num_layers, depth_noise, gen))
+                                       for t in DEPTH_TYPES})
+
+    @staticmethod
+    def expected_parameters(src: ModelConfig, dst: ModelConfig) -> int:
+        return (dst.hidden_size * src.hidden_size + dst.num_attention_heads * src.num_attention_heads
+                + dst.num_query_groups * src.num_query_groups + dst.ffn_hidden_size * src.ffn_hidden_size
+                + len(DEPTH_TYPES) * dst.num_layers * src.num_layers)
+
+    # ---- width: stacked source layers [L, ...] -> [L, ...] at the target width ------------------------
+    def widen(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """One layer tensor stacked over source layers, [L, *shape] -> [L, *target shape]."""
+        s, d, e = self.src, self.dst, self.b_emb
+        if name.endswith("layernorm.weight") or name.endswith("layernorm.bias") or name.endswith(
+                ("linear_proj.bias", "linear_fc2.bias")):
+            return t @ e.T  # output side: B_emb
+        if name.startswith("self_attention.linear_qkv."):
+            return self._widen_qkv(t, weight=name.endswith("weight"))
+        if name == "self_attention.linear_proj.weight":  # B_emb · W · (M_heads ⊗ I)ᵀ
+            heads = t.reshape(t.shape[0], s.hidden_size, s.num_attention_heads, s.kv_channels)
+            out = torch.einsum("ts,ldsk->ldtk", self.m_heads, heads).flatten(2)
+            return torch.einsum("ed,ldx->lex", e, out)
+        if name.startswith("mlp.linear_fc1."):  # gate and up rows share the FFN map
+            halves = t.reshape(t.shape[0], 2 if s.swiglu else 1, s.ffn_hidden_size, *t.shape[2:])
+            rows = torch.einsum("ts,lhs...->lht...", self.b_ffn, halves).flatten(1, 2)
+            return rows @ e.T if name.endswith("weight") else rows
+        if name == "mlp.linear_fc2.weight":  # B_emb · W · B_ffnᵀ
+            return torch.einsum("ed,ldf,gf->leg", e, t, self.b_ffn)
+        raise AssertionError(f"LiGO has no width rule for {name}")
+
+    def _widen_qkv(self, t: torch.Tensor, weight: bool) -> torch.Tensor:
+        s, d = self.src, self.dst
+        per_s, per_d, hn = s.heads_per_group, d.heads_per_group, s.kv_channels
+        # [L, ng*(per+2)*hn, ...] -> [L, ng, per+2, hn, ...]: q heads of each group, then k, then v
+        blocks = t.reshape(t.shape[0], s.num_query_groups, per_s + 2, hn, *t.shape[2:])
+        q = blocks[:, :, :per_s].flatten(1, 2)  # [L, np_S, hn, ...]
+        k, v = blocks[:, :, per_s], blocks[:, :, per_s + 1]  # [L, ng_S, hn, ...]
+        q = torch.einsum("ts,ls...->lt...", self.m_heads, q)
+        k, v = (torch.einsum("ts,ls...->lt...", self.m_groups, x) for x in (k, v))
+        q = q.reshape(q.shape[0], d.num_query_groups, per_d, *q.shape[2:])
+        fused = torch.cat([q, k[:, :, None], v[:, :, None]], dim=2).flatten(1, 3)  # [L, rows_T, ...]
+        return fused @ self.b_emb.T if weight else fused
+
+    # ---- depth -----------------------------------------------------------------------------------------
+    def mix(self, name: str, widened: torch.Tensor, layers: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_j w_ij · widened_j for target layers `layers` (default: all) -> [len(layers), ...]."""
+        w = self.depth[module_type(name)]
+        if layers is not None:
+            w = w[layers]
+        return torch.einsum("ts,s...->t...", w, widened)
+
+    def forward(self, small: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All large weights (reference-model names) from the small ones, differentiably."""
+        s, d = self.src, self.dst
+        big = {name: small[name] @ self.b_emb.T for name in (spec.name for spec in arch.embedding_specs(s))}
+        for spec in arch.layer_specs(s):
+            stacked = torch.stack([small[arch.layer_key(i, spec.name)] for i in range(s.num_layers)])
+            grown = self.mix(spec.name, self.widen(spec.name, stacked))
+            big.update({arch.layer_key(j, spec.name): grown[j] for j in range(d.num_layers)})
+        for spec in arch.head_specs(s):  # final norm and (untied) output layer: B_emb
+            big[spec.name] = small[spec.name] @ self.b_emb.T
+        return big
+
+
+class LigoModel(nn.Module):
+    """The large model as a function of the operator: frozen small weights (buffers), the operator
+    (the only parameters, so ZeRO partitions and trains just these), and a meta-device GPT skeleton run
+    through `torch.func.functional_call`. forward(tokens, labels) -> loss, like the GPT."""
+
+    def __init__(self, operator: LigoOperator, small: dict[str, torch.Tensor]):
+        super().__init__()
+        from scalegrow.model import GPT
+
+        self.operator = operator
+        self._names = {}
+        for i, (name, tensor) in enumerate(small.items()):
+            self.register_buffer(f"small_{i}", tensor.detach().float().clone(), persistent=False)
+            self._names[f"small_{i}"] = name
+        with torch.device("meta"):
+            self.__dict__["skeleton"] = GPT(operator.dst)  # not a submodule: it owns no parameters here
+
+    def small(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, buf) for buf, name in self._names.items()}
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        weights = self.operator(self.small())
+        return torch.func.functional_call(self.skeleton, weights, (tokens, labels))
+
+
+class LigoGrowth(GrowthOperator):
+    """A trained LigoOperator behind the streaming executor's interface (materialisation)."""
+
+    name = "ligo"
+
+    def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0, operator: LigoOperator | None = None,
+                 **init):
+        self._operator, self._init = operator, init
+        self._widened: dict[str, torch.Tensor] = {}
+        super().__init__(src, dst, seed)
+
+    def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        super().check(src, dst)
+        require_equal(src, dst, "kv_channels", why="LiGO mixes whole heads")
+        require_not_smaller(src, dst, ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                       "num_query_groups"))
+
+    def setup(self) -> None:
+        if self._operator is None:
+            self._operator = LigoOperator(self.src, self.dst, seed=self.seed, **self._init)
+
+    @property
+    def operator(self) -> LigoOperator:
+        return self._operator
+
+    def use_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue with a fresh operator holding these trained weights."""
+        operator = LigoOperator(self.src, self.dst, width_noise=0.0, depth_noise=0.0)
+        operator.load_state_dict(state)
+        self._operator, self._widened = operator, {}
+
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        return tuple(range(self.src.num_layers))  # every target layer mixes all source layers
+
+    @torch.no_grad()
+    def grow_embeddings(self, tensors):
+        return {k: v.float() @ self.operator.b_emb.T for k, v in tensors.items()}
+
+    @torch.no_grad()
+    def grow_layer(self, index, sources, specs):
+        out = {}
+        for spec in specs:
+            if spec.name not in self._widened:  # widen each source tensor once, reuse for every target
+                stacked = torch.stack([sources[i][spec.name].float() for i in range(self.src.num_layers)])
+                self._widened[spec.name] = self.operator.widen(spec.name, stacked)
+            out[spec.name] = self.operator.mix(spec.name, self._widened[spec.name], torch.tensor([index]))[0]
+        return out
+
+    @torch.no_grad()
+    def grow_head(self, tensors):
+        return {k: v.float() @ self.operator.b_emb.T for k, v in tensors.items()}
+
+
+def identity_like(src: ModelConfig) -> LigoOperator:
+    """A same-size operator that reproduces the source exactly (tests, sanity)."""
+    return LigoOperator(src, src, width_noise=0.0, depth_noise=0.0)
+
+
+def operator_lr(step: int, lr: float, warmup: int, steps: int) -> float:
+    """The operator's own schedule: linear warmup, cosine to 10% of the peak."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
