@@ -115,8 +115,8 @@ def test_zero3_on_two_ranks_trains_the_same_operator_as_one_rank(trained_small, 
     common = [f"init.from={trained_small}/small", f"data.corpus={trained_small}/corpus",
               f"data.tokenizer={trained_small}/small/tokenizer.model", "data.seq_length=64", "train.steps=0",
               "train.micro_batch_size=4", "growth.ligo.steps=4", "growth.ligo.lr=3e-3",
-              f"growth.target={{hidden_size: 96, num_attention_heads: 6, num_query_groups: 3, "
-              f"ffn_hidden_size: 144, num_layers: 3}}"]
+              "growth.target={hidden_size: 96, num_attention_heads: 6, num_query_groups: 3, "
+              "ffn_hidden_size: 144, num_layers: 3}"]
     train("grow_pretrain", "configs/runs/tiny_ligo.yaml", [f"output.dir={tmp_path}/one", "deepspeed.zero_stage=1",
                                                            "train.gradient_accumulation_steps=2", *common], ranks=1)
     train("grow_pretrain", "configs/runs/tiny_ligo.yaml", [f"output.dir={tmp_path}/two", "deepspeed.zero_stage=3",

@@ -87,7 +87,7 @@ class LigoOperator(nn.Module):
     # ---- width: stacked source layers [L, ...] -> [L, ...] at the target width ------------------------
     def widen(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """One layer tensor stacked over source layers, [L, *shape] -> [L, *target shape]."""
-        s, d, e = self.src, self.dst, self.b_emb
+        s, e = self.src, self.b_emb
         if name.endswith("layernorm.weight") or name.endswith("layernorm.bias") or name.endswith(
                 ("linear_proj.bias", "linear_fc2.bias")):
             return t @ e.T  # output side: B_emb
