@@ -5,10 +5,11 @@ The grown weights are a learned linear function of the small ones, M = L_depth �
   tying. B_emb [D_T×D_S] is shared by the embeddings, the output layer, every norm and every block
   output (B^O = B^fc2 = B_emb); every block input reads through it (A^{Q,K,V} = A^fc1 = B_embᵀ).
   A^O = (B^V)ᵀ and A^fc2 = (B^fc1)ᵀ. Norms and biases take their output side's expansion.
-  For megatron-core's GQA layout the Q/K/V maps act on *whole heads* (head dim kept, ⊗ I_hn): a q-head
-  map for Q (and, through its transpose, for proj's inputs: each attention output head is a q head),
-  a group map for K and V. Mixing whole heads commutes with rotary embeddings. SwiGLU's gate and up
-  rows share the FFN map.
+  For megatron-core's GQA layout the Q/K/V maps act on *whole heads* (head dim kept, ⊗ I_hn) and keep
+  query groups whole: a group map M_g moves K and V, and Q by M_g ⊗ M_h, M_h mapping the q heads within
+  a group, so a group's q heads always travel with its K and V. proj's inputs (the attention output
+  heads, one per q head) read through (M_g ⊗ M_h)ᵀ. Mixing whole heads commutes with rotary
+  embeddings. SwiGLU's gate and up rows share the FFN map.
 - Depth (§3.3): target layer i = Σ_j w_ij · (widened source layer j), one coefficient matrix
   [L_T×L_S] per module type (norm, qkv, proj, mlp norm, fc1, fc2), biases following their module.
 - Initialisation (our choice, after the reference code): depth "StackBERT-noisy": one-hot at i mod L_S
@@ -72,17 +73,22 @@ class LigoOperator(nn.Module):
             return nn.Parameter(_width_init(n_dst, n_src, width_init, width_noise, gen))
 
         self.b_emb = width(dst.hidden_size, src.hidden_size)
-        self.m_heads = width(dst.num_attention_heads, src.num_attention_heads)
         self.m_groups = width(dst.num_query_groups, src.num_query_groups)
+        self.m_group_heads = width(dst.heads_per_group, src.heads_per_group)
         self.b_ffn = width(dst.ffn_hidden_size, src.ffn_hidden_size)
         self.depth = nn.ParameterDict({t: nn.Parameter(_depth_init(dst.num_layers, src.num_layers, depth_noise, gen))
                                        for t in DEPTH_TYPES})
 
     @staticmethod
     def expected_parameters(src: ModelConfig, dst: ModelConfig) -> int:
-        return (dst.hidden_size * src.hidden_size + dst.num_attention_heads * src.num_attention_heads
-                + dst.num_query_groups * src.num_query_groups + dst.ffn_hidden_size * src.ffn_hidden_size
+        return (dst.hidden_size * src.hidden_size + dst.num_query_groups * src.num_query_groups
+                + dst.heads_per_group * src.heads_per_group + dst.ffn_hidden_size * src.ffn_hidden_size
                 + len(DEPTH_TYPES) * dst.num_layers * src.num_layers)
+
+    @property
+    def m_heads(self) -> torch.Tensor:
+        """The q-head map [np_T, np_S] = M_g ⊗ M_h (heads numbered group-major, as Megatron does)."""
+        return torch.kron(self.m_groups, self.m_group_heads)
 
     # ---- width: stacked source layers [L, ...] -> [L, ...] at the target width ------------------------
     def widen(self, name: str, t: torch.Tensor) -> torch.Tensor:
