@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--atol", type=float, default=1e-4, help="max |Δlogits| allowed (fp32)")
 
+    k = sub.add_parser("shrink", help="initialise a smaller model from a larger one (weight subcloning)")
+    k.add_argument("--src", required=True)
+    k.add_argument("--dst", required=True)
+    k.add_argument("--method", default="subclone", help="subclone (default) or drop-layers")
+    k.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
+    k.add_argument("--calib-data", default="embedded", help="calibration corpus (text/json/parquet file, "
+                   "a preprocessed .bin/.idx prefix, or 'embedded')")
+    k.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens")
+    k.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the source's)")
+    k.add_argument("--no-rescale", action="store_true", help="do not rescale norms after narrowing")
+    _layout_args(k)
+
+    e = sub.add_parser("eval", help="held-out next-token loss of a checkpoint")
+    e.add_argument("path")
+    e.add_argument("--data", default="embedded", help="corpus whose held-out split is used")
+    e.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the checkpoint's)")
+    e.add_argument("--tokens", type=int, default=32768)
+    e.add_argument("--seq-length", type=int, default=256)
+
     c = sub.add_parser("convert", help="re-partition (TP/PP) and/or change format, tensors unchanged")
     c.add_argument("--src", required=True)
     c.add_argument("--dst", required=True)
@@ -120,6 +139,25 @@ def cmd_grow(a) -> int:
     return EXIT_OK
 
 
+def cmd_shrink(a) -> int:
+    from scalegrow.pipeline import CalibOptions, shrink
+
+    _positive("calib-tokens", a.calib_tokens)
+    calib = CalibOptions(a.calib_data, a.calib_tokens, a.tokenizer, rescale=not a.no_rescale)
+    summary = shrink(a.src, a.dst, a.method, a.target, _target_layout(a), calib, overwrite=a.overwrite,
+                     progress=not a.no_progress)
+    print(f"shrank {a.src} with {a.method}: {summary}")
+    return EXIT_OK
+
+
+def cmd_eval(a) -> int:
+    from scalegrow.pipeline import evaluate
+
+    _positive("tokens", a.tokens), _positive("seq-length", a.seq_length)
+    print(json.dumps(evaluate(a.path, a.data, a.tokenizer, a.tokens, a.seq_length)))
+    return EXIT_OK
+
+
 def cmd_convert(a) -> int:
     from scalegrow.pipeline import convert
 
@@ -176,7 +214,7 @@ def cmd_init(a) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"grow": cmd_grow, "convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect,
+COMMANDS = {"grow": cmd_grow, "shrink": cmd_shrink, "eval": cmd_eval, "convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect,
             "init": cmd_init}
 
 

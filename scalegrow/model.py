@@ -63,6 +63,10 @@ class SelfAttention(nn.Module):
         self.linear_proj = nn.Linear(proj_in, h, bias=cfg.has_linear_bias)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+        return self.linear_proj(self.heads(x, freqs).flatten(2))
+
+    def heads(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+        """Each q head's attention output, [b, s, np, hn] (what linear_proj reads)."""
         cfg = self.cfg
         b, s, _ = x.shape
         ng, per_g, hn = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
@@ -77,7 +81,7 @@ class SelfAttention(nn.Module):
         k = k.repeat_interleave(per_g, dim=1)
         v = v.repeat_interleave(per_g, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hn))
-        return self.linear_proj(out.transpose(1, 2).reshape(b, s, ng * per_g * hn))
+        return out.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -88,13 +92,15 @@ class MLP(nn.Module):
         self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.has_linear_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN neurons' activations, [b, s, ffn_hidden_size] (what linear_fc2 reads)."""
         h = self.linear_fc1(x)
         if self.swiglu:
             gate, up = torch.chunk(h, 2, dim=-1)  # fc1 rows are [gate; up]
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.linear_fc2(h)
+            return F.silu(gate) * up
+        return F.gelu(h)
 
 
 class TransformerLayer(nn.Module):

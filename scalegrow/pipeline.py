@@ -191,26 +191,84 @@ def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path 
 
 def _train_ligo(op: GrowthOperator, src, src_path, opts: LigoOptions, seed: int, progress: bool) -> dict:
     """Train the LiGO operator here (CPU or one GPU) on `opts.data` with the source's tokenizer."""
-    import tempfile
-
-    from scalegrow.train.data import EMBEDDED, TokenStream, build_indexed, load_documents, load_tokenizer
     from scalegrow.train.ligo import train_local
-    from scalegrow.train.prepare import tokenizer_near
+    from scalegrow.train.prepare import corpus_streams, source_tokenizer
 
-    tokenizer = Path(opts.tokenizer) if opts.tokenizer else tokenizer_near(src_path)
-    if tokenizer is None:
-        raise InputError(f"--tokenizer: {src_path} ships no tokenizer.model; pass the source's tokenizer")
     seq = min(opts.seq_length, src.config.max_position_embeddings)
-    with tempfile.TemporaryDirectory(prefix="scalegrow-ligo-") as tmp:
-        prefix = opts.data
-        if opts.data == EMBEDDED or not Path(f"{opts.data}_train.idx").is_file():
-            prefix = str(Path(tmp) / "corpus")
-            build_indexed(load_documents(opts.data, 4_000_000), load_tokenizer(tokenizer), Path(prefix), 0.05)
-        stream = TokenStream(f"{prefix}_train", seq)
-        losses = train_local(op, src.state_dict(), stream, opts.steps, opts.lr, warmup=max(1, opts.steps // 10),
+    with corpus_streams(opts.data, source_tokenizer(src_path, opts.tokenizer), seq) as (train, _):
+        losses = train_local(op, src.state_dict(), train, opts.steps, opts.lr, warmup=max(1, opts.steps // 10),
                              micro_batch_size=opts.micro_batch_size, seed=seed, progress=progress)
     return {"steps": opts.steps, "lr": opts.lr, "data": opts.data, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None}
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """Calibration data for `shrink --method subclone`."""
+
+    data: str = "embedded"
+    tokens: int = 16384
+    tokenizer: str | None = None
+    seq_length: int = 256
+    rescale: bool = True
+
+
+def shrink(src_path: str | Path, dst: str | Path, method: str, target: str | Path | None,
+           layout: TargetLayout = TargetLayout(), calib: CalibOptions = CalibOptions(), overwrite: bool = False,
+           progress: bool = True) -> Summary:
+    """Initialise a smaller model from `src_path` (weight subcloning or the drop-layers baseline)."""
+    from scalegrow.growth import get_shrinker
+
+    start = time.time()
+    _check_dst(dst, overwrite)
+    op_cls = get_shrinker(method)
+    src = open_checkpoint(src_path)
+    dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
+    extra, meta, tokens = {}, {}, None
+    if method == "subclone":
+        extra["stats"], tokens = _calibrate(src, src_path, calib)
+        meta["calibration"] = {"data": calib.data, "tokens": tokens.numel(), "rescale": calib.rescale}
+    try:
+        op = op_cls(src.config, dst_cfg, **extra)
+    except ValueError as exc:
+        raise InputError(f"{target or '--target'}: {exc}") from exc
+    if method == "subclone" and calib.rescale:
+        op.fit_rescale(src, tokens)
+        meta["mlp_output_scales"] = {str(k): v for k, v in op.sel.scales.items()}
+    meta["kept_layers"] = op.sel.layers
+    return _transform(src, op, dst, layout, overwrite, progress, start, **meta)
+
+
+def _calibrate(src, src_path, opts: CalibOptions):
+    """Statistics of the source on `opts.tokens` calibration tokens (its train split), layer by layer."""
+    from scalegrow.growth.calibrate import calibrate
+    from scalegrow.train.data import batch
+    from scalegrow.train.prepare import corpus_streams, source_tokenizer
+
+    seq = min(opts.seq_length, src.config.max_position_embeddings)
+    with corpus_streams(opts.data, source_tokenizer(src_path, opts.tokenizer), seq) as (train, _):
+        n = max(1, min(train.num_samples, opts.tokens // seq))
+        tokens = batch(train, list(range(n)))[:, :-1]
+    return calibrate(src, src.config, tokens), tokens
+
+
+def evaluate(path: str | Path, data: str = "embedded", tokenizer: str | None = None, tokens: int = 32768,
+             seq_length: int = 256) -> dict:
+    """Mean next-token loss of a checkpoint on the held-out split of `data`."""
+    from scalegrow.train.data import batch
+    from scalegrow.train.prepare import corpus_streams, source_tokenizer
+
+    model = load_model(path)
+    seq = min(seq_length, model.cfg.max_position_embeddings)
+    with corpus_streams(data, source_tokenizer(path, tokenizer), seq) as (_, valid):
+        n = max(1, min(valid.num_samples, tokens // seq))
+        total = 0.0
+        with torch.no_grad():
+            for first in range(0, n, 8):
+                windows = batch(valid, list(range(first, min(n, first + 8))))
+                total += model.loss(windows).item() * len(windows)
+    loss = total / n
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n * seq, "data": data}
 
 
 def convert(src_path: str | Path, dst: str | Path, layout: TargetLayout = TargetLayout(),

@@ -46,8 +46,8 @@ def test_materialised_weights_equal_the_functional_model(family):
         functional = LigoModel(op, small.state_dict())(tokens(src))
     big = GPT(dst).eval()
     big.load_state_dict(grow_state_dict(LigoGrowth(src, dst, operator=op), small.state_dict()), strict=True)
-    with torch.no_grad():
-        assert (big(tokens(src)) - functional).abs().max().item() <= 1e-5
+    with torch.no_grad():  # fp32 rounding only: the same sums in another order (per layer vs batched)
+        assert torch.allclose(big(tokens(src)), functional, rtol=1e-5, atol=1e-5)
 
 
 def test_operator_is_width_squared_plus_depth_squared():

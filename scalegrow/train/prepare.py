@@ -5,8 +5,11 @@ reuses it); the other ranks wait for it.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch.distributed as torch_dist
 
@@ -64,3 +67,25 @@ def prepare_data(cfg: RunConfig, dist) -> PreparedData:
             raise InputError(f"data: the {name} split holds {stream.num_samples} windows of {d.seq_length} "
                              f"tokens, fewer than one batch ({need}); use more data or a larger valid_fraction")
     return PreparedData(train, valid, tokenizer, load_tokenizer(tokenizer).get_piece_size())
+
+
+@contextlib.contextmanager
+def corpus_streams(data: str, tokenizer: Path, seq_length: int, valid_fraction: float = 0.05,
+                   max_bytes: int = 4_000_000) -> Iterator[tuple[TokenStream, TokenStream]]:
+    """(train, valid) token streams of `data`: a preprocessed .bin/.idx prefix as it is, or any corpus
+    (including 'embedded') tokenized into a temporary indexed dataset for the duration."""
+    if data != EMBEDDED and Path(f"{data}_train.idx").is_file():
+        yield TokenStream(f"{data}_train", seq_length), TokenStream(f"{data}_valid", seq_length)
+        return
+    with tempfile.TemporaryDirectory(prefix="scalegrow-data-") as tmp:
+        prefix = Path(tmp) / "corpus"
+        build_indexed(load_documents(data, max_bytes), load_tokenizer(tokenizer), prefix, valid_fraction)
+        yield TokenStream(f"{prefix}_train", seq_length), TokenStream(f"{prefix}_valid", seq_length)
+
+
+def source_tokenizer(src_path, tokenizer: str | None) -> Path:
+    """--tokenizer, else the tokenizer.model that ships with the checkpoint."""
+    found = Path(tokenizer) if tokenizer else tokenizer_near(src_path)
+    if found is None or not found.is_file():
+        raise InputError(f"--tokenizer: {src_path} ships no tokenizer.model; pass the source's tokenizer")
+    return found
