@@ -5,6 +5,7 @@ initialises global state.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +86,22 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 
 def save(engine, ckpt_dir: Path, step: int, extra: dict | None = None) -> None:
-    """DeepSpeed's own checkpoint; `latest` moves only once every rank has written its part."""
+    """DeepSpeed's own checkpoint, made kill-safe: DeepSpeed's rank 0 writes `latest` without waiting
+    for the other ranks' shards, so a kill in between leaves `latest` naming a half-written tag. Here
+    `latest` moves (atomically) only after a barrier, once every rank's files are complete."""
+    import torch.distributed as torch_dist
+
     client = {"step": step, "torch_rng": torch.get_rng_state(), **(extra or {})}
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client)
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+    if engine.global_rank == 0:
+        partial = ckpt_dir / "latest.partial"
+        partial.write_text(tag)
+        os.replace(partial, ckpt_dir / "latest")
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
 
 
 def resume(engine, ckpt_dir: Path) -> int:
