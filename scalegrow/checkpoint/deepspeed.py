@@ -8,7 +8,6 @@ allow-list (DeepSpeed's loss scaler and ZeRO-stage enum besides Megatron's); any
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import re
@@ -19,8 +18,8 @@ from pathlib import Path
 import torch
 
 from scalegrow import arch
-from scalegrow.checkpoint.io import BASE_ALLOWED, _megatron_allowed, safe_load
-from scalegrow.checkpoint.megatron import assemble_state_dict, manifest_sha256
+from scalegrow.checkpoint.base import Checkpoint
+from scalegrow.checkpoint.io import BASE_ALLOWED, megatron_allowed, safe_load
 from scalegrow.checkpoint.sharding import StageLayout
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
@@ -38,7 +37,7 @@ def _deepspeed_allowed() -> list:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return BASE_ALLOWED + _megatron_allowed() + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return BASE_ALLOWED + megatron_allowed() + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _deepspeed_logs_to_stderr() -> None:
@@ -55,32 +54,11 @@ def _deepspeed_logs_to_stderr() -> None:
 
 
 @dataclass
-class DeepSpeedCheckpoint:
-    root: Path
-    tag: str
-    config: ModelConfig
+class DeepSpeedCheckpoint(Checkpoint):
+    tag: str = ""
     _state: dict | None = field(default=None, repr=False)
 
     format = "deepspeed"
-    tp = 1
-    dtype = torch.float32
-
-    @property
-    def layout(self) -> StageLayout:
-        return StageLayout((self.config.num_layers,))
-
-    @property
-    def pp(self) -> int:
-        return 1
-
-    @property
-    def iteration(self) -> int | str:
-        match = re.fullmatch(r"(?:step|global_step)(\d+)", self.tag)
-        return int(match.group(1)) if match else "release"
-
-    @property
-    def args(self) -> argparse.Namespace:
-        return self.config.to_megatron_args()
 
     def files(self) -> list[Path]:
         return sorted((self.root / self.tag).glob("*.pt"))
@@ -109,14 +87,8 @@ class DeepSpeedCheckpoint:
         out[arch.OUTPUT_LAYER] = sd[arch.WORD_EMBEDDINGS if self.config.tied else arch.OUTPUT_LAYER]
         return out
 
-    def state_dict(self, clone: bool = True) -> dict[str, torch.Tensor]:
-        return assemble_state_dict(self, clone)
-
     def release(self) -> None:
         self._state = None
-
-    def manifest_sha256(self) -> str:
-        return manifest_sha256(self.root)
 
 
 def open_deepspeed(path: Path) -> DeepSpeedCheckpoint:
@@ -128,4 +100,7 @@ def open_deepspeed(path: Path) -> DeepSpeedCheckpoint:
                          f"training writes beside it)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{meta}: unreadable model config ({exc})") from exc
-    return DeepSpeedCheckpoint(path, (path / "latest").read_text().strip(), config)
+    tag = (path / "latest").read_text().strip()
+    match = re.fullmatch(r"(?:step|global_step)(\d+)", tag)
+    return DeepSpeedCheckpoint(path, int(match.group(1)) if match else "release", config.to_megatron_args(), config,
+                               1, StageLayout((config.num_layers,)), torch.float32, tag)

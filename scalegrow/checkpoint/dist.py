@@ -24,8 +24,8 @@ import torch
 from scalegrow import arch
 from scalegrow.checkpoint import mcore
 from scalegrow.checkpoint.io import safe_load
-from scalegrow.checkpoint.megatron import (CHECKPOINT_VERSION, MegatronCheckpoint, assemble_state_dict,
-                                           manifest_sha256, resolve_iteration_dir)
+from scalegrow.checkpoint.base import Checkpoint
+from scalegrow.checkpoint.megatron import CHECKPOINT_VERSION, MegatronCheckpoint, resolve_iteration_dir
 from scalegrow.checkpoint.sharding import StageLayout
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
@@ -152,24 +152,13 @@ def _is_tensor_item(item) -> bool:
 
 
 @dataclass
-class DistCheckpoint:
-    """A torch_dist checkpoint, read one layer at a time (same interface as MegatronCheckpoint)."""
+class DistCheckpoint(Checkpoint):
+    """A torch_dist checkpoint, read one layer at a time."""
 
-    root: Path
-    iter_dir: Path
-    iteration: int | str
-    args: argparse.Namespace
-    config: ModelConfig
-    tp: int
-    layout: StageLayout
-    dtype: torch.dtype
+    iter_dir: Path = None
     _reader: ChunkReader = field(repr=False, default=None)
 
     format = "torch_dist"
-
-    @property
-    def pp(self) -> int:
-        return self.layout.pp
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.iter_dir.iterdir() if p.is_file())
@@ -193,15 +182,6 @@ class DistCheckpoint:
         specs = [s for s in arch.head_specs(self.config) if s.role != "output_layer"]
         out_key = arch.WORD_EMBEDDINGS if self.config.tied else arch.OUTPUT_LAYER
         return {**{s.name: self._reader.read(s.name) for s in specs}, arch.OUTPUT_LAYER: self._reader.read(out_key)}
-
-    def state_dict(self, clone: bool = True) -> dict[str, torch.Tensor]:
-        return assemble_state_dict(self, clone)
-
-    def release(self) -> None:
-        pass
-
-    def manifest_sha256(self) -> str:
-        return manifest_sha256(self.root)
 
 
 def open_dist(path: Path) -> DistCheckpoint:
@@ -227,8 +207,8 @@ def open_dist(path: Path) -> DistCheckpoint:
     layout = StageLayout.build(config.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
                                getattr(args, "decoder_last_pipeline_num_layers", None))
     _check_keys(reader, config, iter_dir)
-    return DistCheckpoint(root, iter_dir, iteration, args, config, tp, layout,
-                          reader.dtype(arch.WORD_EMBEDDINGS), reader)
+    return DistCheckpoint(root, iteration, args, config, tp, layout, reader.dtype(arch.WORD_EMBEDDINGS),
+                          iter_dir, reader)
 
 
 def _check_keys(reader: ChunkReader, cfg: ModelConfig, iter_dir: Path) -> None:

@@ -32,7 +32,7 @@ from scalegrow.errors import InputError
 BASE_ALLOWED: list[Any] = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath]
 
 
-def _megatron_allowed() -> list[Any]:
+def megatron_allowed() -> list[Any]:
     """megatron-core's own explicit list (its enums in args, numpy rng state). Importing
     megatron-core takes seconds, so it is consulted only when a file needs it."""
     try:
@@ -65,7 +65,7 @@ def safe_load(path: str | Path, mmap: bool = True, allowed: list[Any] | None = N
         except pickle.UnpicklingError:
             if allowed is not None:
                 raise
-            return _torch_load(path, mmap, BASE_ALLOWED + _megatron_allowed())
+            return _torch_load(path, mmap, BASE_ALLOWED + megatron_allowed())
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = found.group(1) if found else "an object"

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 from scalegrow import arch
 from scalegrow.arch import TensorSpec
 from scalegrow.checkpoint import sharding
-from scalegrow.checkpoint.io import drop_mapped_pages, file_digest_line, safe_load
+from scalegrow.checkpoint.base import Checkpoint
+from scalegrow.checkpoint.io import drop_mapped_pages, safe_load
 from scalegrow.checkpoint.sharding import StageLayout
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
@@ -76,24 +76,13 @@ def local_key(key: str, layout: StageLayout) -> str:
 
 
 @dataclass
-class MegatronCheckpoint:
+class MegatronCheckpoint(Checkpoint):
     """A legacy Megatron checkpoint, validated on open and read lazily afterwards."""
 
-    root: Path
-    iter_dir: Path
-    iteration: int | str
-    args: argparse.Namespace
-    config: ModelConfig
-    tp: int
-    layout: StageLayout
-    dtype: torch.dtype
+    iter_dir: Path = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     format = "torch"
-
-    @property
-    def pp(self) -> int:
-        return self.layout.pp
 
     def file(self, tp_rank: int, stage: int) -> Path:
         return self.iter_dir / rank_dir_name(tp_rank, stage, self.pp) / FILE_NAME
@@ -142,35 +131,8 @@ class MegatronCheckpoint:
             out[arch.OUTPUT_LAYER] = self.tensor(arch.OUTPUT_LAYER, out_spec)
         return out
 
-    def state_dict(self, clone: bool = True) -> dict[str, torch.Tensor]:
-        return assemble_state_dict(self, clone)
-
     def release(self) -> None:
         self._cache.clear()
-
-    def manifest_sha256(self) -> str:
-        return manifest_sha256(self.root)
-
-
-def assemble_state_dict(ckpt, clone: bool = True) -> dict[str, torch.Tensor]:
-    """The whole model of any reader under reference-model names (TP1/PP1), for verify/export.
-    `clone=False` keeps mmap-backed views where the reader has them."""
-    copy = (lambda t: t.clone()) if clone else (lambda t: t)
-    sd = {k: copy(v) for k, v in ckpt.embeddings().items()}
-    for i in range(ckpt.config.num_layers):
-        sd.update({arch.layer_key(i, k): copy(v) for k, v in ckpt.layer(i).items()})
-    head = ckpt.head()
-    if ckpt.config.tied:
-        head.pop(arch.OUTPUT_LAYER)
-    sd.update({k: copy(v) for k, v in head.items()})
-    ckpt.release()
-    return sd
-
-
-def manifest_sha256(root: Path) -> str:
-    """sha256 over (path, size, sha256 of the first MiB) of every file under a checkpoint root."""
-    lines = [file_digest_line(p, root) for p in sorted(root.rglob("*")) if p.is_file()]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _canonical(model: dict) -> dict:
@@ -240,8 +202,8 @@ def open_megatron(path: str | Path) -> MegatronCheckpoint:
                          f"says {config.num_layers}")
     if len(dtypes) > 1:
         raise InputError(f"{iter_dir}: mixed tensor dtypes {sorted(map(str, dtypes))}")
-    ckpt = MegatronCheckpoint(root, iter_dir, iteration, args, config, tp, layout,
-                              dtypes.pop() if dtypes else torch.float32)
+    ckpt = MegatronCheckpoint(root, iteration, args, config, tp, layout, dtypes.pop() if dtypes else torch.float32,
+                              iter_dir)
     _check_shapes(ckpt, shapes)
     return ckpt
 
@@ -311,7 +273,7 @@ def _check_shapes(ckpt: MegatronCheckpoint, shapes: dict[tuple[int, int], dict[s
                     raise InputError(f"{file}: {key}: unexpected tensor for this model config")
 
 
-class MetaCheckpoint:
+class MetaCheckpoint(Checkpoint):
     """A source with a checkpoint's shapes and no data: tensors on the meta device."""
 
     format = "meta"
@@ -319,13 +281,9 @@ class MetaCheckpoint:
     def __init__(self, config: ModelConfig, tp: int = 1, layout: StageLayout | None = None,
                  dtype: torch.dtype = torch.float32, args: argparse.Namespace | None = None,
                  iteration: int | str = "release"):
-        self.config, self.tp, self.dtype, self.iteration = config, tp, dtype, iteration
-        self.layout = layout or StageLayout((config.num_layers,))
-        self.args = args if args is not None else config.to_megatron_args(tp=tp, pp=self.layout.pp)
-
-    @property
-    def pp(self) -> int:
-        return self.layout.pp
+        layout = layout or StageLayout((config.num_layers,))
+        args = args if args is not None else config.to_megatron_args(tp=tp, pp=layout.pp)
+        super().__init__(Path("<meta>"), iteration, args, config, tp, layout, dtype)
 
     def _meta(self, specs) -> dict[str, torch.Tensor]:
         return {s.name: torch.empty(full_shape(self.config, s), dtype=self.dtype, device="meta") for s in specs}
@@ -341,5 +299,3 @@ class MetaCheckpoint:
         out[arch.OUTPUT_LAYER] = self._meta([TensorSpec(arch.OUTPUT_LAYER, "output_layer", 0, arch.VOCAB)])[arch.OUTPUT_LAYER]
         return out
 
-    def release(self) -> None:
-        pass

@@ -44,6 +44,7 @@ def train_deepspeed(op: LigoGrowth, small: dict[str, torch.Tensor], stream: Toke
     import dataclasses
 
     from scalegrow.train import engine as ds
+    from scalegrow.train.loop import train_step
 
     lc = cfg.growth.ligo
     op_cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, lr=lc.lr),
@@ -56,15 +57,7 @@ def train_deepspeed(op: LigoGrowth, small: dict[str, torch.Tensor], stream: Toke
     bar = tqdm(range(lc.steps), desc="ligo", unit="step", disable=not dist.is_main)
     for step in bar:
         lr = operator_lr(step, lc.lr, lc.warmup_steps, lc.steps)
-        ds.set_lr(engine, lr)
-        total = 0.0
-        for micro in range(plan.accumulation):
-            tokens = batch(stream, plan.samples(step, micro, dist.rank)).to(engine.device)
-            loss = engine(tokens[:, :-1], tokens[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
-        losses.append(_mean(total / plan.accumulation))
+        losses.append(train_step(engine, stream, plan, dist, step, lr)[0])
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if writer is not None:
             writer.add_scalar("ligo/loss", losses[-1], step + 1)
@@ -73,16 +66,6 @@ def train_deepspeed(op: LigoGrowth, small: dict[str, torch.Tensor], stream: Toke
         trained = {k: v.detach().cpu().clone() for k, v in op.operator.state_dict().items()}
     op.use_weights(trained)  # a plain (unpartitioned) operator for materialising
     return losses
-
-
-def _mean(value: float) -> float:
-    import torch.distributed as torch_dist
-
-    if not torch_dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch_dist.all_reduce(t)
-    return t.item() / torch_dist.get_world_size()
 
 
 def _gathered(engine, zero_stage: int):

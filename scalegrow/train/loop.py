@@ -116,11 +116,12 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
         log.scalars(0, {"val/loss": history["val_loss"][0]})
     began = time.time()
     while step < cfg.train.steps:
-        loss, seconds = _train_step(engine, data.train, plan, cfg, dist, step)
+        lr = learning_rate(step, cfg.schedule, cfg.train.steps)
+        loss, seconds = train_step(engine, data.train, plan, dist, step, lr)
         step += 1
         tokens = plan.micro_batch_size * plan.accumulation * plan.data_parallel * cfg.data.seq_length
         history["train_loss"][step] = loss
-        log.scalars(step, {"train/loss": loss, "train/lr": learning_rate(step - 1, cfg.schedule, cfg.train.steps),
+        log.scalars(step, {"train/loss": loss, "train/lr": lr,
                            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                            "train/tokens_per_s": tokens / seconds})
         log.advance(loss=loss)
@@ -135,10 +136,12 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
     return finish(cfg, dist, engine, start, data, history, time.time() - began, kind)
 
 
-def _train_step(engine, train: TokenStream, plan: BatchPlan, cfg: RunConfig, dist: ds.Dist,
-                step: int) -> tuple[float, float]:
+def train_step(engine, train: TokenStream, plan: BatchPlan, dist: ds.Dist, step: int,
+               lr: float) -> tuple[float, float]:
+    """One optimizer step over the plan's micro-batches: (loss averaged over micro-steps and ranks,
+    seconds). The engine handles accumulation and applies the optimizer at the boundary."""
     tic = time.perf_counter()
-    ds.set_lr(engine, learning_rate(step, cfg.schedule, cfg.train.steps))
+    ds.set_lr(engine, lr)
     total = 0.0
     for micro in range(plan.accumulation):
         tokens = batch(train, plan.samples(step, micro, dist.rank)).to(engine.device)
