@@ -6,12 +6,17 @@ from scalegrow.growth.base import GrowthOperator
 from scalegrow.growth.identity import Identity
 from scalegrow.growth.lemon import LemonGrowth
 from scalegrow.growth.ligo import LigoGrowth
+from scalegrow.growth.peers import Bert2BertAKI, HyperCloning, LlamaPro, Stack
 from scalegrow.growth.subclone import DropLayers, Subclone
 
 REGISTRY: dict[str, type[GrowthOperator]] = {
     LemonGrowth.name: LemonGrowth,
     Identity.name: Identity,
     LigoGrowth.name: LigoGrowth,
+    Stack.name: Stack,
+    LlamaPro.name: LlamaPro,
+    HyperCloning.name: HyperCloning,
+    Bert2BertAKI.name: Bert2BertAKI,
 }
 
 

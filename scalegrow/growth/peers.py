@@ -1,0 +1,185 @@
+"""Peer growth methods, the baselines of issue 7 (see ../shared/METHODS.md).
+
+- `stack`: StackBERT / progressive stacking (Gong et al., ICML 2019, "Efficient training of BERT by
+  progressively stacking", §3): depth only; target layer j copies source layer j mod L. Not lossless.
+- `llama-pro`: block expansion (Wu et al., ACL 2024, arXiv 2401.02415, §3.1): depth only; after each of
+  P = L'−L even groups of layers, a copy of the group's last layer whose linear_proj and linear_fc2
+  (weights and biases) are zero, an exact identity under pre-LN. Lossless.
+- `hypercloning`: HyperCloning (Samragh et al., arXiv 2409.12903, §3): integer width multiples;
+  every weight W.repeat(n, n)/n, norms repeated (a repeated vector has the same mean and RMS), query
+  groups cloned with their heads, the output layer divided by n and untied. Lossless, symmetric.
+- `bert2bert-aki`: bert2BERT's advanced knowledge initialisation (Chen et al., ACL 2022,
+  arXiv 2110.07143, §3.3): units copied as in function-preserving init (fan-out divided among the
+  copies), but the *new* copies' fan-in rows come from the next layer (the top layer uses itself),
+  which breaks symmetry and is not lossless; depth by stacking as in the paper's two-stage recipe.
+"""
+from __future__ import annotations
+
+import torch
+
+from scalegrow.config import ModelConfig
+from scalegrow.growth.base import GrowthOperator, require_equal, require_not_smaller
+from scalegrow.growth.lemon import LemonGrowth, head_map, qkv_block_map
+from scalegrow.growth.maps import Noise, UnitMap
+
+WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+OUTPUT_PROJECTIONS = ("self_attention.linear_proj.", "mlp.linear_fc2.")
+
+
+class _DepthOnly(GrowthOperator):
+    def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        super().check(src, dst)
+        for key in WIDTH_KEYS + ("kv_channels",):
+            require_equal(src, dst, key, why=f"{self.name} grows depth only")
+        require_not_smaller(src, dst, ("num_layers",))
+
+    def grow_embeddings(self, tensors):
+        return dict(tensors)
+
+    def grow_head(self, tensors):
+        return dict(tensors)
+
+
+class Stack(_DepthOnly):
+    name = "stack"
+
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        return (index % self.src.num_layers,)
+
+    def grow_layer(self, index, sources, specs):
+        layer = sources[index % self.src.num_layers]
+        return {spec.name: layer[spec.name] for spec in specs}
+
+
+class LlamaPro(_DepthOnly):
+    name = "llama-pro"
+    lossless = True
+
+    def setup(self) -> None:
+        n, added = self.src.num_layers, self.dst.num_layers - self.src.num_layers
+        after = [-(-(g + 1) * n // added) - 1 for g in range(added)]  # last layer of each of the P groups
+        self.plan = []  # (source layer, is a new identity block)
+        for i in range(n):
+            self.plan += [(i, False)] + [(i, True)] * after.count(i)
+
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        return (self.plan[index][0],)
+
+    def grow_layer(self, index, sources, specs):
+        src, new = self.plan[index]
+        out = {spec.name: sources[src][spec.name] for spec in specs}
+        if new:
+            out.update({k: torch.zeros_like(v) for k, v in out.items() if k.startswith(OUTPUT_PROJECTIONS)})
+        return out
+
+
+class HyperCloning(LemonGrowth):
+    """LEMON's maps with integer multiples only, an equal split (no noise), no residue (so no norm or
+    eps correction) and an untied output layer divided by n."""
+
+    name = "hypercloning"
+
+    def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        super().check(src, dst.replace(untie_embeddings_and_output_weights=src.untie_embeddings_and_output_weights))
+        require_equal(src, dst, "num_layers", why="HyperCloning grows width only")
+        for key in WIDTH_KEYS:
+            if getattr(dst, key) % getattr(src, key):
+                raise ValueError(f"{key}: target {getattr(dst, key)} is not an integer multiple of source "
+                                 f"{getattr(src, key)} (HyperCloning clones whole copies)")
+        if not dst.untie_embeddings_and_output_weights and dst.hidden_size != src.hidden_size:
+            raise ValueError("untie_embeddings_and_output_weights: HyperCloning unties the output layer "
+                             "(it is divided by n); set it to true")
+
+    def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
+        if src.tied and dst.hidden_size != src.hidden_size:
+            dst = dst.replace(untie_embeddings_and_output_weights=True)
+        self.check(src, dst)
+        return dst  # no residue: variance ratio s = 1, norms and eps unchanged
+
+    def setup(self) -> None:
+        super().setup()
+        self.std = 0.0  # W/n exactly: clones stay identical until training moves them
+
+    def grow_head(self, tensors):
+        out = {}
+        for name, t in tensors.items():
+            t = t.float()
+            if "final_layernorm" in name:
+                out[name] = self.stream.expand(t, 0)  # repeated: same mean and RMS
+            else:  # output layer, untied: [E or W] repeated over the copies / n
+                out[name] = self.stream.split_fanin(t, 1, self._noise("output_layer"))
+        return out
+
+    def _norm_weight(self, gamma):
+        return self.stream.expand(gamma, 0)
+
+
+class Bert2BertAKI(GrowthOperator):
+    name = "bert2bert-aki"
+
+    def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        super().check(src, dst)
+        require_equal(src, dst, "kv_channels", why="heads are copied whole")
+        require_not_smaller(src, dst, ("num_layers",) + WIDTH_KEYS)
+        if dst.heads_per_group < src.heads_per_group:
+            raise ValueError("num_query_groups: every source head needs a copy")
+
+    def setup(self) -> None:
+        s, d = self.src, self.dst
+        self.hidden = UnitMap.circular(s.hidden_size, d.hidden_size)
+        self.blocks, self.heads = qkv_block_map(s, d), head_map(s, d)
+        self.neurons = UnitMap.circular(s.ffn_hidden_size, d.ffn_hidden_size)
+        self.equal = Noise(self.seed, torch.Generator(), 0.0)  # FPI: fan-out divided equally
+
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        i = index % self.src.num_layers
+        return (i, min(i + 1, self.src.num_layers - 1))
+
+    def grow_embeddings(self, tensors):
+        return {k: self.hidden.expand(v.float(), 1) for k, v in tensors.items()}
+
+    def grow_head(self, tensors):
+        out = {}
+        for name, t in tensors.items():
+            t = t.float()
+            if "final_layernorm" in name:
+                out[name] = self.hidden.expand(t, 0)
+            elif self.src.tied:
+                out[name] = self.hidden.expand(t, 1)
+            else:
+                out[name] = self.hidden.split_fanin(t, 1, self.equal)
+        return out
+
+    def grow_layer(self, index, sources, specs):
+        here, nxt = (sources[i] for i in self.layer_sources(index))
+        return {spec.name: self._grow(spec.role, here[spec.name].float(), nxt[spec.name].float())
+                for spec in specs}
+
+    def _aki(self, units: UnitMap, here: torch.Tensor, nxt: torch.Tensor, dim: int) -> torch.Tensor:
+        """Copies of each unit: the first from this layer, the later ones from the next layer."""
+        seen, new = set(), []
+        for u in units.index.tolist():
+            new.append(u in seen)
+            seen.add(u)
+        is_new = torch.tensor(new).view(-1, *[1] * (here.dim() - 1))
+        first, later = units.expand(here, dim).movedim(dim, 0), units.expand(nxt, dim).movedim(dim, 0)
+        return torch.where(is_new, later, first).movedim(0, dim)
+
+    def _grow(self, role: str, t: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        s, hn = self.src, self.src.kv_channels
+        if role in ("norm_weight", "norm_bias", "out_bias"):
+            return self.hidden.expand(t, 0)
+        if role in ("qkv_weight", "qkv_bias"):
+            blocks = [x.reshape(self.blocks.n_src, hn, *x.shape[1:]) for x in (t, nxt)]
+            rows = self._aki(self.blocks, blocks[0], blocks[1], 0).flatten(0, 1)
+            return self.hidden.split_fanin(rows, 1, self.equal) if role == "qkv_weight" else rows
+        if role == "proj_weight":
+            heads = self.hidden.expand(t, 0).reshape(-1, self.heads.n_src, hn)
+            return self.heads.split_fanin(heads, 1, self.equal).flatten(1)
+        if role in ("fc1_weight", "fc1_bias"):
+            halves = [x.reshape(2 if s.swiglu else 1, self.neurons.n_src, *x.shape[1:]) for x in (t, nxt)]
+            rows = self._aki(self.neurons, halves[0], halves[1], 1).flatten(0, 1)
+            return self.hidden.split_fanin(rows, 1, self.equal) if role == "fc1_weight" else rows
+        if role == "fc2_weight":
+            return self.neurons.split_fanin(self.hidden.expand(t, 0), 1, self.equal)
+        raise AssertionError(f"bert2bert-aki has no rule for role {role!r}")
