@@ -40,12 +40,6 @@ class MegatronWriter:
         self._specs: dict[str, TensorSpec] = {}
         self._queue = WriteQueue()
 
-    def stage_of(self, key: str) -> int:
-        parsed = arch.split_layer_key(key)
-        if parsed is not None:
-            return self.layout.locate(parsed[0])[0]
-        return 0 if key.startswith("embedding.") else self.layout.pp - 1
-
     def file_path(self, tp_rank: int, stage: int) -> Path:
         return (self.out_dir / iteration_dir_name(self.iteration) / rank_dir_name(tp_rank, stage, self.layout.pp)
                 / FILE_NAME)

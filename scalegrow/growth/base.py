@@ -36,7 +36,6 @@ class GrowthOperator:
     """Subclasses set `name` and implement the `grow_*` methods; `setup` precomputes maps."""
 
     name = ""
-    lossless = False
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0):
         self.src = src

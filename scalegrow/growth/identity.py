@@ -10,7 +10,6 @@ from scalegrow.growth.base import GrowthOperator, require_equal
 
 class Identity(GrowthOperator):
     name = "identity"
-    lossless = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         for key in src.to_dict():

@@ -62,7 +62,6 @@ def head_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
 
 class LemonGrowth(GrowthOperator):
     name = "lemon"
-    lossless = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)

@@ -53,7 +53,6 @@ class Stack(_DepthOnly):
 
 class LlamaPro(_DepthOnly):
     name = "llama-pro"
-    lossless = True
 
     def setup(self) -> None:
         n, added = self.src.num_layers, self.dst.num_layers - self.src.num_layers
