@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -132,13 +133,14 @@ class ModelConfig:
     def from_dict(cls, data: Mapping[str, Any], base: "ModelConfig | None" = None) -> "ModelConfig":
         """Build from Megatron-named keys; keys left out keep `base`'s value. Unknown keys raise."""
         known = {f.name: f for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
         for key in data:
             if key not in known:
                 raise ValueError(f"{key}: unknown model config key (known: {', '.join(sorted(known))})")
         values = base.to_dict() if base is not None else {}
         if base is not None:
             _drop_derived(values, base, data)
-        values.update({k: _coerce(k, v, known[k].type) for k, v in data.items()})
+        values.update({k: coerce(hints[k], v, k) for k, v in data.items()})
         try:
             return cls(**values)
         except TypeError as exc:  # a required key is missing
@@ -234,25 +236,37 @@ def _drop_derived(values: dict[str, Any], base: ModelConfig, overrides: Mapping[
         values["num_query_groups"] = None
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    text = str(annotation)
-    if "bool" in text:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true/false, got {value!r}")
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check (and normalise) a YAML value against a type hint; errors name the key.
+
+    Used by ModelConfig and the run configs. `None` passes (validation decides whether it may);
+    PyYAML reads `1e-3` (no dot) as a string, so numeric strings are accepted as floats.
+    """
+    if hint is Any or value is None:
         return value
-    if "int" in text and "float" not in text:
-        if value is None and "None" in text:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if "float" in text:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if "str" in text and not isinstance(value, str):
-        raise ValueError(f"{key}: expected a string, got {value!r}")
-    return value
+    args = typing.get_args(hint)
+    target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+    elif target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif target is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif target is dict:
+        if isinstance(value, dict):
+            return value
+    raise InputError(f"{where}: expected {getattr(target, '__name__', target)}, got {value!r}")
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from scalegrow.config import ModelConfig, load_yaml_mapping
+from scalegrow.config import ModelConfig, coerce, load_yaml_mapping
 from scalegrow.errors import InputError
 
 
@@ -155,31 +155,7 @@ def _join(where: str, key: str) -> str:
 def _coerce(hint, value, where: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value or {}, where)
-    if hint is Any or value is None:
-        return value
-    args = typing.get_args(hint)
-    target = next((a for a in args if a is not type(None)), hint) if args else hint
-    if target is bool:
-        if isinstance(value, bool):
-            return value
-    elif target is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif target is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif target is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif target is dict:
-        if isinstance(value, dict):
-            return value
-    raise InputError(f"{where}: expected {getattr(target, '__name__', target)}, got {value!r}")
+    return coerce(hint, value, where)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
