@@ -19,9 +19,23 @@ def entries(text: str):
             yield joined
 
 
+def decode(raw: bytes) -> str:
+    """UTF-8, except for the few lines in Windows-1252 (e.g. 0x92 for a right quote)."""
+    return "\n".join(_line(line) for line in raw.split(b"\n"))
+
+
+def _line(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("cp1252", errors="replace")
+
+
 def main() -> None:
-    for entry in entries(sys.stdin.read()):
-        sys.stdout.write(entry + "\n\n")
+    out = open(sys.stdout.fileno(), "w", encoding="utf-8", closefd=False)
+    for entry in entries(decode(sys.stdin.buffer.read())):
+        out.write(entry + "\n\n")
+    out.flush()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""The growth-savings benchmark (issue 7): its arithmetic on hand-made curves, the corpus cleaner, and
+its --quick mode end to end (a smoke test: the pipeline runs and reports every method; the savings
+themselves are measured in docs/RESULTS.md, not asserted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scalegrow.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+sys.path.insert(0, str(ROOT / "tools"))
+import savings_report as report  # noqa: E402
+
+
+def test_steps_to_interpolates_between_evaluations():
+    val = {0: 6.0, 10: 5.0, 20: 4.0, 30: 3.5}
+    assert report.steps_to(val, 4.5) == pytest.approx(15.0)
+    assert report.steps_to(val, 6.5) == 0.0
+    assert report.steps_to(val, 3.5) == 30.0
+    assert report.steps_to(val, 3.0) is None
+    assert report.steps_to({"0": 5.0, "10": 4.0}, 4.0) == 10.0  # JSON keys are strings
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                      padded_vocab_size=256, max_position_embeddings=128, normalization="RMSNorm",
+                      swiglu=False, position_embedding_type="rope", untie_embeddings_and_output_weights=True,
+                      add_bias_linear=False)
+    layer = 64 * 192 + 64 * 64 + 2 * 64 * 128 + 2 * 64  # qkv, proj, fc1 + fc2, two norms
+    matmul = 2 * layer + 64 + 256 * 64  # layers, final norm, output layer (the embedding is a lookup)
+    assert report.flops_per_token(cfg, 32) == 6 * matmul + 6 * 2 * 32 * 64
+    tied = cfg.replace(untie_embeddings_and_output_weights=False)
+    assert report.flops_per_token(tied, 32) == report.flops_per_token(cfg, 32)  # the same matmuls
+
+
+def test_growth_rows_count_operator_steps_and_small_pretraining():
+    runs = {"scratch": {"val": {0: 8.0, 50: 5.0, 100: 4.0}, "seconds": 1},
+            "grown": {"val": {0: 5.0, 50: 4.0, 100: 3.5}, "seconds": 1},
+            "ligo": {"val": {0: 4.5, 50: 4.0, 100: 3.9}, "seconds": 1},
+            "never": {"val": {0: 5.0, 100: 4.5}, "seconds": 1}}
+    rows = {r["method"]: r for r in report.growth_rows(runs, {"ligo": 10}, tokens_per_step=100,
+                                                      large_flops=1.0, small_flops_total=2000.0)}
+    assert rows["scratch"]["saved"] == 0.0
+    assert rows["grown"]["steps_to_target"] == 50.0 and rows["grown"]["saved"] == pytest.approx(0.5)
+    assert rows["grown"]["saved_with_small"] == pytest.approx(1 - (50 * 100 + 2000) / (100 * 100))
+    assert rows["ligo"]["saved"] == pytest.approx(1 - 60 / 100)
+    assert rows["never"]["steps_to_target"] is None and "saved" not in rows["never"]
+
+
+def test_shrink_rows_measure_random_init_steps_to_each_final_loss():
+    runs = {"random": {"val": {0: 8.0, 100: 5.0, 200: 4.0, 400: 3.0}},
+            "subclone": {"val": {0: 4.5, 50: 3.5, 100: 3.0}},
+            "better": {"val": {0: 3.0, 100: 2.5}}}
+    rows = {r["method"]: r for r in report.shrink_rows(runs)}
+    assert rows["random"]["speedup"] == 1.0
+    assert rows["subclone"]["random_steps_to_final"] == 400.0 and rows["subclone"]["speedup"] == 4.0
+    assert rows["better"]["speedup"] is None and rows["better"]["speedup_at_least"] == 4.0
+
+
+def test_gcide_cleaner_reads_windows_1252_lines():
+    import clean_gcide
+
+    text = clean_gcide.decode("caf\u00e9 ok\nthe market\x92s drop".encode("utf-8").replace(b"\xc2\x92", b"\x92"))
+    assert text == "caf\u00e9 ok\nthe market\u2019s drop"
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_method(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "growth_savings.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    methods = {"scratch", "lemon", "ligo", "bert2bert-aki", "hypercloning+stack", "hypercloning+llama-pro"}
+    assert {r["method"] for r in summary["growth"][0]} == methods
+    assert {r["method"] for r in summary["shrink"][0]} == {"random", "subclone", "drop-layers", "subclone-lr0.25"}
+    assert summary["large"]["params_ratio"] >= 4.0
+    for row in summary["growth"][0]:  # every run trained and was evaluated at its start and end
+        assert row["final_val"] < row["start_val"]
+    for plot in summary["plots"]:
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
