@@ -113,7 +113,7 @@ def plot(curves: dict[str, dict[str, dict]], x_scale: dict[str, float], target: 
                     alpha=0.9 if j == 0 else 0.45, lw=1.6 if method in ("scratch", "random") else 1.2,
                     label=method if j == 0 else None)
     if target is not None:
-        ax.axhline(target, color="black", ls="--", lw=0.8, label="target (baseline's final)")
+        ax.axhline(target, color="black", ls="--", lw=0.8, label="target: the baseline's final (first seed)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
