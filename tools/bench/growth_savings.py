@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import savings_report as report  # noqa: E402
 
+from scalegrow.checkpoint.sharding import padded_vocab_size  # noqa: E402
 from scalegrow.config import ModelConfig  # noqa: E402
 from scalegrow.model import GPT, init_weights  # noqa: E402
 from scalegrow.pipeline import CalibOptions, LigoOptions, grow, load_model, save_model, shrink  # noqa: E402
@@ -75,7 +75,6 @@ class Budget:
     warmup_fraction: float = 0.05
     calib_tokens: int = 16384
     threads: int = 2
-    extra: dict = field(default_factory=dict)
 
 
 FULL = Budget(small=dict(num_layers=4, hidden_size=96, ffn_hidden_size=256, num_attention_heads=4,
@@ -94,12 +93,22 @@ QUICK = Budget(small=dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_
 
 
 def model_config(shape: dict, b: Budget, vocab: int) -> ModelConfig:
-    return ModelConfig(**shape, **FAMILY, padded_vocab_size=vocab, vocab_size=vocab,
+    """`vocab`: the tokenizer's size, padded by Megatron's rule."""
+    return ModelConfig(**shape, **FAMILY, padded_vocab_size=padded_vocab_size(vocab, 128, 1), vocab_size=vocab,
                        max_position_embeddings=max(256, b.seq_length))
 
 
 # ---- data --------------------------------------------------------------------------------------------
-def prepare_data(out: Path, corpus: Path, b: Budget) -> tuple[TokenStream, TokenStream, Path, int]:
+@dataclass
+class Data:
+    train: TokenStream
+    valid: TokenStream
+    prefix: Path  # the indexed dataset (`{prefix}_{train,valid}`), for LiGO and calibration
+    tokenizer: Path
+    vocab_size: int
+
+
+def prepare_data(out: Path, corpus: Path, b: Budget) -> Data:
     """A sentencepiece tokenizer and indexed train/valid splits of the first `corpus_bytes` of text."""
     prefix, done = out / "data" / "corpus", out / "data" / "done"
     if not done.is_file():
@@ -109,7 +118,7 @@ def prepare_data(out: Path, corpus: Path, b: Budget) -> tuple[TokenStream, Token
         done.write_text(json.dumps(counts))
     tok = out / "data" / "tokenizer.model"
     train, valid = (TokenStream(f"{prefix}_{s}", b.seq_length) for s in ("train", "valid"))
-    return train, valid, tok, load_tokenizer(tok).get_piece_size()
+    return Data(train, valid, prefix, tok, load_tokenizer(tok).get_piece_size())
 
 
 def _first_bytes(docs, limit: int):
@@ -122,10 +131,10 @@ def _first_bytes(docs, limit: int):
 
 
 # ---- training ----------------------------------------------------------------------------------------
-def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data, b: Budget, seed: int,
+def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data: Data, b: Budget, seed: int,
           desc: str) -> tuple[dict, GPT]:
     """AdamW with DeepSpeed's CPU settings; val loss at step 0, every eval_interval and at the end."""
-    train_stream, valid = data
+    train_stream, valid = data.train, data.valid
     model = GPT(cfg)
     if state is None:
         init_weights(model, seed)
@@ -166,11 +175,11 @@ def evaluate(model: GPT, valid: TokenStream, b: Budget) -> float:
 class Seed:
     """Every run of one seed, cached as runs/seed{seed}/{name}.json under `out`."""
 
-    def __init__(self, out: Path, seed: int, b: Budget, data, tokenizer: Path, vocab: int):
-        self.out, self.seed, self.b, self.data, self.tokenizer = out, seed, b, data, tokenizer
+    def __init__(self, out: Path, seed: int, b: Budget, data: Data):
+        self.seed, self.b, self.data, self.tokenizer = seed, b, data, data.tokenizer
         self.runs, self.ckpt = out / "runs" / f"seed{seed}", out / "ckpt" / f"seed{seed}"
-        self.small = model_config(b.small, b, vocab)
-        self.large = model_config(b.large, b, vocab)
+        self.small = model_config(b.small, b, data.vocab_size)
+        self.large = model_config(b.large, b, data.vocab_size)
 
     def cached(self, name: str, make) -> dict:
         path = self.runs / f"{name}.json"
@@ -202,13 +211,12 @@ class Seed:
     def grown(self, method: str) -> dict:
         def make():
             src, ops, extra = self.ckpt / "small", GROWTH[method], {}
+            ligo = LigoOptions(steps=self.b.ligo_steps, data=str(self.data.prefix), tokenizer=str(self.tokenizer),
+                               seq_length=self.b.seq_length, micro_batch_size=self.b.micro_batch_size)
             for k, op in enumerate(ops):
                 last = k == len(ops) - 1
                 cfg = self.large if last else self.large.replace(num_layers=self.small.num_layers)
                 dst = self.ckpt / (method if last else f"{method}.{k}")
-                ligo = LigoOptions(steps=self.b.ligo_steps, data=str(self.ckpt.parents[1] / "data" / "corpus"),
-                                   tokenizer=str(self.tokenizer), seq_length=self.b.seq_length,
-                                   micro_batch_size=self.b.micro_batch_size)
                 grow(src, dst, op, self.target_yaml(cfg, f"{method}.{k}"), seed=self.seed, overwrite=True,
                      progress=False, ligo=ligo)
                 extra.update(json.loads((dst / "scalegrow.json").read_text()).get("ligo", {}))
@@ -227,7 +235,7 @@ class Seed:
         def make():
             dst = self.ckpt / f"shrunk-{method}"
             if not (dst / "scalegrow.json").is_file():
-                calib = CalibOptions(data=str(self.ckpt.parents[1] / "data" / "corpus"), tokens=self.b.calib_tokens,
+                calib = CalibOptions(data=str(self.data.prefix), tokens=self.b.calib_tokens,
                                      tokenizer=str(self.tokenizer), seq_length=self.b.seq_length)
                 shrink(self.ckpt / "scratch", dst, method, self.target_yaml(self.small, "shrunk"), calib=calib,
                        overwrite=True, progress=False)
@@ -303,10 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(b.threads)
     if not args.corpus.is_file():
         subprocess.run(["bash", str(ROOT / "tools" / "get_corpus.sh"), str(args.corpus)], check=True)
-    train_s, valid_s, tok, vocab = prepare_data(out, args.corpus, b)
+    data = prepare_data(out, args.corpus, b)
     results = {}
     for seed in args.seeds:
-        run = Seed(out, seed, b, (train_s, valid_s), tok, math.ceil(vocab / 128) * 128)
+        run = Seed(out, seed, b, data)
         results[seed] = run.run_all()
     summary = summarise(results, b, run.small, run.large)
     summary["plots"] = [str(p) for p in plots(results, summary, b, out)]

@@ -54,11 +54,10 @@ def growth_rows(runs: dict[str, dict], extra_steps: dict[str, int], tokens_per_s
                "steps_to_target": reach, "extra_steps": extra, "seconds": run["seconds"]}
         if reach is not None:
             flops = (reach + extra) * tokens_per_step * large_flops
+            small = small_flops_total if name != "scratch" else 0.0
             row["flops_to_target"] = flops
             row["saved"] = 1.0 - (reach + extra) / base
-            row["saved_with_small"] = 1.0 - ((reach + extra) * tokens_per_step * large_flops
-                                             + (small_flops_total if name != "scratch" else 0.0)) / (
-                base * tokens_per_step * large_flops)
+            row["saved_with_small"] = 1.0 - (flops + small) / (base * tokens_per_step * large_flops)
         rows.append(row)
     return rows
 
@@ -124,18 +123,6 @@ def plot(curves: dict[str, dict[str, dict]], x_scale: dict[str, float], target: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """A markdown table: columns are (header, key, format)."""
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for _, key, fmt in columns:
-            value = row.get(key)
-            cells.append("—" if value is None else format(value, fmt) if fmt else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def write_json(path: Path, data) -> None:
