@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a preprocessed .bin/.idx prefix, or 'embedded')")
     k.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens")
     k.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the source's)")
-    k.add_argument("--no-rescale", action="store_true", help="do not rescale norms after narrowing")
+    k.add_argument("--no-rescale", action="store_true",
+                   help="do not rescale the kept MLP outputs (linear_fc2) after dropping neurons")
     _layout_args(k)
 
     e = sub.add_parser("eval", help="held-out next-token loss of a checkpoint")

@@ -51,10 +51,7 @@ class CalibrationStats:
 def calibrate(reader, cfg: ModelConfig, tokens: torch.Tensor) -> CalibrationStats:
     """Run `tokens` [b, s] through the checkpoint `reader` layer by layer, collecting statistics."""
     stats = CalibrationStats(tokens=tokens.numel())
-    embedding = Embedding(cfg)
-    embedding.load_state_dict({k.removeprefix("embedding."): v.float() for k, v in reader.embeddings().items()})
-    x = embedding(tokens)
-    freqs = rotary_freqs(cfg, tokens.shape[1]) if cfg.position_embedding_type == "rope" else None
+    x, freqs = _embed(reader, cfg, tokens)
     layer = TransformerLayer(cfg)
     for i in range(cfg.num_layers):
         layer.load_state_dict({k: v.float() for k, v in reader.layer(i).items()})
@@ -62,6 +59,14 @@ def calibrate(reader, cfg: ModelConfig, tokens: torch.Tensor) -> CalibrationStat
     stats.final_norm = NormSite.of(x)
     reader.release()
     return stats
+
+
+def _embed(reader, cfg: ModelConfig, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual stream entering layer 0 [b, s, h], and the rotary table (None without rope)."""
+    embedding = Embedding(cfg)
+    embedding.load_state_dict({k.removeprefix("embedding."): v.float() for k, v in reader.embeddings().items()})
+    freqs = rotary_freqs(cfg, tokens.shape[1]) if cfg.position_embedding_type == "rope" else None
+    return embedding(tokens), freqs
 
 
 def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, stats: CalibrationStats) -> torch.Tensor:
@@ -83,10 +88,7 @@ def mlp_output_scales(reader, cfg: ModelConfig, tokens: torch.Tensor, op) -> dic
     """Second pass for subcloning's rescale: for every kept block, the least-squares scalar that best
     maps the MLP without its dropped neurons onto the full MLP, both fed the same stream. One layer at
     a time, like `calibrate`."""
-    embedding = Embedding(cfg)
-    embedding.load_state_dict({k.removeprefix("embedding."): v.float() for k, v in reader.embeddings().items()})
-    x = embedding(tokens)
-    freqs = rotary_freqs(cfg, tokens.shape[1]) if cfg.position_embedding_type == "rope" else None
+    x, freqs = _embed(reader, cfg, tokens)
     big = TransformerLayer(cfg)
     scales = {}
     for i in range(cfg.num_layers):
