@@ -1,7 +1,7 @@
 """Pretrain from scratch with DeepSpeed ZeRO: `deepspeed launch/pretrain.py --config configs/runs/X.yaml [k=v ...]`"""
 import sys
 
-from scalegrow.train import main
+from scalegrow.train.launch import main
 
 if __name__ == "__main__":
     sys.exit(main("pretrain"))

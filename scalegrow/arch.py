@@ -1,17 +1,44 @@
-"""Tensor specs: every weight of a megatron-core GPT, its role, TP split axis and fused layout.
+"""The model family record: every weight of a megatron-core GPT, its role, full shape, TP split axis
+and packing.
 
-Names are data here (mergekit style). Checkpoint code shards by `tp_axis` and `layout`; growth
-operators dispatch on `role`. Layer names are relative to `decoder.layers.{i}.`.
+Names are data here (mergekit style). Checkpoint formats shard by `tp_axis` and `packing`; operators
+dispatch on `role`; `full_shape` is the one table of unsharded shapes. Layer names are relative to
+`decoder.layers.{i}.`. A family lists its tensors per *layer type*, so a new kind of layer (say MoE
+experts) is a new record and new operator rules, not edits across the package.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from scalegrow.config import ModelConfig
 
 LAYER_PREFIX = "decoder.layers."
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
 
-# layouts
+
+class Role:
+    """What a tensor is, for operators and for the shape table."""
+
+    NORM_WEIGHT = "norm_weight"  # input_layernorm / pre_mlp_layernorm γ
+    NORM_BIAS = "norm_bias"
+    OUT_BIAS = "out_bias"  # linear_proj / linear_fc2 bias: writes the residual stream
+    QKV_WEIGHT = "qkv_weight"
+    QKV_BIAS = "qkv_bias"
+    PROJ_WEIGHT = "proj_weight"
+    FC1_WEIGHT = "fc1_weight"
+    FC1_BIAS = "fc1_bias"
+    FC2_WEIGHT = "fc2_weight"
+    WORD_EMBEDDINGS = "word_embeddings"
+    POSITION_EMBEDDINGS = "position_embeddings"
+    FINAL_NORM_WEIGHT = "final_norm_weight"
+    FINAL_NORM_BIAS = "final_norm_bias"
+    OUTPUT_LAYER = "output_layer"
+
+
+# How a tensor's rows are packed, which decides how TP splits them.
 PLAIN = "plain"  # split/concat along tp_axis
 QKV = "qkv"  # rows [ng, (np/ng + 2), hn]: each TP rank holds ng/TP whole groups (a plain row split)
 SWIGLU = "swiglu"  # fc1 rows [gate; up]: each TP rank holds [gate_r; up_r]
@@ -21,71 +48,129 @@ VOCAB = "vocab"  # rows are (padded) vocabulary entries, split along rows
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    role: str  # what the tensor is, for growth operators
+    role: str  # a `Role`
     tp_axis: int | None  # None: replicated on every TP rank
-    layout: str = PLAIN
+    packing: str = PLAIN
 
 
-def layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """The tensors of one transformer layer, in megatron-core's state-dict order."""
-    swiglu = SWIGLU if cfg.swiglu else PLAIN
-    specs = [TensorSpec("input_layernorm.weight", "norm_weight", None)]
+FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
+    Role.NORM_WEIGHT: lambda c: (c.hidden_size,),
+    Role.NORM_BIAS: lambda c: (c.hidden_size,),
+    Role.OUT_BIAS: lambda c: (c.hidden_size,),
+    Role.QKV_WEIGHT: lambda c: (c.qkv_rows, c.hidden_size),
+    Role.QKV_BIAS: lambda c: (c.qkv_rows,),
+    Role.PROJ_WEIGHT: lambda c: (c.hidden_size, c.num_attention_heads * c.kv_channels),
+    Role.FC1_WEIGHT: lambda c: (c.fc1_rows, c.hidden_size),
+    Role.FC1_BIAS: lambda c: (c.fc1_rows,),
+    Role.FC2_WEIGHT: lambda c: (c.hidden_size, c.ffn_hidden_size),
+    Role.WORD_EMBEDDINGS: lambda c: (c.padded_vocab_size, c.hidden_size),
+    Role.POSITION_EMBEDDINGS: lambda c: (c.max_position_embeddings, c.hidden_size),
+    Role.FINAL_NORM_WEIGHT: lambda c: (c.hidden_size,),
+    Role.FINAL_NORM_BIAS: lambda c: (c.hidden_size,),
+    Role.OUTPUT_LAYER: lambda c: (c.padded_vocab_size, c.hidden_size),
+}
+
+
+def full_shape(cfg: ModelConfig, spec: TensorSpec) -> tuple[int, ...]:
+    """The unsharded shape of a tensor under `cfg` (the reference model's parameter shape)."""
+    return FULL_SHAPES[spec.role](cfg)
+
+
+# ---- the dense GPT family --------------------------------------------------------------------------
+def dense_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """The tensors of one dense transformer layer, in megatron-core's state-dict order."""
+    fc1 = SWIGLU if cfg.swiglu else PLAIN
+    specs = [TensorSpec("input_layernorm.weight", Role.NORM_WEIGHT, None)]
     if cfg.has_norm_bias:
-        specs.append(TensorSpec("input_layernorm.bias", "norm_bias", None))
-    specs.append(TensorSpec("self_attention.linear_proj.weight", "proj_weight", 1))
+        specs.append(TensorSpec("input_layernorm.bias", Role.NORM_BIAS, None))
+    specs.append(TensorSpec("self_attention.linear_proj.weight", Role.PROJ_WEIGHT, 1))
     if cfg.has_linear_bias:
-        specs.append(TensorSpec("self_attention.linear_proj.bias", "out_bias", None))
-    specs.append(TensorSpec("self_attention.linear_qkv.weight", "qkv_weight", 0, QKV))
+        specs.append(TensorSpec("self_attention.linear_proj.bias", Role.OUT_BIAS, None))
+    specs.append(TensorSpec("self_attention.linear_qkv.weight", Role.QKV_WEIGHT, 0, QKV))
     if cfg.has_qkv_bias:
-        specs.append(TensorSpec("self_attention.linear_qkv.bias", "qkv_bias", 0, QKV))
-    specs.append(TensorSpec("pre_mlp_layernorm.weight", "norm_weight", None))
+        specs.append(TensorSpec("self_attention.linear_qkv.bias", Role.QKV_BIAS, 0, QKV))
+    specs.append(TensorSpec("pre_mlp_layernorm.weight", Role.NORM_WEIGHT, None))
     if cfg.has_norm_bias:
-        specs.append(TensorSpec("pre_mlp_layernorm.bias", "norm_bias", None))
-    specs.append(TensorSpec("mlp.linear_fc1.weight", "fc1_weight", 0, swiglu))
+        specs.append(TensorSpec("pre_mlp_layernorm.bias", Role.NORM_BIAS, None))
+    specs.append(TensorSpec("mlp.linear_fc1.weight", Role.FC1_WEIGHT, 0, fc1))
     if cfg.has_linear_bias:
-        specs.append(TensorSpec("mlp.linear_fc1.bias", "fc1_bias", 0, swiglu))
-    specs.append(TensorSpec("mlp.linear_fc2.weight", "fc2_weight", 1))
+        specs.append(TensorSpec("mlp.linear_fc1.bias", Role.FC1_BIAS, 0, fc1))
+    specs.append(TensorSpec("mlp.linear_fc2.weight", Role.FC2_WEIGHT, 1))
     if cfg.has_linear_bias:
-        specs.append(TensorSpec("mlp.linear_fc2.bias", "out_bias", None))
+        specs.append(TensorSpec("mlp.linear_fc2.bias", Role.OUT_BIAS, None))
     return specs
 
 
-# Modules whose `_extra_state` megatron-core's local spec puts in every state dict.
-LAYER_EXTRA_STATE = ("self_attention.linear_proj._extra_state", "self_attention.linear_qkv._extra_state",
-                     "mlp.linear_fc1._extra_state", "mlp.linear_fc2._extra_state")
-OUTPUT_EXTRA_STATE = "output_layer._extra_state"
+def gpt_embedding_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    specs = [TensorSpec(WORD_EMBEDDINGS, Role.WORD_EMBEDDINGS, 0, VOCAB)]
+    if cfg.position_embedding_type == "learned_absolute":
+        specs.append(TensorSpec(POSITION_EMBEDDINGS, Role.POSITION_EMBEDDINGS, None))
+    return specs
 
-# Transformer-Engine spec spellings of the same tensors (the norm fused into the next linear).
-TE_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
 
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
-POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
-OUTPUT_LAYER = "output_layer.weight"
+OUTPUT_SPEC = TensorSpec(OUTPUT_LAYER, Role.OUTPUT_LAYER, 0, VOCAB)
+
+
+def gpt_final_norm_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    specs = [TensorSpec("decoder.final_layernorm.weight", Role.FINAL_NORM_WEIGHT, None)]
+    if cfg.has_norm_bias:
+        specs.append(TensorSpec("decoder.final_layernorm.bias", Role.FINAL_NORM_BIAS, None))
+    return specs
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its embedding, per-layer-type and final-norm tensors, and which type each
+    layer is. The output layer is always `OUTPUT_SPEC`; a tied model shares it with the embeddings."""
+
+    name: str
+    embedding: Callable[[ModelConfig], list[TensorSpec]]
+    layer_types: dict[str, Callable[[ModelConfig], list[TensorSpec]]]
+    layer_type: Callable[[ModelConfig, int], str]
+    final_norm: Callable[[ModelConfig], list[TensorSpec]]
+
+
+GPT = Family("gpt", gpt_embedding_specs, {"dense": dense_layer_specs}, lambda cfg, index: "dense",
+             gpt_final_norm_specs)
+
+
+def family(cfg: ModelConfig) -> Family:
+    """The family `cfg` belongs to (every config is a dense GPT today)."""
+    return GPT
 
 
 def embedding_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    specs = [TensorSpec(WORD_EMBEDDINGS, "word_embeddings", 0, VOCAB)]
-    if cfg.position_embedding_type == "learned_absolute":
-        specs.append(TensorSpec(POSITION_EMBEDDINGS, "position_embeddings", None))
-    return specs
+    return family(cfg).embedding(cfg)
 
 
-def head_specs(cfg: ModelConfig, pp: int = 1) -> list[TensorSpec]:
-    """Final norm and output layer. Tied models store `output_layer.weight` only when PP > 1,
-    where the last stage keeps its own copy of the word embeddings (DESIGN §4)."""
-    specs = [TensorSpec("decoder.final_layernorm.weight", "final_norm_weight", None)]
-    if cfg.has_norm_bias:
-        specs.append(TensorSpec("decoder.final_layernorm.bias", "final_norm_bias", None))
-    if cfg.untie_embeddings_and_output_weights or pp > 1:
-        specs.append(TensorSpec(OUTPUT_LAYER, "output_layer", 0, VOCAB))
-    return specs
+def layer_specs(cfg: ModelConfig, index: int) -> list[TensorSpec]:
+    """The tensors of layer `index`, by its layer type."""
+    fam = family(cfg)
+    return fam.layer_types[fam.layer_type(cfg, index)](cfg)
 
 
+def final_norm_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    return family(cfg).final_norm(cfg)
+
+
+def head_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """Final norm and output layer: what operators map and formats receive, tied or not."""
+    return final_norm_specs(cfg) + [OUTPUT_SPEC]
+
+
+def model_specs(cfg: ModelConfig) -> list[tuple[str, TensorSpec]]:
+    """(key, spec) of every tensor of the reference model's state dict (TP1/PP1), in order.
+    A tied model has no `output_layer.weight` of its own."""
+    out = [(s.name, s) for s in embedding_specs(cfg)]
+    for i in range(cfg.num_layers):
+        out += [(layer_key(i, s.name), s) for s in layer_specs(cfg, i)]
+    out += [(s.name, s) for s in final_norm_specs(cfg)]
+    if not cfg.tied:
+        out.append((OUTPUT_LAYER, OUTPUT_SPEC))
+    return out
+
+
+# ---- keys ------------------------------------------------------------------------------------------
 def layer_key(index: int, name: str) -> str:
     return f"{LAYER_PREFIX}{index}.{name}"
 
@@ -98,5 +183,21 @@ def split_layer_key(key: str) -> tuple[int, str] | None:
     return (int(index), name) if index.isdigit() else None
 
 
+# Transformer-Engine spec spellings of the same tensors (the norm fused into the next linear).
+TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+TE_NAMES = {local: te for te, local in TE_ALIASES.items()}  # local-spec name -> TE spelling
+
+
 def canonical_layer_name(name: str) -> str:
     return TE_ALIASES.get(name, name)
+
+
+# Modules whose `_extra_state` megatron-core's local spec puts in every state dict.
+LAYER_EXTRA_STATE = ("self_attention.linear_proj._extra_state", "self_attention.linear_qkv._extra_state",
+                     "mlp.linear_fc1._extra_state", "mlp.linear_fc2._extra_state")
+OUTPUT_EXTRA_STATE = "output_layer._extra_state"

@@ -1,5 +1,5 @@
-"""`scalegrow` console script (DESIGN §1). Exit 0: success; 2: bad input; 1: verify found a
-difference over --atol; 3: internal error."""
+"""`scalegrow`: grow, shrink, convert, verify and inspect Megatron and DeepSpeed checkpoints.
+Exit 0: success; 2: bad input; 1: verify found a difference over --atol; 3: internal error."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,15 @@ import warnings
 
 import torch
 
-from scalegrow import __version__
+from scalegrow import __version__, pipeline
+from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
+from scalegrow.formats import registry as formats
+from scalegrow.methods import registry as methods
+from scalegrow.methods.ligo import LigoOptions
+from scalegrow.methods.subclone import SubcloneOptions
+from scalegrow.output import OutputOptions
+from scalegrow.pipeline import DataOptions
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,13 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grow", help="grow a Megatron checkpoint (and re-partition it in the same pass)")
     g.add_argument("--src", required=True, help="source checkpoint directory")
     g.add_argument("--dst", required=True, help="output directory (must not exist)")
-    g.add_argument("--method", default="lemon", help="growth method (default: lemon)")
+    g.add_argument("--method", default="lemon",
+                   help=f"growth method: {', '.join(methods.names(methods.GROW))} (default: lemon)")
     g.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
-    _layout_args(g)
+    _output_args(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
-    g.add_argument("--steps", type=int, default=100, help="ligo: operator training steps")
-    g.add_argument("--lr", type=float, default=2e-4, help="ligo: operator learning rate")
-    g.add_argument("--data", default="embedded", help="ligo: training corpus (text/json/parquet file, "
+    g.add_argument("--steps", type=int, default=LigoOptions.steps,
+                   help=f"ligo: operator training steps (default: {LigoOptions.steps})")
+    g.add_argument("--lr", type=float, default=LigoOptions.lr,
+                   help=f"ligo: operator learning rate (default: {LigoOptions.lr})")
+    g.add_argument("--data", default=DataOptions.data, help="ligo: training corpus (text/json/parquet file, "
                    "a preprocessed .bin/.idx prefix, or 'embedded')")
     g.add_argument("--tokenizer", default=None, help="ligo: sentencepiece model (default: the source's)")
 
@@ -50,15 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("shrink", help="initialise a smaller model from a larger one (weight subcloning)")
     k.add_argument("--src", required=True)
     k.add_argument("--dst", required=True)
-    k.add_argument("--method", default="subclone", help="subclone (default) or drop-layers")
+    k.add_argument("--method", default="subclone",
+                   help=f"shrink method: {', '.join(methods.names(methods.SHRINK))} (default: subclone)")
     k.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
-    k.add_argument("--calib-data", default="embedded", help="calibration corpus (text/json/parquet file, "
+    k.add_argument("--calib-data", default=DataOptions.data, help="calibration corpus (text/json/parquet file, "
                    "a preprocessed .bin/.idx prefix, or 'embedded')")
-    k.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens")
+    k.add_argument("--calib-tokens", type=int, default=SubcloneOptions.tokens,
+                   help=f"calibration tokens (default: {SubcloneOptions.tokens})")
     k.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the source's)")
     k.add_argument("--no-rescale", action="store_true",
                    help="do not rescale the kept MLP outputs (linear_fc2) after dropping neurons")
-    _layout_args(k)
+    _output_args(k)
 
     e = sub.add_parser("eval", help="held-out next-token loss of a checkpoint")
     e.add_argument("path")
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="re-partition (TP/PP) and/or change format, tensors unchanged")
     c.add_argument("--src", required=True)
     c.add_argument("--dst", required=True)
-    _layout_args(c)
+    _output_args(c)
 
     i = sub.add_parser("inspect", help="describe a checkpoint")
     i.add_argument("path")
@@ -79,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("init", help="write a randomly initialised checkpoint from a model YAML")
     n.add_argument("--target", required=True, help="YAML of Megatron model args (all required ones)")
     n.add_argument("--dst", required=True)
-    _layout_args(n, writes_any_format=False)
+    _output_args(n, writes_any_format=False)
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     return p
 
 
-def _layout_args(p: argparse.ArgumentParser, writes_any_format: bool = True) -> None:
+def _output_args(p: argparse.ArgumentParser, writes_any_format: bool = True) -> None:
     p.add_argument("--tp", type=int, default=None, help="target tensor parallel size (default: source's)")
     p.add_argument("--pp", type=int, default=None, help="target pipeline parallel size (default: source's)")
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, metavar="N",
@@ -93,8 +105,9 @@ def _layout_args(p: argparse.ArgumentParser, writes_any_format: bool = True) -> 
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, metavar="N",
                    help="layers on the last pipeline stage (uneven split, as in Megatron-LM)")
     if writes_any_format:
-        p.add_argument("--format", choices=("torch", "torch_dist"), default="torch",
-                       help="output format: Megatron legacy 'torch' (default) or megatron-core 'torch_dist'")
+        p.add_argument("--format", choices=formats.writable(), default="torch",
+                       help="output format: " + ", ".join(f"{name} ({formats.FORMATS[name].description})"
+                                                          for name in formats.writable()) + " (default: torch)")
         p.add_argument("--vocab-size", type=int, default=None,
                        help="the tokenizer's true vocabulary size, to re-pad for the target TP")
         p.add_argument("--dry-run", action="store_true",
@@ -110,14 +123,12 @@ def _print_plan(plan: dict) -> int:
     return EXIT_OK
 
 
-def _target_layout(a):
-    from scalegrow.pipeline import TargetLayout
-
+def _output_options(a):
     for name in ("tp", "pp", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
                  "vocab_size"):
         _positive(name.replace("_", "-"), getattr(a, name, None))
-    return TargetLayout(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
-                        getattr(a, "format", "torch"), getattr(a, "vocab_size", None))
+    return OutputOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
+                         getattr(a, "format", "torch"), getattr(a, "vocab_size", None))
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -126,14 +137,11 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def cmd_grow(a) -> int:
-    from scalegrow.pipeline import grow
-
-    from scalegrow.pipeline import LigoOptions
-
     _positive("steps", a.steps)
-    ligo = LigoOptions(steps=a.steps, lr=a.lr, data=a.data, tokenizer=a.tokenizer)
-    summary = grow(a.src, a.dst, a.method, a.target, _target_layout(a), seed=a.seed,
-                   overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, ligo=ligo)
+    options = methods.options_with(a.method, methods.GROW, steps=a.steps, lr=a.lr)
+    summary = pipeline.grow(a.src, a.dst, a.method, a.target, _output_options(a), seed=a.seed,
+                            overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, options=options,
+                            data=DataOptions(a.data, a.tokenizer))
     if a.dry_run:
         return _print_plan(summary)
     print(f"grew {a.src} with {a.method}: {summary}")
@@ -141,29 +149,24 @@ def cmd_grow(a) -> int:
 
 
 def cmd_shrink(a) -> int:
-    from scalegrow.pipeline import CalibOptions, shrink
-
     _positive("calib-tokens", a.calib_tokens)
-    calib = CalibOptions(a.calib_data, a.calib_tokens, a.tokenizer, rescale=not a.no_rescale)
-    summary = shrink(a.src, a.dst, a.method, a.target, _target_layout(a), calib, overwrite=a.overwrite,
-                     progress=not a.no_progress)
+    options = methods.options_with(a.method, methods.SHRINK, tokens=a.calib_tokens, rescale=not a.no_rescale)
+    summary = pipeline.shrink(a.src, a.dst, a.method, a.target, _output_options(a), options,
+                              DataOptions(a.calib_data, a.tokenizer), overwrite=a.overwrite,
+                              progress=not a.no_progress)
     print(f"shrank {a.src} with {a.method}: {summary}")
     return EXIT_OK
 
 
 def cmd_eval(a) -> int:
-    from scalegrow.pipeline import evaluate
-
     _positive("tokens", a.tokens), _positive("seq-length", a.seq_length)
-    print(json.dumps(evaluate(a.path, a.data, a.tokenizer, a.tokens, a.seq_length)))
+    print(json.dumps(pipeline.evaluate(a.path, a.data, a.tokenizer, a.tokens, a.seq_length)))
     return EXIT_OK
 
 
 def cmd_convert(a) -> int:
-    from scalegrow.pipeline import convert
-
-    summary = convert(a.src, a.dst, _target_layout(a), overwrite=a.overwrite, progress=not a.no_progress,
-                      dry_run=a.dry_run)
+    summary = pipeline.convert(a.src, a.dst, _output_options(a), overwrite=a.overwrite,
+                               progress=not a.no_progress, dry_run=a.dry_run)
     if a.dry_run:
         return _print_plan(summary)
     print(f"converted {a.src}: {summary}")
@@ -171,24 +174,18 @@ def cmd_convert(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from scalegrow.pipeline import verify
-
-    result = verify(a.src, a.dst, tokens=a.tokens, seed=a.seed)
+    result = pipeline.verify(a.src, a.dst, tokens=a.tokens, seed=a.seed)
     print(json.dumps(result))
     return EXIT_OK if result["max_abs_diff"] <= a.atol else EXIT_MISMATCH
 
 
 def cmd_inspect(a) -> int:
-    from scalegrow.pipeline import inspect
-
-    info = inspect(a.path)
+    info = pipeline.inspect(a.path)
     if a.json:
         print(json.dumps(info))
         return EXIT_OK
     m = info["model"]
-    kind = {"torch": "Megatron legacy (torch)", "torch_dist": "megatron-core torch_dist",
-            "deepspeed": "DeepSpeed"}.get(info["format"], info["format"])
-    print(f"{info['path']}: {kind} checkpoint, iteration {info['iteration']}")
+    print(f"{info['path']}: {info['description']} checkpoint, iteration {info['iteration']}")
     print(f"  layout   TP={info['tensor_model_parallel_size']} PP={info['pipeline_model_parallel_size']} "
           f"layers/stage={info['layers_per_stage']} dtype={info['dtype']}")
     print(f"  model    {info['num_parameters'] / 1e6:.2f}M params: num_layers={m['num_layers']} "
@@ -204,19 +201,15 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_init(a) -> int:
-    from scalegrow.config import ModelConfig
-    from scalegrow.pipeline import init_checkpoint
-
-    layout = _target_layout(a)
     cfg = ModelConfig.from_yaml(a.target)
-    summary = init_checkpoint(cfg, a.dst, tp=layout.tp or 1, pp=layout.pp or 1, first=layout.first,
-                              last=layout.last, seed=a.seed, dtype=DTYPES[a.dtype], overwrite=a.overwrite)
+    summary = pipeline.init_checkpoint(cfg, a.dst, _output_options(a), seed=a.seed, dtype=DTYPES[a.dtype],
+                                       overwrite=a.overwrite)
     print(f"initialised: {summary}")
     return EXIT_OK
 
 
-COMMANDS = {"grow": cmd_grow, "shrink": cmd_shrink, "eval": cmd_eval, "convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect,
-            "init": cmd_init}
+COMMANDS = {"grow": cmd_grow, "shrink": cmd_shrink, "eval": cmd_eval, "convert": cmd_convert, "verify": cmd_verify,
+            "inspect": cmd_inspect, "init": cmd_init}
 
 
 def main(argv: list[str] | None = None) -> int:

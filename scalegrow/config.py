@@ -1,4 +1,4 @@
-"""Typed model config with Megatron-LM argument names (DESIGN §2).
+"""Typed model config with Megatron-LM argument names.
 
 `ModelConfig` is the single description of a GPT model that every other module reads. It is built
 from a Megatron checkpoint's `args` Namespace, from a YAML file of Megatron names, or from a source
@@ -229,7 +229,7 @@ class ModelConfig:
 def _drop_derived(values: dict[str, Any], base: ModelConfig, overrides: Mapping[str, Any]) -> None:
     """Re-derive defaults that followed a changed size, unless the source set them explicitly.
 
-    A key left out keeps its source value (DESIGN §1), except the query groups of an MHA source:
+    A key left out keeps its source value, except the query groups of an MHA source:
     MHA stays MHA when the number of heads grows.
     """
     if base.num_query_groups == base.num_attention_heads and "num_query_groups" not in overrides:

@@ -26,6 +26,11 @@ FAMILIES = {
 }
 
 
+# scalegrow.json: one schema for every checkpoint written (grow, shrink, convert, init, training exports)
+METADATA_KEYS = {"scalegrow_version", "format", "method", "model", "tensor_model_parallel_size",
+                 "pipeline_model_parallel_size", "layers_per_stage", "iteration", "source", "details", "training"}
+
+
 def family_config(family: str, **overrides) -> ModelConfig:
     base = dict(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
                 padded_vocab_size=128, vocab_size=100, max_position_embeddings=64, norm_epsilon=1e-5)

@@ -1,9 +1,10 @@
 """megatron-core as the oracle, on CPU. Test code only: the CPU shims below never enter the library.
 
-megatron-core's `GPTModel` builds on CPU with `use_cpu_initialization=True`; a forward pass needs a
-few shims (DESIGN §6): the global memory buffer allocates on CPU, the CUDA RNG tracker's fork is a
-no-op, `torch.cuda.current_device` answers 'cpu', `torch.cuda.synchronize` does nothing, and `Tensor.cuda()`
-stays on CPU (tied embeddings with PP > 1), and the caller passes an explicit causal attention mask.
+megatron-core's `GPTModel` builds on CPU with `use_cpu_initialization=True` (`build_gpt`, for a
+`ModelConfig`); a forward pass needs a few shims: the global memory buffer allocates on CPU, the CUDA
+RNG tracker's fork is a no-op, `torch.cuda.current_device` answers 'cpu', `torch.cuda.synchronize`
+does nothing, `Tensor.cuda()` stays on CPU (tied embeddings with PP > 1), and the caller passes an
+explicit causal attention mask.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import socket
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-from scalegrow.checkpoint import mcore as _bridge
+from scalegrow.config import ModelConfig
 
 warnings.filterwarnings("ignore", module="megatron")
 
@@ -60,7 +62,45 @@ def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, 
         model_parallel_cuda_manual_seed(1234)
 
 
-build_gpt = _bridge.build_gpt
+def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | None = None,
+                       last: int | None = None, **extra):
+    """megatron-core `TransformerConfig` for `cfg`, with CPU-safe fusion settings."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels, normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+        pipeline_dtype=torch.float32 if pp > 1 else None,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        **extra,
+    )
+
+
+def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True, post_process: bool = True,
+              first: int | None = None, last: int | None = None, parallel_output: bool = True, **extra):
+    """megatron-core's `GPTModel` with the local (non-Transformer-Engine) layer spec."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return GPTModel(
+            config=transformer_config(cfg, tp, pp, first, last, **extra),
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
+            vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
+            pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=cfg.tied,
+            position_embedding_type=cfg.position_embedding_type,
+            rotary_percent=cfg.rotary_percent, rotary_base=cfg.rotary_base,
+        )
 
 
 def causal_inputs(tokens: torch.Tensor):
@@ -116,9 +156,8 @@ def check_worker(rank: int, world: int, port: int, tp: int, pp: int, first, last
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from scalegrow.checkpoint.io import safe_load
-    from scalegrow.checkpoint.megatron import FILE_NAME, rank_dir_name, resolve_iteration_dir
-    from scalegrow.config import ModelConfig
+    from scalegrow.formats.io import safe_load
+    from scalegrow.formats.megatron import FILE_NAME, rank_dir_name, resolve_iteration_dir
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

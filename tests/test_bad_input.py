@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from scalegrow.checkpoint.io import safe_load
+from scalegrow.formats.io import safe_load
 from scalegrow.cli import main
-from scalegrow.pipeline import TargetLayout, convert, save_model
+from scalegrow.output import OutputOptions
+from scalegrow.pipeline import convert, save_model
 from helpers import family_config, random_model, tree_sha256, write_yaml
 
 RANK = "iter_0000007/mp_rank_01_000/model_optim_rng.pt"
@@ -134,7 +135,7 @@ def test_pickled_object_is_refused_without_running_it(capsys, tmp_path, src, tar
 def test_torch_dist_metadata_pickle_is_refused(capsys, tmp_path, src, target):
     import pickle
 
-    convert(src, tmp_path / "dist", TargetLayout(format="torch_dist"), progress=False)
+    convert(src, tmp_path / "dist", OutputOptions(format="torch_dist"), progress=False)
     Payload.marker = tmp_path / "pwned"
     (tmp_path / "dist/iter_0000007/.metadata").write_bytes(pickle.dumps(Payload()))
     expect_refused(capsys, tmp_path, grow_argv(tmp_path, tmp_path / "dist", target),

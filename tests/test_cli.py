@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from scalegrow.cli import main
-from helpers import family_config, tree_sha256, write_yaml
+from helpers import METADATA_KEYS, family_config, tree_sha256, write_yaml
 from scalegrow.pipeline import save_model
 from helpers import random_model
 
@@ -45,6 +45,7 @@ def test_grow_verify_inspect(small, tmp_path, capsys):
     assert (info["iteration"], info["tensor_model_parallel_size"], info["layers_per_stage"]) == (50, 1, [3])
     assert info["model"]["hidden_size"] == 96 and info["model"]["norm_epsilon"] == pytest.approx(1e-5 * 2 / 3 * 1.0)
     meta = json.loads((tmp_path / "big/scalegrow.json").read_text())
+    assert set(meta) == METADATA_KEYS and meta["training"] is None and meta["details"] == {"seed": 0}
     assert meta["method"] == "lemon" and meta["source"]["path"] == str(src.resolve())
     assert len(meta["source"]["manifest_sha256"]) == 64 and meta["scalegrow_version"]
     code, out, _ = run(capsys, "inspect", tmp_path / "big")

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from scalegrow.config import ModelConfig
-from scalegrow.growth import REGISTRY, get_operator
-from scalegrow.growth.lemon import LemonGrowth, depth_plan
+from scalegrow.methods import registry as methods
+from scalegrow.operators.lemon import LemonGrowth, depth_map
 from scalegrow.errors import InputError
 from scalegrow.model import GPT
-from scalegrow.stream import grow_state_dict
+from scalegrow.executor import apply
 from helpers import FAMILIES, family_config, random_model, tokens
 from test_parity import PRODUCT, tiny_config
 
@@ -40,7 +40,7 @@ def grown_diff(src_cfg, target, seed=0):
     small = random_model(src_cfg, seed)
     op = LemonGrowth(src_cfg, dst_cfg, seed=seed)
     big = GPT(op.dst).eval()
-    big.load_state_dict(grow_state_dict(op, small.state_dict()), strict=True)
+    big.load_state_dict(apply(op, small.state_dict()), strict=True)
     x = tokens(src_cfg)
     with torch.no_grad():
         return (big(x) - small(x)).abs().max().item(), small, big, op
@@ -67,12 +67,12 @@ def test_more_query_heads_per_group():
     assert op.dst.heads_per_group == 4 and diff <= ATOL
 
 
-def test_depth_plan():
-    assert depth_plan(4, 4) == [(i, False) for i in range(4)]
+def test_depth_map():
+    assert depth_map(4, 4) == [(i, False) for i in range(4)]
     # 4 -> 6: the first 2 map 1:1, then each of the upper two is followed by a new block
-    assert depth_plan(4, 6) == [(0, False), (1, False), (2, False), (2, True), (3, False), (3, True)]
-    assert [n for _, n in depth_plan(4, 8)] == [False, True] * 4
-    plan = depth_plan(3, 10)  # 3 -> 6 -> 10
+    assert depth_map(4, 6) == [(0, False), (1, False), (2, False), (2, True), (3, False), (3, True)]
+    assert [n for _, n in depth_map(4, 8)] == [False, True] * 4
+    plan = depth_map(3, 10)  # 3 -> 6 -> 10
     assert len(plan) == 10 and sum(not n for _, n in plan) == 3
     assert [s for s, n in plan if not n] == [0, 1, 2]
 
@@ -80,7 +80,7 @@ def test_depth_plan():
 def test_new_blocks_are_identities():
     cfg = family_config("llama")
     _, small, big, op = grown_diff(cfg, dict(num_layers=6))
-    for j, (src, new) in enumerate(op.plan):
+    for j, (src, new) in enumerate(op.depth_map):
         layer = big.decoder.layers[j]
         if new:
             assert layer.self_attention.linear_proj.weight.abs().max() == 0
@@ -92,7 +92,7 @@ def test_new_blocks_are_identities():
 def test_width_noise_cancels_but_is_not_zero():
     """New blocks of a wider model get non-zero, zero-sum ("cancelling") output projections."""
     _, _, big, op = grown_diff(family_config("gpt2"), TARGETS["both-2x"])
-    new = [j for j, (_, n) in enumerate(op.plan) if n]
+    new = [j for j, (_, n) in enumerate(op.depth_map) if n]
     fc2 = big.decoder.layers[new[0]].mlp.linear_fc2.weight  # [128, 200], neurons copy j mod 96
     assert fc2.abs().max() > 1e-3
     pair_sum = fc2[:, :96] + fc2[:, 96:192]  # neurons 0..7 have a third copy at 192..199
@@ -134,7 +134,9 @@ def test_invalid_targets_name_the_key(target, key):
 
 
 def test_registry_lists_valid_names():
-    assert get_operator("lemon") is LemonGrowth
+    assert methods.get("lemon", methods.GROW).operator is LemonGrowth
     with pytest.raises(InputError, match="unknown growth method 'lemmon' \\(valid: .*lemon"):
-        get_operator("lemmon")
-    assert "lemon" in REGISTRY
+        methods.get("lemmon", methods.GROW)
+    with pytest.raises(InputError, match="unknown shrink method 'lemon' \\(valid: drop-layers, subclone\\)"):
+        methods.get("lemon", methods.SHRINK)
+    assert "lemon" in methods.names(methods.GROW)

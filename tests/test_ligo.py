@@ -7,14 +7,15 @@ import shutil
 import pytest
 import torch
 
-from scalegrow.checkpoint.io import safe_load
+from scalegrow.formats.io import safe_load
 from scalegrow.cli import main as cli
 from scalegrow.config import ModelConfig
-from scalegrow.growth.ligo import LigoGrowth, LigoModel, LigoOperator, identity_like
+from scalegrow.methods.ligo import LigoModel
+from scalegrow.operators.ligo import LigoGrowth, LigoOperator, identity_like
 from scalegrow.model import GPT, init_weights
 from scalegrow.pipeline import load_model, save_model
-from scalegrow.stream import grow_state_dict
-from scalegrow.train.data import BatchPlan, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer, \
+from scalegrow.executor import apply
+from scalegrow.data import BatchOrder, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer, \
     train_tokenizer
 from helpers import family_config, random_model, tokens, write_yaml
 
@@ -30,7 +31,7 @@ def test_identity_operator_reproduces_the_source(family):
     x = tokens(cfg)
     with torch.no_grad():
         assert torch.equal(LigoModel(op, small.state_dict())(x), small(x))
-        grown = grow_state_dict(LigoGrowth(cfg, cfg, operator=op), small.state_dict())
+        grown = apply(LigoGrowth(cfg, cfg, operator=op), small.state_dict())
     assert all(torch.equal(grown[k], v) for k, v in small.state_dict().items())
 
 
@@ -40,14 +41,16 @@ def test_materialised_weights_equal_the_functional_model(family):
     dst = ModelConfig.from_dict(TARGETS[family], base=src)
     small = random_model(src)
     op = LigoOperator(src, dst, width_noise=0.05, depth_noise=0.1, seed=3)
+    gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in op.parameters():  # a "trained" operator: far from its init
-            p.add_(torch.randn_like(p) * 0.1)
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
         functional = LigoModel(op, small.state_dict())(tokens(src))
     big = GPT(dst).eval()
-    big.load_state_dict(grow_state_dict(LigoGrowth(src, dst, operator=op), small.state_dict()), strict=True)
-    with torch.no_grad():  # fp32 rounding only: the same sums in another order (per layer vs batched)
-        assert torch.allclose(big(tokens(src)), functional, rtol=1e-5, atol=1e-5)
+    big.load_state_dict(apply(LigoGrowth(src, dst, operator=op), small.state_dict()), strict=True)
+    with torch.no_grad():  # fp32 rounding only: the same sums in another order (per layer vs batched);
+        diff = (big(tokens(src)) - functional).abs().max()  # at most 3e-6 of the logit scale over 40 seeds
+    assert diff <= 2e-5 * functional.abs().max()
 
 
 def test_operator_is_width_squared_plus_depth_squared():
@@ -78,10 +81,10 @@ def trained_small(tmp_path_factory):
     model = GPT(cfg)
     init_weights(model, 0)
     stream = TokenStream(root / "corpus_train", 64)
-    plan = BatchPlan(stream.num_samples, 16, 1, 1, 0)
+    order = BatchOrder(stream.num_samples, 16, 1, 1, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(60):
-        loss = model.loss(batch(stream, plan.samples(step, 0, 0)))
+        loss = model.loss(batch(stream, order.samples(step, 0, 0)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -96,8 +99,9 @@ def test_cli_ligo_loss_falls_and_megatron_core_loads_it(trained_small, tmp_path,
                 "--target", str(target), "--steps", "25", "--lr", "3e-3", "--data", str(trained_small / "corpus"),
                 "--no-progress"]) == 0
     meta = json.loads((tmp_path / "big/scalegrow.json").read_text())
-    assert meta["method"] == "ligo" and meta["ligo"]["steps"] == 25
-    assert meta["ligo"]["loss_last"] < meta["ligo"]["loss_first"] - 0.3, meta["ligo"]
+    ligo = meta["details"]["ligo"]
+    assert meta["method"] == "ligo" and ligo["steps"] == 25
+    assert ligo["loss_last"] < ligo["loss_first"] - 0.3, ligo
     state = safe_load(tmp_path / "big/iter_0000060/mp_rank_00/model_optim_rng.pt", mmap=False)
     cfg = ModelConfig.from_megatron_args(state["args"])
     theirs = mcore.build_gpt(cfg).eval()

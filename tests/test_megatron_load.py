@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from scalegrow.checkpoint.io import safe_load
+from scalegrow.formats.io import safe_load
 from scalegrow.cli import main
 from scalegrow.pipeline import save_model
 from helpers import family_config, random_model, tokens, write_yaml

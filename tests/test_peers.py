@@ -5,18 +5,20 @@ import torch
 from scalegrow import arch
 from scalegrow.cli import main as cli
 from scalegrow.config import ModelConfig
-from scalegrow.growth import get_operator
+from scalegrow.errors import InputError
+from scalegrow.methods import registry as methods
 from scalegrow.model import GPT
 from scalegrow.pipeline import load_model, save_model
-from scalegrow.stream import grow_state_dict
+from scalegrow.executor import apply
 from helpers import family_config, random_model, tokens, write_yaml
 
 
 def grow(method, src_cfg, target, seed=0):
     small = random_model(src_cfg)
-    op = get_operator(method)(src_cfg, ModelConfig.from_dict(target, base=src_cfg), seed=seed)
+    op, _ = methods.build_operator(method, methods.GROW, src_cfg, ModelConfig.from_dict(target, base=src_cfg),
+                                   seed=seed)
     big = GPT(op.dst).eval()
-    big.load_state_dict(grow_state_dict(op, small.state_dict()), strict=True)
+    big.load_state_dict(apply(op, small.state_dict()), strict=True)
     return small, big, op
 
 
@@ -42,12 +44,12 @@ def test_llama_pro_block_expansion_is_exact(family, layers):
     cfg = family_config(family)
     small, big, op = grow("llama-pro", cfg, dict(num_layers=layers))
     assert logits_diff(small, big, cfg) == 0.0  # identity blocks add exact zeros
-    new = [j for j, (_, is_new) in enumerate(op.plan) if is_new]
+    new = [j for j, (_, is_new) in enumerate(op.depth_map) if is_new]
     assert len(new) == layers - 3
     for j in new:
         assert big.decoder.layers[j].mlp.linear_fc2.weight.abs().max() == 0
         assert big.decoder.layers[j].self_attention.linear_proj.weight.abs().max() == 0
-    assert op.plan[-1] == (2, True)  # the last group ends with a new block
+    assert op.depth_map[-1] == (2, True)  # the last group ends with a new block
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "ln-swiglu-gqa-rope-tied-qkvbias",
@@ -65,9 +67,10 @@ def test_hypercloning_is_lossless_and_unties(family):
 
 def test_hypercloning_needs_integer_multiples():
     cfg = family_config("llama")
-    with pytest.raises(ValueError, match="hidden_size: target 96 is not an integer multiple of source 64"):
-        get_operator("hypercloning")(cfg, ModelConfig.from_dict(
-            dict(hidden_size=96, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=192), base=cfg))
+    target = ModelConfig.from_dict(dict(hidden_size=96, num_attention_heads=6, num_query_groups=3,
+                                        ffn_hidden_size=192), base=cfg)
+    with pytest.raises(InputError, match="--target: hidden_size: target 96 is not an integer multiple of source 64"):
+        methods.build_operator("hypercloning", methods.GROW, cfg, target)
 
 
 def test_bert2bert_aki_takes_new_units_from_the_next_layer():

@@ -4,10 +4,11 @@ import resource
 
 import torch
 
-from scalegrow.checkpoint.megatron import local_key
-from scalegrow.checkpoint.sharding import StageLayout
+from scalegrow.formats.megatron import local_key
 from scalegrow.config import ModelConfig
-from scalegrow.pipeline import TargetLayout, plan
+from scalegrow.output import OutputOptions
+from scalegrow.parallel import Stages
+from scalegrow.pipeline import plan
 
 LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", rotary_base=500000,
              untie_embeddings_and_output_weights=True, add_bias_linear=False, kv_channels=128,
@@ -21,7 +22,7 @@ TP, PP = 8, 4
 
 def test_70b_plan_matches_megatron_shapes(mcore):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    files = plan(SRC_8B, DST_70B, "lemon", TargetLayout(tp=TP, pp=PP))
+    files = plan(SRC_8B, DST_70B, "lemon", OutputOptions(tp=TP, pp=PP))
     # Megatron-LM pads the 128256-token vocabulary to a multiple of 128 x TP8 = 1024: 129024 rows
     dst = DST_70B.replace(padded_vocab_size=129024)
     with torch.device("meta"):  # megatron-core's own model at the target size, unsharded
@@ -30,13 +31,13 @@ def test_70b_plan_matches_megatron_shapes(mcore):
     assert grown_kib < 1024 * 1024, f"planning a 70B model grew RSS by {grown_kib / 1024:.0f} MiB"
 
     assert len(files) == TP * PP
-    layout = StageLayout.build(80, PP)
-    assert layout.layers_per_stage == (20, 20, 20, 20)
+    stages = Stages.build(80, PP)
+    assert stages.layers_per_stage == (20, 20, 20, 20)
     tp_axis = {"linear_qkv.weight": 0, "linear_fc1.weight": 0, "word_embeddings.weight": 0,
                "output_layer.weight": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
     total = 0
     for stage in range(PP):
-        first = layout.first_layer(stage)
+        first = stages.first_layer(stage)
         expected = {}
         for key, shape in full.items():
             if key.startswith("decoder.layers."):
@@ -51,7 +52,7 @@ def test_70b_plan_matches_megatron_shapes(mcore):
             shard = list(shape)
             if axis is not None:
                 shard[axis] //= TP
-            expected[local_key(key, layout)] = tuple(shard)
+            expected[local_key(key, stages)] = tuple(shard)
         for t in range(TP):
             got = files[f"release/mp_rank_{t:02d}_{stage:03d}/model_optim_rng.pt"]
             assert got == expected

@@ -4,10 +4,11 @@ import itertools
 import pytest
 import torch
 
-from scalegrow.checkpoint import open_checkpoint
-from scalegrow.checkpoint.io import safe_load
-from scalegrow.checkpoint.megatron import FILE_NAME
-from scalegrow.pipeline import TargetLayout, convert, grow, load_model, save_model
+from scalegrow.formats.io import safe_load
+from scalegrow.formats.megatron import FILE_NAME
+from scalegrow.formats.registry import open_checkpoint
+from scalegrow.output import OutputOptions
+from scalegrow.pipeline import convert, grow, load_model, save_model
 from helpers import family_config, random_model, tokens, write_yaml
 
 # (tp, pp, first, last): uneven splits included
@@ -69,11 +70,11 @@ def test_grow_any_layout_to_any_layout(tmp_path, family, src_layout):
     for dst_layout in DST_LAYOUTS:
         tp, pp, first, last = dst_layout
         dst = tmp_path / f"dst-{layout_id(dst_layout)}"
-        grow(src, dst, "lemon", target, TargetLayout(tp, pp, first, last), progress=False)
+        grow(src, dst, "lemon", target, OutputOptions(tp, pp, first, last), progress=False)
         ckpt = open_checkpoint(dst)
         assert (ckpt.tp, ckpt.pp) == (tp, pp)
         if first:
-            assert ckpt.layout.layers_per_stage[0] == first and ckpt.layout.layers_per_stage[-1] == last
+            assert ckpt.layout.stages.layers_per_stage[0] == first and ckpt.layout.stages.layers_per_stage[-1] == last
         big = load_model(dst)
         with torch.no_grad():
             got = big(x)[..., : small.cfg.padded_vocab_size]
@@ -92,15 +93,15 @@ def test_grow_any_layout_to_any_layout(tmp_path, family, src_layout):
 def test_round_trip_is_bit_identical(tmp_path, family, a, b):
     src, _ = make_source(tmp_path, family, a)
     tp, pp, first, last = b
-    convert(src, tmp_path / "b", TargetLayout(tp, pp, first, last), progress=False)
+    convert(src, tmp_path / "b", OutputOptions(tp, pp, first, last), progress=False)
     tp, pp, first, last = a
-    convert(tmp_path / "b", tmp_path / "a", TargetLayout(tp, pp, first, last), progress=False)
+    convert(tmp_path / "b", tmp_path / "a", OutputOptions(tp, pp, first, last), progress=False)
     assert_bit_identical(src, tmp_path / "a")
 
 
 def test_torch_dist_round_trip(tmp_path):
     src, small = make_source(tmp_path, "llama", SRC_LAYOUTS[2])
-    convert(src, tmp_path / "dist", TargetLayout(format="torch_dist"), progress=False)
+    convert(src, tmp_path / "dist", OutputOptions(format="torch_dist"), progress=False)
     ckpt = open_checkpoint(tmp_path / "dist")
     assert ckpt.format == "torch_dist" and (ckpt.tp, ckpt.pp, ckpt.iteration) == (2, 2, 300)
     assert (tmp_path / "dist/iter_0000300/common.pt").is_file()
@@ -111,9 +112,9 @@ def test_torch_dist_round_trip(tmp_path):
 
 def test_torch_dist_grow_reads_and_writes(tmp_path):
     src, small = make_source(tmp_path, "gpt2", SRC_LAYOUTS[0])
-    convert(src, tmp_path / "dist", TargetLayout(format="torch_dist"), progress=False)
+    convert(src, tmp_path / "dist", OutputOptions(format="torch_dist"), progress=False)
     grow(tmp_path / "dist", tmp_path / "big", "lemon", make_target(tmp_path, "gpt2"),
-         TargetLayout(format="torch_dist"), progress=False)
+         OutputOptions(format="torch_dist"), progress=False)
     x = tokens(small.cfg)
     with torch.no_grad():
         assert (load_model(tmp_path / "big")(x) - small(x)).abs().max() <= 1e-4
@@ -160,7 +161,7 @@ def test_megatron_core_loads_every_rank(mcore, tmp_path, dst_layout):
     for family, src_layout in itertools.product(sorted(FAMILIES), [SRC_LAYOUTS[0], SRC_LAYOUTS[2]]):
         src, small = make_source(tmp_path, family, src_layout)
         dst = tmp_path / f"dst-{family}-{layout_id(src_layout)}"
-        grow(src, dst, "lemon", make_target(tmp_path, family), TargetLayout(tp, pp, first, last), progress=False)
+        grow(src, dst, "lemon", make_target(tmp_path, family), OutputOptions(tp, pp, first, last), progress=False)
         x = tokens(small.cfg, seq=16, seed=len(jobs))
         torch.save(x, tmp_path / f"tokens{len(jobs)}.pt")
         jobs.append(dict(path=str(dst), format="torch", config=open_checkpoint(dst).config.to_dict(),
@@ -168,7 +169,7 @@ def test_megatron_core_loads_every_rank(mcore, tmp_path, dst_layout):
         with torch.no_grad():
             expected.append(small(x))
     if dst_layout == (2, 2, None, None):  # torch_dist, resharded by megatron-core itself on load
-        convert(jobs[-1]["path"], tmp_path / "dist", TargetLayout(format="torch_dist"), progress=False)
+        convert(jobs[-1]["path"], tmp_path / "dist", OutputOptions(format="torch_dist"), progress=False)
         jobs.append(dict(jobs[-1], path=str(tmp_path / "dist"), format="torch_dist"))
         expected.append(expected[-1])
     results = mcore.run_megatron_check(tp, pp, jobs, tmp_path, first=first, last=last)
@@ -182,7 +183,7 @@ def test_megatron_core_loads_torch_dist_single_process(mcore, tmp_path):
     from megatron.core import dist_checkpointing
 
     src, small = make_source(tmp_path, "llama", SRC_LAYOUTS[0])
-    convert(src, tmp_path / "dist", TargetLayout(format="torch_dist"), progress=False)
+    convert(src, tmp_path / "dist", OutputOptions(format="torch_dist"), progress=False)
     model = mcore.build_gpt(small.cfg).eval()
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(tmp_path / "dist/iter_0000300"))
     assert (loaded["iteration"], loaded["args"].hidden_size) == (300, small.cfg.hidden_size)

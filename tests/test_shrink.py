@@ -6,12 +6,14 @@ import pytest
 import torch
 import yaml
 
-from scalegrow.checkpoint import open_checkpoint
+from scalegrow.formats.registry import open_checkpoint
 from scalegrow.cli import main as cli
 from scalegrow.config import ModelConfig
 from scalegrow.model import GPT, init_weights
-from scalegrow.pipeline import CalibOptions, TargetLayout, evaluate, load_model, save_model, shrink
-from scalegrow.train.data import (BatchPlan, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer,
+from scalegrow.methods.subclone import SubcloneOptions
+from scalegrow.output import OutputOptions
+from scalegrow.pipeline import DataOptions, evaluate, load_model, save_model, shrink
+from scalegrow.data import (BatchOrder, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer,
                                   train_tokenizer)
 from helpers import write_yaml
 
@@ -32,12 +34,12 @@ def big(tmp_path_factory):
     model = GPT(cfg)
     init_weights(model, 0)
     stream = TokenStream(root / "corpus_train", 64)
-    plan = BatchPlan(stream.num_samples, 16, 1, 1, 0)
+    order = BatchOrder(stream.num_samples, 16, 1, 1, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     for step in range(250):
         for group in opt.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 10)
-        loss = model.loss(batch(stream, plan.samples(step, 0, 0)))
+        loss = model.loss(batch(stream, order.samples(step, 0, 0)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -46,10 +48,11 @@ def big(tmp_path_factory):
     return root
 
 
-def shrunk(big, tmp_path, name, target, method="subclone", rescale=True, layout=TargetLayout(tp=1, pp=1)):
+def shrunk(big, tmp_path, name, target, method="subclone", rescale=True, layout=OutputOptions(tp=1, pp=1)):
     out = tmp_path / name
-    shrink(big / "big", out, method, write_yaml(tmp_path / f"{name}.yaml", **target), layout,
-           CalibOptions(data=str(big / "corpus"), tokens=8192, rescale=rescale), progress=False)
+    options = SubcloneOptions(tokens=8192, rescale=rescale) if method == "subclone" else None
+    shrink(big / "big", out, method, write_yaml(tmp_path / f"{name}.yaml", **target), layout, options,
+           DataOptions(data=str(big / "corpus")), progress=False)
     shutil.copy(big / "big" / "tokenizer.model", out / "tokenizer.model")
     return out
 
@@ -71,14 +74,14 @@ def test_target_equal_to_source_is_exact(big, tmp_path):
     out = shrunk(big, tmp_path, "same", dict(num_layers=4))
     a, b = load_model(big / "big").state_dict(), load_model(out).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / "scalegrow.json").read_text())["kept_layers"] == [0, 1, 2, 3]
+    assert json.loads((out / "scalegrow.json").read_text())["details"]["kept_layers"] == [0, 1, 2, 3]
 
 
 def test_width_only_and_depth_only(big, tmp_path):
     width = shrunk(big, tmp_path, "width", WIDTH)
     assert load_model(width).cfg == ModelConfig.from_dict(WIDTH, base=open_checkpoint(big / "big").config)
     depth = shrunk(big, tmp_path, "depth", dict(num_layers=2))
-    meta = json.loads((depth / "scalegrow.json").read_text())
+    meta = json.loads((depth / "scalegrow.json").read_text())["details"]
     assert meta["kept_layers"][0] == 0 and meta["kept_layers"][-1] == 3  # the middle goes first
     assert meta["mlp_output_scales"] == {"0": 1.0, "1": 1.0}  # no neuron dropped: nothing to rescale
     random = random_init_loss(big, tmp_path, WIDTH)
@@ -103,7 +106,7 @@ def test_rescale_helps(big, tmp_path):
 @pytest.mark.slow
 def test_megatron_core_loads_the_shrunk_model_at_tp2(big, tmp_path, mcore):
     two_groups = dict(WIDTH_AND_DEPTH, num_query_groups=2)  # whole KV groups per TP rank
-    out = shrunk(big, tmp_path, "tp2", two_groups, layout=TargetLayout(tp=2, pp=1))
+    out = shrunk(big, tmp_path, "tp2", two_groups, layout=OutputOptions(tp=2, pp=1))
     ckpt = open_checkpoint(out)
     assert (ckpt.tp, ckpt.pp) == (2, 1)
     x = torch.randint(0, 512, (2, 16))

@@ -7,7 +7,7 @@ import torch
 
 from scalegrow.errors import InputError
 from scalegrow.train.config import ScheduleConfig, load_run_config
-from scalegrow.train.data import (BatchPlan, TokenStream, build_indexed, embedded_documents, is_valid_document,
+from scalegrow.data import (BatchOrder, TokenStream, build_indexed, embedded_documents, is_valid_document,
                                   load_documents, load_tokenizer, train_tokenizer)
 from scalegrow.train.engine import deepspeed_config
 from scalegrow.train.schedule import learning_rate
@@ -86,15 +86,15 @@ def test_indexed_dataset_round_trip(corpus):
     assert train.dataset[0][-1] == tok.eos_id()
 
 
-def test_batch_plan_is_a_function_of_the_step():
-    plan = BatchPlan(num_samples=1000, micro_batch_size=4, accumulation=2, data_parallel=2, seed=7)
-    step = [plan.samples(5, m, r) for m in range(2) for r in range(2)]
+def test_batch_order_is_a_function_of_the_step():
+    order = BatchOrder(num_samples=1000, micro_batch_size=4, accumulation=2, data_parallel=2, seed=7)
+    step = [order.samples(5, m, r) for m in range(2) for r in range(2)]
     assert len({s for group in step for s in group}) == 16  # no sample twice within a step
-    again = BatchPlan(num_samples=1000, micro_batch_size=4, accumulation=2, data_parallel=2, seed=7)
-    assert again.samples(5, 1, 1) == plan.samples(5, 1, 1)
-    epoch = [s for st in range(1000 // 16) for m in range(2) for r in range(2) for s in plan.samples(st, m, r)]
+    again = BatchOrder(num_samples=1000, micro_batch_size=4, accumulation=2, data_parallel=2, seed=7)
+    assert again.samples(5, 1, 1) == order.samples(5, 1, 1)
+    epoch = [s for st in range(1000 // 16) for m in range(2) for r in range(2) for s in order.samples(st, m, r)]
     assert len(set(epoch)) == len(epoch)  # an epoch is a permutation
-    assert BatchPlan(1000, 4, 2, 2, seed=8).samples(5, 1, 1) != plan.samples(5, 1, 1)
+    assert BatchOrder(1000, 4, 2, 2, seed=8).samples(5, 1, 1) != order.samples(5, 1, 1)
 
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
@@ -125,7 +125,7 @@ def test_shipped_run_configs_are_valid():
     from pathlib import Path
 
     from scalegrow.config import ModelConfig
-    from scalegrow.growth import get_operator
+    from scalegrow.methods import registry as methods
 
     root = Path(__file__).resolve().parents[1]
     runs = sorted((root / "configs/runs").glob("*.yaml"))
@@ -142,7 +142,7 @@ def test_shipped_run_configs_are_valid():
             source_run = by_output[str(Path(cfg.init.from_).parent)]
             small = ModelConfig.from_yaml(root / source_run.model)
             target = ModelConfig.from_yaml(root / cfg.growth.target, base=small)
-            get_operator(cfg.growth.method)(small, target)
+            methods.build_operator(cfg.growth.method, methods.GROW, small, target)
 
 
 def test_clean_gcide():

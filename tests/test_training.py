@@ -7,11 +7,13 @@ import shutil
 import pytest
 import torch
 
-from scalegrow.checkpoint.io import safe_load
+from scalegrow.formats.io import safe_load
 from scalegrow.cli import main as cli
-from scalegrow.pipeline import load_model
+from scalegrow.formats.registry import open_checkpoint
+from scalegrow.pipeline import load_model, verify
 from scalegrow.train.config import ScheduleConfig
 from scalegrow.train.schedule import learning_rate
+from helpers import METADATA_KEYS
 from training import ENV, ROOT, Slurm, scalars, start_and_kill_after, train
 
 pytestmark = pytest.mark.slow
@@ -78,8 +80,11 @@ def test_grow_pretrain_starts_where_the_small_model_ended(scratch, tmp_path):
         assert grown["train/lr"][step] == pytest.approx(learning_rate(step - 1, lemon, 20), rel=1e-6)
     assert max(grown["train/lr"].values()) == pytest.approx(3e-3)
     meta = json.loads((out / "export/scalegrow.json").read_text())
+    assert set(meta) == METADATA_KEYS == set(json.loads((out / "checkpoints/scalegrow.json").read_text()))
     assert meta["method"] == "grow_pretrain" and meta["model"]["hidden_size"] == 192
-    assert meta["training"]["source"] == str((scratch / "export").resolve())
+    assert meta["source"]["path"] == str((scratch / "export").resolve())
+    assert len(meta["source"]["manifest_sha256"]) == 64
+    assert meta["training"]["val_loss"]["20"] == pytest.approx(grown["val/loss"][20], rel=1e-6)
 
 
 def test_resume_after_kill_is_bit_identical(scratch, tmp_path):
@@ -100,15 +105,18 @@ def test_resume_after_kill_is_bit_identical(scratch, tmp_path):
 
 
 def test_zero3_matches_zero1(scratch, tmp_path):
-    """The same 5 steps under ZeRO-3 (parameters partitioned) and ZeRO-1 give the same losses."""
+    """The same 5 steps under ZeRO-3 (parameters partitioned) and ZeRO-1 give the same losses; the
+    export is written as torch_dist at TP2 inside the 2-rank job, holding exactly the trained weights."""
     train("pretrain", "configs/runs/tiny_scratch.yaml",
           [f"output.dir={tmp_path}/z3", "train.steps=5", "schedule.decay_steps=30", "deepspeed.zero_stage=3",
-           *reuse_data(scratch)])
+           "export.format=torch_dist", "export.tp=2", *reuse_data(scratch)])
     z1, z3 = scalars(scratch / "tensorboard"), scalars(tmp_path / "z3/tensorboard")
     for step in range(1, 6):
         assert z3["train/loss"][step] == pytest.approx(z1["train/loss"][step], abs=1e-4)
     assert z3["val/loss"][0] == pytest.approx(z1["val/loss"][0], abs=1e-5)
-    assert load_model(tmp_path / "z3/export").cfg.num_layers == 4
+    export = open_checkpoint(tmp_path / "z3/export")
+    assert (export.format, export.tp, export.iteration, export.config.num_layers) == ("torch_dist", 2, 5, 4)
+    assert verify(tmp_path / "z3/checkpoints", tmp_path / "z3/export")["max_abs_diff"] == 0.0
 
 
 def test_deepspeed_checkpoint_is_a_cli_source(scratch, tmp_path, capsys):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from scalegrow.errors import InputError
-from scalegrow.train.data import build_indexed, load_documents, load_tokenizer
+from scalegrow.data import build_indexed, load_documents, load_tokenizer
 
 
 def main() -> int:

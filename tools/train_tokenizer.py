@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scalegrow.errors import InputError
-from scalegrow.train.data import load_documents, train_tokenizer
+from scalegrow.data import load_documents, train_tokenizer
 
 
 def main() -> int:

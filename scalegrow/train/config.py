@@ -14,6 +14,9 @@ import yaml
 
 from scalegrow.config import ModelConfig, coerce, load_yaml_mapping
 from scalegrow.errors import InputError
+from scalegrow.formats import registry as formats
+from scalegrow.methods import registry as methods
+from scalegrow.methods.ligo import LigoOptions
 
 
 @dataclass
@@ -72,21 +75,15 @@ class InitConfig:
 
 
 @dataclass
-class LigoConfig:
-    steps: int = 100
-    lr: float = 2e-4
-    warmup_steps: int = 10
-    width_init: str = "select"  # "select" (one-hot, Net2Net-like) or "random" (rows normalised to 1)
-    width_noise: float = 0.01  # added to "select" to break the symmetry between copies
-    depth_noise: float = 0.03  # StackBERT-noisy: one-hot + U(0, depth_noise), rows normalised
-
-
-@dataclass
 class GrowthConfig:
     method: str = "lemon"
     target: Any = None  # YAML path or mapping of Megatron names (keys left out keep the source's)
     seed: int = 0
-    ligo: LigoConfig = field(default_factory=LigoConfig)
+    ligo: LigoOptions = field(default_factory=LigoOptions)  # a section per method that takes options
+
+    def options(self, method: str):
+        """The options section of `method` (None: the method takes none, or it has no section here)."""
+        return getattr(self, method.replace("-", "_"), None)
 
 
 @dataclass
@@ -196,7 +193,9 @@ def validate(cfg: RunConfig) -> None:
          "save_interval and eval_interval must be >= 1"),
         (0.0 < cfg.data.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)"),
         (cfg.data.seq_length >= 2, "data.seq_length", "must be >= 2"),
-        (cfg.export.format in ("torch", "torch_dist"), "export.format", "must be torch or torch_dist"),
+        (cfg.export.format in formats.writable(), "export.format", f"must be one of {', '.join(formats.writable())}"),
+        (cfg.growth.method in methods.names(methods.GROW), "growth.method",
+         f"must be one of {', '.join(methods.names(methods.GROW))}"),
         (0.0 < cfg.schedule.decay_fraction <= 1.0, "schedule.decay_fraction", "must be in (0, 1]"),
     ]
     for ok, key, message in checks:

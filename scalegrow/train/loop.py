@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +17,28 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from scalegrow import metadata, output
 from scalegrow.config import ModelConfig
+from scalegrow.data import BatchOrder, TokenStream, batch
+from scalegrow.formats.base import MemoryReader
 from scalegrow.model import GPT, init_weights
+from scalegrow.operators.identity import Identity
+from scalegrow.parallel import Layout
 from scalegrow.train import engine as ds
 from scalegrow.train.config import RunConfig, save_run_config
-from scalegrow.train.data import BatchPlan, TokenStream, batch
 from scalegrow.train.prepare import PreparedData, prepare_data
 from scalegrow.train.schedule import learning_rate
 
 
 @dataclass
 class Start:
-    """What a run starts from: the model config and its weights (None: fresh random init)."""
+    """What a run starts from: the model config, its weights (None: fresh random init, or the
+    checkpoint being resumed), and the provenance of the checkpoint it came from (`scalegrow.json`'s
+    `source`; None from scratch)."""
 
     config: ModelConfig
     state_dict: dict[str, torch.Tensor] | None
-    source: str | None = None
+    source: dict | None = None
 
 
 class Logger:
@@ -103,12 +107,9 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
     else:
         model.load_state_dict(start.state_dict, strict=True)
     engine = ds.initialize(model, cfg, dist)
-    if dist.is_main:
-        (ckpt_dir).mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / "scalegrow.json").write_text(json.dumps({"model": start.config.to_dict(), "kind": kind}))
     step = ds.resume(engine, ckpt_dir)
-    plan = BatchPlan(data.train.num_samples, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
-                     dist.world_size, cfg.train.seed)
+    order = BatchOrder(data.train.num_samples, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
+                       dist.world_size, cfg.train.seed)
     log = Logger(out, dist, cfg.train.steps, step)
     history = {"val_loss": {}, "train_loss": {}}
     if step == 0:
@@ -117,9 +118,9 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
     began = time.time()
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.schedule, cfg.train.steps)
-        loss, seconds = train_step(engine, data.train, plan, dist, step, lr)
+        loss, seconds = train_step(engine, data.train, order, dist, step, lr)
         step += 1
-        tokens = plan.micro_batch_size * plan.accumulation * plan.data_parallel * cfg.data.seq_length
+        tokens = order.micro_batch_size * order.accumulation * order.data_parallel * cfg.data.seq_length
         history["train_loss"][step] = loss
         log.scalars(step, {"train/loss": loss, "train/lr": lr,
                            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -129,27 +130,36 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
             history["val_loss"][step] = evaluate(engine, data.valid, cfg, dist)
             log.scalars(step, {"val/loss": history["val_loss"][step]})
         if step % cfg.train.save_interval == 0 or step == cfg.train.steps:
-            ds.save(engine, ckpt_dir, step)
+            save(engine, ckpt_dir, step, start, kind, dist)
     if cfg.train.steps == 0:  # nothing to train: export the starting point (e.g. a materialised LiGO)
-        ds.save(engine, ckpt_dir, 0)
+        save(engine, ckpt_dir, 0, start, kind, dist)
     log.close()
     return finish(cfg, dist, engine, start, data, history, time.time() - began, kind)
 
 
-def train_step(engine, train: TokenStream, plan: BatchPlan, dist: ds.Dist, step: int,
+def save(engine, ckpt_dir: Path, step: int, start: Start, kind: str, dist: ds.Dist) -> None:
+    """A DeepSpeed checkpoint, and the `scalegrow.json` that makes the directory a scalegrow source."""
+    ds.save(engine, ckpt_dir, step)
+    if dist.is_main:
+        cfg = start.config
+        metadata.write(ckpt_dir, metadata.record("deepspeed", cfg, Layout.single(cfg.num_layers), step, kind,
+                                                 start.source))
+
+
+def train_step(engine, train: TokenStream, order: BatchOrder, dist: ds.Dist, step: int,
                lr: float) -> tuple[float, float]:
-    """One optimizer step over the plan's micro-batches: (loss averaged over micro-steps and ranks,
+    """One optimizer step over this step's micro-batches: (loss averaged over micro-steps and ranks,
     seconds). The engine handles accumulation and applies the optimizer at the boundary."""
     tic = time.perf_counter()
     ds.set_lr(engine, lr)
     total = 0.0
-    for micro in range(plan.accumulation):
-        tokens = batch(train, plan.samples(step, micro, dist.rank)).to(engine.device)
+    for micro in range(order.accumulation):
+        tokens = batch(train, order.samples(step, micro, dist.rank)).to(engine.device)
         loss = engine(tokens[:, :-1], tokens[:, 1:])
         engine.backward(loss)
         engine.step()
         total += loss.item()
-    return _mean_over_ranks(total, plan.accumulation), time.perf_counter() - tic
+    return _mean_over_ranks(total, order.accumulation), time.perf_counter() - tic
 
 
 def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedData, history: dict,
@@ -174,20 +184,15 @@ def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedDa
 
 
 def export(cfg: RunConfig, start: Start, state: dict, data: PreparedData, kind: str, summary: dict) -> None:
-    from scalegrow.pipeline import save_model
-
+    """The trained model as a checkpoint at `export.tp`/`export.pp` in `export.format`, written in this
+    process through the format's writer, with the tokenizer beside it."""
     out = Path(cfg.output.dir)
-    target = out / ("export.torch" if cfg.export.format == "torch_dist" else "export")
     args = start.config.to_megatron_args()
     args.tokenizer_type, args.tokenizer_model = "GPTSentencePieceTokenizer", "tokenizer.model"
     args.seq_length = cfg.data.seq_length
-    save_model(state, start.config, target, tp=cfg.export.tp, pp=cfg.export.pp, overwrite=True, method=kind,
-               iteration=cfg.train.steps, base_args=args,
-               extra={"training": {"source": start.source, "val_loss": summary["val_loss"],
-                                   "run_config": cfg.to_dict()}})
-    if cfg.export.format == "torch_dist":  # megatron-core's writer wants a one-process group of its own
-        subprocess.run([sys.executable, "-m", "scalegrow.cli", "convert", "--src", str(target), "--dst",
-                        str(out / "export"), "--format", "torch_dist", "--overwrite", "--no-progress"],
-                       check=True)
-        shutil.rmtree(target)
+    model = MemoryReader.of(state, start.config, iteration=cfg.train.steps, args=args)
+    training = {**summary, "run_config": cfg.to_dict()}
+    output.write(model, Identity(start.config, start.config), out / "export",
+                 output.OutputOptions(tp=cfg.export.tp, pp=cfg.export.pp, format=cfg.export.format), method=kind,
+                 source_record=start.source, training=training, overwrite=True, progress=False)
     shutil.copy(data.tokenizer, out / "export" / "tokenizer.model")

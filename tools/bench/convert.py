@@ -3,9 +3,9 @@
     python tools/bench/convert.py [--workdir DIR] [--keep]
 
 Cases: grow a ~1 GB fp32 TP2/PP2 checkpoint (16 layers, hidden 1024) to ~3 GB TP2/PP2 (24 layers,
-hidden 1536) with LEMON; then re-partition that output to TP1/PP4. Each runs the `scalegrow` CLI as
-a child process (start-up included) and reads its peak RSS from wait4(); the baseline is `cp -r` of
-the output it wrote (the same bytes). Prints one JSON line per case.
+hidden 1536) with LEMON; then re-partition that output to TP1/PP4, and write it as torch_dist. Each
+runs the `scalegrow` CLI as a child process (start-up included) and reads its peak RSS from wait4();
+the baseline is `cp -r` of the output it wrote (the same bytes). Prints one JSON line per case.
 Aims: peak RSS <= 1.5 x largest output shard + 0.5 GiB; wall time <= 3 x the copy.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: 
     shutil.rmtree(work / "copy", ignore_errors=True)
     copy_s, _ = run_measured(["cp", "-r", str(work / dst), str(work / "copy")])
     shutil.rmtree(work / "copy")
-    shards = sorted((work / dst).rglob("model_optim_rng.pt"))
+    shards = [p for p in (work / dst).rglob("*") if p.suffix in (".pt", ".distcp")]
     largest = max(p.stat().st_size for p in shards)
     result = {
         "case": name, "source_bytes": dir_bytes(work / src), "output_bytes": dir_bytes(work / dst),
@@ -87,6 +87,8 @@ def main() -> None:
          ["grow", "--target", str(work / "target.yaml")]),
         ("convert (re-partition only) of the grown model, TP2/PP2 -> TP1/PP4, fp32", "dst", "dst-tp1pp4",
          ["convert", "--tp", "1", "--pp", "4"]),
+        ("convert the grown model to torch_dist (one data file), TP2/PP2 -> torch_dist, fp32", "dst", "dst-dist",
+         ["convert", "--format", "torch_dist"]),
     ]
     for name, src, dst, command in cases:
         shutil.rmtree(work / dst, ignore_errors=True)

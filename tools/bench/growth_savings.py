@@ -15,7 +15,7 @@ Methods that grow only one dimension are paired: HyperCloning (width only) widen
 StackBERT or LLaMA-Pro (depth only) deepens, so every row reaches the same large model.
 
 Training is a plain single-process PyTorch loop with DeepSpeed's CPU optimizer settings (torch
-AdamW, betas 0.9/0.95, weight decay 0.01, clip 1.0) and the package's schedules and batch plan; on
+AdamW, betas 0.9/0.95, weight decay 0.01, clip 1.0) and the package's schedules and batch order; on
 two cores it is faster than two gloo ranks. Every finished run is cached under --out/runs, so an
 interrupted benchmark picks up where it stopped. Prints the results JSON; writes plots next to it.
 """
@@ -36,13 +36,14 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import savings_report as report  # noqa: E402
 
-from scalegrow.checkpoint.sharding import padded_vocab_size  # noqa: E402
 from scalegrow.config import ModelConfig  # noqa: E402
+from scalegrow.data import (BatchOrder, TokenStream, batch, build_indexed, load_documents,  # noqa: E402
+                            load_tokenizer, train_tokenizer)
+from scalegrow.methods import registry as methods  # noqa: E402
 from scalegrow.model import GPT, init_weights  # noqa: E402
-from scalegrow.pipeline import CalibOptions, LigoOptions, grow, load_model, save_model, shrink  # noqa: E402
+from scalegrow.parallel import padded_vocab_size  # noqa: E402
+from scalegrow.pipeline import DataOptions, grow, load_model, save_model, shrink  # noqa: E402
 from scalegrow.train.config import ScheduleConfig  # noqa: E402
-from scalegrow.train.data import (BatchPlan, TokenStream, batch, build_indexed, load_documents,  # noqa: E402
-                                  load_tokenizer, train_tokenizer)
 from scalegrow.train.schedule import learning_rate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,12 +143,12 @@ def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data:
         model.load_state_dict(state, strict=True)
     opt = torch.optim.AdamW(model.parameters(), lr=b.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     sched = ScheduleConfig(name=schedule, lr=b.lr, min_lr=b.min_lr, warmup_steps=max(1, round(b.warmup_fraction * steps)))
-    plan = BatchPlan(train_stream.num_samples, b.micro_batch_size, 1, 1, seed)
+    order = BatchOrder(train_stream.num_samples, b.micro_batch_size, 1, 1, seed)
     history, began = {"val": {0: evaluate(model, valid, b)}, "train": {}}, time.time()
     for step in tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, sched, steps)
-        loss = model.loss(batch(train_stream, plan.samples(step, 0, 0)))
+        loss = model.loss(batch(train_stream, order.samples(step, 0, 0)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -211,15 +212,15 @@ class Seed:
     def grown(self, method: str) -> dict:
         def make():
             src, ops, extra = self.ckpt / "small", GROWTH[method], {}
-            ligo = LigoOptions(steps=self.b.ligo_steps, data=str(self.data.prefix), tokenizer=str(self.tokenizer),
-                               seq_length=self.b.seq_length, micro_batch_size=self.b.micro_batch_size)
+            data = DataOptions(str(self.data.prefix), str(self.tokenizer), self.b.seq_length, self.b.micro_batch_size)
             for k, op in enumerate(ops):
                 last = k == len(ops) - 1
                 cfg = self.large if last else self.large.replace(num_layers=self.small.num_layers)
                 dst = self.ckpt / (method if last else f"{method}.{k}")
                 grow(src, dst, op, self.target_yaml(cfg, f"{method}.{k}"), seed=self.seed, overwrite=True,
-                     progress=False, ligo=ligo)
-                extra.update(json.loads((dst / "scalegrow.json").read_text()).get("ligo", {}))
+                     progress=False, options=methods.options_with(op, methods.GROW, steps=self.b.ligo_steps),
+                     data=data)
+                extra.update(json.loads((dst / "scalegrow.json").read_text())["details"].get("ligo", {}))
                 src = dst
             model = load_model(src)
             history, _ = train(model.cfg, model.state_dict(), "lemon", self.b.large_steps, self.data, self.b,
@@ -235,9 +236,9 @@ class Seed:
         def make():
             dst = self.ckpt / f"shrunk-{method}"
             if not (dst / "scalegrow.json").is_file():
-                calib = CalibOptions(data=str(self.data.prefix), tokens=self.b.calib_tokens,
-                                     tokenizer=str(self.tokenizer), seq_length=self.b.seq_length)
-                shrink(self.ckpt / "scratch", dst, method, self.target_yaml(self.small, "shrunk"), calib=calib,
+                data = DataOptions(str(self.data.prefix), str(self.tokenizer), self.b.seq_length)
+                shrink(self.ckpt / "scratch", dst, method, self.target_yaml(self.small, "shrunk"),
+                       options=methods.options_with(method, methods.SHRINK, tokens=self.b.calib_tokens), data=data,
                        overwrite=True, progress=False)
             model = load_model(dst)
             b = replace(self.b, lr=self.b.lr * lr_scale, min_lr=self.b.min_lr * lr_scale)

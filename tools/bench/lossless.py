@@ -13,9 +13,9 @@ import json
 import torch
 
 from scalegrow.config import ModelConfig
-from scalegrow.growth.lemon import LemonGrowth
+from scalegrow.executor import apply
 from scalegrow.model import GPT, init_weights
-from scalegrow.stream import grow_state_dict
+from scalegrow.operators.lemon import LemonGrowth
 
 BASE = dict(num_layers=4, hidden_size=128, num_attention_heads=8, ffn_hidden_size=384,
             padded_vocab_size=512, max_position_embeddings=128)
@@ -48,7 +48,7 @@ def measure(family: dict, shape: dict, seed: int) -> float:
             p.add_(torch.randn_like(p) * 0.05)
     op = LemonGrowth(src, dst, seed=seed)
     big = GPT(op.dst)
-    big.load_state_dict(grow_state_dict(op, small.state_dict()))
+    big.load_state_dict(apply(op, small.state_dict()))
     x = torch.randint(0, src.padded_vocab_size, (4, 128), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return (big(x) - small(x)).abs().max().item()

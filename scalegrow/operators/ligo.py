@@ -17,19 +17,17 @@ The grown weights are a learned linear function of the small ones, M = L_depth �
   j mod n (Net2Net-like) plus N(0, width_noise) to break the symmetry between copies; or "random":
   rows of N(0, 1) normalised to unit norm. With zero noise and equal sizes the operator is the identity.
 The operator has O(width² + depth²) parameters, not O(model). It is trained for ~100 steps with the
-LM loss through the functional large model (`LigoModel`), then materialised into plain weights.
-LiGO is not lossless: there is no norm correction.
+LM loss through the large model computed from it (`scalegrow.methods.ligo`), then materialised into
+plain weights by `LigoGrowth`. LiGO is not lossless: there is no norm correction.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from scalegrow import arch
 from scalegrow.config import ModelConfig
-from scalegrow.growth.base import GrowthOperator, require_equal, require_not_smaller
+from scalegrow.operators.base import Operator, require_equal, require_not_smaller
 
 DEPTH_TYPES = ("input_layernorm", "qkv", "proj", "pre_mlp_layernorm", "fc1", "fc2")
 
@@ -136,41 +134,17 @@ class LigoOperator(nn.Module):
         """All large weights (reference-model names) from the small ones, differentiably."""
         s, d = self.src, self.dst
         big = {name: small[name] @ self.b_emb.T for name in (spec.name for spec in arch.embedding_specs(s))}
-        for spec in arch.layer_specs(s):
+        for spec in arch.layer_specs(s, 0):
             stacked = torch.stack([small[arch.layer_key(i, spec.name)] for i in range(s.num_layers)])
             grown = self.mix(spec.name, self.widen(spec.name, stacked))
             big.update({arch.layer_key(j, spec.name): grown[j] for j in range(d.num_layers)})
-        for spec in arch.head_specs(s):  # final norm and (untied) output layer: B_emb
-            big[spec.name] = small[spec.name] @ self.b_emb.T
+        head = [spec.name for spec in arch.final_norm_specs(s)] + ([] if s.tied else [arch.OUTPUT_LAYER])
+        for name in head:  # final norm and (untied) output layer: B_emb
+            big[name] = small[name] @ self.b_emb.T
         return big
 
 
-class LigoModel(nn.Module):
-    """The large model as a function of the operator: frozen small weights (buffers), the operator
-    (the only parameters, so ZeRO partitions and trains just these), and a meta-device GPT skeleton run
-    through `torch.func.functional_call`. forward(tokens, labels) -> loss, like the GPT."""
-
-    def __init__(self, operator: LigoOperator, small: dict[str, torch.Tensor]):
-        super().__init__()
-        from scalegrow.model import GPT
-
-        self.operator = operator
-        self._names = {}
-        for i, (name, tensor) in enumerate(small.items()):
-            self.register_buffer(f"small_{i}", tensor.detach().float().clone(), persistent=False)
-            self._names[f"small_{i}"] = name
-        with torch.device("meta"):
-            self.__dict__["skeleton"] = GPT(operator.dst)  # not a submodule: it owns no parameters here
-
-    def small(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, buf) for buf, name in self._names.items()}
-
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        weights = self.operator(self.small())
-        return torch.func.functional_call(self.skeleton, weights, (tokens, labels))
-
-
-class LigoGrowth(GrowthOperator):
+class LigoGrowth(Operator):
     """A trained LigoOperator behind the streaming executor's interface (materialisation)."""
 
     name = "ligo"
@@ -205,13 +179,13 @@ class LigoGrowth(GrowthOperator):
         return tuple(range(self.src.num_layers))  # every target layer mixes all source layers
 
     @torch.no_grad()
-    def grow_embeddings(self, tensors):
+    def map_embeddings(self, tensors):
         return {k: v.float() @ self.operator.b_emb.T for k, v in tensors.items()}
 
     @torch.no_grad()
-    def grow_layer(self, index, sources, specs):
+    def map_layer(self, index, sources):
         out = {}
-        for spec in specs:
+        for spec in self.layer_specs(index):
             if spec.name not in self._widened:  # widen each source tensor once, reuse for every target
                 stacked = torch.stack([sources[i][spec.name].float() for i in range(self.src.num_layers)])
                 self._widened[spec.name] = self.operator.widen(spec.name, stacked)
@@ -219,7 +193,7 @@ class LigoGrowth(GrowthOperator):
         return out
 
     @torch.no_grad()
-    def grow_head(self, tensors):
+    def map_head(self, tensors):
         return {k: v.float() @ self.operator.b_emb.T for k, v in tensors.items()}
 
 
@@ -227,10 +201,3 @@ def identity_like(src: ModelConfig) -> LigoOperator:
     """A same-size operator that reproduces the source exactly (tests, sanity)."""
     return LigoOperator(src, src, width_noise=0.0, depth_noise=0.0)
 
-
-def operator_lr(step: int, lr: float, warmup: int, steps: int) -> float:
-    """The operator's own schedule: linear warmup, cosine to 10% of the peak."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))

@@ -1,12 +1,15 @@
 """Data the Megatron way: a sentencepiece tokenizer, documents from `datasets`, a megatron-core indexed
 dataset (`.bin/.idx`) per split, and deterministic batches that are a pure function of the step.
+Training, calibration, LiGO's operator training and `scalegrow eval` all read tokens through here.
 
 The embedded default corpus is the Python standard library's own source files: every machine with
 Python has it, so the quickstart and the tests need no download.
 """
 from __future__ import annotations
 
+import contextlib
 import sysconfig
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +150,7 @@ class TokenStream:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchOrder:
     """Which samples each rank sees: a pure function of (step, micro-step, rank), so a resumed run
     reads exactly the batches an uninterrupted one would."""
 
@@ -180,3 +183,36 @@ def _permutation(n: int, seed: int) -> np.ndarray:
 def batch(stream: TokenStream, samples: list[int]) -> torch.Tensor:
     """[len(samples), seq_length + 1] token ids."""
     return torch.stack([stream.window(s) for s in samples])
+
+
+# ---- a corpus for a command (eval, calibration, LiGO) -------------------------------------------------
+@contextlib.contextmanager
+def corpus_streams(data: str, tokenizer: Path, seq_length: int, valid_fraction: float = 0.05,
+                   max_bytes: int = 4_000_000) -> Iterator[tuple[TokenStream, TokenStream]]:
+    """(train, valid) token streams of `data`: a preprocessed .bin/.idx prefix as it is, or any corpus
+    (including 'embedded') tokenized into a temporary indexed dataset for the duration."""
+    if data != EMBEDDED and Path(f"{data}_train.idx").is_file():
+        yield TokenStream(f"{data}_train", seq_length), TokenStream(f"{data}_valid", seq_length)
+        return
+    with tempfile.TemporaryDirectory(prefix="scalegrow-data-") as tmp:
+        prefix = Path(tmp) / "corpus"
+        build_indexed(load_documents(data, max_bytes), load_tokenizer(tokenizer), prefix, valid_fraction)
+        yield TokenStream(f"{prefix}_train", seq_length), TokenStream(f"{prefix}_valid", seq_length)
+
+
+def tokenizer_near(checkpoint: str | Path) -> Path | None:
+    """The tokenizer.model shipped with a checkpoint (an export, or a run's checkpoints/data dir)."""
+    root = Path(checkpoint)
+    for candidate in (root / "tokenizer.model", root.parent / "export" / "tokenizer.model",
+                      root.parent / "data" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def source_tokenizer(src_path, tokenizer: str | None) -> Path:
+    """--tokenizer, else the tokenizer.model that ships with the checkpoint."""
+    found = Path(tokenizer) if tokenizer else tokenizer_near(src_path)
+    if found is None or not found.is_file():
+        raise InputError(f"--tokenizer: {src_path} ships no tokenizer.model; pass the source's tokenizer")
+    return found

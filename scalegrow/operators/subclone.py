@@ -20,13 +20,13 @@ Weight subcloning initialises a smaller transformer from a larger trained one:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from scalegrow.arch import Role
 from scalegrow.config import ModelConfig
-from scalegrow.growth.base import GrowthOperator, require_equal
-from scalegrow.growth.calibrate import CalibrationStats, mlp_output_scales
+from scalegrow.operators.base import Operator, require_equal
 
 SHRINK_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
@@ -44,7 +44,40 @@ class Selection:
     scales: dict | None = None
 
 
-class SliceOperator(GrowthOperator):
+@dataclass
+class NormSite:
+    """Per-dimension moments of one norm's input (the residual stream there), over calibration tokens."""
+
+    mean: torch.Tensor  # E[x_d]
+    mean_sq: torch.Tensor  # E[x_d²]
+    mean_abs: torch.Tensor  # E[|x_d|]
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "NormSite":
+        flat = x.reshape(-1, x.shape[-1]).double()
+        return cls(flat.mean(0), (flat ** 2).mean(0), flat.abs().mean(0))
+
+
+@dataclass
+class CalibrationStats:
+    """What subcloning ranks by (§3): magnitudes of residual dimensions, heads and FFN neurons, and
+    how much each block changes its input (gathered by `scalegrow.methods.subclone.calibrate`)."""
+
+    input_norms: list[NormSite] = field(default_factory=list)  # per layer: input_layernorm's input
+    mlp_norms: list[NormSite] = field(default_factory=list)  # per layer: pre_mlp_layernorm's input
+    final_norm: NormSite | None = None
+    heads: list[torch.Tensor] = field(default_factory=list)  # per layer: E|head output| per q head [np]
+    neurons: list[torch.Tensor] = field(default_factory=list)  # per layer: E|activation| per neuron [F]
+    block_change: list[float] = field(default_factory=list)  # per layer: E ‖block(x) − x‖ / ‖x‖
+    tokens: int = 0
+
+    def residual_importance(self) -> torch.Tensor:
+        """One global ranking of residual dimensions: E|x_d| averaged over every norm site."""
+        sites = self.input_norms + self.mlp_norms + [self.final_norm]
+        return torch.stack([s.mean_abs for s in sites]).mean(0)
+
+
+class SliceOperator(Operator):
     """Keeps a `Selection` of the source: every weight is a slice (shrinking needs no arithmetic)."""
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
@@ -58,26 +91,29 @@ class SliceOperator(GrowthOperator):
             raise ValueError(f"num_attention_heads: target has {dst.heads_per_group} q heads per group, more "
                              f"than the source's {src.heads_per_group}")
 
-    def select(self) -> Selection:
-        raise NotImplementedError
+    sel: Selection | None = None
 
-    def setup(self) -> None:
-        self.sel = self.select()
+    def details(self) -> dict:
+        out = {"kept_layers": self.sel.layers}
+        if self.sel.scales is not None:
+            out["mlp_output_scales"] = {str(k): v for k, v in self.sel.scales.items()}
+        return out
 
     def layer_sources(self, index: int) -> tuple[int, ...]:
+        assert self.sel is not None, f"{self.name}: no selection yet (its prepare step has not run)"
         return (self.sel.layers[index],)
 
-    def grow_embeddings(self, tensors):
+    def map_embeddings(self, tensors):
         return {k: v[:, self.sel.dims] for k, v in tensors.items()}
 
-    def grow_head(self, tensors):
+    def map_head(self, tensors):
         return {name: t[self.sel.dims] if "final_layernorm" in name else t[:, self.sel.dims]
                 for name, t in tensors.items()}
 
-    def grow_layer(self, index, sources, specs):
+    def map_layer(self, index, sources):
         t = sources[self.sel.layers[index]]
         mlp = (self.sel.scales or {}).get(index, 1.0)
-        out = {spec.name: self._slice(spec.role, spec.name, t, index) for spec in specs}
+        out = {spec.name: self._slice(spec.role, spec.name, t, index) for spec in self.layer_specs(index)}
         if mlp != 1.0:
             out["mlp.linear_fc2.weight"] = out["mlp.linear_fc2.weight"] * mlp
         return out
@@ -85,23 +121,23 @@ class SliceOperator(GrowthOperator):
     def _slice(self, role: str, name: str, tensors: dict, j: int) -> torch.Tensor:
         s, sel, t = self.src, self.sel, tensors[name]
         dims, groups, heads, neurons = sel.dims, sel.groups[j], sel.heads[j], sel.neurons[j]
-        if role in ("norm_weight", "norm_bias", "out_bias"):
+        if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS):
             return t[dims]
         per, hn = s.heads_per_group, s.kv_channels
-        if role in ("qkv_weight", "qkv_bias"):
+        if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             # [ng*(per+2)*hn, ...] -> [ng, per+2, hn, ...]: keep groups, their chosen q heads, k and v
             blocks = t.reshape(s.num_query_groups, per + 2, hn, *t.shape[1:])[groups]
             slots = torch.cat([heads, torch.tensor([per, per + 1]).expand(len(groups), 2)], dim=1)
             rows = torch.stack([blocks[g, slots[g]] for g in range(len(groups))]).flatten(0, 2)
-            return rows[:, dims] if role == "qkv_weight" else rows
-        if role == "proj_weight":
+            return rows[:, dims] if role == Role.QKV_WEIGHT else rows
+        if role == Role.PROJ_WEIGHT:
             q_heads = (groups[:, None] * per + heads).flatten()  # global q-head indices, group-major
             cols = t.reshape(t.shape[0], s.num_attention_heads, hn)[:, q_heads].flatten(1)
             return cols[dims]
-        if role in ("fc1_weight", "fc1_bias"):
+        if role in (Role.FC1_WEIGHT, Role.FC1_BIAS):
             halves = t.reshape(2 if s.swiglu else 1, s.ffn_hidden_size, *t.shape[1:])[:, neurons].flatten(0, 1)
-            return halves[:, dims] if role == "fc1_weight" else halves
-        if role == "fc2_weight":
+            return halves[:, dims] if role == Role.FC1_WEIGHT else halves
+        if role == Role.FC2_WEIGHT:
             return t[dims][:, neurons]
         raise AssertionError(f"no slicing rule for {role!r} ({name})")
 
@@ -111,28 +147,23 @@ class DropLayers(SliceOperator):
 
     name = "drop-layers"
 
-    def select(self) -> Selection:
+    def setup(self) -> None:
         s, d = self.src, self.dst
         layers = [i * s.num_layers // d.num_layers for i in range(d.num_layers)]
         first = [torch.arange(n) for n in (d.num_query_groups, d.ffn_hidden_size)]
         heads = torch.arange(d.heads_per_group).expand(d.num_query_groups, -1)
-        return Selection(layers, torch.arange(d.hidden_size), [first[0]] * d.num_layers,
-                         [heads] * d.num_layers, [first[1]] * d.num_layers)
+        self.sel = Selection(layers, torch.arange(d.hidden_size), [first[0]] * d.num_layers,
+                             [heads] * d.num_layers, [first[1]] * d.num_layers)
 
 
 class Subclone(SliceOperator):
-    """Weight subcloning from calibration statistics (see the module docstring)."""
+    """Weight subcloning: the selection comes from calibration statistics (`select`), the FFN
+    rescale from a second calibration pass (`sel.scales`); see the module docstring."""
 
     name = "subclone"
 
-    def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0, stats: CalibrationStats | None = None):
-        if stats is None:
-            raise ValueError("subclone needs calibration statistics")
-        self.stats = stats
-        super().__init__(src, dst, seed)
-
-    def select(self) -> Selection:
-        s, d, st = self.src, self.dst, self.stats
+    def select(self, stats: CalibrationStats) -> None:
+        s, d, st = self.src, self.dst, stats
         layers = keep_layers(st.block_change, d.num_layers)
         dims = top(st.residual_importance(), d.hidden_size)
         groups, heads, neurons = [], [], []
@@ -142,11 +173,7 @@ class Subclone(SliceOperator):
             groups.append(g)
             heads.append(torch.stack([top(per_head[k], d.heads_per_group) for k in g.tolist()]))
             neurons.append(top(st.neurons[i], d.ffn_hidden_size))
-        return Selection(layers, dims, groups, heads, neurons)
-
-    def fit_rescale(self, reader, tokens: torch.Tensor) -> None:
-        """Measure and apply the MLP-output rescale (a second calibration pass)."""
-        self.sel.scales = mlp_output_scales(reader, self.src, tokens, self)
+        self.sel = Selection(layers, dims, groups, heads, neurons)
 
 
 def top(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Peer growth methods, the baselines of issue 7 (see ../shared/METHODS.md).
+"""Peer growth methods, the baselines of the growth-savings comparison (docs/METHODS.md).
 
 - `stack`: StackBERT / progressive stacking (Gong et al., ICML 2019, "Efficient training of BERT by
   progressively stacking", §3): depth only; target layer j copies source layer j mod L. Not lossless.
@@ -17,26 +17,27 @@ from __future__ import annotations
 
 import torch
 
+from scalegrow.arch import Role
 from scalegrow.config import ModelConfig
-from scalegrow.growth.base import GrowthOperator, require_equal, require_not_smaller
-from scalegrow.growth.lemon import LemonGrowth, head_map, qkv_block_map
-from scalegrow.growth.maps import Noise, UnitMap
+from scalegrow.operators.base import Operator, require_equal, require_not_smaller
+from scalegrow.operators.lemon import LemonGrowth, head_map, qkv_block_map
+from scalegrow.operators.maps import Noise, UnitMap
 
 WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 OUTPUT_PROJECTIONS = ("self_attention.linear_proj.", "mlp.linear_fc2.")
 
 
-class _DepthOnly(GrowthOperator):
+class _DepthOnly(Operator):
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
         for key in WIDTH_KEYS + ("kv_channels",):
             require_equal(src, dst, key, why=f"{self.name} grows depth only")
         require_not_smaller(src, dst, ("num_layers",))
 
-    def grow_embeddings(self, tensors):
+    def map_embeddings(self, tensors):
         return dict(tensors)
 
-    def grow_head(self, tensors):
+    def map_head(self, tensors):
         return dict(tensors)
 
 
@@ -46,9 +47,9 @@ class Stack(_DepthOnly):
     def layer_sources(self, index: int) -> tuple[int, ...]:
         return (index % self.src.num_layers,)
 
-    def grow_layer(self, index, sources, specs):
+    def map_layer(self, index, sources):
         layer = sources[index % self.src.num_layers]
-        return {spec.name: layer[spec.name] for spec in specs}
+        return {spec.name: layer[spec.name] for spec in self.layer_specs(index)}
 
 
 class LlamaPro(_DepthOnly):
@@ -57,16 +58,16 @@ class LlamaPro(_DepthOnly):
     def setup(self) -> None:
         n, added = self.src.num_layers, self.dst.num_layers - self.src.num_layers
         after = [-(-(g + 1) * n // added) - 1 for g in range(added)]  # last layer of each of the P groups
-        self.plan = []  # (source layer, is a new identity block)
+        self.depth_map = []  # per target layer: (source layer, is a new identity block)
         for i in range(n):
-            self.plan += [(i, False)] + [(i, True)] * after.count(i)
+            self.depth_map += [(i, False)] + [(i, True)] * after.count(i)
 
     def layer_sources(self, index: int) -> tuple[int, ...]:
-        return (self.plan[index][0],)
+        return (self.depth_map[index][0],)
 
-    def grow_layer(self, index, sources, specs):
-        src, new = self.plan[index]
-        out = {spec.name: sources[src][spec.name] for spec in specs}
+    def map_layer(self, index, sources):
+        src, new = self.depth_map[index]
+        out = {spec.name: sources[src][spec.name] for spec in self.layer_specs(index)}
         if new:
             out.update({k: torch.zeros_like(v) for k, v in out.items() if k.startswith(OUTPUT_PROJECTIONS)})
         return out
@@ -99,7 +100,7 @@ class HyperCloning(LemonGrowth):
         super().setup()
         self.std = 0.0  # W/n exactly: clones stay identical until training moves them
 
-    def grow_head(self, tensors):
+    def map_head(self, tensors):
         out = {}
         for name, t in tensors.items():
             t = t.float()
@@ -113,7 +114,7 @@ class HyperCloning(LemonGrowth):
         return self.stream.expand(gamma, 0)
 
 
-class Bert2BertAKI(GrowthOperator):
+class Bert2BertAKI(Operator):
     name = "bert2bert-aki"
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
@@ -134,10 +135,10 @@ class Bert2BertAKI(GrowthOperator):
         i = index % self.src.num_layers
         return (i, min(i + 1, self.src.num_layers - 1))
 
-    def grow_embeddings(self, tensors):
+    def map_embeddings(self, tensors):
         return {k: self.hidden.expand(v.float(), 1) for k, v in tensors.items()}
 
-    def grow_head(self, tensors):
+    def map_head(self, tensors):
         out = {}
         for name, t in tensors.items():
             t = t.float()
@@ -149,10 +150,10 @@ class Bert2BertAKI(GrowthOperator):
                 out[name] = self.hidden.split_fanin(t, 1, self.equal)
         return out
 
-    def grow_layer(self, index, sources, specs):
+    def map_layer(self, index, sources):
         here, nxt = (sources[i] for i in self.layer_sources(index))
         return {spec.name: self._grow(spec.role, here[spec.name].float(), nxt[spec.name].float())
-                for spec in specs}
+                for spec in self.layer_specs(index)}
 
     def _aki(self, units: UnitMap, here: torch.Tensor, nxt: torch.Tensor, dim: int) -> torch.Tensor:
         """Copies of each unit: the first from this layer, the later ones from the next layer."""
@@ -166,19 +167,19 @@ class Bert2BertAKI(GrowthOperator):
 
     def _grow(self, role: str, t: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         s, hn = self.src, self.src.kv_channels
-        if role in ("norm_weight", "norm_bias", "out_bias"):
+        if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS):
             return self.hidden.expand(t, 0)
-        if role in ("qkv_weight", "qkv_bias"):
+        if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             blocks = [x.reshape(self.blocks.n_src, hn, *x.shape[1:]) for x in (t, nxt)]
             rows = self._aki(self.blocks, blocks[0], blocks[1], 0).flatten(0, 1)
-            return self.hidden.split_fanin(rows, 1, self.equal) if role == "qkv_weight" else rows
-        if role == "proj_weight":
+            return self.hidden.split_fanin(rows, 1, self.equal) if role == Role.QKV_WEIGHT else rows
+        if role == Role.PROJ_WEIGHT:
             heads = self.hidden.expand(t, 0).reshape(-1, self.heads.n_src, hn)
             return self.heads.split_fanin(heads, 1, self.equal).flatten(1)
-        if role in ("fc1_weight", "fc1_bias"):
+        if role in (Role.FC1_WEIGHT, Role.FC1_BIAS):
             halves = [x.reshape(2 if s.swiglu else 1, self.neurons.n_src, *x.shape[1:]) for x in (t, nxt)]
             rows = self._aki(self.neurons, halves[0], halves[1], 1).flatten(0, 1)
-            return self.hidden.split_fanin(rows, 1, self.equal) if role == "fc1_weight" else rows
-        if role == "fc2_weight":
+            return self.hidden.split_fanin(rows, 1, self.equal) if role == Role.FC1_WEIGHT else rows
+        if role == Role.FC2_WEIGHT:
             return self.neurons.split_fanin(self.hidden.expand(t, 0), 1, self.equal)
         raise AssertionError(f"bert2bert-aki has no rule for role {role!r}")

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from scalegrow.arch import Role
 from scalegrow.config import ModelConfig
-from scalegrow.growth.base import GrowthOperator, require_equal, require_not_smaller
-from scalegrow.growth.maps import Noise, ResidualMap, UnitMap, seeded_generator
+from scalegrow.operators.base import Operator, require_equal, require_not_smaller
+from scalegrow.operators.maps import Noise, ResidualMap, UnitMap, seeded_generator
 
 
-def depth_plan(src_layers: int, dst_layers: int) -> list[tuple[int, bool]]:
+def depth_map(src_layers: int, dst_layers: int) -> list[tuple[int, bool]]:
     """Per target layer: (source layer it comes from, is it a new identity block).
 
     One application grows n -> m <= 2n: the first 2n - m layers map 1:1, then each remaining layer is
@@ -60,7 +61,7 @@ def head_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
     return UnitMap(index.flatten(), src.num_attention_heads)
 
 
-class LemonGrowth(GrowthOperator):
+class LemonGrowth(Operator):
     name = "lemon"
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
@@ -85,28 +86,28 @@ class LemonGrowth(GrowthOperator):
         self.blocks = qkv_block_map(src, dst)
         self.heads = head_map(src, dst)
         self.neurons = UnitMap.circular(src.ffn_hidden_size, dst.ffn_hidden_size)
-        self.plan = depth_plan(src.num_layers, dst.num_layers)
+        self.depth_map = depth_map(src.num_layers, dst.num_layers)
         self.std = dst.init_method_std
 
-    # ---- plan --------------------------------------------------------------------------------
+    # ---- which source layer ------------------------------------------------------------------
     def layer_sources(self, index: int) -> tuple[int, ...]:
-        return (self.plan[index][0],)
+        return (self.depth_map[index][0],)
 
     # ---- tensors -----------------------------------------------------------------------------
-    def grow_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: self.stream.expand(t.float(), dim=1) for name, t in tensors.items()}
 
-    def grow_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]],
-                   specs) -> dict[str, torch.Tensor]:
-        src_layer, is_new = self.plan[index]
+    def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        src_layer, is_new = self.depth_map[index]
         tensors = {name: t.float() for name, t in sources[src_layer].items()}
         if is_new:  # §4.3: output projections of a new block start at zero (cancelling once split)
             for name, t in tensors.items():
                 if name.startswith(("self_attention.linear_proj.", "mlp.linear_fc2.")):
                     tensors[name] = torch.zeros_like(t)
-        return {spec.name: self._grow(spec.role, spec.name, tensors[spec.name], index) for spec in specs}
+        return {spec.name: self._grow(spec.role, spec.name, tensors[spec.name], index)
+                for spec in self.layer_specs(index)}
 
-    def grow_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         tied_scale = 1.0 / self.stream.k if self.src.tied else 1.0
         for name, t in tensors.items():
@@ -135,25 +136,25 @@ class LemonGrowth(GrowthOperator):
     def _grow(self, role: str, name: str, t: torch.Tensor, index: int) -> torch.Tensor:
         noise = self._noise(index, name)
         hn = self.src.kv_channels
-        if role == "norm_weight":
+        if role == Role.NORM_WEIGHT:
             return self._norm_weight(t)
-        if role == "norm_bias":
+        if role == Role.NORM_BIAS:
             return self._norm_bias(t)
-        if role == "out_bias":
+        if role == Role.OUT_BIAS:
             return self.stream.expand(t, 0)
-        if role in ("qkv_weight", "qkv_bias"):
+        if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             # [ng*(per+2)*hn, ...] -> [ng*(per+2), hn, ...]: replicate whole row blocks
             blocks = t.reshape(self.blocks.n_src, hn, *t.shape[1:])
             rows = self.blocks.expand(blocks, 0).flatten(0, 1)
-            return rows if role == "qkv_bias" else self.stream.split_fanin(rows, 1, noise)
-        if role == "proj_weight":
+            return rows if role == Role.QKV_BIAS else self.stream.split_fanin(rows, 1, noise)
+        if role == Role.PROJ_WEIGHT:
             rows = self.stream.expand(t, 0)  # [D_T, np_S*hn]
             heads = rows.reshape(rows.shape[0], self.heads.n_src, hn)  # [D_T, np_S, hn]
             return self.heads.split_fanin(heads, 1, noise).flatten(1)
-        if role in ("fc1_weight", "fc1_bias"):
+        if role in (Role.FC1_WEIGHT, Role.FC1_BIAS):
             halves = t.reshape(2 if self.src.swiglu else 1, self.neurons.n_src, *t.shape[1:])
             rows = self.neurons.expand(halves, 1).flatten(0, 1)  # gate and up rows move together
-            return rows if role == "fc1_bias" else self.stream.split_fanin(rows, 1, noise)
-        if role == "fc2_weight":
+            return rows if role == Role.FC1_BIAS else self.stream.split_fanin(rows, 1, noise)
+        if role == Role.FC2_WEIGHT:
             return self.neurons.split_fanin(self.stream.expand(t, 0), 1, noise)
         raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")

@@ -1,7 +1,9 @@
-"""The growth-operator interface: pure functions on full (unsharded) per-layer tensors.
+"""The operator interface: pure functions from a source model's tensors to a target model's.
 
-An operator never sees TP/PP or files. The executor (`scalegrow.stream`) hands it merged source
-tensors under megatron-core names and shards whatever it returns.
+An operator (growth, shrink, or identity) maps full (unsharded) tensors under megatron-core names,
+one part of the model at a time: the embeddings, each target layer from the source layers it names,
+and the head. It never sees TP/PP, files or data; the executor (`scalegrow.executor`) feeds it and
+hands its results to a format's writer.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from scalegrow import arch
 from scalegrow.arch import TensorSpec
 from scalegrow.config import ModelConfig
 
@@ -32,8 +35,9 @@ def require_not_smaller(src: ModelConfig, dst: ModelConfig, keys: Iterable[str])
                              f"{getattr(src, key)}; grow only grows (use `scalegrow shrink`)")
 
 
-class GrowthOperator:
-    """Subclasses set `name` and implement the `grow_*` methods; `setup` precomputes maps."""
+class Operator:
+    """Subclasses set `name` and implement `layer_sources` and the `map_*` methods; `setup`
+    precomputes whatever maps they share."""
 
     name = ""
 
@@ -55,19 +59,26 @@ class GrowthOperator:
     def setup(self) -> None:
         pass
 
+    def details(self) -> dict:
+        """What this operator decided, for `scalegrow.json` (e.g. which layers a shrink kept)."""
+        return {}
+
+    def layer_specs(self, index: int) -> list[TensorSpec]:
+        """The tensors target layer `index` must have."""
+        return arch.layer_specs(self.dst, index)
+
     def layer_sources(self, index: int) -> tuple[int, ...]:
         """Source layers that target layer `index` reads."""
         raise NotImplementedError
 
-    def grow_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def grow_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]],
-                   specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
-        """Target layer `index` from its source layers; returns every tensor in `specs`."""
+    def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Target layer `index` from its source layers (by source index); every tensor of `layer_specs`."""
         raise NotImplementedError
 
-    def grow_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Final norm and output layer. For tied models the word embeddings come under the
         `output_layer.weight` name and the result is the target's tied output weight."""
         raise NotImplementedError

@@ -1,7 +1,8 @@
-"""Tensor-parallel split/merge and pipeline stage layout (DESIGN §4).
+"""Parallel layouts: tensor-parallel split/merge by `TensorSpec`, and pipeline stages.
 
-Everything here works from a `TensorSpec`: the split axis and the fused layout say how a full tensor
-maps onto TP ranks, so growth operators never see shards.
+A `Layout` is how a checkpoint is partitioned: its TP size and its pipeline `Stages` (how many
+layers each stage holds). Everything here works from a `TensorSpec`: the split axis and the packing
+say how a full tensor maps onto TP ranks, so operators never see shards.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def split(spec: TensorSpec, full: torch.Tensor, tp: int) -> list[torch.Tensor]:
     """Full tensor -> `tp` contiguous shards, rank order."""
     if spec.tp_axis is None or tp == 1:
         return [full] * tp
-    if spec.layout == SWIGLU:
+    if spec.packing == SWIGLU:
         # [gate; up] -> rank r holds [gate_r; up_r]
         gate, up = full.chunk(2, dim=0)
         return [torch.cat(pair, dim=0) for pair in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0))]
@@ -30,7 +31,7 @@ def merge(spec: TensorSpec, shards: list[torch.Tensor]) -> torch.Tensor:
     """TP shards, rank order -> the full tensor. Replicated tensors come from rank 0."""
     if spec.tp_axis is None or len(shards) == 1:
         return shards[0]
-    if spec.layout == SWIGLU:
+    if spec.packing == SWIGLU:
         halves = [s.chunk(2, dim=0) for s in shards]  # each rank: [gate_r; up_r]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(shards, dim=spec.tp_axis)
@@ -46,7 +47,7 @@ def shard_shape(spec: TensorSpec, shape: tuple[int, ...], tp: int) -> tuple[int,
 
 def pad_vocab(spec: TensorSpec, full: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
     """Trim or zero-extend the vocabulary rows of an embedding/output tensor to `padded_vocab_size`."""
-    assert spec.layout == VOCAB
+    assert spec.packing == VOCAB
     rows = full.shape[0]
     if rows >= padded_vocab_size:
         return full[:padded_vocab_size]
@@ -61,7 +62,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 @dataclass(frozen=True)
-class StageLayout:
+class Stages:
     """How `num_layers` transformer layers sit on pipeline stages."""
 
     layers_per_stage: tuple[int, ...]
@@ -77,6 +78,11 @@ class StageLayout:
     def first_layer(self, stage: int) -> int:
         return sum(self.layers_per_stage[:stage])
 
+    def layers(self, stage: int) -> range:
+        """Global indices of the layers on `stage`."""
+        first = self.first_layer(stage)
+        return range(first, first + self.layers_per_stage[stage])
+
     def locate(self, layer: int) -> tuple[int, int]:
         """Global layer index -> (stage, index local to that stage)."""
         for stage, count in enumerate(self.layers_per_stage):
@@ -86,8 +92,7 @@ class StageLayout:
         raise IndexError(f"layer {layer} beyond {self.num_layers} layers")
 
     @classmethod
-    def build(cls, num_layers: int, pp: int, first: int | None = None,
-              last: int | None = None) -> "StageLayout":
+    def build(cls, num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> "Stages":
         """Even split, or Megatron's uneven split with explicit first/last stage layer counts."""
         if pp < 1:
             raise ValueError(f"pipeline parallel size must be >= 1, got {pp}")
@@ -110,10 +115,27 @@ class StageLayout:
         return cls(tuple(counts))
 
     def megatron_args(self) -> dict[str, int | None]:
-        """The `decoder_{first,last}_pipeline_num_layers` args that reproduce this layout."""
-        even = StageLayout.build(self.num_layers, self.pp) if self.num_layers % self.pp == 0 else None
+        """The `decoder_{first,last}_pipeline_num_layers` args that reproduce this split."""
+        even = Stages.build(self.num_layers, self.pp) if self.num_layers % self.pp == 0 else None
         if even == self:
             return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None}
         first, last = self.layers_per_stage[0], self.layers_per_stage[-1]
         return {"decoder_first_pipeline_num_layers": first,
                 "decoder_last_pipeline_num_layers": last if self.pp > 1 else None}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint's parallel layout: tensor-parallel size and pipeline stages."""
+
+    tp: int
+    stages: Stages
+
+    @property
+    def pp(self) -> int:
+        return self.stages.pp
+
+    @classmethod
+    def single(cls, num_layers: int) -> "Layout":
+        """TP1/PP1: the whole model in one piece."""
+        return cls(1, Stages((num_layers,)))

@@ -9,7 +9,6 @@ allow-list (DeepSpeed's loss scaler and ZeRO-stage enum besides Megatron's); any
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -17,19 +16,16 @@ from pathlib import Path
 
 import torch
 
-from scalegrow import arch
-from scalegrow.checkpoint.base import Checkpoint
-from scalegrow.checkpoint.io import BASE_ALLOWED, megatron_allowed, safe_load
-from scalegrow.checkpoint.sharding import StageLayout
-from scalegrow.config import ModelConfig
-from scalegrow.errors import InputError
-
-META = "scalegrow.json"
+from scalegrow.arch import TensorSpec
+from scalegrow.formats.base import Format, Reader
+from scalegrow.formats.io import BASE_ALLOWED, megatron_allowed, safe_load
+from scalegrow.metadata import read_model
+from scalegrow.parallel import Layout
 
 
 def is_deepspeed(path: Path) -> bool:
     latest = path / "latest"
-    return latest.is_file() and any((path / latest.read_text().strip()).glob("*model_states.pt"))
+    return path.is_dir() and latest.is_file() and any((path / latest.read_text().strip()).glob("*model_states.pt"))
 
 
 def _deepspeed_allowed() -> list:
@@ -40,6 +36,16 @@ def _deepspeed_allowed() -> list:
     return BASE_ALLOWED + megatron_allowed() + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+class _Stderr:
+    """Whatever `sys.stderr` is when something is written (it may be replaced after set-up)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _deepspeed_logs_to_stderr() -> None:
     """scalegrow's commands print their results on stdout (verify: one JSON line); DeepSpeed's
     logger writes to the stdout of its first import (and logs while importing), so import it under
@@ -48,13 +54,13 @@ def _deepspeed_logs_to_stderr() -> None:
 
     from deepspeed.utils.logging import logger
 
-    for handler in logger.handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
-            handler.setStream(sys.stderr)
+    for handler in logger.handlers:  # DeepSpeed's own handler only (a test harness may add its own)
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _Stderr):
+            handler.setStream(_Stderr())
 
 
 @dataclass
-class DeepSpeedCheckpoint(Checkpoint):
+class DeepSpeedReader(Reader):
     tag: str = ""
     _state: dict | None = field(default=None, repr=False)
 
@@ -75,32 +81,19 @@ class DeepSpeedCheckpoint(Checkpoint):
                 self._state = get_fp32_state_dict_from_zero_checkpoint(str(self.root), tag=self.tag)
         return self._state
 
-    def layer(self, index: int) -> dict[str, torch.Tensor]:
-        return {s.name: self._sd()[arch.layer_key(index, s.name)] for s in arch.layer_specs(self.config)}
-
-    def embeddings(self) -> dict[str, torch.Tensor]:
-        return {s.name: self._sd()[s.name] for s in arch.embedding_specs(self.config)}
-
-    def head(self) -> dict[str, torch.Tensor]:
-        sd = self._sd()
-        out = {s.name: sd[s.name] for s in arch.head_specs(self.config) if s.role != "output_layer"}
-        out[arch.OUTPUT_LAYER] = sd[arch.WORD_EMBEDDINGS if self.config.tied else arch.OUTPUT_LAYER]
-        return out
+    def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
+        return self._sd()[key]
 
     def release(self) -> None:
         self._state = None
 
 
-def open_deepspeed(path: Path) -> DeepSpeedCheckpoint:
-    meta = path / META
-    try:
-        config = ModelConfig(**json.loads(meta.read_text())["model"])
-    except FileNotFoundError:
-        raise InputError(f"{meta}: missing (a DeepSpeed checkpoint needs the model config scalegrow "
-                         f"training writes beside it)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{meta}: unreadable model config ({exc})") from exc
+def open_deepspeed(path: Path) -> DeepSpeedReader:
+    config = read_model(path)
     tag = (path / "latest").read_text().strip()
     match = re.fullmatch(r"(?:step|global_step)(\d+)", tag)
-    return DeepSpeedCheckpoint(path, int(match.group(1)) if match else "release", config.to_megatron_args(), config,
-                               1, StageLayout((config.num_layers,)), torch.float32, tag)
+    return DeepSpeedReader(path, int(match.group(1)) if match else "release", None, config,
+                           Layout.single(config.num_layers), torch.float32, tag)
+
+
+FORMAT = Format("deepspeed", "DeepSpeed", is_deepspeed, open_deepspeed)

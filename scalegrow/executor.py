@@ -1,0 +1,84 @@
+"""The layer-by-layer executor: read -> map -> write, one target layer at a time.
+
+Target layers are produced in order, stage by stage. For each one the executor loads only the
+source layers the operator names (full tensors from the reader), applies the operator and hands the
+result to the writer, which shards, pads and stores it by its format's rules. Peak memory is a few
+layers. The same loop serves every command (grow, shrink, convert, save) and in-memory growth.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from scalegrow import arch
+from scalegrow.formats.base import MemoryReader, Reader, StateDictWriter, Writer
+from scalegrow.operators.base import Operator
+
+
+class LayerCache:
+    """The last few source layers, since consecutive target layers often read the same ones."""
+
+    def __init__(self, load: Callable[[int], dict[str, torch.Tensor]], size: int = 2):
+        self.load, self.size, self._layers = load, size, OrderedDict()
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._layers:
+            self._layers[index] = self.load(index)
+            while len(self._layers) > self.size:
+                self._layers.popitem(last=False)
+        self._layers.move_to_end(index)
+        return self._layers[index]
+
+
+def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, desc: str | None = None) -> None:
+    """Stream `op` applied to `source` into `writer`, one target stage and one layer at a time."""
+    stages = writer.layout.stages
+    reads = max(len(op.layer_sources(j)) for j in range(op.dst.num_layers))
+    cache = LayerCache(source.layer, size=max(2, reads))  # e.g. LiGO: every target layer reads all sources
+    bar = tqdm(total=op.dst.num_layers + 2, desc=desc or f"grow/{op.name}", unit="layer", disable=not progress)
+    for stage in range(stages.pp):
+        writer.open_stage(stage)
+        if stage == 0:
+            _write(writer, op.map_embeddings(source.embeddings()))
+            bar.update()
+        for j in stages.layers(stage):
+            grown = op.map_layer(j, {i: cache.get(i) for i in op.layer_sources(j)})
+            _write(writer, {arch.layer_key(j, k): v for k, v in grown.items()})
+            bar.update()
+        if stage == stages.pp - 1:
+            _write(writer, op.map_head(source.head()))
+            bar.update()
+        writer.close_stage()
+    bar.close()
+    source.release()
+    writer.finish()
+
+
+def _write(writer: Writer, tensors: dict[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
+        writer.write(key, tensor)
+
+
+def source_layers(source: Reader, progress: bool = False, desc: str = "layers") -> Iterator[tuple[int, dict]]:
+    """Every source layer in order, one at a time (what a prepare step walks, e.g. calibration);
+    the reader's caches are released at the end."""
+    try:
+        for i in tqdm(range(source.config.num_layers), desc=desc, unit="layer", disable=not progress):
+            yield i, source.layer(i)
+    finally:
+        source.release()
+
+
+def materialise(source: Reader, op: Operator) -> dict[str, torch.Tensor]:
+    """`op` applied to `source`, into a state dict in memory (reference-model names)."""
+    writer = StateDictWriter(op.dst)
+    run(source, op, writer, progress=False)
+    return writer.state
+
+
+def apply(op: Operator, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`op` applied to a whole state dict in memory (reference-model names in and out)."""
+    return materialise(MemoryReader.of(state_dict, op.src), op)

@@ -1,0 +1,173 @@
+"""What every checkpoint format offers: a `Reader` of full tensors, a `Writer` of full tensors, and
+the `Format` record that the registry lists.
+
+Readers and writers speak full (unsharded) tensors under megatron-core names; how those are sharded,
+padded or renamed on disk is each format's own business. Also here: readers over memory and over
+nothing (meta tensors, for plans), and a writer into memory.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from scalegrow import arch
+from scalegrow.arch import TensorSpec
+from scalegrow.config import ModelConfig
+from scalegrow.formats.io import file_digest_line
+from scalegrow.parallel import Layout
+
+
+@dataclass
+class Reader:
+    """A source: its config and layout, and full (unsharded) tensors on demand.
+    Subclasses implement `tensor` (and `files`, `release` where they have files or caches)."""
+
+    root: Path
+    iteration: int | str
+    args: argparse.Namespace | None  # Megatron-LM args carried over to Megatron outputs (None: defaults)
+    config: ModelConfig
+    layout: Layout
+    dtype: torch.dtype
+
+    format = ""
+    on_disk = True  # False for readers over memory or over nothing
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
+        """One full tensor by its global reference-model key."""
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        return []
+
+    def release(self) -> None:
+        """Drop whatever the reader keeps mapped or cached."""
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        return {s.name: self.tensor(s.name, s) for s in arch.embedding_specs(self.config)}
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s tensors under their layer-relative names."""
+        return {s.name: self.tensor(arch.layer_key(index, s.name), s) for s in arch.layer_specs(self.config, index)}
+
+    def head(self) -> dict[str, torch.Tensor]:
+        """Final norm plus the output weight under `output_layer.weight`: the word embeddings if tied."""
+        out = {s.name: self.tensor(s.name, s) for s in arch.final_norm_specs(self.config)}
+        out[arch.OUTPUT_LAYER] = self.tensor(arch.WORD_EMBEDDINGS if self.config.tied else arch.OUTPUT_LAYER,
+                                             arch.OUTPUT_SPEC)
+        return out
+
+    def state_dict(self, clone: bool = True) -> dict[str, torch.Tensor]:
+        """The whole model under reference-model names (TP1/PP1), for verify and training. `clone=False`
+        keeps mmap-backed views where the reader has them."""
+        copy = (lambda t: t.clone()) if clone else (lambda t: t)
+        sd = {key: copy(self.tensor(key, spec)) for key, spec in arch.model_specs(self.config)}
+        self.release()
+        return sd
+
+    def manifest_sha256(self) -> str:
+        """sha256 over (path, size, sha256 of the first MiB) of every file under the checkpoint root."""
+        lines = [file_digest_line(p, self.root) for p in sorted(self.root.rglob("*")) if p.is_file()]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+class Writer(Protocol):
+    """Takes full tensors under global keys, stage by stage in layer order. A writer meets its format's
+    rules itself: sharding, vocabulary padding, whether a tied output layer is stored, file metadata."""
+
+    layout: Layout
+
+    def open_stage(self, stage: int) -> None: ...
+
+    def write(self, key: str, tensor: torch.Tensor) -> None: ...
+
+    def close_stage(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Format:
+    """A checkpoint format as the registry lists it. `writer(out_dir, cfg, layout, source)` and
+    `target_config(cfg, tp, vocab_size)` (the format's vocabulary rule) exist for writable formats."""
+
+    name: str
+    description: str
+    detect: Callable[[Path], bool]
+    open: Callable[[Path], Reader]
+    writer: Callable[[Path, ModelConfig, Layout, Reader], Writer] | None = None
+    target_config: Callable[[ModelConfig, int, int | None], ModelConfig] | None = None
+
+
+# ---- readers and writers without a format -----------------------------------------------------------
+@dataclass
+class MemoryReader(Reader):
+    """A state dict in memory under reference-model names (TP1/PP1), e.g. a trained model to export."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    format = "memory"
+    on_disk = False
+
+    @classmethod
+    def of(cls, state_dict: dict[str, torch.Tensor], config: ModelConfig, iteration: int | str = "release",
+           args: argparse.Namespace | None = None, dtype: torch.dtype = torch.float32) -> "MemoryReader":
+        return cls(Path("<memory>"), iteration, args, config, Layout.single(config.num_layers), dtype,
+                   state_dict)
+
+    def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
+        return self.tensors[key]
+
+
+class MetaReader(Reader):
+    """A source with a checkpoint's shapes and no data: tensors on the meta device (plans)."""
+
+    format = "meta"
+    on_disk = False
+
+    @classmethod
+    def like(cls, source: Reader) -> "MetaReader":
+        return cls(Path("<meta>"), source.iteration, source.args, source.config, source.layout, source.dtype)
+
+    @classmethod
+    def of(cls, config: ModelConfig, tp: int = 1, dtype: torch.dtype = torch.bfloat16) -> "MetaReader":
+        """A `config`-shaped model stored at TP `tp` on one pipeline stage."""
+        return cls(Path("<meta>"), "release", None, config, Layout(tp, Layout.single(config.num_layers).stages),
+                   dtype)
+
+    def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
+        return torch.empty(arch.full_shape(self.config, spec), dtype=self.dtype, device="meta")
+
+
+class StateDictWriter:
+    """Collects full tensors into a reference-model state dict (TP1/PP1); a tied model's output layer
+    is its embedding, so it is not kept twice."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.layout = cfg, Layout.single(cfg.num_layers)
+        self.state: dict[str, torch.Tensor] = {}
+
+    def open_stage(self, stage: int) -> None:
+        pass
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if not (key == arch.OUTPUT_LAYER and self.cfg.tied):
+            self.state[key] = tensor
+
+    def close_stage(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass

@@ -1,0 +1,376 @@
+"""Megatron-LM legacy (`torch`) checkpoints at any TP/PP: reading, and the format's rules.
+
+    DIR/latest_checkpointed_iteration.txt               "1000" or "release"
+    DIR/iter_0001000/mp_rank_TT[_PPP]/model_optim_rng.pt
+
+Each file holds `args` (Megatron-LM's argparse Namespace), `checkpoint_version`, `iteration` and the
+stage's `model` state dict, whose layer keys are local to the stage. Stage 0 holds the embeddings, the
+last stage the final norm and the output layer, which a tied model stores only at PP > 1 (a copy of
+the word embeddings). `MegatronReader` opens one lazily (mmap) and serves full, TP-merged tensors;
+`MegatronWriter` streams any model into that layout.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scalegrow import arch, parallel
+from scalegrow.arch import TensorSpec
+from scalegrow.config import ModelConfig
+from scalegrow.errors import InputError
+from scalegrow.formats.base import Format, Reader
+from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
+from scalegrow.parallel import Layout, Stages
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILE_NAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+# ---- the format's rules -------------------------------------------------------------------------------
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def stage_specs(cfg: ModelConfig, stages: Stages, stage: int) -> list[tuple[str, TensorSpec]]:
+    """(global key, spec) of every tensor a stage stores, in megatron-core's state-dict order."""
+    out = [(s.name, s) for s in arch.embedding_specs(cfg)] if stage == 0 else []
+    for i in stages.layers(stage):
+        out += [(arch.layer_key(i, s.name), s) for s in arch.layer_specs(cfg, i)]
+    if stage == stages.pp - 1:
+        out += [(s.name, s) for s in arch.final_norm_specs(cfg)]
+        if not cfg.tied or stages.pp > 1:  # tied at PP > 1: the last stage keeps its own copy
+            out.append((arch.OUTPUT_LAYER, arch.OUTPUT_SPEC))
+    return out
+
+
+def local_key(key: str, stages: Stages) -> str:
+    """Global layer index -> the stage-local index Megatron stores."""
+    parsed = arch.split_layer_key(key)
+    if parsed is None:
+        return key
+    return arch.layer_key(stages.locate(parsed[0])[1], parsed[1])
+
+
+def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
+    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by × TP, so a new TP
+    can need other padding. The true size comes from --vocab-size or args.vocab_size; without
+    either, the padded rows are kept as the vocabulary (as Megatron's own converter does)."""
+    true_size = vocab_size or cfg.vocab_size
+    if true_size is not None and true_size > cfg.padded_vocab_size:
+        raise InputError(f"--vocab-size: {true_size} exceeds the checkpoint's {cfg.padded_vocab_size} "
+                         f"vocabulary rows")
+    padded = parallel.padded_vocab_size(true_size or cfg.padded_vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    return cfg.replace(padded_vocab_size=padded, vocab_size=true_size)
+
+
+def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Layout,
+                  iteration: int | str) -> argparse.Namespace:
+    """The args a written checkpoint carries: `base`'s, with this model, layout and iteration."""
+    args = cfg.to_megatron_args(base, tp=layout.tp, pp=layout.pp)
+    for key, value in layout.stages.megatron_args().items():
+        setattr(args, key, value)
+    if iteration != "release":
+        args.iteration = int(iteration)
+    return args
+
+
+def stored_tensor(cfg: ModelConfig, specs: dict[str, TensorSpec], key: str,
+                  full: torch.Tensor) -> tuple[TensorSpec, torch.Tensor] | None:
+    """What is stored under `key` (`specs`: what this file or checkpoint stores): its spec and the
+    tensor with vocabulary rows padded to `cfg`'s, the shape checked; None for a tied output layer
+    that is not stored (the word embeddings are it)."""
+    spec = specs.get(key)
+    if spec is None:
+        assert key == arch.OUTPUT_LAYER and cfg.tied, f"{key}: not a tensor stored here"
+        return None
+    if spec.packing == arch.VOCAB:
+        full = parallel.pad_vocab(spec, full, cfg.padded_vocab_size)
+    want = arch.full_shape(cfg, spec)
+    assert tuple(full.shape) == want, f"{key}: operator produced {tuple(full.shape)}, expected {want}"
+    return spec, full
+
+
+def canonical(model: dict) -> dict:
+    """Read Transformer-Engine spellings as the local spec's names; drop `_extra_state`."""
+    out = {}
+    for key, value in model.items():
+        if key.endswith("_extra_state"):
+            continue
+        parsed = arch.split_layer_key(key)
+        if parsed is not None:
+            key = arch.layer_key(parsed[0], arch.canonical_layer_name(parsed[1]))
+        out[key] = value
+    return out
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+@dataclass
+class MegatronReader(Reader):
+    """A legacy Megatron checkpoint, validated on open and read lazily afterwards."""
+
+    iter_dir: Path = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    format = "torch"
+
+    def file(self, tp_rank: int, stage: int) -> Path:
+        return self.iter_dir / rank_dir_name(tp_rank, stage, self.pp) / FILE_NAME
+
+    def files(self) -> list[Path]:
+        return [self.file(t, p) for p in range(self.pp) for t in range(self.tp)]
+
+    def _stage_models(self, stage: int) -> list[dict[str, torch.Tensor]]:
+        """The TP shards' `model` dicts of one stage (mmap); other stages are dropped from the cache."""
+        if stage not in self._cache:
+            self._cache.clear()
+            self._cache[stage] = [canonical(safe_load(self.file(t, stage))["model"]) for t in range(self.tp)]
+        return self._cache[stage]
+
+    def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
+        """One full (TP-merged) tensor by its global key, as a private copy: the mmap'd pages it
+        came from leave RSS at once, so memory never holds a whole source stage."""
+        parsed = arch.split_layer_key(key)
+        if parsed is not None:
+            stage = self.layout.stages.locate(parsed[0])[0]
+        else:
+            stage = 0 if key.startswith("embedding.") else self.pp - 1
+        shards = [m[local_key(key, self.layout.stages)] for m in self._stage_models(stage)]
+        if spec.tp_axis is None:
+            shards = shards[:1]  # replicated: rank 0's copy
+        full = parallel.merge(spec, shards)
+        full = full.clone() if full.data_ptr() == shards[0].data_ptr() else full
+        drop_mapped_pages(shards)
+        return full
+
+    def release(self) -> None:
+        self._cache.clear()
+
+
+def resolve_iteration_dir(path: Path) -> tuple[Path, Path, int | str]:
+    """(root, iteration dir, iteration) for a checkpoint root or an `iter_*`/`release` directory."""
+    if not path.is_dir():
+        raise InputError(f"{path}: no such checkpoint directory")
+    tracker = path / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise InputError(f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
+        iteration: int | str = text if text == "release" else int(text)
+        iter_dir = path / iteration_dir_name(iteration)
+        if not iter_dir.is_dir():
+            raise InputError(f"{iter_dir}: iteration directory named by {TRACKER} is missing")
+        return path, iter_dir, iteration
+    match = re.fullmatch(r"iter_(\d{7})", path.name)
+    if match or path.name == "release":
+        return path.parent, path, "release" if path.name == "release" else int(match.group(1))
+    raise InputError(f"{path}: not a Megatron checkpoint (no {TRACKER} and not an iter_*/release directory)")
+
+
+def open_megatron(path: str | Path) -> MegatronReader:
+    """Open and validate every rank: files present, args consistent, tensor names and shapes as
+    the args say. Errors are one-line `InputError`s naming the file, the key and both shapes."""
+    root, iter_dir, iteration = resolve_iteration_dir(Path(path))
+    first_file = iter_dir / rank_dir_name(0, 0, 1) / FILE_NAME
+    if not first_file.is_file():
+        first_file = iter_dir / rank_dir_name(0, 0, 2) / FILE_NAME
+    if not first_file.is_file():
+        raise InputError(f"{iter_dir}: no rank 0 file ({rank_dir_name(0, 0, 1)}/{FILE_NAME})")
+    state0 = safe_load(first_file)
+    args = require_args(state0, first_file)
+    config = config_from_args(args, first_file)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    _check_rank_dirs(iter_dir, tp, pp)
+    shapes: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
+    dtypes: set[torch.dtype] = set()
+    for stage in range(pp):
+        for t in range(tp):
+            file = iter_dir / rank_dir_name(t, stage, pp) / FILE_NAME
+            state = state0 if (t, stage) == (0, 0) else safe_load(file)
+            _check_same_args(file, require_args(state, file), first_file, args)
+            model = canonical(state["model"])
+            shapes[t, stage] = {k: tuple(v.shape) for k, v in model.items() if torch.is_tensor(v)}
+            dtypes.update(v.dtype for v in model.values() if torch.is_tensor(v))
+            del state, model
+    del state0
+    counts = [_count_layers(shapes[0, stage], iter_dir / rank_dir_name(0, stage, pp)) for stage in range(pp)]
+    stages = Stages(tuple(counts))
+    if stages.num_layers != config.num_layers:
+        raise InputError(f"{iter_dir}: stages hold {stages.num_layers} layers {counts}, args.num_layers "
+                         f"says {config.num_layers}")
+    if len(dtypes) > 1:
+        raise InputError(f"{iter_dir}: mixed tensor dtypes {sorted(map(str, dtypes))}")
+    reader = MegatronReader(root, iteration, args, config, Layout(tp, stages),
+                            dtypes.pop() if dtypes else torch.float32, iter_dir)
+    _check_shapes(reader, shapes)
+    return reader
+
+
+def require_args(state, file: Path) -> argparse.Namespace:
+    if not isinstance(state, dict) or "model" not in state:
+        raise InputError(f"{file}: not a Megatron model checkpoint (no 'model' entry)")
+    args = state.get("args")
+    if not isinstance(args, argparse.Namespace):
+        raise InputError(f"{file}: args: missing Megatron argparse.Namespace")
+    return args
+
+
+def config_from_args(args: argparse.Namespace, file: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_megatron_args(args)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"{file}: args: {exc}") from exc
+
+
+def _check_rank_dirs(iter_dir: Path, tp: int, pp: int) -> None:
+    expected = {rank_dir_name(t, p, pp) for t in range(tp) for p in range(pp)}
+    present = {d.name for d in iter_dir.iterdir() if d.is_dir() and _RANK_DIR.match(d.name)}
+    for name in sorted(expected - present):
+        raise InputError(f"{iter_dir / name}: missing rank directory (args say TP={tp}, PP={pp})")
+    for name in sorted(present - expected):
+        raise InputError(f"{iter_dir / name}: unexpected rank directory (args say TP={tp}, PP={pp})")
+    for name in sorted(expected):
+        if not (iter_dir / name / FILE_NAME).is_file():
+            raise InputError(f"{iter_dir / name / FILE_NAME}: missing checkpoint file")
+
+
+_ARGS_THAT_MUST_AGREE = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+
+
+def _check_same_args(file: Path, args: argparse.Namespace, ref_file: Path, ref: argparse.Namespace) -> None:
+    mine = {**ModelConfig.from_megatron_args(args).to_dict(),
+            **{k: getattr(args, k, None) for k in _ARGS_THAT_MUST_AGREE}}
+    theirs = {**ModelConfig.from_megatron_args(ref).to_dict(),
+              **{k: getattr(ref, k, None) for k in _ARGS_THAT_MUST_AGREE}}
+    for key, value in mine.items():
+        if value != theirs[key]:
+            raise InputError(f"{file}: args.{key} = {value!r} but {ref_file} has {theirs[key]!r}")
+
+
+def _count_layers(keys, where: Path) -> int:
+    indices = {p[0] for p in map(arch.split_layer_key, keys) if p is not None}
+    if indices != set(range(len(indices))):
+        raise InputError(f"{where}: layer indices are not contiguous from 0: {sorted(indices)[:8]}")
+    return len(indices)
+
+
+def _check_shapes(reader: MegatronReader, shapes: dict[tuple[int, int], dict[str, tuple]]) -> None:
+    """Every expected key present with its shard shape; nothing unexpected besides `_extra_state`."""
+    stages = reader.layout.stages
+    for stage in range(reader.pp):
+        expected = {local_key(k, stages): s for k, s in stage_specs(reader.config, stages, stage)}
+        for t in range(reader.tp):
+            file, model = reader.file(t, stage), shapes[t, stage]
+            for key, spec in expected.items():
+                want = parallel.shard_shape(spec, arch.full_shape(reader.config, spec), reader.tp)
+                if key not in model:
+                    raise InputError(f"{file}: {key}: missing tensor (expected shape {want})")
+                if model[key] != want:
+                    raise InputError(f"{file}: {key}: shape {model[key]} does not match {want} expected from args")
+            for key in model:
+                if key not in expected:
+                    raise InputError(f"{file}: {key}: unexpected tensor for this model config")
+
+
+def is_megatron(path: Path) -> bool:
+    """A checkpoint root with a tracker file, or an `iter_*`/`release` directory (validated on open)."""
+    return path.is_dir() and ((path / TRACKER).is_file() or path.name == "release"
+                              or re.fullmatch(r"iter_\d{7}", path.name) is not None)
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+class MegatronWriter:
+    """Writes a target model stage by stage; each TP shard goes straight to its preallocated file,
+    streamed tensor by tensor on a writer thread. The format's rules live here: vocabulary rows padded
+    to the target's size, a tied output layer stored only at PP > 1, Megatron args and the tracker."""
+
+    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader):
+        cfg.check_tp(layout.tp)
+        self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
+        self.iteration, self.dtype = source.iteration, source.dtype
+        self.args = megatron_args(cfg, source.args, layout, source.iteration)
+        self._files: list = []
+        self._specs: dict[str, TensorSpec] = {}
+        self._queue = WriteQueue()
+
+    def file_path(self, tp_rank: int, stage: int) -> Path:
+        return (self.out_dir / iteration_dir_name(self.iteration) / rank_dir_name(tp_rank, stage, self.layout.pp)
+                / FILE_NAME)
+
+    def stage_shapes(self, stage: int) -> dict[str, tuple[int, ...]]:
+        """Local key -> shard shape of every tensor each TP rank of `stage` holds (the same on all)."""
+        return {local_key(key, self.layout.stages): parallel.shard_shape(spec, arch.full_shape(self.cfg, spec),
+                                                                         self.layout.tp)
+                for key, spec in stage_specs(self.cfg, self.layout.stages, stage)}
+
+    def open_stage(self, stage: int) -> None:
+        assert not self._files, "close the previous stage first"
+        self._specs = dict(stage_specs(self.cfg, self.layout.stages, stage))
+        shapes = self.stage_shapes(stage)
+        self._files = [self._open_file(stage, t, shapes) for t in range(self.layout.tp)]
+
+    def _open_file(self, stage: int, tp_rank: int, shapes: dict[str, tuple[int, ...]]):
+        slots = {key: TensorSlot(shape, self.dtype) for key, shape in shapes.items()}
+        path = self.file_path(tp_rank, stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        obj = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
+               "iteration": 0 if self.iteration == "release" else int(self.iteration),
+               "model": {**slots, **_extra_state_keys(self.layout.stages, stage)}}
+        return _StageFile(StreamingTorchFile(path, obj), slots)
+
+    def write(self, key: str, full: torch.Tensor) -> None:
+        """One full tensor under its global key; it must belong to the open stage."""
+        stored = stored_tensor(self.cfg, self._specs, key, full)
+        if stored is None:
+            return
+        spec, full = stored
+        lkey = local_key(key, self.layout.stages)
+        for f, shard in zip(self._files, parallel.split(spec, full.to(self.dtype), self.layout.tp)):
+            self._queue.submit(functools.partial(f.write, lkey, shard))
+
+    def close_stage(self) -> None:
+        self._queue.drain()
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    def finish(self) -> None:
+        assert not self._files
+        self._queue.close()
+        (self.out_dir / TRACKER).write_text(str(self.iteration))
+
+
+class _StageFile:
+    """One rank's file of the open stage: tensors by local key."""
+
+    def __init__(self, file, slots: dict[str, TensorSlot]):
+        self.file, self.slots = file, slots
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self.file.write(self.slots[key], tensor)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _extra_state_keys(stages: Stages, stage: int) -> dict[str, None]:
+    """megatron-core's local spec carries an `_extra_state` (None) for every linear module."""
+    keys = {arch.layer_key(i, name): None for i in range(stages.layers_per_stage[stage])
+            for name in arch.LAYER_EXTRA_STATE}
+    if stage == stages.pp - 1:
+        keys[arch.OUTPUT_EXTRA_STATE] = None
+    return keys
+
+
+FORMAT = Format("torch", "Megatron legacy (torch)", is_megatron, open_megatron, MegatronWriter, target_config)

@@ -1,0 +1,39 @@
+"""The checkpoint formats scalegrow reads and writes. Adding a format: one module that defines a
+`Format` record, and one line below."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from scalegrow.errors import InputError
+from scalegrow.formats import deepspeed, megatron, torch_dist
+from scalegrow.formats.base import Format, Reader
+
+# In detection order: the first whose `detect` accepts a path reads it.
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    deepspeed.FORMAT,
+    torch_dist.FORMAT,
+    megatron.FORMAT,
+)}
+FALLBACK = megatron.FORMAT  # opens whatever nothing else recognised, to explain what is missing
+
+
+def writable() -> tuple[str, ...]:
+    """Names of the formats scalegrow can write (the choices of `--format` and `export.format`)."""
+    return tuple(name for name, f in FORMATS.items() if f.writer is not None)
+
+
+def get(name: str, where: str = "--format") -> Format:
+    """A writable format by name; an unknown one is bad input naming the valid ones."""
+    fmt = FORMATS.get(name)
+    if fmt is None or fmt.writer is None:
+        raise InputError(f"{where}: unknown checkpoint format {name!r} (valid: {', '.join(writable())})")
+    return fmt
+
+
+def open_checkpoint(path: str | Path) -> Reader:
+    """A reader for whatever checkpoint is at `path`, its format detected from what is on disk."""
+    path = Path(path)
+    for fmt in FORMATS.values():
+        if fmt.detect(path):
+            return fmt.open(path)
+    return FALLBACK.open(path)

@@ -1,0 +1,186 @@
+"""megatron-core `torch_dist` checkpoints, read and written one layer at a time.
+
+    DIR/latest_checkpointed_iteration.txt
+    DIR/iter_0001000/{metadata.json, common.pt, .metadata, __0_0.distcp}
+
+The format is layout-free: Megatron-LM re-shards it on load for any TP/PP, and the args in
+`common.pt` only record the layout it was trained at. Its tensors are DCP chunks (`dcp.py`) under
+the names megatron-core's `GPTModel.sharded_state_dict()` gives them:
+- layer tensors are stacked over layers, `decoder.layers.{name}` of shape [num_layers, ...], one chunk
+  per layer, the norms spelled the Transformer-Engine way (`linear_qkv.layer_norm_weight`);
+- SwiGLU's fc1 is stored as two chunks per layer, gate rows then up rows;
+- each linear module's `_extra_state` is a byte item `decoder.layers.{module}._extra_state/shard_{i}_{L}`;
+- a tied model stores no `output_layer.weight`.
+tests/test_torch_dist.py holds this layout to megatron-core's own `dist_checkpointing.save`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scalegrow import arch
+from scalegrow.arch import TensorSpec
+from scalegrow.config import ModelConfig
+from scalegrow.errors import InputError
+from scalegrow.formats.base import Format, Reader
+from scalegrow.formats.dcp import ChunkReader, ChunkWriter
+from scalegrow.formats.io import WriteQueue, safe_load
+from scalegrow.formats.megatron import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name, megatron_args,
+                                        resolve_iteration_dir, stored_tensor, target_config)
+from scalegrow.parallel import Layout, Stages
+
+METADATA_JSON = "metadata.json"
+COMMON = "common.pt"
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+           "common_backend_version": 1}
+
+
+def stacked_key(name: str) -> str:
+    """The torch_dist key of a layer tensor (stacked over layers)."""
+    return arch.LAYER_PREFIX + arch.TE_NAMES.get(name, name)
+
+
+def extra_state_key(module_state: str, layer: int, num_layers: int) -> str:
+    return f"{arch.LAYER_PREFIX}{module_state}/shard_{layer}_{num_layers}"
+
+
+def stored_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, global shape) of every tensor a torch_dist checkpoint of `cfg` stores."""
+    out = [(s.name, arch.full_shape(cfg, s)) for s in arch.embedding_specs(cfg)]
+    out += [(stacked_key(s.name), (cfg.num_layers, *arch.full_shape(cfg, s))) for s in arch.layer_specs(cfg, 0)]
+    out += [(s.name, arch.full_shape(cfg, s)) for s in arch.final_norm_specs(cfg)]
+    if not cfg.tied:
+        out.append((arch.OUTPUT_LAYER, arch.full_shape(cfg, arch.OUTPUT_SPEC)))
+    return out
+
+
+def is_torch_dist(path: Path) -> bool:
+    try:
+        _, iter_dir, _ = resolve_iteration_dir(path)
+    except InputError:
+        return False
+    return (iter_dir / METADATA_JSON).is_file()
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+@dataclass
+class DistReader(Reader):
+    """A torch_dist checkpoint, read one layer at a time."""
+
+    iter_dir: Path = None
+    _chunks: ChunkReader = field(repr=False, default=None)
+
+    format = "torch_dist"
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.iter_dir.iterdir() if p.is_file())
+
+    def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
+        parsed = arch.split_layer_key(key)
+        if parsed is None:
+            return self._chunks.read(key)
+        index, name = parsed
+        stacked = stacked_key(name)
+        shape = self._chunks.shape(stacked)  # [num_layers, ...]
+        return self._chunks.read(stacked, (index,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+
+
+def open_dist(path: Path) -> DistReader:
+    root, iter_dir, iteration = resolve_iteration_dir(path)
+    try:
+        backend = json.loads((iter_dir / METADATA_JSON).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{iter_dir / METADATA_JSON}: unreadable ({exc})") from exc
+    if backend.get("sharded_backend") != "torch_dist":
+        raise InputError(f"{iter_dir / METADATA_JSON}: sharded_backend {backend.get('sharded_backend')!r} "
+                         f"is not supported (only torch_dist)")
+    chunks = ChunkReader(iter_dir)
+    common = safe_load(iter_dir / COMMON, mmap=False)
+    args = common.get("args") if isinstance(common, dict) else None
+    if not isinstance(args, argparse.Namespace):
+        raise InputError(f"{iter_dir / COMMON}: args: missing Megatron argparse.Namespace")
+    try:
+        config = ModelConfig.from_megatron_args(args)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"{iter_dir / COMMON}: args: {exc}") from exc
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    stages = Stages.build(config.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
+                          getattr(args, "decoder_last_pipeline_num_layers", None))
+    for key, want in stored_tensors(config):  # every tensor the args imply, with the shape they imply
+        if not chunks.has(key):
+            raise InputError(f"{iter_dir}: {key}: missing tensor (expected shape {want})")
+        if chunks.shape(key) != want:
+            raise InputError(f"{iter_dir}: {key}: shape {chunks.shape(key)} does not match {want} expected from args")
+    return DistReader(root, iteration, args, config, Layout(tp, stages), chunks.dtype(arch.WORD_EMBEDDINGS),
+                      iter_dir, chunks)
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+class DistWriter:
+    """Streams a model into torch_dist, chunk by chunk on a writer thread, in megatron-core's names;
+    `finish` writes the index (`.metadata`), `common.pt` (args, iteration) and `metadata.json`.
+    The args record `layout`; the tensors themselves are stored whole (layout-free)."""
+
+    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader):
+        cfg.check_tp(layout.tp)
+        self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
+        self.iteration, self.dtype = source.iteration, source.dtype
+        self.args = megatron_args(cfg, source.args, layout, source.iteration)
+        self.iter_dir = out_dir / iteration_dir_name(source.iteration)
+        self.iter_dir.mkdir(parents=True)
+        self._specs = dict(arch.model_specs(cfg))
+        self._chunks = ChunkWriter(self.iter_dir)
+        for key, shape in stored_tensors(cfg):
+            self._chunks.declare(key, shape, self.dtype)
+        self._queue = WriteQueue()
+
+    def open_stage(self, stage: int) -> None:
+        pass
+
+    def write(self, key: str, full: torch.Tensor) -> None:
+        stored = stored_tensor(self.cfg, self._specs, key, full)
+        if stored is None:
+            return
+        spec, full = stored
+        for name, offsets, chunk in self._boxes(key, spec, full.to(self.dtype)):
+            self._queue.submit(functools.partial(self._chunks.add_chunk, name, offsets, chunk))
+
+    @staticmethod
+    def _boxes(key: str, spec: TensorSpec, full: torch.Tensor):
+        """(stored key, offsets, chunk) of one tensor: a layer's tensor is one slice [1, ...] of its
+        stacked key at offset (layer, 0, ...); SwiGLU's fc1 is two, the gate rows and the up rows."""
+        parsed = arch.split_layer_key(key)
+        if parsed is None:
+            yield key, (0,) * full.dim(), full
+            return
+        index, name = parsed
+        halves = full.chunk(2, dim=0) if spec.packing == arch.SWIGLU else (full,)
+        row = 0
+        for half in halves:
+            yield stacked_key(name), (index, row) + (0,) * (full.dim() - 1), half[None]
+            row += half.shape[0]
+
+    def close_stage(self) -> None:
+        self._queue.drain()
+
+    def finish(self) -> None:
+        self._queue.close()
+        L = self.cfg.num_layers
+        for i in range(L):  # megatron-core saves each module's (empty) extra state as a list
+            for module_state in arch.LAYER_EXTRA_STATE:
+                self._chunks.add_object(extra_state_key(module_state, i, L), [None])
+        self._chunks.finish()
+        common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
+                  "iteration": 0 if self.iteration == "release" else int(self.iteration)}
+        torch.save(common, self.iter_dir / COMMON)
+        (self.iter_dir / METADATA_JSON).write_text(json.dumps(BACKEND))
+        (self.out_dir / TRACKER).write_text(str(self.iteration))
+
+
+FORMAT = Format("torch_dist", "megatron-core torch_dist", is_torch_dist, open_dist, DistWriter, target_config)

@@ -1,0 +1,103 @@
+"""The methods scalegrow grows and shrinks with, by name (`--method`, `growth.method`).
+
+A `Method` says how to build its operator and, where the operator needs something learned from the
+source first, the prepare step that learns it: LiGO trains its operator, subcloning calibrates. Its
+options dataclass is the one place its defaults are written. Adding a method: an operator in
+`scalegrow/operators/`, a prepare step here if it needs one, and one line in `METHODS`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ContextManager
+
+from scalegrow.config import ModelConfig
+from scalegrow.errors import InputError
+from scalegrow.methods import ligo, subclone
+from scalegrow.methods.base import Context
+from scalegrow.operators.base import Operator
+from scalegrow.operators.identity import Identity
+from scalegrow.operators.lemon import LemonGrowth
+from scalegrow.operators.ligo import LigoGrowth
+from scalegrow.operators.peers import Bert2BertAKI, HyperCloning, LlamaPro, Stack
+from scalegrow.operators.subclone import DropLayers, Subclone
+
+GROW, SHRINK = "grow", "shrink"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # GROW or SHRINK
+    operator: type[Operator]
+    options: type | None = None  # the options dataclass (None: the method takes none)
+    prepare: Callable[[Operator, Any, Context], dict] | None = None  # returns details to record
+    make: Callable[[ModelConfig, ModelConfig, int, Any], Operator] | None = None  # default: operator(src, dst, seed)
+    seq_length: int = 128  # token windows of the prepare data, when scalegrow tokenizes it itself
+
+    def default_options(self):
+        return self.options() if self.options is not None else None
+
+    def build(self, src: ModelConfig, dst: ModelConfig, seed: int, options) -> Operator:
+        if self.make is not None:
+            return self.make(src, dst, seed, options)
+        return self.operator(src, dst, seed=seed)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("lemon", GROW, LemonGrowth),
+    Method("ligo", GROW, LigoGrowth, ligo.LigoOptions, ligo.train_operator, ligo.make_operator),
+    Method("identity", GROW, Identity),
+    Method("stack", GROW, Stack),
+    Method("llama-pro", GROW, LlamaPro),
+    Method("hypercloning", GROW, HyperCloning),
+    Method("bert2bert-aki", GROW, Bert2BertAKI),
+    Method("subclone", SHRINK, Subclone, subclone.SubcloneOptions, subclone.fit_selection, seq_length=256),
+    Method("drop-layers", SHRINK, DropLayers),
+)}
+
+
+def names(kind: str) -> list[str]:
+    return sorted(name for name, m in METHODS.items() if m.kind == kind)
+
+
+def get(name: str, kind: str) -> Method:
+    method = METHODS.get(name)
+    if method is None or method.kind != kind:
+        what = "growth" if kind == GROW else "shrink"
+        raise InputError(f"--method: unknown {what} method {name!r} (valid: {', '.join(names(kind))})")
+    return method
+
+
+def options_with(name: str, kind: str, **values):
+    """Method `name`'s options with `values` for the fields it has (CLI flags name options of several
+    methods: --steps is LiGO's, --calib-tokens subcloning's); None for a method that takes none."""
+    method = get(name, kind)
+    if method.options is None:
+        return None
+    known = {f.name for f in fields(method.options)}
+    return method.options(**{k: v for k, v in values.items() if k in known})
+
+
+def build_operator(name: str, kind: str, src: ModelConfig, dst: ModelConfig, *, seed: int = 0, options=None,
+                   context: Callable[[Method], ContextManager[Context]] | None = None,
+                   where: str = "--target") -> tuple[Operator, dict]:
+    """The operator of method `name` from `src` to `dst`, prepared, with the details to record.
+    Targets are checked before any heavy work (bad ones are `InputError`s prefixed by `where`); the
+    prepare step then runs in `context(method)`. Without a context (a dry run) it is skipped."""
+    method = get(name, kind)
+    options = options if options is not None else method.default_options()
+    try:
+        op = method.build(src, dst, seed, options)
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+    details = {"seed": seed}
+    if method.prepare is not None and context is not None:
+        with context(method) as ctx:
+            details.update(method.prepare(op, options, ctx))
+    return op, details
+
+
+def ready(ctx: Context) -> Callable[[Method], ContextManager[Context]]:
+    """A `context` argument for a context that already exists (e.g. a training run's)."""
+    return lambda method: contextlib.nullcontext(ctx)

@@ -1,0 +1,29 @@
+"""Identity: every tensor passes through unchanged. `scalegrow convert` (and saving a model from
+memory) is this operator, so re-partitioning and format changes run through the same streaming
+executor as growth."""
+from __future__ import annotations
+
+import torch
+
+from scalegrow.config import ModelConfig
+from scalegrow.operators.base import Operator, require_equal
+
+
+class Identity(Operator):
+    name = "identity"
+
+    def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        for key in src.to_dict():
+            require_equal(src, dst, key, why="identity keeps the model as it is")
+
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        return (index,)
+
+    def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(tensors)
+
+    def map_layer(self, index, sources) -> dict[str, torch.Tensor]:
+        return {spec.name: sources[index][spec.name] for spec in self.layer_specs(index)}
+
+    def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(tensors)

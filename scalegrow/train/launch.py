@@ -1,0 +1,56 @@
+"""The entry point of `launch/pretrain.py` and `launch/grow_pretrain.py`: parse the run config, set up
+the distributed job (DeepSpeed; gloo on CPU), run."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from scalegrow.train.config import RunConfig, load_run_config
+from scalegrow.train.engine import Dist
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[RunConfig, argparse.Namespace]:
+    """`--config FILE` plus trailing `dotted.key=value` overrides; accepts the launcher's --local_rank."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="run YAML (configs/runs/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    return load_run_config(args.config, args.overrides), args
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """Entry for launch/*.py: set up distributed (DeepSpeed), then run."""
+    import sys
+
+    import deepspeed
+    import torch
+    import torch.distributed as torch_dist
+    from deepspeed.accelerator import get_accelerator
+
+    from scalegrow.errors import InputError
+
+    try:
+        cfg, args = parse_args(argv, description=f"scalegrow {kind}")
+    except InputError as exc:
+        print(f"scalegrow: error: {exc}", file=sys.stderr)
+        return 2
+    cpu = get_accelerator().device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    if cpu:  # one core's worth of threads per rank, no oversubscription
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", torch_dist.get_world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    else:
+        get_accelerator().set_device(args.local_rank)
+    dist = Dist(torch_dist.get_rank(), torch_dist.get_world_size(), args.local_rank)
+    from scalegrow.train import loop, starts
+
+    start_fn = starts.grown if kind == "grow_pretrain" else starts.scratch_or_continue
+    try:
+        loop.run(cfg, dist, start_fn, kind)
+    except InputError as exc:
+        print(f"scalegrow: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch_dist.destroy_process_group()
+    return 0
