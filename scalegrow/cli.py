@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import traceback
-import warnings
 
 import torch
 
@@ -32,88 +31,93 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="scalegrow", description=__doc__)
     p.add_argument("--version", action="version", version=f"scalegrow {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    _grow_parser(sub.add_parser("grow", help="grow a checkpoint (and re-partition it in the same pass)"))
+    _shrink_parser(sub.add_parser("shrink", help="initialise a smaller model from a larger one"))
+    c = sub.add_parser("convert", help="re-partition (TP/PP) and/or change format, tensors unchanged")
+    _paths(c, "source checkpoint directory")
+    _output_args(c, "the source's")
+    v = sub.add_parser("verify", help="check that two checkpoints compute the same function")
+    v.add_argument("--src", required=True, help="the first checkpoint (any format and layout)")
+    v.add_argument("--dst", required=True, help="the second checkpoint (any format and layout)")
+    v.add_argument("--tokens", type=int, default=512, help="tokens in the random test batch (default: 512)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random test batch (default: 0)")
+    v.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogits| still the same (default: 1e-4)")
+    e = sub.add_parser("eval", help="held-out next-token loss of a checkpoint")
+    e.add_argument("path", help="checkpoint directory")
+    e.add_argument("--data", default=DataOptions.data, help="corpus whose held-out split is used: a text/json/"
+                   "parquet file, a .bin/.idx prefix, or 'embedded' (default: embedded)")
+    e.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the checkpoint's)")
+    e.add_argument("--tokens", type=int, default=32768, help="held-out tokens (default: 32768)")
+    e.add_argument("--seq-length", type=int, default=256, help="tokens per window (default: 256)")
+    i = sub.add_parser("inspect", help="describe a checkpoint")
+    i.add_argument("path", help="checkpoint directory")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    n = sub.add_parser("init", help="write a randomly initialised checkpoint from a model YAML")
+    n.add_argument("--target", required=True, help="YAML of Megatron model args (all required ones)")
+    n.add_argument("--dst", required=True, help="output directory (must not exist)")
+    _output_args(n, "1", any_format=False)
+    n.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: 0)")
+    n.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (default: fp32)")
+    return p
 
-    g = sub.add_parser("grow", help="grow a Megatron checkpoint (and re-partition it in the same pass)")
-    g.add_argument("--src", required=True, help="source checkpoint directory")
-    g.add_argument("--dst", required=True, help="output directory (must not exist)")
+
+def _grow_parser(g: argparse.ArgumentParser) -> None:
+    _paths(g, "source checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
     g.add_argument("--method", default="lemon",
                    help=f"growth method: {', '.join(methods.names(methods.GROW))} (default: lemon)")
     g.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
-    _output_args(g)
-    g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
+    _output_args(g, "the source's")
+    g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise (default: 0)")
     g.add_argument("--steps", type=int, default=LigoOptions.steps,
                    help=f"ligo: operator training steps (default: {LigoOptions.steps})")
     g.add_argument("--lr", type=float, default=LigoOptions.lr,
                    help=f"ligo: operator learning rate (default: {LigoOptions.lr})")
-    g.add_argument("--data", default=DataOptions.data, help="ligo: training corpus (text/json/parquet file, "
-                   "a preprocessed .bin/.idx prefix, or 'embedded')")
-    g.add_argument("--tokenizer", default=None, help="ligo: sentencepiece model (default: the source's)")
+    _data_args(g, "--data", "ligo: training corpus")
 
-    v = sub.add_parser("verify", help="check that two checkpoints compute the same function")
-    v.add_argument("--src", required=True)
-    v.add_argument("--dst", required=True)
-    v.add_argument("--tokens", type=int, default=512, help="tokens in the random test batch")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--atol", type=float, default=1e-4, help="max |Δlogits| allowed (fp32)")
 
-    k = sub.add_parser("shrink", help="initialise a smaller model from a larger one (weight subcloning)")
-    k.add_argument("--src", required=True)
-    k.add_argument("--dst", required=True)
+def _shrink_parser(k: argparse.ArgumentParser) -> None:
+    _paths(k, "source checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
     k.add_argument("--method", default="subclone",
                    help=f"shrink method: {', '.join(methods.names(methods.SHRINK))} (default: subclone)")
     k.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
-    k.add_argument("--calib-data", default=DataOptions.data, help="calibration corpus (text/json/parquet file, "
-                   "a preprocessed .bin/.idx prefix, or 'embedded')")
+    _data_args(k, "--calib-data", "subclone: calibration corpus")
     k.add_argument("--calib-tokens", type=int, default=SubcloneOptions.tokens,
-                   help=f"calibration tokens (default: {SubcloneOptions.tokens})")
-    k.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the source's)")
+                   help=f"subclone: calibration tokens (default: {SubcloneOptions.tokens})")
     k.add_argument("--no-rescale", action="store_true",
-                   help="do not rescale the kept MLP outputs (linear_fc2) after dropping neurons")
-    _output_args(k)
-
-    e = sub.add_parser("eval", help="held-out next-token loss of a checkpoint")
-    e.add_argument("path")
-    e.add_argument("--data", default="embedded", help="corpus whose held-out split is used")
-    e.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the checkpoint's)")
-    e.add_argument("--tokens", type=int, default=32768)
-    e.add_argument("--seq-length", type=int, default=256)
-
-    c = sub.add_parser("convert", help="re-partition (TP/PP) and/or change format, tensors unchanged")
-    c.add_argument("--src", required=True)
-    c.add_argument("--dst", required=True)
-    _output_args(c)
-
-    i = sub.add_parser("inspect", help="describe a checkpoint")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true", help="print one JSON object")
-
-    n = sub.add_parser("init", help="write a randomly initialised checkpoint from a model YAML")
-    n.add_argument("--target", required=True, help="YAML of Megatron model args (all required ones)")
-    n.add_argument("--dst", required=True)
-    _output_args(n, writes_any_format=False)
-    n.add_argument("--seed", type=int, default=0)
-    n.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    return p
+                   help="subclone: do not rescale the kept MLP outputs (linear_fc2) after dropping neurons")
+    _output_args(k, "the source's")
 
 
-def _output_args(p: argparse.ArgumentParser, writes_any_format: bool = True) -> None:
-    p.add_argument("--tp", type=int, default=None, help="target tensor parallel size (default: source's)")
-    p.add_argument("--pp", type=int, default=None, help="target pipeline parallel size (default: source's)")
+def _paths(p: argparse.ArgumentParser, src_help: str) -> None:
+    p.add_argument("--src", required=True, help=src_help)
+    p.add_argument("--dst", required=True, help="output directory: must not exist (see --overwrite) and must "
+                   "not overlap --src")
+
+
+def _data_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    p.add_argument(flag, default=DataOptions.data, help=f"{what}: a text/json/parquet file, a preprocessed "
+                   ".bin/.idx prefix, or 'embedded' (default: embedded)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the one shipped with --src)")
+
+
+def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bool = True) -> None:
+    p.add_argument("--tp", type=int, default=None, help=f"tensor parallel size (default: {layout_default})")
+    p.add_argument("--pp", type=int, default=None, help=f"pipeline parallel size (default: {layout_default})")
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, metavar="N",
-                   help="layers on the first pipeline stage (uneven split, as in Megatron-LM)")
+                   help="layers on the first pipeline stage, as in Megatron-LM (default: an even split)")
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, metavar="N",
-                   help="layers on the last pipeline stage (uneven split, as in Megatron-LM)")
-    if writes_any_format:
+                   help="layers on the last pipeline stage, as in Megatron-LM (default: an even split)")
+    if any_format:
         p.add_argument("--format", choices=formats.writable(), default="torch",
                        help="output format: " + ", ".join(f"{name} ({formats.FORMATS[name].description})"
                                                           for name in formats.writable()) + " (default: torch)")
-        p.add_argument("--vocab-size", type=int, default=None,
-                       help="the tokenizer's true vocabulary size, to re-pad for the target TP")
-        p.add_argument("--dry-run", action="store_true",
-                       help="read and write nothing: print every output shard's tensors and shapes as JSON")
+        p.add_argument("--vocab-size", type=int, default=None, help="the tokenizer's true vocabulary size, to "
+                       "re-pad for the target TP (default: the source's args, else its padded rows)")
+        p.add_argument("--dry-run", action="store_true", help="print every output file's tensors and shapes as "
+                       "JSON; reads only the source's args (no tensor data) and writes nothing")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars, and no chatter from DeepSpeed")
 
 
 def _print_plan(plan: dict) -> int:
@@ -175,8 +179,12 @@ def cmd_convert(a) -> int:
 
 def cmd_verify(a) -> int:
     result = pipeline.verify(a.src, a.dst, tokens=a.tokens, seed=a.seed)
+    same = result["max_abs_diff"] <= a.atol
+    result = {"verdict": "same" if same else "different", **result}
     print(json.dumps(result))
-    return EXIT_OK if result["max_abs_diff"] <= a.atol else EXIT_MISMATCH
+    print(f"verify: {'SAME' if same else 'DIFFERENT'}: max |Δlogits| {result['max_abs_diff']:.3g} "
+          f"{'<=' if same else '>'} --atol {a.atol:g}", file=sys.stderr)
+    return EXIT_OK if same else EXIT_MISMATCH
 
 
 def cmd_inspect(a) -> int:
@@ -185,7 +193,7 @@ def cmd_inspect(a) -> int:
         print(json.dumps(info))
         return EXIT_OK
     m = info["model"]
-    print(f"{info['path']}: {info['description']} checkpoint, iteration {info['iteration']}")
+    print(f"{info['path']}: {info['description']} checkpoint ({info['format']}), iteration {info['iteration']}")
     print(f"  layout   TP={info['tensor_model_parallel_size']} PP={info['pipeline_model_parallel_size']} "
           f"layers/stage={info['layers_per_stage']} dtype={info['dtype']}")
     print(f"  model    {info['num_parameters'] / 1e6:.2f}M params: num_layers={m['num_layers']} "
@@ -213,9 +221,12 @@ COMMANDS = {"grow": cmd_grow, "shrink": cmd_shrink, "eval": cmd_eval, "convert":
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", module="megatron")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare `scalegrow`: say what it can do
+            parser.print_help()
+            return EXIT_OK
         return COMMANDS[args.command](args)
     except InputError as exc:
         print(f"scalegrow: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from scalegrow import deps
 from scalegrow.errors import InputError
 
 EMBEDDED = "embedded"
@@ -105,11 +106,10 @@ def load_tokenizer(path: str | Path):
 def build_indexed(documents: Iterable[str], tokenizer, prefix: Path, valid_fraction: float) -> dict[str, int]:
     """Tokenize every document (+ end-of-document) into `{prefix}_{train,valid}.{bin,idx}` with
     megatron-core's builder. Returns the token count per split."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     dtype = np.uint16 if tokenizer.get_piece_size() < 65_000 else np.int32
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    builders = {s: IndexedDatasetBuilder(f"{prefix}_{s}.bin", dtype=dtype) for s in SPLITS}
+    builder = deps.megatron("datasets.indexed_dataset").IndexedDatasetBuilder
+    builders = {s: builder(f"{prefix}_{s}.bin", dtype=dtype) for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     eod = tokenizer.eos_id()
     for i, doc in enumerate(documents):
@@ -127,11 +127,10 @@ class TokenStream:
     windows at a stride of seq_length (inputs and next-token labels)."""
 
     def __init__(self, path_prefix: str | Path, seq_length: int):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        if not IndexedDataset.exists(str(path_prefix)):
+        indexed = deps.megatron("datasets.indexed_dataset").IndexedDataset
+        if not indexed.exists(str(path_prefix)):
             raise InputError(f"{path_prefix}: no indexed dataset (.bin/.idx)")
-        self.dataset = IndexedDataset(str(path_prefix))
+        self.dataset = indexed(str(path_prefix))
         self.seq_length = seq_length
         self.ends = np.cumsum(self.dataset.sequence_lengths.astype(np.int64))
         self.num_samples = max(0, (int(self.ends[-1]) - 1) // seq_length) if len(self.ends) else 0
@@ -208,6 +207,18 @@ def tokenizer_near(checkpoint: str | Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(checkpoint: str | Path, tokenizer: str | None = None) -> dict[str, Path]:
+    """The tokenizer files a checkpoint written from `checkpoint` carries: those in its directory,
+    else the sentencepiece model a training run keeps near it, else `tokenizer` (given by the user)."""
+    root = Path(checkpoint)
+    found = {name: root / name for name in TOKENIZER_FILES if (root / name).is_file()}
+    near = tokenizer_near(root) or (Path(tokenizer) if tokenizer else None)
+    return found or ({"tokenizer.model": near} if near else {})
 
 
 def source_tokenizer(src_path, tokenizer: str | None) -> Path:

@@ -35,10 +35,20 @@ class LayerCache:
 
 def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, desc: str | None = None) -> None:
     """Stream `op` applied to `source` into `writer`, one target stage and one layer at a time."""
+    try:
+        _stream(source, op, writer, progress, desc or op.name)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        source.release()
+
+
+def _stream(source: Reader, op: Operator, writer: Writer, progress: bool, desc: str) -> None:
     stages = writer.layout.stages
     reads = max(len(op.layer_sources(j)) for j in range(op.dst.num_layers))
     cache = LayerCache(source.layer, size=max(2, reads))  # e.g. LiGO: every target layer reads all sources
-    bar = tqdm(total=op.dst.num_layers + 2, desc=desc or f"grow/{op.name}", unit="layer", disable=not progress)
+    bar = tqdm(total=op.dst.num_layers + 2, desc=desc, unit="layer", disable=not progress)
     for stage in range(stages.pp):
         writer.open_stage(stage)
         if stage == 0:
@@ -53,7 +63,6 @@ def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, des
             bar.update()
         writer.close_stage()
     bar.close()
-    source.release()
     writer.finish()
 
 

@@ -1,10 +1,13 @@
-"""Writing a checkpoint: resolve the output layout, stream an operator's result into the format's
-writer inside an atomic `DST.partial-*` directory, record `scalegrow.json`, rename into place.
+"""Writing a checkpoint: check the destination and resolve the output layout before any heavy work,
+stream an operator's result into the format's writer inside an atomic `DST.partial-*` directory,
+record `scalegrow.json` and the tokenizer, rename into place.
 
 Every command that writes (grow, shrink, convert, init) and every training export ends here.
 """
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,7 @@ from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry
 from scalegrow.formats.base import MetaReader, Reader
-from scalegrow.formats.io import atomic_output_dir
+from scalegrow.formats.io import WriteError, atomic_output_dir
 from scalegrow.formats.plan import PlanWriter
 from scalegrow.operators.base import Operator
 from scalegrow.parallel import Layout, Stages
@@ -49,10 +52,37 @@ class Summary:
                 f"{self.bytes_written / 2**20:.1f} MiB) in {self.seconds:.1f}s")
 
 
-def check_destination(dst: str | Path, overwrite: bool) -> None:
-    """Fail before any work when the output exists (atomic_output_dir checks again at the end)."""
+def overlap(path: str | Path, other: str | Path) -> str | None:
+    """How `path` relates to `other` once symlinks are resolved: 'is', 'lies inside', 'contains', or
+    None when neither holds the other."""
+    a, b = Path(path).resolve(), Path(other).resolve()
+    return "is" if a == b else "lies inside" if b in a.parents else "contains" if a in b.parents else None
+
+
+def check_destination(dst: str | Path, overwrite: bool, source: str | Path | None = None) -> None:
+    """Fail before any work when the output exists (atomic_output_dir checks again at the end), or
+    when it would overlap the source: equal to it, inside it, or containing it."""
+    relation = overlap(dst, source) if source is not None else None
+    if relation:
+        raise InputError(f"{dst}: the destination {relation} the source {source}; the source is only ever read, "
+                         f"so write somewhere else")
     if Path(dst).exists() and not overwrite:
         raise InputError(f"{dst}: destination exists (pass --overwrite to replace it)")
+
+
+def human(nbytes: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the device that `path` (or its nearest existing ancestor) lives on."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig, Layout]:
@@ -74,24 +104,55 @@ def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[Mode
         raise InputError(f"--pp: {exc}") from exc
 
 
+def preflight(source: Reader, cfg: ModelConfig, opts: OutputOptions, dst: str | Path) -> tuple[ModelConfig, Layout]:
+    """Every check that needs no tensor data: the output layout (`resolve`), and room for the output
+    on the destination's device. Callers run it before any heavy work (calibration, training)."""
+    cfg, layout = resolve(source, cfg, opts)
+    need, free = registry.get(opts.format).size(cfg, layout, source.dtype), free_bytes(Path(dst).parent)
+    if need > free:
+        raise InputError(f"{dst}: the output needs {human(need)} but its device has {human(free)} free")
+    return cfg, layout
+
+
 def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = OutputOptions(), *,
           method: str | None = None, details: dict | None = None, source_record: dict | None = None,
-          training: dict | None = None, overwrite: bool = False, progress: bool = True,
-          start: float | None = None) -> Summary:
-    """Stream `op` applied to `source` into a new checkpoint at `dst`. `source_record` is the
-    provenance to record (default: `source` itself, unless it lives in memory)."""
+          training: dict | None = None, files: dict[str, Path] | None = None, overwrite: bool = False,
+          progress: bool = True, desc: str | None = None, start: float | None = None) -> Summary:
+    """Stream `op` applied to `source` into a new checkpoint at `dst`, with `files` (name -> path, e.g.
+    the tokenizer) copied beside it. `source_record` is the provenance to record (default: `source`
+    itself, unless it lives in memory); `desc` names the progress bar."""
     start = time.time() if start is None else start
-    cfg, layout = resolve(source, op.dst, opts)
+    cfg, layout = preflight(source, op.dst, opts, dst)
     fmt = registry.get(opts.format)
     if source_record is None and source.on_disk:
         source_record = metadata.source_record(source)
     with atomic_output_dir(dst, overwrite) as out:
-        executor.run(source, op, fmt.writer(out, cfg, layout, source), progress=progress)
+        try:
+            executor.run(source, op, fmt.writer(out, cfg, layout, source), progress=progress, desc=desc)
+        except (WriteError, OSError, RuntimeError) as exc:
+            _explain_full_device(exc, out, dst)
+            raise
         metadata.write(out, metadata.record(fmt.name, cfg, layout, source.iteration, method or op.name,
                                             source_record, {**(details or {}), **op.details()}, training))
+        for name, path in (files or {}).items():
+            shutil.copyfile(path, out / name)
         nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     params_src = source.config.num_parameters() if source.on_disk else None
     return Summary(Path(dst), params_src, cfg.num_parameters(), time.time() - start, nbytes, layout.tp, layout.pp)
+
+
+def _explain_full_device(exc: BaseException, out: Path, dst: str | Path) -> None:
+    """A write that failed because the device is full becomes one line naming the file; anything
+    else is left as it is. (torch's zip writer reports ENOSPC only as 'iostream error'.)"""
+    cause = exc.__cause__ if isinstance(exc, WriteError) else exc
+    if getattr(cause, "errno", None) != errno.ENOSPC and free_bytes(out) > 2**20:
+        return
+    if isinstance(exc, WriteError):
+        file = exc.path
+    else:  # failed in this thread, opening a file: the newest one
+        file = max((p for p in out.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime, default=out)
+    raise InputError(f"no space left on the device of {dst} while writing "
+                     f"{Path(dst) / file.relative_to(out)}") from None
 
 
 def plan(source: Reader, op: Operator, opts: OutputOptions = OutputOptions(), progress: bool = False) -> dict:

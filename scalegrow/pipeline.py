@@ -8,14 +8,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from scalegrow import output
 from scalegrow.config import ModelConfig
-from scalegrow.data import batch, corpus_streams, source_tokenizer
+from scalegrow.data import batch, corpus_streams, source_tokenizer, tokenizer_files
 from scalegrow.formats.base import MemoryReader, MetaReader
 from scalegrow.formats.registry import FORMATS, open_checkpoint
 from scalegrow.methods import registry as methods
@@ -75,25 +75,29 @@ def shrink(src_path: str | Path, dst: str | Path, method: str, target: str | Pat
 def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions, seed: int, overwrite: bool,
                progress: bool, dry_run: bool, options, data: DataOptions) -> Summary | dict:
     start = time.time()
-    output.check_destination(dst, overwrite or dry_run)
-    src = open_checkpoint(src_path)
+    output.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
+    src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
     dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
-    context = None if dry_run else (lambda m: _context(m, src, src_path, data, seed, progress))
+
+    def context(m: methods.Method, op) -> ContextManager[Context]:
+        output.preflight(src, op.dst, out, dst)  # layout and room first: preparing is the heavy part
+        return _context(m, src, data, seed, progress)
+
     op, details = methods.build_operator(method, kind, src.config, dst_cfg, seed=seed, options=options,
-                                         context=context, where=str(target or "--target"))
+                                         context=None if dry_run else context, where=str(target or "--target"))
     if dry_run:
         return output.plan(src, op, out)
-    return output.write(src, op, dst, out, details=details, overwrite=overwrite, progress=progress, start=start)
+    return output.write(src, op, dst, out, details=details, files=tokenizer_files(src.root, data.tokenizer),
+                        overwrite=overwrite, progress=progress, desc=f"{kind}/{method}", start=start)
 
 
 @contextlib.contextmanager
-def _context(method: methods.Method, src, src_path, data: DataOptions, seed: int,
-             progress: bool) -> Iterator[Context]:
+def _context(method: methods.Method, src, data: DataOptions, seed: int, progress: bool) -> Iterator[Context]:
     """A prepare step's context on this process: `data` tokenized with the source's tokenizer."""
     seq = min(data.seq_length or method.seq_length, src.config.max_position_embeddings)
     trainer = LocalTrainer(seed=seed, progress=progress, **({"micro_batch_size": data.micro_batch_size}
                                                              if data.micro_batch_size else {}))
-    with corpus_streams(data.data, source_tokenizer(src_path, data.tokenizer), seq) as (train, _):
+    with corpus_streams(data.data, source_tokenizer(src.root, data.tokenizer), seq) as (train, _):
         yield Context(src, train, data.data, trainer, progress)
 
 
@@ -101,12 +105,13 @@ def convert(src_path: str | Path, dst: str | Path, out: OutputOptions = OutputOp
             overwrite: bool = False, progress: bool = True, dry_run: bool = False) -> Summary | dict:
     """Re-partition (TP/PP) and/or change format; the tensors themselves are untouched."""
     start = time.time()
-    output.check_destination(dst, overwrite or dry_run)
-    src = open_checkpoint(src_path)
+    output.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
+    src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
     op = Identity(src.config, src.config)
     if dry_run:
         return output.plan(src, op, out)
-    return output.write(src, op, dst, out, overwrite=overwrite, progress=progress, start=start)
+    return output.write(src, op, dst, out, files=tokenizer_files(src.root), overwrite=overwrite, progress=progress,
+                        desc="convert", start=start)
 
 
 def plan(src_cfg: ModelConfig, dst_cfg: ModelConfig, method: str = "lemon", out: OutputOptions = OutputOptions(),

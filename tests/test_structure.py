@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "scalegrow"
 
-# part -> the parts it may import (every part may import itself, `errors` and `config`)
+# part -> the parts it may import (every part may import itself, `errors`, `config` and `deps`)
 ALLOWED = {
     "arch": set(),
     "parallel": {"arch"},
@@ -27,7 +27,7 @@ ALLOWED = {
                  "methods"},
     "cli": {"pipeline", "output", "formats", "methods"},
 }
-BASE = {"errors", "config", "__init__"}
+BASE = {"errors", "config", "deps", "__init__"}
 
 
 def modules() -> dict[str, Path]:

@@ -3,17 +3,20 @@ event files, a real SLURM, and megatron-core as the judge of the exported checkp
 import json
 import os
 import shutil
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from scalegrow.formats.io import safe_load
 from scalegrow.cli import main as cli
+from scalegrow.formats.io import safe_load
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.pipeline import load_model, verify
 from scalegrow.train.config import ScheduleConfig
 from scalegrow.train.schedule import learning_rate
-from helpers import METADATA_KEYS
+from helpers import METADATA_KEYS, tree_sha256
 from training import ENV, ROOT, Slurm, scalars, start_and_kill_after, train
 
 pytestmark = pytest.mark.slow
@@ -21,12 +24,19 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
-    """tiny_scratch for 30 steps: ZeRO-1, evaluated and saved every 10 steps."""
+def scratch_run(tmp_path_factory):
+    """tiny_scratch for 30 steps: ZeRO-1, evaluated and saved every 10 steps; the output dir, what the
+    command printed, and when it started."""
     out = tmp_path_factory.mktemp("runs") / "scratch"
-    train("pretrain", "configs/runs/tiny_scratch.yaml",
-          [f"output.dir={out}", f"train.steps={STEPS}", "train.eval_interval=10", "train.save_interval=10"])
-    return out
+    began = time.time()
+    result = train("pretrain", "configs/runs/tiny_scratch.yaml",
+                   [f"output.dir={out}", f"train.steps={STEPS}", "train.eval_interval=10", "train.save_interval=10"])
+    return out, result.stdout + result.stderr, began
+
+
+@pytest.fixture(scope="module")
+def scratch(scratch_run):
+    return scratch_run[0]
 
 
 def reuse_data(run):
@@ -48,6 +58,53 @@ def test_pretrain_loss_falls_and_logs(scratch):
     assert summary["val_loss"]["30"] == pytest.approx(s["val/loss"][30], rel=1e-6)
 
 
+def test_a_run_prints_no_noise(scratch_run):
+    """The launcher at --log_level error, and the training ranks, print results and real warnings only:
+    no INFO lines, no single-node hostfile notice, no megatron-core import warnings about Transformer
+    Engine, no torch deprecation notice about DeepSpeed's all-gather, no DeepSpeed merge chatter."""
+    _, printed, _ = scratch_run
+    for noise in ("[INFO]", "Unable to find hostfile", "Transformer Engine and Apex", "all_gather_into_tensor",
+                  "Reconstructed fp32 state dict"):
+        assert noise not in printed, noise
+    assert "pretrain: 0.87M params, 30 steps" in printed
+
+
+def test_first_run_compiles_nothing(scratch_run):
+    """tools/venv.sh builds DeepSpeed's CPU op into the venv; training loads it from there."""
+    if sys.prefix == sys.base_prefix or shutil.which("nvidia-smi"):
+        pytest.skip("only a CPU venv made by tools/venv.sh has the prebuilt op")
+    built = Path(sys.prefix) / "torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so"
+    assert built.is_file() and built.stat().st_mtime < scratch_run[2]
+
+
+def test_rerunning_a_finished_run_changes_nothing(scratch):
+    before = tree_sha256(scratch)
+    result = train("pretrain", "configs/runs/tiny_scratch.yaml",
+                   [f"output.dir={scratch}", f"train.steps={STEPS}", "train.eval_interval=10", "train.save_interval=10"])
+    assert f"{scratch} is complete: {STEPS} steps trained" in result.stdout
+    assert f"raise train.steps (e.g. train.steps={2 * STEPS})" in result.stdout
+    assert tree_sha256(scratch) == before  # no summary, export, TensorBoard or checkpoint touched
+
+
+def test_a_higher_train_steps_continues(scratch, tmp_path):
+    run = tmp_path / "more"
+    shutil.copytree(scratch, run)
+    train("pretrain", "configs/runs/tiny_scratch.yaml",
+          [f"output.dir={run}", f"train.steps={STEPS + 4}", "train.eval_interval=10", "train.save_interval=10",
+           *reuse_data(scratch)])
+    s, first = scalars(run / "tensorboard"), scalars(scratch / "tensorboard")
+    assert sorted(s["train/loss"]) == list(range(1, STEPS + 5))
+    assert s["val/loss"][STEPS] == first["val/loss"][STEPS]  # the finished run's last point survives
+    assert sorted(s["val/loss"]) == [0, 10, 20, 30, 34]
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS + 4
+
+
+def test_init_from_inside_output_dir_is_refused(scratch, tmp_path):
+    result = train("grow_pretrain", "configs/runs/tiny_lemon.yaml",
+                   [f"output.dir={scratch}", f"init.from={scratch}/export"], check=False)
+    assert result.returncode != 0 and f"init.from: {scratch}/export lies inside output.dir {scratch}" in result.stderr
+
+
 def test_pretrain_export_loads_in_megatron_core(scratch, mcore):
     export = scratch / "export"
     assert (export / "tokenizer.model").is_file()
@@ -60,7 +117,7 @@ def test_pretrain_export_loads_in_megatron_core(scratch, mcore):
     assert cfg.vocab_size == 512 and state["args"].tokenizer_type == "GPTSentencePieceTokenizer"
     theirs = mcore.build_gpt(cfg).eval()
     mcore.load_strict(theirs, state["model"])
-    x = torch.randint(0, 512, (2, 32))
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (mcore.forward(theirs, x) - load_model(export)(x)).abs().max().item() <= 1e-5
 
@@ -124,9 +181,13 @@ def test_deepspeed_checkpoint_is_a_cli_source(scratch, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["format"], info["iteration"]) == ("deepspeed", STEPS)
     assert cli(["verify", "--src", str(scratch / "checkpoints"), "--dst", str(scratch / "export")]) == 0
-    assert json.loads(capsys.readouterr().out)["max_abs_diff"] == 0.0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["max_abs_diff"] == 0.0 and "Processing zero checkpoint" in err  # DeepSpeed's chatter
     assert cli(["convert", "--src", str(scratch / "checkpoints"), "--dst", str(tmp_path / "tp2"), "--tp", "2",
                 "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "Processing zero checkpoint" not in out + err  # --no-progress: silenced
+    assert (tmp_path / "tp2/tokenizer.model").read_bytes() == (scratch / "export/tokenizer.model").read_bytes()
 
 
 def test_train_batch_size_mismatch_is_bad_input(scratch, tmp_path):

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 def launch_cmd(kind: str, config: str, overrides: list[str], ranks: int = 2) -> list[str]:
-    return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    """The README's command: the launcher at --log_level error (its INFO lines are noise)."""
+    return [str(DEEPSPEED), "--log_level", "error", "--num_gpus", str(ranks), "--master_port", str(free_port()),
             str(ROOT / "launch" / f"{kind}.py"), "--config", str(ROOT / config), *overrides]
 
 

@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/venv.sh
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
-deepspeed --num_gpus 2 launch/pretrain.py --config configs/runs/tiny_scratch.yaml
+deepspeed --log_level error --num_gpus 2 launch/pretrain.py --config configs/runs/tiny_scratch.yaml
 scalegrow grow --src runs/tiny_scratch/export --dst runs/quickstart/grown --method lemon \
   --target configs/models/gpt-tiny-grown.yaml --overwrite
 scalegrow verify --src runs/tiny_scratch/export --dst runs/quickstart/grown
-deepspeed --num_gpus 2 launch/grow_pretrain.py --config configs/runs/tiny_lemon.yaml
+deepspeed --log_level error --num_gpus 2 launch/grow_pretrain.py --config configs/runs/tiny_lemon.yaml
 scalegrow inspect runs/tiny_lemon/export

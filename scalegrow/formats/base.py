@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -36,6 +37,7 @@ class Reader:
 
     format = ""
     on_disk = True  # False for readers over memory or over nothing
+    quiet = False  # True: silence what a format's own library prints while reading
 
     @property
     def tp(self) -> int:
@@ -97,18 +99,28 @@ class Writer(Protocol):
 
     def finish(self) -> None: ...
 
+    def abort(self) -> None:
+        """After a failure: release files and threads (what was written is discarded)."""
+
 
 @dataclass(frozen=True)
 class Format:
-    """A checkpoint format as the registry lists it. `writer(out_dir, cfg, layout, source)` and
-    `target_config(cfg, tp, vocab_size)` (the format's vocabulary rule) exist for writable formats."""
+    """A checkpoint format as the registry lists it. `open(path, validate)` may skip reading shards
+    when `validate` is False (plans). Writable formats also have `writer(out_dir, cfg, layout, source)`,
+    `target_config(cfg, tp, vocab_size)` (their vocabulary rule) and `size(cfg, layout, dtype)`: the
+    bytes of tensor data a checkpoint holds (replicated tensors counted once per copy stored)."""
 
     name: str
     description: str
     detect: Callable[[Path], bool]
-    open: Callable[[Path], Reader]
+    open: Callable[[Path, bool], Reader]
     writer: Callable[[Path, ModelConfig, Layout, Reader], Writer] | None = None
     target_config: Callable[[ModelConfig, int, int | None], ModelConfig] | None = None
+    size: Callable[[ModelConfig, Layout, torch.dtype], int] | None = None
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 # ---- readers and writers without a format -----------------------------------------------------------
@@ -170,4 +182,7 @@ class StateDictWriter:
         pass
 
     def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
         pass

@@ -129,7 +129,8 @@ class ChunkWriter:
     def __init__(self, root: Path):
         self.root = root
         self._md, self._fs = _dcp()
-        self._file = open(root / DATA_FILE, "wb")
+        self.path = root / DATA_FILE
+        self._file = open(self.path, "wb")
         self._items: dict = {}  # key -> TensorStorageMetadata or BytesStorageMetadata
         self._storage: dict = {}  # MetadataIndex -> _StorageInfo
 
@@ -156,6 +157,9 @@ class ChunkWriter:
 
     def _record(self, index, start: int) -> None:
         self._storage[index] = self._fs._StorageInfo(DATA_FILE, start, self._file.tell() - start)
+
+    def abort(self) -> None:
+        self._file.close()
 
     def finish(self) -> None:
         self._file.close()

@@ -9,6 +9,7 @@ allow-list (DeepSpeed's loss scaler and ZeRO-stage enum besides Megatron's); any
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import sys
 from dataclasses import dataclass, field
@@ -59,6 +60,17 @@ def _deepspeed_logs_to_stderr() -> None:
             handler.setStream(_Stderr())
 
 
+@contextlib.contextmanager
+def deepspeed_chatter(quiet: bool):
+    """Where DeepSpeed's prints and progress bars go while it merges a checkpoint: stderr, since
+    stdout is scalegrow's (verify prints one JSON line), or nowhere when `quiet`. Its messages
+    ('Processing zero checkpoint', 'Reconstructed fp32 state dict') report progress, not problems."""
+    sink = io.StringIO() if quiet else sys.stderr
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink if quiet else sys.stderr):
+        _deepspeed_logs_to_stderr()
+        yield
+
+
 @dataclass
 class DeepSpeedReader(Reader):
     tag: str = ""
@@ -71,8 +83,7 @@ class DeepSpeedReader(Reader):
 
     def _sd(self) -> dict[str, torch.Tensor]:
         if self._state is None:
-            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs and prints; stdout is ours
-                _deepspeed_logs_to_stderr()
+            with deepspeed_chatter(self.quiet):
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
                 allowed = _deepspeed_allowed()
@@ -88,7 +99,8 @@ class DeepSpeedReader(Reader):
         self._state = None
 
 
-def open_deepspeed(path: Path) -> DeepSpeedReader:
+def open_deepspeed(path: Path, validate: bool = True) -> DeepSpeedReader:
+    """The config from `scalegrow.json`; the weights are read (merged) only when first asked for."""
     config = read_model(path)
     tag = (path / "latest").read_text().strip()
     match = re.fullmatch(r"(?:step|global_step)(\d+)", tag)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from scalegrow import deps
 from scalegrow.errors import InputError
 
 
@@ -36,10 +37,9 @@ def megatron_allowed() -> list[Any]:
     """megatron-core's own explicit list (its enums in args, numpy rng state). Importing
     megatron-core takes seconds, so it is consulted only when a file needs it."""
     try:
-        from megatron.core.safe_globals import SAFE_GLOBALS
+        return list(deps.megatron("safe_globals").SAFE_GLOBALS)
     except ImportError:
         return []
-    return list(SAFE_GLOBALS)
 
 
 def _torch_load(path: Path, mmap: bool, allowed: list[Any]) -> Any:
@@ -172,10 +172,29 @@ class StreamingTorchFile:
         self._zip.write_end_of_file()
         del self._zip
 
+    def abort(self) -> None:
+        """Release the file after a failure (it is discarded): end the zip so that torch's writer
+        does not try again when it is destroyed, whatever that attempt says (e.g. the disk is full)."""
+        if hasattr(self, "_zip"):
+            try:
+                self._zip.write_end_of_file()
+            except RuntimeError:
+                pass
+            del self._zip
+
+
+class WriteError(Exception):
+    """Writing `path` failed; the cause is the original error (e.g. no space left on the device)."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        super().__init__(f"{path}: {cause}")
+        self.path, self.__cause__ = Path(path), cause
+
 
 class WriteQueue:
     """Writes on a background thread (torch's zip writer releases the GIL), so disk I/O overlaps
-    the next tensor's computation. At most `depth` tensors wait: memory stays bounded."""
+    the next tensor's computation. At most `depth` tensors wait: memory stays bounded. A failed
+    write is re-raised in the caller's thread as a `WriteError` naming the file."""
 
     def __init__(self, depth: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -184,12 +203,13 @@ class WriteQueue:
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            job, path = item
             try:
                 if self._error is None:
                     job()
             except BaseException as exc:  # re-raised in the caller's thread
-                self._error = exc
+                self._error = WriteError(path, exc)
             finally:
                 self._queue.task_done()
         self._queue.task_done()
@@ -198,9 +218,10 @@ class WriteQueue:
         if self._error is not None:
             raise self._error
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None], path: Path) -> None:
+        """Run `job`, which writes into `path`, on the writer thread."""
         self._check()
-        self._queue.put(job)
+        self._queue.put((job, path))
 
     def drain(self) -> None:
         self._queue.join()
@@ -210,6 +231,13 @@ class WriteQueue:
         self._queue.put(None)
         self._thread.join()
         self._check()
+
+    def abort(self) -> None:
+        """Stop the thread after a failure, ignoring what went wrong (the caller is handling that)."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")  # skip whatever is still queued
+            self._queue.put(None)
+            self._thread.join()
 
 
 _MADV_DONTNEED = 4

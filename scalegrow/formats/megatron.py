@@ -1,4 +1,4 @@
-"""Megatron-LM legacy (`torch`) checkpoints at any TP/PP: reading, and the format's rules.
+"""Megatron-LM legacy (`torch`) checkpoints at any TP/PP, read and written.
 
     DIR/latest_checkpointed_iteration.txt               "1000" or "release"
     DIR/iter_0001000/mp_rank_TT[_PPP]/model_optim_rng.pt
@@ -7,7 +7,8 @@ Each file holds `args` (Megatron-LM's argparse Namespace), `checkpoint_version`,
 stage's `model` state dict, whose layer keys are local to the stage. Stage 0 holds the embeddings, the
 last stage the final norm and the output layer, which a tied model stores only at PP > 1 (a copy of
 the word embeddings). `MegatronReader` opens one lazily (mmap) and serves full, TP-merged tensors;
-`MegatronWriter` streams any model into that layout.
+`MegatronWriter` streams any model into that layout. The rules both follow (and torch_dist shares)
+are in `megatron_rules.py`.
 """
 from __future__ import annotations
 
@@ -25,93 +26,13 @@ from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader
 from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
+from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, FILE_NAME, TRACKER, canonical, checkpoint_bytes,
+                                              iteration_dir_name, local_key, megatron_args, rank_dir_name,
+                                              resolve_iteration_dir, stage_specs, stages_from_args, stored_tensor,
+                                              target_config)
 from scalegrow.parallel import Layout, Stages
 
-TRACKER = "latest_checkpointed_iteration.txt"
-FILE_NAME = "model_optim_rng.pt"
-CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-
-
-# ---- the format's rules -------------------------------------------------------------------------------
-def iteration_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
-def stage_specs(cfg: ModelConfig, stages: Stages, stage: int) -> list[tuple[str, TensorSpec]]:
-    """(global key, spec) of every tensor a stage stores, in megatron-core's state-dict order."""
-    out = [(s.name, s) for s in arch.embedding_specs(cfg)] if stage == 0 else []
-    for i in stages.layers(stage):
-        out += [(arch.layer_key(i, s.name), s) for s in arch.layer_specs(cfg, i)]
-    if stage == stages.pp - 1:
-        out += [(s.name, s) for s in arch.final_norm_specs(cfg)]
-        if not cfg.tied or stages.pp > 1:  # tied at PP > 1: the last stage keeps its own copy
-            out.append((arch.OUTPUT_LAYER, arch.OUTPUT_SPEC))
-    return out
-
-
-def local_key(key: str, stages: Stages) -> str:
-    """Global layer index -> the stage-local index Megatron stores."""
-    parsed = arch.split_layer_key(key)
-    if parsed is None:
-        return key
-    return arch.layer_key(stages.locate(parsed[0])[1], parsed[1])
-
-
-def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
-    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by × TP, so a new TP
-    can need other padding. The true size comes from --vocab-size or args.vocab_size; without
-    either, the padded rows are kept as the vocabulary (as Megatron's own converter does)."""
-    true_size = vocab_size or cfg.vocab_size
-    if true_size is not None and true_size > cfg.padded_vocab_size:
-        raise InputError(f"--vocab-size: {true_size} exceeds the checkpoint's {cfg.padded_vocab_size} "
-                         f"vocabulary rows")
-    padded = parallel.padded_vocab_size(true_size or cfg.padded_vocab_size, cfg.make_vocab_size_divisible_by, tp)
-    return cfg.replace(padded_vocab_size=padded, vocab_size=true_size)
-
-
-def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Layout,
-                  iteration: int | str) -> argparse.Namespace:
-    """The args a written checkpoint carries: `base`'s, with this model, layout and iteration."""
-    args = cfg.to_megatron_args(base, tp=layout.tp, pp=layout.pp)
-    for key, value in layout.stages.megatron_args().items():
-        setattr(args, key, value)
-    if iteration != "release":
-        args.iteration = int(iteration)
-    return args
-
-
-def stored_tensor(cfg: ModelConfig, specs: dict[str, TensorSpec], key: str,
-                  full: torch.Tensor) -> tuple[TensorSpec, torch.Tensor] | None:
-    """What is stored under `key` (`specs`: what this file or checkpoint stores): its spec and the
-    tensor with vocabulary rows padded to `cfg`'s, the shape checked; None for a tied output layer
-    that is not stored (the word embeddings are it)."""
-    spec = specs.get(key)
-    if spec is None:
-        assert key == arch.OUTPUT_LAYER and cfg.tied, f"{key}: not a tensor stored here"
-        return None
-    if spec.packing == arch.VOCAB:
-        full = parallel.pad_vocab(spec, full, cfg.padded_vocab_size)
-    want = arch.full_shape(cfg, spec)
-    assert tuple(full.shape) == want, f"{key}: operator produced {tuple(full.shape)}, expected {want}"
-    return spec, full
-
-
-def canonical(model: dict) -> dict:
-    """Read Transformer-Engine spellings as the local spec's names; drop `_extra_state`."""
-    out = {}
-    for key, value in model.items():
-        if key.endswith("_extra_state"):
-            continue
-        parsed = arch.split_layer_key(key)
-        if parsed is not None:
-            key = arch.layer_key(parsed[0], arch.canonical_layer_name(parsed[1]))
-        out[key] = value
-    return out
 
 
 # ---- reading --------------------------------------------------------------------------------------------
@@ -157,29 +78,11 @@ class MegatronReader(Reader):
         self._cache.clear()
 
 
-def resolve_iteration_dir(path: Path) -> tuple[Path, Path, int | str]:
-    """(root, iteration dir, iteration) for a checkpoint root or an `iter_*`/`release` directory."""
-    if not path.is_dir():
-        raise InputError(f"{path}: no such checkpoint directory")
-    tracker = path / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise InputError(f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
-        iteration: int | str = text if text == "release" else int(text)
-        iter_dir = path / iteration_dir_name(iteration)
-        if not iter_dir.is_dir():
-            raise InputError(f"{iter_dir}: iteration directory named by {TRACKER} is missing")
-        return path, iter_dir, iteration
-    match = re.fullmatch(r"iter_(\d{7})", path.name)
-    if match or path.name == "release":
-        return path.parent, path, "release" if path.name == "release" else int(match.group(1))
-    raise InputError(f"{path}: not a Megatron checkpoint (no {TRACKER} and not an iter_*/release directory)")
-
-
-def open_megatron(path: str | Path) -> MegatronReader:
+def open_megatron(path: str | Path, validate: bool = True) -> MegatronReader:
     """Open and validate every rank: files present, args consistent, tensor names and shapes as
-    the args say. Errors are one-line `InputError`s naming the file, the key and both shapes."""
+    the args say. Errors are one-line `InputError`s naming the file, the key and both shapes.
+    Without `validate`, only rank 0's args are read (its pickle; no tensor data) and the stage split
+    is taken from them."""
     root, iter_dir, iteration = resolve_iteration_dir(Path(path))
     first_file = iter_dir / rank_dir_name(0, 0, 1) / FILE_NAME
     if not first_file.is_file():
@@ -192,6 +95,10 @@ def open_megatron(path: str | Path) -> MegatronReader:
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
     pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
     _check_rank_dirs(iter_dir, tp, pp)
+    if not validate:
+        dtype = next((v.dtype for v in state0["model"].values() if torch.is_tensor(v)), torch.float32)
+        return MegatronReader(root, iteration, args, config, Layout(tp, stages_from_args(args, config)), dtype,
+                              iter_dir)
     shapes: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
     dtypes: set[torch.dtype] = set()
     for stage in range(pp):
@@ -337,7 +244,7 @@ class MegatronWriter:
         spec, full = stored
         lkey = local_key(key, self.layout.stages)
         for f, shard in zip(self._files, parallel.split(spec, full.to(self.dtype), self.layout.tp)):
-            self._queue.submit(functools.partial(f.write, lkey, shard))
+            self._queue.submit(functools.partial(f.write, lkey, shard), f.path)
 
     def close_stage(self) -> None:
         self._queue.drain()
@@ -350,18 +257,28 @@ class MegatronWriter:
         self._queue.close()
         (self.out_dir / TRACKER).write_text(str(self.iteration))
 
+    def abort(self) -> None:
+        self._queue.abort()
+        for f in self._files:
+            f.abort()
+        self._files = []
+
 
 class _StageFile:
     """One rank's file of the open stage: tensors by local key."""
 
     def __init__(self, file, slots: dict[str, TensorSlot]):
         self.file, self.slots = file, slots
+        self.path = file.path
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         self.file.write(self.slots[key], tensor)
 
     def close(self) -> None:
         self.file.close()
+
+    def abort(self) -> None:
+        self.file.abort()
 
 
 def _extra_state_keys(stages: Stages, stage: int) -> dict[str, None]:
@@ -373,4 +290,5 @@ def _extra_state_keys(stages: Stages, stage: int) -> dict[str, None]:
     return keys
 
 
-FORMAT = Format("torch", "Megatron legacy (torch)", is_megatron, open_megatron, MegatronWriter, target_config)
+FORMAT = Format("torch", "Megatron legacy", is_megatron, open_megatron, MegatronWriter, target_config,
+                checkpoint_bytes)

@@ -27,7 +27,7 @@ class PlanWriter(MegatronWriter):
 
 class _PlanFile:
     def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype):
-        self.name, self._todo, self.dtype = name, dict(shapes), dtype
+        self.name, self.path, self._todo, self.dtype = name, name, dict(shapes), dtype
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         want = self._todo.pop(key)
@@ -35,3 +35,6 @@ class _PlanFile:
 
     def close(self) -> None:
         assert not self._todo, f"{self.name}: tensors never written: {sorted(self._todo)[:3]}"
+
+    def abort(self) -> None:
+        pass

@@ -19,7 +19,7 @@ FALLBACK = megatron.FORMAT  # opens whatever nothing else recognised, to explain
 
 def writable() -> tuple[str, ...]:
     """Names of the formats scalegrow can write (the choices of `--format` and `export.format`)."""
-    return tuple(name for name, f in FORMATS.items() if f.writer is not None)
+    return tuple(sorted(name for name, f in FORMATS.items() if f.writer is not None))
 
 
 def get(name: str, where: str = "--format") -> Format:
@@ -30,10 +30,12 @@ def get(name: str, where: str = "--format") -> Format:
     return fmt
 
 
-def open_checkpoint(path: str | Path) -> Reader:
-    """A reader for whatever checkpoint is at `path`, its format detected from what is on disk."""
+def open_checkpoint(path: str | Path, validate: bool = True, quiet: bool = False) -> Reader:
+    """A reader for whatever checkpoint is at `path`, its format detected from what is on disk.
+    `validate=False` reads as little as the format allows (plans); `quiet` silences what the format's
+    own library prints while reading."""
     path = Path(path)
-    for fmt in FORMATS.values():
-        if fmt.detect(path):
-            return fmt.open(path)
-    return FALLBACK.open(path)
+    fmt = next((f for f in FORMATS.values() if f.detect(path)), FALLBACK)
+    reader = fmt.open(path, validate)
+    reader.quiet = quiet
+    return reader

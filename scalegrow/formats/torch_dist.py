@@ -27,12 +27,12 @@ from scalegrow import arch
 from scalegrow.arch import TensorSpec
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
-from scalegrow.formats.base import Format, Reader
+from scalegrow.formats.base import Format, Reader, nbytes
 from scalegrow.formats.dcp import ChunkReader, ChunkWriter
 from scalegrow.formats.io import WriteQueue, safe_load
-from scalegrow.formats.megatron import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name, megatron_args,
-                                        resolve_iteration_dir, stored_tensor, target_config)
-from scalegrow.parallel import Layout, Stages
+from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name, megatron_args,
+                                              resolve_iteration_dir, stages_from_args, stored_tensor, target_config)
+from scalegrow.parallel import Layout
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -90,7 +90,11 @@ class DistReader(Reader):
         return self._chunks.read(stacked, (index,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
 
 
-def open_dist(path: Path) -> DistReader:
+def checkpoint_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
+    return sum(nbytes(shape, dtype) for _, shape in stored_tensors(cfg))
+
+
+def open_dist(path: Path, validate: bool = True) -> DistReader:
     root, iter_dir, iteration = resolve_iteration_dir(path)
     try:
         backend = json.loads((iter_dir / METADATA_JSON).read_text())
@@ -109,9 +113,7 @@ def open_dist(path: Path) -> DistReader:
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"{iter_dir / COMMON}: args: {exc}") from exc
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
-    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
-    stages = Stages.build(config.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
-                          getattr(args, "decoder_last_pipeline_num_layers", None))
+    stages = stages_from_args(args, config)
     for key, want in stored_tensors(config):  # every tensor the args imply, with the shape they imply
         if not chunks.has(key):
             raise InputError(f"{iter_dir}: {key}: missing tensor (expected shape {want})")
@@ -149,7 +151,7 @@ class DistWriter:
             return
         spec, full = stored
         for name, offsets, chunk in self._boxes(key, spec, full.to(self.dtype)):
-            self._queue.submit(functools.partial(self._chunks.add_chunk, name, offsets, chunk))
+            self._queue.submit(functools.partial(self._chunks.add_chunk, name, offsets, chunk), self._chunks.path)
 
     @staticmethod
     def _boxes(key: str, spec: TensorSpec, full: torch.Tensor):
@@ -169,6 +171,10 @@ class DistWriter:
     def close_stage(self) -> None:
         self._queue.drain()
 
+    def abort(self) -> None:
+        self._queue.abort()
+        self._chunks.abort()
+
     def finish(self) -> None:
         self._queue.close()
         L = self.cfg.num_layers
@@ -183,4 +189,5 @@ class DistWriter:
         (self.out_dir / TRACKER).write_text(str(self.iteration))
 
 
-FORMAT = Format("torch_dist", "megatron-core torch_dist", is_torch_dist, open_dist, DistWriter, target_config)
+FORMAT = Format("torch_dist", "megatron-core distributed", is_torch_dist, open_dist, DistWriter, target_config,
+                checkpoint_bytes)

@@ -80,11 +80,12 @@ def options_with(name: str, kind: str, **values):
 
 
 def build_operator(name: str, kind: str, src: ModelConfig, dst: ModelConfig, *, seed: int = 0, options=None,
-                   context: Callable[[Method], ContextManager[Context]] | None = None,
+                   context: Callable[[Method, Operator], ContextManager[Context]] | None = None,
                    where: str = "--target") -> tuple[Operator, dict]:
     """The operator of method `name` from `src` to `dst`, prepared, with the details to record.
     Targets are checked before any heavy work (bad ones are `InputError`s prefixed by `where`); the
-    prepare step then runs in `context(method)`. Without a context (a dry run) it is skipped."""
+    prepare step then runs in `context(method, operator)`, which may check more before it opens its
+    data (the output layout, disk space). Without a context (a dry run) it is skipped."""
     method = get(name, kind)
     options = options if options is not None else method.default_options()
     try:
@@ -93,11 +94,11 @@ def build_operator(name: str, kind: str, src: ModelConfig, dst: ModelConfig, *, 
         raise InputError(f"{where}: {exc}") from exc
     details = {"seed": seed}
     if method.prepare is not None and context is not None:
-        with context(method) as ctx:
+        with context(method, op) as ctx:
             details.update(method.prepare(op, options, ctx))
     return op, details
 
 
-def ready(ctx: Context) -> Callable[[Method], ContextManager[Context]]:
+def ready(ctx: Context) -> Callable[[Method, Operator], ContextManager[Context]]:
     """A `context` argument for a context that already exists (e.g. a training run's)."""
-    return lambda method: contextlib.nullcontext(ctx)
+    return lambda method, op: contextlib.nullcontext(ctx)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from scalegrow import output
 from scalegrow.config import ModelConfig, coerce, load_yaml_mapping
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
@@ -201,6 +202,10 @@ def validate(cfg: RunConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise InputError(f"{key}: {message}")
+    relation = output.overlap(cfg.init.from_, cfg.output.dir) if cfg.init.from_ else None
+    if relation:
+        raise InputError(f"init.from: {cfg.init.from_} {relation} output.dir {cfg.output.dir}, which this run "
+                         f"writes; a source is only ever read, so train into another output.dir")
 
 
 def save_run_config(cfg: RunConfig, path: Path) -> None:

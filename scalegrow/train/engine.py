@@ -123,4 +123,7 @@ def full_state_dict(engine, ckpt_dir: Path, zero_stage: int) -> dict[str, torch.
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=latest_tag(ckpt_dir))
+    from scalegrow.formats.deepspeed import deepspeed_chatter
+
+    with deepspeed_chatter(quiet=True):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=latest_tag(ckpt_dir))

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
+from pathlib import Path
 
+from scalegrow.errors import InputError
+from scalegrow.train import loop, starts
 from scalegrow.train.config import RunConfig, load_run_config
 from scalegrow.train.engine import Dist
 
@@ -13,28 +18,42 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[Ru
     """`--config FILE` plus trailing `dotted.key=value` overrides; accepts the launcher's --local_rank."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="run YAML (configs/runs/*.yaml)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                        help="this process's GPU on its node (default: $LOCAL_RANK, else 0)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=100")
     args = parser.parse_args(argv)
     return load_run_config(args.config, args.overrides), args
 
 
+def extensions_dir() -> Path | None:
+    """Where DeepSpeed keeps the ops it compiles (on CPU: its shared-memory all-reduce): inside the
+    virtual environment, which `tools/venv.sh` builds them into at install time, so neither the first
+    run nor a second environment compiles them again. None outside a virtual environment."""
+    return Path(sys.prefix) / "torch_extensions" if sys.prefix != sys.base_prefix else None
+
+
+def quiet_known_warnings() -> None:
+    """DeepSpeed 0.19.8's ZeRO all-gathers through `torch.distributed.all_gather_into_tensor`, which
+    torch 2.13 deprecates (same result, another name): a FutureWarning every run, about their code."""
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 def main(kind: str, argv: list[str] | None = None) -> int:
     """Entry for launch/*.py: set up distributed (DeepSpeed), then run."""
-    import sys
-
     import deepspeed
     import torch
     import torch.distributed as torch_dist
     from deepspeed.accelerator import get_accelerator
-
-    from scalegrow.errors import InputError
 
     try:
         cfg, args = parse_args(argv, description=f"scalegrow {kind}")
     except InputError as exc:
         print(f"scalegrow: error: {exc}", file=sys.stderr)
         return 2
+    if extensions_dir() is not None:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    quiet_known_warnings()
     cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
     if cpu:  # one core's worth of threads per rank, no oversubscription
@@ -43,8 +62,6 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     else:
         get_accelerator().set_device(args.local_rank)
     dist = Dist(torch_dist.get_rank(), torch_dist.get_world_size(), args.local_rank)
-    from scalegrow.train import loop, starts
-
     start_fn = starts.grown if kind == "grow_pretrain" else starts.scratch_or_continue
     try:
         loop.run(cfg, dist, start_fn, kind)

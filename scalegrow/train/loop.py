@@ -7,7 +7,6 @@ Re-running the same command resumes from the latest checkpoint, bit-identically 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,8 @@ class Logger:
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
+            # a resumed run replaces what a killed one logged after its checkpoint `start`
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -95,6 +95,13 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
         kind: str) -> dict:
     out = Path(cfg.output.dir)
     ckpt_dir = out / "checkpoints"
+    finished = completed(cfg)
+    if finished is not None:
+        if dist.is_main:
+            print(f"{kind}: {out} is complete: {finished['steps']} steps trained, exported to {out / 'export'}; "
+                  f"nothing was changed. To train longer, raise train.steps (e.g. train.steps="
+                  f"{2 * finished['steps']}) and run the same command again.", flush=True)
+        return finished
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, out / "run_config.yaml")
@@ -135,6 +142,16 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
         save(engine, ckpt_dir, 0, start, kind, dist)
     log.close()
     return finish(cfg, dist, engine, start, data, history, time.time() - began, kind)
+
+
+def completed(cfg: RunConfig) -> dict | None:
+    """The summary of this run if it already trained `train.steps` steps (or more) and exported them."""
+    out = Path(cfg.output.dir)
+    tag, summary = ds.latest_tag(out / "checkpoints"), out / "summary.json"
+    if tag is None or not summary.is_file() or not (out / "export" / metadata.METADATA).is_file():
+        return None
+    done = json.loads(summary.read_text())
+    return done if done.get("steps", -1) >= cfg.train.steps and tag == f"step{done['steps']}" else None
 
 
 def save(engine, ckpt_dir: Path, step: int, start: Start, kind: str, dist: ds.Dist) -> None:
@@ -194,5 +211,5 @@ def export(cfg: RunConfig, start: Start, state: dict, data: PreparedData, kind: 
     training = {**summary, "run_config": cfg.to_dict()}
     output.write(model, Identity(start.config, start.config), out / "export",
                  output.OutputOptions(tp=cfg.export.tp, pp=cfg.export.pp, format=cfg.export.format), method=kind,
-                 source_record=start.source, training=training, overwrite=True, progress=False)
-    shutil.copy(data.tokenizer, out / "export" / "tokenizer.model")
+                 source_record=start.source, training=training, files={"tokenizer.model": data.tokenizer},
+                 overwrite=True, progress=False)

@@ -1,0 +1,134 @@
+"""The rules Megatron-LM checkpoints follow, shared by the legacy `torch` format and `torch_dist`:
+directory names, which tensors a pipeline stage stores, the vocabulary padding, the args a written
+checkpoint carries, and which bytes it needs."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from scalegrow import arch, parallel
+from scalegrow.arch import TensorSpec
+from scalegrow.config import ModelConfig
+from scalegrow.errors import InputError
+from scalegrow.formats.base import nbytes
+from scalegrow.parallel import Layout, Stages
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILE_NAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def stage_specs(cfg: ModelConfig, stages: Stages, stage: int) -> list[tuple[str, TensorSpec]]:
+    """(global key, spec) of every tensor a stage stores, in megatron-core's state-dict order."""
+    out = [(s.name, s) for s in arch.embedding_specs(cfg)] if stage == 0 else []
+    for i in stages.layers(stage):
+        out += [(arch.layer_key(i, s.name), s) for s in arch.layer_specs(cfg, i)]
+    if stage == stages.pp - 1:
+        out += [(s.name, s) for s in arch.final_norm_specs(cfg)]
+        if not cfg.tied or stages.pp > 1:  # tied at PP > 1: the last stage keeps its own copy
+            out.append((arch.OUTPUT_LAYER, arch.OUTPUT_SPEC))
+    return out
+
+
+def local_key(key: str, stages: Stages) -> str:
+    """Global layer index -> the stage-local index Megatron stores."""
+    parsed = arch.split_layer_key(key)
+    if parsed is None:
+        return key
+    return arch.layer_key(stages.locate(parsed[0])[1], parsed[1])
+
+
+def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
+    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by × TP, so a new TP
+    can need other padding. The true size comes from --vocab-size or args.vocab_size; without
+    either, the padded rows are kept as the vocabulary (as Megatron's own converter does)."""
+    true_size = vocab_size or cfg.vocab_size
+    if true_size is not None and true_size > cfg.padded_vocab_size:
+        raise InputError(f"--vocab-size: {true_size} exceeds the checkpoint's {cfg.padded_vocab_size} "
+                         f"vocabulary rows")
+    padded = parallel.padded_vocab_size(true_size or cfg.padded_vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    return cfg.replace(padded_vocab_size=padded, vocab_size=true_size)
+
+
+def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Layout,
+                  iteration: int | str) -> argparse.Namespace:
+    """The args a written checkpoint carries: `base`'s, with this model, layout and iteration."""
+    args = cfg.to_megatron_args(base, tp=layout.tp, pp=layout.pp)
+    for key, value in layout.stages.megatron_args().items():
+        setattr(args, key, value)
+    if iteration != "release":
+        args.iteration = int(iteration)
+    return args
+
+
+def stored_tensor(cfg: ModelConfig, specs: dict[str, TensorSpec], key: str,
+                  full: torch.Tensor) -> tuple[TensorSpec, torch.Tensor] | None:
+    """What is stored under `key` (`specs`: what this file or checkpoint stores): its spec and the
+    tensor with vocabulary rows padded to `cfg`'s, the shape checked; None for a tied output layer
+    that is not stored (the word embeddings are it)."""
+    spec = specs.get(key)
+    if spec is None:
+        assert key == arch.OUTPUT_LAYER and cfg.tied, f"{key}: not a tensor stored here"
+        return None
+    if spec.packing == arch.VOCAB:
+        full = parallel.pad_vocab(spec, full, cfg.padded_vocab_size)
+    want = arch.full_shape(cfg, spec)
+    assert tuple(full.shape) == want, f"{key}: operator produced {tuple(full.shape)}, expected {want}"
+    return spec, full
+
+
+def checkpoint_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
+    """Tensor bytes of every rank file of `cfg` at `layout` (a replicated tensor is in each file)."""
+    return layout.tp * sum(nbytes(parallel.shard_shape(spec, arch.full_shape(cfg, spec), layout.tp), dtype)
+                           for stage in range(layout.pp) for _, spec in stage_specs(cfg, layout.stages, stage))
+
+
+def canonical(model: dict) -> dict:
+    """Read Transformer-Engine spellings as the local spec's names; drop `_extra_state`."""
+    out = {}
+    for key, value in model.items():
+        if key.endswith("_extra_state"):
+            continue
+        parsed = arch.split_layer_key(key)
+        if parsed is not None:
+            key = arch.layer_key(parsed[0], arch.canonical_layer_name(parsed[1]))
+        out[key] = value
+    return out
+
+
+def resolve_iteration_dir(path: Path) -> tuple[Path, Path, int | str]:
+    """(root, iteration dir, iteration) for a checkpoint root or an `iter_*`/`release` directory."""
+    if not path.is_dir():
+        raise InputError(f"{path}: no such checkpoint directory")
+    tracker = path / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise InputError(f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
+        iteration: int | str = text if text == "release" else int(text)
+        iter_dir = path / iteration_dir_name(iteration)
+        if not iter_dir.is_dir():
+            raise InputError(f"{iter_dir}: iteration directory named by {TRACKER} is missing")
+        return path, iter_dir, iteration
+    match = re.fullmatch(r"iter_(\d{7})", path.name)
+    if match or path.name == "release":
+        return path.parent, path, "release" if path.name == "release" else int(match.group(1))
+    raise InputError(f"{path}: not a Megatron checkpoint (no {TRACKER} and not an iter_*/release directory)")
+
+
+def stages_from_args(args: argparse.Namespace, config: ModelConfig) -> Stages:
+    """The pipeline split Megatron-LM derives from its args (even, or an uneven first/last stage)."""
+    return Stages.build(config.num_layers, int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
+                        getattr(args, "decoder_first_pipeline_num_layers", None),
+                        getattr(args, "decoder_last_pipeline_num_layers", None))
