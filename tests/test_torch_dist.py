@@ -77,3 +77,23 @@ def test_writer_matches_megatron_core_save(mcore, tmp_path, case):
     assert (ours_common["iteration"], ours_common["checkpoint_version"]) == (5, 3.0)
     assert json.loads((ours / "iter_0000005/metadata.json").read_text()) == \
         json.loads((tmp_path / "theirs/metadata.json").read_text())
+
+
+def test_metadata_unpickler_admits_enum_members_and_nothing_else(tmp_path):
+    """Some Python versions pickle enum members as getattr(cls, name): DCP's own enums read back, but
+    getattr on anything else (the classic way out of an allow-list) is refused."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from scalegrow.errors import InputError
+
+    member = tmp_path / "member"  # getattr(_MEM_FORMAT_ENCODING, 'TORCH_CONTIGUOUS_FORMAT'), written by hand
+    member.write_bytes(b"cbuiltins\ngetattr\n(ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n"
+                       b"S'TORCH_CONTIGUOUS_FORMAT'\ntR.")
+    assert read_metadata(member) is _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    escape = tmp_path / "escape"  # getattr(torch.Size, '__class__'): a step towards any class
+    escape.write_bytes(b"cbuiltins\ngetattr\n(ctorch\nSize\nS'__class__'\ntR.")
+    with pytest.raises(InputError, match="refused to unpickle GLOBAL builtins.getattr of Size.__class__"):
+        read_metadata(escape)
+    assert pickle.loads(member.read_bytes()) is _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT

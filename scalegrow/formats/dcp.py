@@ -9,6 +9,7 @@ whole state dict at once; these work chunk by chunk, so memory stays bounded by 
 """
 from __future__ import annotations
 
+import enum
 import importlib
 import io
 import pickle
@@ -25,10 +26,20 @@ _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.chec
                 "torch.distributed.checkpoint.filesystem")
 
 
+def _enum_member(cls, name: str):
+    """What `getattr(cls, name)` means in a pickle of an enum member (Python versions that pickle
+    enums that way): allowed for the allow-listed enum classes' members only, nothing else."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"GLOBAL builtins.getattr of {getattr(cls, '__name__', cls)}.{name}")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Admits only DCP's metadata dataclasses/enums, torch.Size, dtypes and layouts."""
 
     def find_class(self, module: str, name: str):
+        if module == "builtins" and name == "getattr":
+            return _enum_member
         if module in _DCP_MODULES:
             obj = getattr(importlib.import_module(module), name, None)
             if isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING":
