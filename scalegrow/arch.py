@@ -27,6 +27,8 @@ class Role:
     OUT_BIAS = "out_bias"  # linear_proj / linear_fc2 bias: writes the residual stream
     QKV_WEIGHT = "qkv_weight"
     QKV_BIAS = "qkv_bias"
+    QK_NORM_WEIGHT = "qk_norm_weight"  # q_layernorm / k_layernorm over one head's dimension
+    QK_NORM_BIAS = "qk_norm_bias"
     PROJ_WEIGHT = "proj_weight"
     FC1_WEIGHT = "fc1_weight"
     FC1_BIAS = "fc1_bias"
@@ -59,6 +61,8 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.OUT_BIAS: lambda c: (c.hidden_size,),
     Role.QKV_WEIGHT: lambda c: (c.qkv_rows, c.hidden_size),
     Role.QKV_BIAS: lambda c: (c.qkv_rows,),
+    Role.QK_NORM_WEIGHT: lambda c: (c.kv_channels,),
+    Role.QK_NORM_BIAS: lambda c: (c.kv_channels,),
     Role.PROJ_WEIGHT: lambda c: (c.hidden_size, c.num_attention_heads * c.kv_channels),
     Role.FC1_WEIGHT: lambda c: (c.fc1_rows, c.hidden_size),
     Role.FC1_BIAS: lambda c: (c.fc1_rows,),
@@ -89,6 +93,11 @@ def dense_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
     specs.append(TensorSpec("self_attention.linear_qkv.weight", Role.QKV_WEIGHT, 0, QKV))
     if cfg.has_qkv_bias:
         specs.append(TensorSpec("self_attention.linear_qkv.bias", Role.QKV_BIAS, 0, QKV))
+    if cfg.qk_layernorm:
+        for which in ("q", "k"):
+            specs.append(TensorSpec(f"self_attention.{which}_layernorm.weight", Role.QK_NORM_WEIGHT, None))
+            if cfg.has_norm_bias:
+                specs.append(TensorSpec(f"self_attention.{which}_layernorm.bias", Role.QK_NORM_BIAS, None))
     specs.append(TensorSpec("pre_mlp_layernorm.weight", Role.NORM_WEIGHT, None))
     if cfg.has_norm_bias:
         specs.append(TensorSpec("pre_mlp_layernorm.bias", Role.NORM_BIAS, None))

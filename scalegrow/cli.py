@@ -1,9 +1,10 @@
-"""`scalegrow`: grow, shrink, convert, verify and inspect Megatron and DeepSpeed checkpoints.
+"""`scalegrow`: grow, shrink, convert, verify and inspect Megatron, DeepSpeed and Hugging Face checkpoints.
 Exit 0: success; 2: bad input; 1: verify found a difference over --atol; 3: internal error."""
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 
@@ -13,6 +14,7 @@ from scalegrow import __version__, pipeline
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
+from scalegrow.formats.hf_families import ARCHITECTURES as HF_FAMILIES
 from scalegrow.methods import registry as methods
 from scalegrow.methods.ligo import LigoOptions
 from scalegrow.methods.subclone import SubcloneOptions
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="checkpoint directory")
     e.add_argument("--data", default=DataOptions.data, help="corpus whose held-out split is used: a text/json/"
                    "parquet file, a .bin/.idx prefix, or 'embedded' (default: embedded)")
-    e.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the checkpoint's)")
+    e.add_argument("--tokenizer", default=None, help="sentencepiece model or HF tokenizer.json (default: the checkpoint's)")
     e.add_argument("--tokens", type=int, default=32768, help="held-out tokens (default: 32768)")
     e.add_argument("--seq-length", type=int, default=256, help="tokens per window (default: 256)")
     i = sub.add_parser("inspect", help="describe a checkpoint")
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grow_parser(g: argparse.ArgumentParser) -> None:
-    _paths(g, "source checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
+    _paths(g, "source checkpoint directory (Megatron torch/torch_dist, DeepSpeed or Hugging Face)")
     g.add_argument("--method", default="lemon",
                    help=f"growth method: {', '.join(methods.names(methods.GROW))} (default: lemon)")
     g.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
@@ -77,7 +79,7 @@ def _grow_parser(g: argparse.ArgumentParser) -> None:
 
 
 def _shrink_parser(k: argparse.ArgumentParser) -> None:
-    _paths(k, "source checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
+    _paths(k, "source checkpoint directory (Megatron torch/torch_dist, DeepSpeed or Hugging Face)")
     k.add_argument("--method", default="subclone",
                    help=f"shrink method: {', '.join(methods.names(methods.SHRINK))} (default: subclone)")
     k.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
@@ -98,7 +100,7 @@ def _paths(p: argparse.ArgumentParser, src_help: str) -> None:
 def _data_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
     p.add_argument(flag, default=DataOptions.data, help=f"{what}: a text/json/parquet file, a preprocessed "
                    ".bin/.idx prefix, or 'embedded' (default: embedded)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the one shipped with --src)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model or HF tokenizer.json (default: the one shipped with --src)")
 
 
 def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bool = True) -> None:
@@ -114,10 +116,27 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
                                                           for name in formats.writable()) + " (default: torch)")
         p.add_argument("--vocab-size", type=int, default=None, help="the tokenizer's true vocabulary size, to "
                        "re-pad for the target TP (default: the source's args, else its padded rows)")
+        p.add_argument("--max-shard-size", type=_size, default=OutputOptions.max_shard_size, metavar="SIZE",
+                       help="hf: largest safetensors file, e.g. 5GB, 500MB, 2GiB or bytes (default: 5GB)")
+        p.add_argument("--hf-model-type", default=None, metavar="TYPE",
+                       help="hf: the family to write: " + ", ".join(HF_FAMILIES) + " (default: the source's, "
+                       "as recorded in its config.json or scalegrow.json, else the one its structure implies)")
         p.add_argument("--dry-run", action="store_true", help="print every output file's tensors and shapes as "
                        "JSON; reads only the source's args (no tensor data) and writes nothing")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, and no chatter from DeepSpeed")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def _size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, as transformers reads max_shard_size (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def _print_plan(plan: dict) -> int:
@@ -131,8 +150,9 @@ def _output_options(a):
     for name in ("tp", "pp", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
                  "vocab_size"):
         _positive(name.replace("_", "-"), getattr(a, name, None))
+    extra = {k: getattr(a, k) for k in ("max_shard_size", "hf_model_type") if hasattr(a, k)}
     return OutputOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
-                         getattr(a, "format", "torch"), getattr(a, "vocab_size", None))
+                         getattr(a, "format", "torch"), getattr(a, "vocab_size", None), **extra)
 
 
 def _positive(name: str, value: int | None) -> None:

@@ -42,6 +42,8 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
+    qk_layernorm: bool = False  # a norm over each head's queries and keys, before rope (Qwen3)
+    openai_gelu: bool = False  # GELU's tanh approximation (GPT-2) instead of the exact one
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     vocab_size: int | None = None  # unpadded tokenizer size, when known
@@ -111,6 +113,8 @@ class ModelConfig:
                              f"{self.kv_channels} * {self.rotary_percent}")
         if not (self.norm_epsilon > 0 and math.isfinite(self.norm_epsilon)):
             raise ValueError(f"norm_epsilon: must be positive, got {self.norm_epsilon}")
+        if self.openai_gelu and self.swiglu:
+            raise ValueError("openai_gelu: SwiGLU's activation is SiLU; the GELU approximation does not apply")
         if self.vocab_size is not None and self.vocab_size > self.padded_vocab_size:
             raise ValueError(f"vocab_size: {self.vocab_size} exceeds padded_vocab_size "
                              f"{self.padded_vocab_size}")
@@ -179,6 +183,8 @@ class ModelConfig:
             untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights", False)),
             add_bias_linear=bool(a.get("add_bias_linear", True)),
             add_qkv_bias=bool(a.get("add_qkv_bias", False)),
+            qk_layernorm=bool(a.get("qk_layernorm", False)),
+            openai_gelu=bool(a.get("openai_gelu", False)),
             init_method_std=float(a.get("init_method_std", 0.02)),
             make_vocab_size_divisible_by=int(a.get("make_vocab_size_divisible_by", 128)),
             vocab_size=a.get("vocab_size"),
@@ -214,6 +220,8 @@ class ModelConfig:
         attn_out = self.num_attention_heads * self.kv_channels
         norm = h * (2 if self.has_norm_bias else 1)
         layer = 2 * norm + self.qkv_rows * h + attn_out * h + self.fc1_rows * h + self.ffn_hidden_size * h
+        if self.qk_layernorm:
+            layer += 2 * self.kv_channels * (2 if self.has_norm_bias else 1)
         if self.has_qkv_bias:
             layer += self.qkv_rows
         if self.has_linear_bias:

@@ -8,6 +8,7 @@ Python has it, so the quickstart and the tests need no download.
 from __future__ import annotations
 
 import contextlib
+import json
 import sysconfig
 import tempfile
 import zlib
@@ -95,11 +96,52 @@ def train_tokenizer(documents: Iterable[str], model_prefix: Path, vocab_size: in
 
 
 def load_tokenizer(path: str | Path):
+    """A sentencepiece model (`*.model`), or a Hugging Face `tokenizer.json` (or a directory holding
+    one) behind the same three calls data preparation makes: encode, eos_id, get_piece_size."""
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no such tokenizer (a sentencepiece .model or a tokenizer.json)")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
     import sentencepiece as spm
 
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such sentencepiece model")
     return spm.SentencePieceProcessor(model_file=str(path))
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (the `tokenizers` library) that speaks sentencepiece's calls. The
+    end-of-document token is the tokenizer_config.json's `eos_token`, else config.json's `eos_token_id`."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.path, self.tokenizer = path, Tokenizer.from_file(str(path))
+        self._eos = self._find_eos()
+
+    def _find_eos(self) -> int:
+        config, model = self.path.parent / "tokenizer_config.json", self.path.parent / "config.json"
+        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and self.tokenizer.token_to_id(eos) is not None:
+            return self.tokenizer.token_to_id(eos)
+        eos_id = json.loads(model.read_text()).get("eos_token_id") if model.is_file() else None
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        if not isinstance(eos_id, int):
+            raise InputError(f"{self.path}: no end-of-document token (eos_token in tokenizer_config.json or "
+                             f"eos_token_id in config.json)")
+        return eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def eos_id(self) -> int:
+        return self._eos
+
+    def get_piece_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
 
 # ---- indexed datasets ----------------------------------------------------------------------------------
@@ -199,31 +241,50 @@ def corpus_streams(data: str, tokenizer: Path, seq_length: int, valid_fraction: 
         yield TokenStream(f"{prefix}_train", seq_length), TokenStream(f"{prefix}_valid", seq_length)
 
 
+TOKENIZERS = ("tokenizer.model", "tokenizer.json")  # sentencepiece first: what scalegrow's own runs ship
+
+
 def tokenizer_near(checkpoint: str | Path) -> Path | None:
-    """The tokenizer.model shipped with a checkpoint (an export, or a run's checkpoints/data dir)."""
+    """The tokenizer shipped with a checkpoint (an export, an HF directory, or a run's checkpoints/data
+    directory): a sentencepiece tokenizer.model, else a Hugging Face tokenizer.json."""
     root = Path(checkpoint)
-    for candidate in (root / "tokenizer.model", root.parent / "export" / "tokenizer.model",
-                      root.parent / "data" / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
+    for where in (root, root.parent / "export", root.parent / "data"):
+        for name in TOKENIZERS:
+            if (where / name).is_file():
+                return where / name
     return None
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files that travel with the weights from a checkpoint to what is written from it
+COMPANION_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 
 
-def tokenizer_files(checkpoint: str | Path, tokenizer: str | None = None) -> dict[str, Path]:
-    """The tokenizer files a checkpoint written from `checkpoint` carries: those in its directory,
-    else the sentencepiece model a training run keeps near it, else `tokenizer` (given by the user)."""
+def companion_files(checkpoint: str | Path, tokenizer: str | None = None) -> dict[str, Path]:
+    """The tokenizer (and generation config) files a checkpoint written from `checkpoint` carries:
+    those in its directory, else the tokenizer a training run keeps near it, else `tokenizer` (given
+    by the user)."""
     root = Path(checkpoint)
-    found = {name: root / name for name in TOKENIZER_FILES if (root / name).is_file()}
+    found = {name: root / name for name in COMPANION_FILES if (root / name).is_file()}
+    if any(name in found for name in TOKENIZERS):
+        return found
     near = tokenizer_near(root) or (Path(tokenizer) if tokenizer else None)
-    return found or ({"tokenizer.model": near} if near else {})
+    return {**found, **(tokenizer_bundle(near) if near else {})}
+
+
+def tokenizer_bundle(tokenizer: Path) -> dict[str, Path]:
+    """A tokenizer file and the HF files that belong to it (tokenizer_config.json, special tokens)."""
+    out = {tokenizer.name: tokenizer}
+    if tokenizer.suffix == ".json":
+        out.update({name: tokenizer.parent / name for name in ("tokenizer_config.json", "special_tokens_map.json")
+                    if (tokenizer.parent / name).is_file()})
+    return out
 
 
 def source_tokenizer(src_path, tokenizer: str | None) -> Path:
-    """--tokenizer, else the tokenizer.model that ships with the checkpoint."""
+    """--tokenizer, else the tokenizer that ships with the checkpoint."""
     found = Path(tokenizer) if tokenizer else tokenizer_near(src_path)
-    if found is None or not found.is_file():
-        raise InputError(f"--tokenizer: {src_path} ships no tokenizer.model; pass the source's tokenizer")
+    if found is None or not found.exists():
+        raise InputError(f"--tokenizer: {src_path} ships no tokenizer (tokenizer.model or tokenizer.json); "
+                         f"pass the source's tokenizer")
     return found

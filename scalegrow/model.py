@@ -15,11 +15,12 @@ from torch import nn
 from scalegrow.config import ModelConfig
 
 
-def make_norm(cfg: ModelConfig, eps: float | None = None) -> nn.Module:
-    eps = cfg.norm_epsilon if eps is None else eps
+def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
+    """The model's norm over `size` features (default: the hidden size)."""
+    size = cfg.hidden_size if size is None else size
     if cfg.normalization == "RMSNorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=eps)
+        return nn.RMSNorm(size, eps=cfg.norm_epsilon)
+    return nn.LayerNorm(size, eps=cfg.norm_epsilon)
 
 
 class Embedding(nn.Module):
@@ -61,6 +62,9 @@ class SelfAttention(nn.Module):
         h, proj_in = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
         self.linear_qkv = nn.Linear(h, cfg.qkv_rows, bias=cfg.has_qkv_bias)
         self.linear_proj = nn.Linear(proj_in, h, bias=cfg.has_linear_bias)
+        # megatron-core's qk_layernorm: one norm over each head's dimension, shared by all heads
+        self.q_layernorm = make_norm(cfg, cfg.kv_channels) if cfg.qk_layernorm else None
+        self.k_layernorm = make_norm(cfg, cfg.kv_channels) if cfg.qk_layernorm else None
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
         return self.linear_proj(self.heads(x, freqs).flatten(2))
@@ -75,6 +79,8 @@ class SelfAttention(nn.Module):
         q = qkv[:, :, :, :per_g].reshape(b, s, ng * per_g, hn).transpose(1, 2)  # [b, np, s, hn]
         k = qkv[:, :, :, per_g].transpose(1, 2)  # [b, ng, s, hn]
         v = qkv[:, :, :, per_g + 1].transpose(1, 2)
+        if self.q_layernorm is not None:  # before rope, as megatron-core (and Qwen3) do
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if freqs is not None:
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         # GQA: group g serves the per_g consecutive q heads g*per_g .. g*per_g+per_g-1
@@ -88,6 +94,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.swiglu
+        self.gelu = "tanh" if cfg.openai_gelu else "none"  # Megatron's --openai-gelu: the tanh approximation
         self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.fc1_rows, bias=cfg.has_linear_bias)
         self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.has_linear_bias)
 
@@ -100,7 +107,7 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = torch.chunk(h, 2, dim=-1)  # fc1 rows are [gate; up]
             return F.silu(gate) * up
-        return F.gelu(h)
+        return F.gelu(h, approximate=self.gelu)
 
 
 class TransformerLayer(nn.Module):

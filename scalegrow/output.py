@@ -16,24 +16,11 @@ from scalegrow import executor, metadata
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry
-from scalegrow.formats.base import MetaReader, Reader
+from scalegrow.formats.base import MetaReader, OutputOptions, Reader
 from scalegrow.formats.io import WriteError, atomic_output_dir
 from scalegrow.formats.plan import PlanWriter
 from scalegrow.operators.base import Operator
 from scalegrow.parallel import Layout, Stages
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """Where and how to write: TP/PP (None: the source's), an uneven first/last stage, the format,
-    and the tokenizer's true vocabulary size for re-padding (None: from args, else keep the rows)."""
-
-    tp: int | None = None
-    pp: int | None = None
-    first: int | None = None
-    last: int | None = None
-    format: str = "torch"
-    vocab_size: int | None = None
 
 
 @dataclass
@@ -89,6 +76,8 @@ def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[Mode
     """The target config as the output format stores it (its vocabulary padding) and the layout:
     the source's own stage split (uneven too) when neither PP nor the layer count changes."""
     fmt = registry.get(opts.format)
+    if not fmt.parallel:
+        return _unparallel(fmt, source, cfg, opts)
     tp = opts.tp or source.tp
     cfg = fmt.target_config(cfg, tp, opts.vocab_size)
     try:
@@ -102,6 +91,16 @@ def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[Mode
         return cfg, Layout(tp, Stages.build(cfg.num_layers, opts.pp or source.pp, opts.first, opts.last))
     except ValueError as exc:
         raise InputError(f"--pp: {exc}") from exc
+
+
+def _unparallel(fmt, source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig, Layout]:
+    """A format without model parallelism (HF): one pipeline stage at TP 1, whatever the source's."""
+    for flag, value in (("--tp", opts.tp), ("--pp", opts.pp)):
+        if value not in (None, 1):
+            raise InputError(f"{flag}: the {fmt.name} format has no model parallelism (got {value})")
+    if opts.first is not None or opts.last is not None:
+        raise InputError(f"--decoder-first/last-pipeline-num-layers: the {fmt.name} format has no pipeline stages")
+    return fmt.target_config(cfg, 1, opts.vocab_size), Layout.single(cfg.num_layers)
 
 
 def preflight(source: Reader, cfg: ModelConfig, opts: OutputOptions, dst: str | Path) -> tuple[ModelConfig, Layout]:
@@ -126,14 +125,16 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
     fmt = registry.get(opts.format)
     if source_record is None and source.on_disk:
         source_record = metadata.source_record(source)
+    origin = source.hf_origin()  # an HF family travels, so the model can go back to HF as it was
+    details = {**({"hf": origin} if origin else {}), **(details or {}), **op.details()}
     with atomic_output_dir(dst, overwrite) as out:
         try:
-            executor.run(source, op, fmt.writer(out, cfg, layout, source), progress=progress, desc=desc)
+            executor.run(source, op, fmt.writer(out, cfg, layout, source, opts), progress=progress, desc=desc)
         except (WriteError, OSError, RuntimeError) as exc:
             _explain_full_device(exc, out, dst)
             raise
         metadata.write(out, metadata.record(fmt.name, cfg, layout, source.iteration, method or op.name,
-                                            source_record, {**(details or {}), **op.details()}, training))
+                                            source_record, details, training))
         for name, path in (files or {}).items():
             shutil.copyfile(path, out / name)
         nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -160,6 +161,7 @@ def plan(source: Reader, op: Operator, opts: OutputOptions = OutputOptions(), pr
     source's shapes, but nothing is read, allocated or written."""
     meta = MetaReader.like(source)
     cfg, layout = resolve(meta, op.dst, opts)
-    writer = PlanWriter(Path("plan"), cfg, layout, meta)
+    planner = registry.get(opts.format).planner or PlanWriter
+    writer = planner(Path("plan"), cfg, layout, meta, opts)
     executor.run(meta, op, writer, progress=progress)
     return writer.plan

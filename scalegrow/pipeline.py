@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from scalegrow import output
 from scalegrow.config import ModelConfig
-from scalegrow.data import batch, corpus_streams, source_tokenizer, tokenizer_files
+from scalegrow.data import batch, corpus_streams, source_tokenizer, companion_files
 from scalegrow.formats.base import MemoryReader, MetaReader
 from scalegrow.formats.registry import FORMATS, open_checkpoint
 from scalegrow.methods import registry as methods
@@ -31,7 +31,7 @@ class DataOptions:
     when scalegrow tokenizes it itself: a text/json/parquet file, a .bin/.idx prefix, or 'embedded'."""
 
     data: str = "embedded"
-    tokenizer: str | None = None  # sentencepiece model; None: the one shipped with the source
+    tokenizer: str | None = None  # sentencepiece model or tokenizer.json; None: the one shipped with the source
     seq_length: int | None = None  # None: the method's own (capped by the model's positions)
     micro_batch_size: int | None = None  # LiGO's batch; None: the local trainer's default
 
@@ -87,7 +87,7 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
                                          context=None if dry_run else context, where=str(target or "--target"))
     if dry_run:
         return output.plan(src, op, out)
-    return output.write(src, op, dst, out, details=details, files=tokenizer_files(src.root, data.tokenizer),
+    return output.write(src, op, dst, out, details=details, files=companion_files(src.root, data.tokenizer),
                         overwrite=overwrite, progress=progress, desc=f"{kind}/{method}", start=start)
 
 
@@ -110,7 +110,7 @@ def convert(src_path: str | Path, dst: str | Path, out: OutputOptions = OutputOp
     op = Identity(src.config, src.config)
     if dry_run:
         return output.plan(src, op, out)
-    return output.write(src, op, dst, out, files=tokenizer_files(src.root), overwrite=overwrite, progress=progress,
+    return output.write(src, op, dst, out, files=companion_files(src.root), overwrite=overwrite, progress=progress,
                         desc="convert", start=start)
 
 

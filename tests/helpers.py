@@ -23,6 +23,10 @@ FAMILIES = {
     "rms-gelu-mha-learned-untied-bias": dict(normalization="RMSNorm", swiglu=False,
                                             position_embedding_type="learned_absolute",
                                             untie_embeddings_and_output_weights=True, add_bias_linear=True),
+    # Qwen3-like: a norm over each head's queries and keys (qk_layernorm), tied
+    "qwen3": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                  untie_embeddings_and_output_weights=False, add_bias_linear=False, num_query_groups=2,
+                  qk_layernorm=True),
 }
 
 

@@ -66,12 +66,14 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | 
                        last: int | None = None, **extra):
     """megatron-core `TransformerConfig` for `cfg`, with CPU-safe fusion settings."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.utils import openai_gelu
 
+    gelu = openai_gelu if cfg.openai_gelu else F.gelu
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
         kv_channels=cfg.kv_channels, normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon,
-        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else F.gelu,
+        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else gelu, qk_layernorm=cfg.qk_layernorm,
         add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -94,7 +96,8 @@ def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = Tr
 
         return GPTModel(
             config=transformer_config(cfg, tp, pp, first, last, **extra),
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization,
+                                                            qk_layernorm=cfg.qk_layernorm),
             vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
             pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
             share_embeddings_and_output_weights=cfg.tied,

@@ -149,7 +149,7 @@ def test_layout_is_checked_before_calibration(src, tmp_path, capsys):
                                write_yaml(tmp_path / "s.yaml", num_layers=1), "--pp", "3"],
             "--pp: num_layers 1 cannot be split over 3 pipeline stages")
     refused(capsys, tmp_path, ["shrink", "--src", src, "--dst", tmp_path / "s", "--target",
-                               write_yaml(tmp_path / "s.yaml", num_layers=1), "--pp", "1"], "ships no tokenizer.model")
+                               write_yaml(tmp_path / "s.yaml", num_layers=1), "--pp", "1"], "ships no tokenizer (tokenizer.model or tokenizer.json)")
 
 
 def test_verify_says_same_or_different(src, tmp_path, capsys):

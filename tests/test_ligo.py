@@ -20,7 +20,8 @@ from scalegrow.data import BatchOrder, TokenStream, batch, build_indexed, embedd
 from helpers import family_config, random_model, tokens, write_yaml
 
 TARGETS = {"llama": dict(hidden_size=96, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=144, num_layers=5),
-           "gpt2": dict(hidden_size=128, num_attention_heads=8, ffn_hidden_size=200, num_layers=4)}
+           "gpt2": dict(hidden_size=128, num_attention_heads=8, ffn_hidden_size=200, num_layers=4),
+           "qwen3": dict(hidden_size=96, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=144, num_layers=5)}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -35,7 +36,7 @@ def test_identity_operator_reproduces_the_source(family):
     assert all(torch.equal(grown[k], v) for k, v in small.state_dict().items())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
 def test_materialised_weights_equal_the_functional_model(family):
     src = family_config(family)
     dst = ModelConfig.from_dict(TARGETS[family], base=src)

@@ -24,7 +24,25 @@ def tiny_config(norm, swiglu, attn, pos, untied, bias, **extra) -> ModelConfig:
 @pytest.mark.parametrize("norm,swiglu,attn,pos,untied,bias", PRODUCT,
                          ids=["-".join(map(str, p)) for p in PRODUCT])
 def test_reference_matches_megatron_core(mcore, norm, swiglu, attn, pos, untied, bias):
-    cfg = tiny_config(norm, swiglu, attn, pos, untied, bias)
+    assert_parity(mcore, tiny_config(norm, swiglu, attn, pos, untied, bias))
+
+
+FEATURES = {  # beyond the product: what Hugging Face families bring
+    "qk-layernorm-rms (Qwen3)": ("RMSNorm", True, "gqa", "rope", True, False, dict(qk_layernorm=True)),
+    "qk-layernorm-ln": ("LayerNorm", False, "mha", "rope", False, True, dict(qk_layernorm=True)),
+    "openai-gelu (GPT-2)": ("LayerNorm", False, "mha", "learned_absolute", False, True, dict(openai_gelu=True)),
+    "head-dim-not-hidden-over-heads": ("RMSNorm", True, "gqa", "rope", True, False,
+                                       dict(kv_channels=32, qk_layernorm=True)),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_reference_matches_megatron_core_features(mcore, feature):
+    *combo, extra = FEATURES[feature]
+    assert_parity(mcore, tiny_config(*combo, **extra))
+
+
+def assert_parity(mcore, cfg: ModelConfig) -> None:
     torch.manual_seed(0)
     theirs = mcore.build_gpt(cfg).eval()
     with torch.no_grad():  # perturb every parameter so norms and biases are not at their trivial init

@@ -143,7 +143,7 @@ def test_cli_shrink_and_bad_targets(big, tmp_path, capsys):
     save_model(load_model(big / "big").state_dict(), open_checkpoint(big / "big").config, tmp_path / "notok" / "ck")
     assert cli(["shrink", "--src", str(tmp_path / "notok" / "ck"), "--dst", str(tmp_path / "x"), "--target",
                 str(target), "--no-progress"]) == 2
-    assert "ships no tokenizer.model" in capsys.readouterr().err
+    assert "ships no tokenizer (tokenizer.model or tokenizer.json)" in capsys.readouterr().err
 
 
 def test_cli_eval(big, capsys):

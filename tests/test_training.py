@@ -231,3 +231,30 @@ def test_slurm_job(slurm, scratch, tmp_path):
     assert sorted(scalars(out / "tensorboard")["val/loss"]) == [0, 2, 4]
     assert (out / "export/tokenizer.model").is_file()
     assert ENV["DS_ACCELERATOR"] == "cpu"
+
+
+def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path):
+    """init.from an HF directory: its tokenizer.json prepares the data; pretrain continues it and
+    exports HF, which grow_pretrain then grows (LEMON, lossless) and exports as HF again; transformers
+    loads both exports and computes what scalegrow computes."""
+    from hf_models import build, logits, train_tokenizer
+
+    src = build("qwen2", tmp_path / "qwen2", train_tokenizer(tmp_path / "tokenizer"))
+    common = ["train.steps=10", "train.eval_interval=10", "train.save_interval=10", "export.format=hf",
+              "data.seq_length=64"]
+    train("pretrain", "configs/runs/tiny_scratch.yaml", [f"output.dir={tmp_path / 'cont'}", f"init.from={src}",
+                                                         *common])
+    train("grow_pretrain", "configs/runs/tiny_lemon.yaml", [f"output.dir={tmp_path / 'grown'}",
+                                                            f"init.from={tmp_path / 'cont/export'}", *common])
+    cont, grown = scalars(tmp_path / "cont/tensorboard"), scalars(tmp_path / "grown/tensorboard")
+    assert cont["val/loss"][10] < cont["val/loss"][0] - 0.5  # the HF model learns on its own tokenizer's data
+    assert abs(grown["val/loss"][0] - cont["val/loss"][10]) <= 1e-4  # grown losslessly from the HF export
+    x = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    for run, hidden in (("cont", 64), ("grown", 192)):
+        export = tmp_path / run / "export"
+        config = json.loads((export / "config.json").read_text())
+        assert config["model_type"] == "qwen2" and config["hidden_size"] == hidden and config["vocab_size"] == 1000
+        assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in export.iterdir()}
+        with torch.no_grad():
+            ours, theirs = load_model(export)(x), logits(export, x)
+        assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,17 @@ class Reader:
         self.release()
         return sd
 
+    def hf_origin(self) -> dict | None:
+        """The Hugging Face family and config.json this checkpoint came from ({"model_type", "config"}),
+        as the `details.hf` of its scalegrow.json records it; None when it never was HF."""
+        meta = self.root / "scalegrow.json"
+        if not self.on_disk or not meta.is_file():
+            return None
+        try:
+            return json.loads(meta.read_text()).get("details", {}).get("hf")
+        except (ValueError, AttributeError):
+            return None
+
     def manifest_sha256(self) -> str:
         """sha256 over (path, size, sha256 of the first MiB) of every file under the checkpoint root."""
         lines = [file_digest_line(p, self.root) for p in sorted(self.root.rglob("*")) if p.is_file()]
@@ -104,19 +116,39 @@ class Writer(Protocol):
 
 
 @dataclass(frozen=True)
+class OutputOptions:
+    """Where and how to write: TP/PP (None: the source's), an uneven first/last stage, the format,
+    the tokenizer's true vocabulary size for re-padding (None: from args, else keep the rows), and
+    for the HF format the largest safetensors file and the model family (None: the source's)."""
+
+    tp: int | None = None
+    pp: int | None = None
+    first: int | None = None
+    last: int | None = None
+    format: str = "torch"
+    vocab_size: int | None = None
+    max_shard_size: int = 5 * 10**9  # as transformers' save_pretrained ("5GB")
+    hf_model_type: str | None = None
+
+
+@dataclass(frozen=True)
 class Format:
     """A checkpoint format as the registry lists it. `open(path, validate)` may skip reading shards
-    when `validate` is False (plans). Writable formats also have `writer(out_dir, cfg, layout, source)`,
-    `target_config(cfg, tp, vocab_size)` (their vocabulary rule) and `size(cfg, layout, dtype)`: the
-    bytes of tensor data a checkpoint holds (replicated tensors counted once per copy stored)."""
+    when `validate` is False (plans). Writable formats also have `writer(out_dir, cfg, layout, source,
+    opts)`, `target_config(cfg, tp, vocab_size)` (their vocabulary rule) and `size(cfg, layout, dtype)`:
+    the bytes of tensor data a checkpoint holds (replicated tensors counted once per copy stored).
+    `parallel` is False for formats without TP/PP (one file set for the whole model); `planner` makes
+    a writer that records the output files' tensors and writes nothing (None: Megatron's plan)."""
 
     name: str
     description: str
     detect: Callable[[Path], bool]
     open: Callable[[Path, bool], Reader]
-    writer: Callable[[Path, ModelConfig, Layout, Reader], Writer] | None = None
+    writer: Callable[..., Writer] | None = None
     target_config: Callable[[ModelConfig, int, int | None], ModelConfig] | None = None
     size: Callable[[ModelConfig, Layout, torch.dtype], int] | None = None
+    parallel: bool = True
+    planner: Callable[..., Writer] | None = None
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -129,29 +161,41 @@ class MemoryReader(Reader):
     """A state dict in memory under reference-model names (TP1/PP1), e.g. a trained model to export."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    origin: dict | None = None  # what `hf_origin` answers (e.g. a training run's HF init)
 
     format = "memory"
     on_disk = False
 
     @classmethod
     def of(cls, state_dict: dict[str, torch.Tensor], config: ModelConfig, iteration: int | str = "release",
-           args: argparse.Namespace | None = None, dtype: torch.dtype = torch.float32) -> "MemoryReader":
+           args: argparse.Namespace | None = None, dtype: torch.dtype = torch.float32,
+           origin: dict | None = None) -> "MemoryReader":
         return cls(Path("<memory>"), iteration, args, config, Layout.single(config.num_layers), dtype,
-                   state_dict)
+                   state_dict, origin)
+
+    def hf_origin(self) -> dict | None:
+        return self.origin
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
         return self.tensors[key]
 
 
+@dataclass
 class MetaReader(Reader):
     """A source with a checkpoint's shapes and no data: tensors on the meta device (plans)."""
+
+    origin: dict | None = None
 
     format = "meta"
     on_disk = False
 
     @classmethod
     def like(cls, source: Reader) -> "MetaReader":
-        return cls(Path("<meta>"), source.iteration, source.args, source.config, source.layout, source.dtype)
+        return cls(Path("<meta>"), source.iteration, source.args, source.config, source.layout, source.dtype,
+                   source.hf_origin())
+
+    def hf_origin(self) -> dict | None:
+        return self.origin
 
     @classmethod
     def of(cls, config: ModelConfig, tp: int = 1, dtype: torch.dtype = torch.bfloat16) -> "MetaReader":

@@ -202,7 +202,7 @@ class MegatronWriter:
     streamed tensor by tensor on a writer thread. The format's rules live here: vocabulary rows padded
     to the target's size, a tied output layer stored only at PP > 1, Megatron args and the tracker."""
 
-    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader):
+    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts=None):
         cfg.check_tp(layout.tp)
         self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
         self.iteration, self.dtype = source.iteration, source.dtype

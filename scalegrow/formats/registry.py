@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from scalegrow.errors import InputError
-from scalegrow.formats import deepspeed, megatron, torch_dist
+from scalegrow.formats import deepspeed, hf, megatron, torch_dist
 from scalegrow.formats.base import Format, Reader
 
 # In detection order: the first whose `detect` accepts a path reads it.
 FORMATS: dict[str, Format] = {f.name: f for f in (
     deepspeed.FORMAT,
     torch_dist.FORMAT,
+    hf.FORMAT,
     megatron.FORMAT,
 )}
 FALLBACK = megatron.FORMAT  # opens whatever nothing else recognised, to explain what is missing

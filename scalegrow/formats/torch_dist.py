@@ -129,7 +129,7 @@ class DistWriter:
     `finish` writes the index (`.metadata`), `common.pt` (args, iteration) and `metadata.json`.
     The args record `layout`; the tensors themselves are stored whole (layout-free)."""
 
-    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader):
+    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts=None):
         cfg.check_tp(layout.tp)
         self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
         self.iteration, self.dtype = source.iteration, source.dtype

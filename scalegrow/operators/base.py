@@ -16,8 +16,8 @@ from scalegrow.arch import TensorSpec
 from scalegrow.config import ModelConfig
 
 # Settings no width/depth operator changes: the target must match the source in each.
-STRUCTURAL = ("normalization", "swiglu", "position_embedding_type", "rotary_base", "rotary_percent",
-              "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias",
+STRUCTURAL = ("normalization", "swiglu", "openai_gelu", "position_embedding_type", "rotary_base", "rotary_percent",
+              "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
               "padded_vocab_size", "max_position_embeddings")
 
 

@@ -142,6 +142,8 @@ class LemonGrowth(Operator):
             return self._norm_bias(t)
         if role == Role.OUT_BIAS:
             return self.stream.expand(t, 0)
+        if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # over one head's dimension, which is kept
+            return t
         if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             # [ng*(per+2)*hn, ...] -> [ng*(per+2), hn, ...]: replicate whole row blocks
             blocks = t.reshape(self.blocks.n_src, hn, *t.shape[1:])

@@ -34,6 +34,7 @@ DEPTH_TYPES = ("input_layernorm", "qkv", "proj", "pre_mlp_layernorm", "fc1", "fc
 
 def module_type(name: str) -> str:
     for prefix, kind in (("input_layernorm.", "input_layernorm"), ("self_attention.linear_qkv.", "qkv"),
+                         ("self_attention.q_layernorm.", "qkv"), ("self_attention.k_layernorm.", "qkv"),
                          ("self_attention.linear_proj.", "proj"), ("pre_mlp_layernorm.", "pre_mlp_layernorm"),
                          ("mlp.linear_fc1.", "fc1"), ("mlp.linear_fc2.", "fc2")):
         if name.startswith(prefix):
@@ -92,6 +93,8 @@ class LigoOperator(nn.Module):
     def widen(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """One layer tensor stacked over source layers, [L, *shape] -> [L, *target shape]."""
         s, e = self.src, self.b_emb
+        if name.startswith(("self_attention.q_layernorm.", "self_attention.k_layernorm.")):
+            return t  # over one head's dimension: heads are mixed whole, so it is kept
         if name.endswith("layernorm.weight") or name.endswith("layernorm.bias") or name.endswith(
                 ("linear_proj.bias", "linear_fc2.bias")):
             return t @ e.T  # output side: B_emb

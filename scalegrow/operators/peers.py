@@ -169,6 +169,8 @@ class Bert2BertAKI(Operator):
         s, hn = self.src, self.src.kv_channels
         if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS):
             return self.hidden.expand(t, 0)
+        if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are copied whole
+            return t
         if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             blocks = [x.reshape(self.blocks.n_src, hn, *x.shape[1:]) for x in (t, nxt)]
             rows = self._aki(self.blocks, blocks[0], blocks[1], 0).flatten(0, 1)

@@ -123,6 +123,8 @@ class SliceOperator(Operator):
         dims, groups, heads, neurons = sel.dims, sel.groups[j], sel.heads[j], sel.neurons[j]
         if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS):
             return t[dims]
+        if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are kept whole
+            return t
         per, hn = s.heads_per_group, s.kv_channels
         if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             # [ng*(per+2)*hn, ...] -> [ng, per+2, hn, ...]: keep groups, their chosen q heads, k and v

@@ -28,7 +28,7 @@ class OutputConfig:
 @dataclass
 class DataConfig:
     corpus: str = "embedded"  # "embedded", a text/json/parquet file, or a preprocessed .bin/.idx prefix
-    tokenizer: str | None = None  # sentencepiece model; None: trained on the corpus into output.dir/data
+    tokenizer: str | None = None  # sentencepiece model or HF tokenizer.json; None: init.from's, else trained
     vocab_size: int = 512  # when training the tokenizer
     seq_length: int = 128
     valid_fraction: float = 0.05  # documents held out for val/loss

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from scalegrow import metadata, output
 from scalegrow.config import ModelConfig
-from scalegrow.data import BatchOrder, TokenStream, batch
+from scalegrow.data import BatchOrder, TokenStream, batch, tokenizer_bundle
 from scalegrow.formats.base import MemoryReader
 from scalegrow.model import GPT, init_weights
 from scalegrow.operators.identity import Identity
@@ -33,11 +33,12 @@ from scalegrow.train.schedule import learning_rate
 class Start:
     """What a run starts from: the model config, its weights (None: fresh random init, or the
     checkpoint being resumed), and the provenance of the checkpoint it came from (`scalegrow.json`'s
-    `source`; None from scratch)."""
+    `source`; None from scratch), and the Hugging Face family it was (so an HF export keeps it)."""
 
     config: ModelConfig
     state_dict: dict[str, torch.Tensor] | None
     source: dict | None = None
+    hf_origin: dict | None = None
 
 
 class Logger:
@@ -205,11 +206,13 @@ def export(cfg: RunConfig, start: Start, state: dict, data: PreparedData, kind: 
     process through the format's writer, with the tokenizer beside it."""
     out = Path(cfg.output.dir)
     args = start.config.to_megatron_args()
-    args.tokenizer_type, args.tokenizer_model = "GPTSentencePieceTokenizer", "tokenizer.model"
+    hf = data.tokenizer.suffix == ".json"  # Megatron-LM reads an HF tokenizer from the checkpoint directory
+    args.tokenizer_type = "HuggingFaceTokenizer" if hf else "GPTSentencePieceTokenizer"
+    args.tokenizer_model = "." if hf else "tokenizer.model"
     args.seq_length = cfg.data.seq_length
-    model = MemoryReader.of(state, start.config, iteration=cfg.train.steps, args=args)
+    model = MemoryReader.of(state, start.config, iteration=cfg.train.steps, args=args, origin=start.hf_origin)
     training = {**summary, "run_config": cfg.to_dict()}
     output.write(model, Identity(start.config, start.config), out / "export",
                  output.OutputOptions(tp=cfg.export.tp, pp=cfg.export.pp, format=cfg.export.format), method=kind,
-                 source_record=start.source, training=training, files={"tokenizer.model": data.tokenizer},
+                 source_record=start.source, training=training, files=tokenizer_bundle(data.tokenizer),
                  overwrite=True, progress=False)

@@ -20,7 +20,7 @@ def scratch_or_continue(cfg: RunConfig, data: PreparedData, dist) -> Start:
     """`model` sized to the tokenizer; weights from `init.from` if given, else random."""
     if cfg.init.from_:
         src = open_checkpoint(cfg.init.from_)
-        return Start(src.config, src.state_dict(), metadata.source_record(src))
+        return Start(src.config, src.state_dict(), metadata.source_record(src), src.hf_origin())
     model = cfg.model_config()
     padded = max(model.padded_vocab_size, padded_vocab_size(data.vocab_size, model.make_vocab_size_divisible_by, 1))
     return Start(model.replace(vocab_size=data.vocab_size, padded_vocab_size=padded), None)
@@ -42,5 +42,5 @@ def grown(cfg: RunConfig, data: PreparedData, dist) -> Start:
                                    options=cfg.growth.options(cfg.growth.method), where="growth.target",
                                    context=None if resuming else methods.ready(context))
     if resuming:  # the checkpoint holds the weights: nothing to prepare or grow
-        return Start(op.dst, None, metadata.source_record(src))
-    return Start(op.dst, executor.materialise(src, op), metadata.source_record(src))
+        return Start(op.dst, None, metadata.source_record(src), src.hf_origin())
+    return Start(op.dst, executor.materialise(src, op), metadata.source_record(src), src.hf_origin())

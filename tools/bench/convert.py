@@ -3,7 +3,8 @@
     python tools/bench/convert.py [--workdir DIR] [--keep]
 
 Cases: grow a ~1 GB fp32 TP2/PP2 checkpoint (16 layers, hidden 1024) to ~3 GB TP2/PP2 (24 layers,
-hidden 1536) with LEMON; then re-partition that output to TP1/PP4, and write it as torch_dist. Each
+hidden 1536) with LEMON; then re-partition that output to TP1/PP4, write it as torch_dist and as a
+Hugging Face directory (1 GB safetensors shards), and grow an HF copy of the source HF -> HF. Each
 runs the `scalegrow` CLI as a child process (start-up included) and reads its peak RSS from wait4();
 the baseline is `cp -r` of the output it wrote (the same bytes). Prints one JSON line per case.
 Aims: peak RSS <= 1.5 x largest output shard + 0.5 GiB; wall time <= 3 x the copy.
@@ -52,7 +53,7 @@ def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: 
     shutil.rmtree(work / "copy", ignore_errors=True)
     copy_s, _ = run_measured(["cp", "-r", str(work / dst), str(work / "copy")])
     shutil.rmtree(work / "copy")
-    shards = [p for p in (work / dst).rglob("*") if p.suffix in (".pt", ".distcp")]
+    shards = [p for p in (work / dst).rglob("*") if p.suffix in (".pt", ".distcp", ".safetensors")]
     largest = max(p.stat().st_size for p in shards)
     result = {
         "case": name, "source_bytes": dir_bytes(work / src), "output_bytes": dir_bytes(work / dst),
@@ -68,14 +69,19 @@ def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: 
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_setup(doc: str) -> tuple[argparse.Namespace, Path, list[str]]:
+    """(--workdir/--keep args, the work directory, the CLI command) shared by the CLI benchmarks."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scalegrow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    exe = [sys.executable, "-m", "scalegrow.cli"]
+    return args, work, [sys.executable, "-m", "scalegrow.cli"]
+
+
+def main() -> None:
+    args, work, exe = bench_setup(__doc__)
     (work / "source.yaml").write_text(yaml.safe_dump(SOURCE))
     (work / "target.yaml").write_text(yaml.safe_dump(TARGET))
     shutil.rmtree(work / "src", ignore_errors=True)
@@ -89,7 +95,14 @@ def main() -> None:
          ["convert", "--tp", "1", "--pp", "4"]),
         ("convert the grown model to torch_dist (one data file), TP2/PP2 -> torch_dist, fp32", "dst", "dst-dist",
          ["convert", "--format", "torch_dist"]),
+        ("convert the grown model to HF safetensors (1 GB shards), TP2/PP2 -> hf, fp32", "dst", "dst-hf",
+         ["convert", "--format", "hf", "--max-shard-size", "1GB"]),
+        ("LEMON grow HF -> HF (1 GB shards), 16L/h1024 -> 24L/h1536, fp32", "src-hf", "dst-hf-grown",
+         ["grow", "--target", str(work / "target.yaml"), "--format", "hf", "--max-shard-size", "1GB"]),
     ]
+    subprocess.run(exe + ["convert", "--src", str(work / "src"), "--dst", str(work / "src-hf"), "--format", "hf",
+                          "--max-shard-size", "1GB", "--overwrite", "--no-progress"], check=True,
+                   stdout=subprocess.DEVNULL)
     for name, src, dst, command in cases:
         shutil.rmtree(work / dst, ignore_errors=True)
         print(json.dumps(measure(exe, work, name, src, dst, command)), flush=True)

@@ -1,0 +1,291 @@
+"""Hugging Face model directories, read and written: the models people actually have.
+
+    DIR/config.json                                   model_type, shapes, rope_theta, rms_norm_eps, ...
+    DIR/model.safetensors                             one shard, or
+    DIR/model-0000K-of-0000N.safetensors + model.safetensors.index.json
+    DIR/generation_config.json, tokenizer files       carried along as they are
+
+`HFReader` serves full tensors under megatron-core names, built from the HF tensors one at a time
+(each read by its byte range; nothing else is held). `HFWriter` turns them back into HF tensors and
+writes each straight to its place in planned safetensors shards. Which HF tensors make which
+megatron-core tensor, and how config.json maps, is data in `hf_families.py`. HF has no tensor or
+pipeline parallelism and no vocabulary padding: the reader's vocabulary is the true one, the writer
+trims Megatron's padded rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scalegrow import arch, parallel
+from scalegrow.arch import TensorSpec
+from scalegrow.config import ModelConfig
+from scalegrow.errors import InputError
+from scalegrow.formats import hf_families as families
+from scalegrow.formats.base import Format, OutputOptions, Reader, nbytes
+from scalegrow.formats.hf_families import Rule
+from scalegrow.formats.shards import INDEX, ShardWriter, plan_shards
+from scalegrow.parallel import Layout
+
+CONFIG = "config.json"
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def tensor_rules(cfg: ModelConfig, model_type: str) -> dict[str, tuple[Rule, int | None]]:
+    """Global megatron-core key -> (its rule, layer index or None) for every tensor `cfg` has.
+    A tied model has no output layer of its own (HF omits `lm_head.weight` too)."""
+    layer_rules, global_rules = families.rules(model_type)
+    out: dict[str, tuple[Rule, int | None]] = {}
+    for i in range(cfg.num_layers):
+        by_name = {r.megatron: r for r in layer_rules}
+        for spec in arch.layer_specs(cfg, i):
+            out[arch.layer_key(i, spec.name)] = (by_name[spec.name], i)
+    wanted = [s.name for s in arch.embedding_specs(cfg) + arch.final_norm_specs(cfg)]
+    wanted += [] if cfg.tied else [arch.OUTPUT_LAYER]
+    by_key = {r.megatron: r for r in global_rules}
+    out.update({key: (by_key[key], None) for key in wanted})
+    return out
+
+
+def spec_of(cfg: ModelConfig, key: str) -> TensorSpec:
+    parsed = arch.split_layer_key(key)
+    if parsed is None:
+        specs = arch.embedding_specs(cfg) + arch.final_norm_specs(cfg) + [arch.OUTPUT_SPEC]
+        return next(s for s in specs if s.name == key)
+    return next(s for s in arch.layer_specs(cfg, parsed[0]) if s.name == parsed[1])
+
+
+def hf_tensors(cfg: ModelConfig, model_type: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor a `cfg`-shaped model of `model_type` stores, in model order
+    (the shapes come from running the layout transform on meta tensors)."""
+    out = []
+    for key, (rule, i) in tensor_rules(cfg, model_type).items():
+        meta = torch.empty(arch.full_shape(cfg, spec_of(cfg, key)), device="meta")
+        parts = families.to_hf(rule.kind, meta, cfg)
+        out += [(name.format(i=i), tuple(p.shape)) for name, p in zip(rule.hf, parts)]
+    return out
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+@dataclass
+class HFReader(Reader):
+    """An HF directory: config.json mapped onto `ModelConfig`, tensors read lazily by name."""
+
+    hf_config: dict = field(default_factory=dict, repr=False)
+    entries: dict[str, "Entry"] = field(default_factory=dict, repr=False)  # HF name -> where its data is
+    _rules: dict = field(default_factory=dict, repr=False)
+
+    format = "hf"
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config["model_type"]
+
+    def hf_origin(self) -> dict:
+        return {"model_type": self.model_type, "config": self.hf_config}
+
+    def files(self) -> list[Path]:
+        return sorted({e.file for e in self.entries.values()})
+
+    def _get(self, name: str) -> torch.Tensor:
+        """One HF tensor, read by its byte range into memory of its own. (safetensors' `safe_open`
+        maps the whole file, and every page it touches stays in RSS until the file is closed, so
+        memory would grow to the size of the source; a positioned read holds one tensor.)"""
+        entry = self.entries[name]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
+        data = bytearray(entry.nbytes)
+        with open(entry.file, "rb", buffering=0) as f:
+            f.seek(entry.offset)
+            if f.readinto(data) != entry.nbytes:
+                raise InputError(f"{entry.file}: {name}: file ends before the tensor's data")
+        return torch.frombuffer(data, dtype=DTYPES[entry.dtype]).reshape(entry.shape)
+
+    def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
+        self._rules = self._rules or tensor_rules(self.config, self.model_type)
+        rule, i = self._rules[key]
+        parts = [self._get(name.format(i=i)) for name in rule.hf]
+        return families.to_megatron(rule.kind, parts, self.config).contiguous()
+
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A tensor in a safetensors file: its shape, dtype and absolute byte range."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    nbytes: int
+
+
+def is_hf(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file() and any(path.glob("*.safetensors"))
+
+
+def open_hf(path: str | Path, validate: bool = True) -> HFReader:
+    """Open an HF directory: config.json understood (or an exit-2 error naming the key), every tensor
+    the config implies present with its shape, one dtype, nothing unexpected. Without `validate` only
+    the file headers are read (they are read anyway: a header is a few kB)."""
+    root = Path(path)
+    if not (root / CONFIG).is_file():
+        raise InputError(f"{root}: not a Hugging Face model directory (no {CONFIG})")
+    try:
+        hf_config = json.loads((root / CONFIG).read_text())
+        config = families.config_from_hf(hf_config)
+    except families.Unsupported as exc:
+        raise InputError(f"{root / CONFIG}: {exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{root / CONFIG}: unreadable model config ({type(exc).__name__}: {exc})") from None
+    entries = _entries(root)
+    dtypes = {e.dtype for e in entries.values()}
+    if len(dtypes) > 1:
+        raise InputError(f"{root}: mixed tensor dtypes {sorted(dtypes)}")
+    _check_tensors(root, hf_config["model_type"], config, entries)
+    return HFReader(root, "release", None, config, Layout.single(config.num_layers),
+                    DTYPES[dtypes.pop()] if dtypes else torch.float32, hf_config, entries)
+
+
+def _entries(root: Path) -> dict[str, Entry]:
+    """HF name -> where its data is, from every shard's header (no tensor data is read)."""
+    index = root / INDEX
+    if index.is_file():
+        files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    out = {}
+    for file in files:
+        if not file.is_file():
+            raise InputError(f"{file}: missing shard named by {index}")
+        start, header = _read_header(file)
+        for name, entry in header.items():
+            if entry["dtype"] not in DTYPES:
+                raise InputError(f"{file}: {name}: dtype {entry['dtype']} is not supported (F32, BF16, F16)")
+            begin, end = entry["data_offsets"]
+            out[name] = Entry(file, tuple(entry["shape"]), entry["dtype"], start + begin, end - begin)
+    return out
+
+
+def _read_header(file: Path) -> tuple[int, dict]:
+    """(where the data starts, the JSON header) of a safetensors file: 8 bytes of header length, then
+    the header {name: {dtype, shape, data_offsets}} whose offsets count from the end of the header."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise InputError(f"{file}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def _check_tensors(root: Path, model_type: str, cfg: ModelConfig, entries: dict[str, Entry]) -> None:
+    expected = dict(hf_tensors(cfg, model_type))
+    for name, shape in expected.items():
+        if name not in entries:
+            raise InputError(f"{root}: {name}: missing tensor (expected shape {shape} from {CONFIG})")
+        if entries[name].shape != shape:
+            raise InputError(f"{entries[name].file}: {name}: shape {entries[name].shape} does not match {shape} "
+                             f"expected from {CONFIG}")
+    for name, entry in entries.items():
+        tied_head = cfg.tied and name == "lm_head.weight"
+        if name not in expected and not tied_head and not name.endswith(families.IGNORED):
+            raise InputError(f"{entry.file}: {name}: unexpected tensor for this {CONFIG}")
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+def model_type_for(cfg: ModelConfig, source: Reader, opts: OutputOptions) -> tuple[str, dict | None]:
+    """The HF family to write and the config.json to start from: --hf-model-type, else the family
+    the source (or what it was converted from) had, else the one the model's structure implies."""
+    origin = source.hf_origin() or {}
+    model_type = opts.hf_model_type or origin.get("model_type") or families.infer_model_type(cfg)
+    if model_type not in families.ARCHITECTURES:
+        raise InputError(f"--hf-model-type: unknown family {model_type!r} "
+                         f"(valid: {', '.join(families.ARCHITECTURES)})")
+    base = origin.get("config") if origin.get("model_type") == model_type else None
+    return model_type, base
+
+
+class HFWriter:
+    """Streams full tensors into planned safetensors shards; config.json is written at the end."""
+
+    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
+                 opts: OutputOptions = OutputOptions(), plan_only: bool = False):
+        assert layout.tp == 1 and layout.pp == 1, "HF checkpoints have no model parallelism"
+        self.out_dir, self.cfg, self.layout, self.dtype = out_dir, cfg, layout, source.dtype
+        self.model_type, base = model_type_for(cfg, source, opts)
+        try:
+            self.hf_config = families.config_to_hf(cfg, self.model_type, base, source.dtype)
+        except families.Unsupported as exc:
+            raise InputError(f"--hf-model-type: {exc}") from None
+        self.rules = tensor_rules(cfg, self.model_type)
+        self.shards = plan_shards(hf_tensors(cfg, self.model_type), self.dtype, opts.max_shard_size)
+        self._todo = {name: shape for tensors in self.shards.values() for name, shape in tensors}
+        self._files = None if plan_only else ShardWriter(out_dir, self.shards, self.dtype)
+
+    @property
+    def plan(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        return {file: dict(tensors) for file, tensors in self.shards.items()}
+
+    def open_stage(self, stage: int) -> None:
+        pass
+
+    def write(self, key: str, full: torch.Tensor) -> None:
+        if key not in self.rules:
+            assert key == arch.OUTPUT_LAYER and self.cfg.tied, f"{key}: not a tensor of this model"
+            return
+        rule, i = self.rules[key]
+        spec = spec_of(self.cfg, key)
+        if spec.packing == arch.VOCAB:  # Megatron's padded rows are no tokens
+            full = parallel.pad_vocab(spec, full, self.cfg.padded_vocab_size)
+        for name, part in zip(rule.hf, families.to_hf(rule.kind, full.to(self.dtype), self.cfg)):
+            name = name.format(i=i)
+            want = self._todo.pop(name)
+            assert tuple(part.shape) == want, f"{name}: operator produced {tuple(part.shape)}, expected {want}"
+            if self._files is not None:
+                self._files.write(name, part)
+
+    def close_stage(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        assert not self._todo, f"tensors never written: {sorted(self._todo)[:3]}"
+        if self._files is not None:
+            self._files.close()
+            (self.out_dir / CONFIG).write_text(json.dumps(self.hf_config, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._files is not None:
+            self._files.close(index=False)
+
+
+def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
+    """No padding: the vocabulary is the tokenizer's (--vocab-size, else args', else every row)."""
+    true_size = vocab_size or cfg.vocab_size or cfg.padded_vocab_size
+    if true_size > cfg.padded_vocab_size:
+        raise InputError(f"--vocab-size: {true_size} exceeds the checkpoint's {cfg.padded_vocab_size} "
+                         f"vocabulary rows")
+    return cfg.replace(padded_vocab_size=true_size, vocab_size=true_size)
+
+
+def checkpoint_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
+    return sum(nbytes(shape, dtype) for _, shape in hf_tensors(cfg, families.infer_model_type(cfg)))
+
+
+def plan_writer(out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts: OutputOptions) -> HFWriter:
+    return HFWriter(out_dir, cfg, layout, source, opts, plan_only=True)
+
+
+def largest_shard(cfg: ModelConfig, dtype: torch.dtype, max_shard_size: int) -> int:
+    """Bytes of the largest safetensors file a `cfg`-shaped model is written into."""
+    shards = plan_shards(hf_tensors(cfg, families.infer_model_type(cfg)), dtype, max_shard_size)
+    return max(sum(math.prod(s) for _, s in tensors) * dtype.itemsize for tensors in shards.values())
+
+
+FORMAT = Format("hf", "Hugging Face safetensors", is_hf, open_hf, HFWriter, target_config, checkpoint_bytes,
+                parallel=False, planner=plan_writer)

@@ -1,0 +1,236 @@
+"""Hugging Face model families as data: which HF tensors make each megatron-core tensor, how
+(`Rule`), and how a `config.json` maps onto `ModelConfig` and back.
+
+    llama, mistral   RMSNorm, SwiGLU, GQA, rope          q/k/v and gate/up fused the megatron-core way
+    qwen2            + q/k/v biases
+    qwen3            + per-head q/k norms (megatron-core's qk_layernorm)
+    gpt2             LayerNorm, GELU (tanh approximation), MHA, learned positions, biases, tied;
+                     Conv1D weights are stored transposed, c_attn holds [q | k | v]
+
+megatron-core's fused QKV rows are [ng, np/ng + 2, hn] (each group's q heads, then its k and v);
+Hugging Face keeps q, k and v apart (heads in order), so a group's rows are gathered from all three.
+Both use the same half-rotated rope, so no weight permutation is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scalegrow import arch
+from scalegrow.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str  # layer-relative name, or a global key
+    hf: tuple[str, ...]  # HF names; `{i}` is the layer index
+    kind: str = "same"  # same | qkv | gate_up | conv1d | conv1d_qkv
+
+
+def _layer(prefix: str, *rules: tuple) -> list[Rule]:
+    return [Rule(m, tuple(prefix + h for h in hf), *kind) for m, hf, *kind in rules]
+
+
+LLAMA_LAYER = _layer(
+    "model.layers.{i}.",
+    ("input_layernorm.weight", ("input_layernorm.weight",)),
+    ("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight"), "qkv"),
+    ("self_attention.linear_qkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+     "qkv"),
+    ("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",)),
+    ("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",)),
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",)),
+)
+LLAMA_GLOBAL = [Rule(arch.WORD_EMBEDDINGS, ("model.embed_tokens.weight",)),
+                Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+                Rule(arch.OUTPUT_LAYER, ("lm_head.weight",))]
+
+GPT2_LAYER = _layer(
+    "transformer.h.{i}.",
+    ("input_layernorm.weight", ("ln_1.weight",)),
+    ("input_layernorm.bias", ("ln_1.bias",)),
+    ("self_attention.linear_qkv.weight", ("attn.c_attn.weight",), "conv1d_qkv"),
+    ("self_attention.linear_qkv.bias", ("attn.c_attn.bias",), "conv1d_qkv"),
+    ("self_attention.linear_proj.weight", ("attn.c_proj.weight",), "conv1d"),
+    ("self_attention.linear_proj.bias", ("attn.c_proj.bias",)),
+    ("pre_mlp_layernorm.weight", ("ln_2.weight",)),
+    ("pre_mlp_layernorm.bias", ("ln_2.bias",)),
+    ("mlp.linear_fc1.weight", ("mlp.c_fc.weight",), "conv1d"),
+    ("mlp.linear_fc1.bias", ("mlp.c_fc.bias",)),
+    ("mlp.linear_fc2.weight", ("mlp.c_proj.weight",), "conv1d"),
+    ("mlp.linear_fc2.bias", ("mlp.c_proj.bias",)),
+)
+GPT2_GLOBAL = [Rule(arch.WORD_EMBEDDINGS, ("transformer.wte.weight",)),
+               Rule(arch.POSITION_EMBEDDINGS, ("transformer.wpe.weight",)),
+               Rule("decoder.final_layernorm.weight", ("transformer.ln_f.weight",)),
+               Rule("decoder.final_layernorm.bias", ("transformer.ln_f.bias",)),
+               Rule(arch.OUTPUT_LAYER, ("lm_head.weight",))]
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# HF tensors a checkpoint may hold that are no weights (old causal-mask and rope buffers)
+IGNORED = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def rules(model_type: str) -> tuple[list[Rule], list[Rule]]:
+    """(per-layer rules, global rules) of a family."""
+    return (GPT2_LAYER, GPT2_GLOBAL) if model_type == "gpt2" else (LLAMA_LAYER, LLAMA_GLOBAL)
+
+
+# ---- tensors: HF -> megatron-core and back -------------------------------------------------------------
+def to_megatron(kind: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    if kind == "same":
+        return parts[0]
+    if kind == "conv1d":
+        return parts[0].t()
+    if kind == "gate_up":
+        return torch.cat(parts, dim=0)  # fc1 rows [gate; up]
+    if kind == "conv1d_qkv":  # c_attn: [h, 3h] (Conv1D), columns [q | k | v]; its bias [3h]
+        parts = list((parts[0].t() if parts[0].dim() == 2 else parts[0]).chunk(3, dim=0))
+    q, k, v = parts  # q [np*hn, ...], k and v [ng*hn, ...]
+    ng, per, hn = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
+    rest = q.shape[1:]
+    # -> [ng, per + 2, hn, ...]: each group's q heads, then its k, then its v
+    fused = torch.cat([q.reshape(ng, per, hn, *rest), k.reshape(ng, 1, hn, *rest), v.reshape(ng, 1, hn, *rest)], 1)
+    return fused.reshape(ng * (per + 2) * hn, *rest)
+
+
+def to_hf(kind: str, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    if kind == "same":
+        return [t]
+    if kind == "conv1d":
+        return [t.t()]
+    if kind == "gate_up":
+        return list(t.chunk(2, dim=0))
+    ng, per, hn = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
+    blocks = t.reshape(ng, per + 2, hn, *t.shape[1:])  # [ng*(per+2)*hn, ...] -> [ng, per + 2, hn, ...]
+    q, k, v = (blocks[:, :per].flatten(0, 2), blocks[:, per].flatten(0, 1), blocks[:, per + 1].flatten(0, 1))
+    if kind == "conv1d_qkv":
+        fused = torch.cat([q, k, v], dim=0)
+        return [fused.t() if fused.dim() == 2 else fused]
+    return [q, k, v]
+
+
+# ---- config.json <-> ModelConfig ------------------------------------------------------------------------
+class Unsupported(ValueError):
+    """A config.json feature megatron-core would not reproduce (the message names the key)."""
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        return _gpt2_config(hf)
+    if model_type not in ARCHITECTURES:
+        raise Unsupported(f"model_type: {model_type!r} is not a family scalegrow reads "
+                          f"(valid: {', '.join(ARCHITECTURES)})")
+    _check_llama_like(hf, model_type)
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_hidden_size=hf["intermediate_size"],
+        padded_vocab_size=hf["vocab_size"], vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048), normalization="RMSNorm",
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), swiglu=True, position_embedding_type="rope",
+        rotary_base=int(_rope(hf).get("rope_theta", 10000.0)),
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False), add_bias_linear=False,
+        add_qkv_bias=model_type == "qwen2", qk_layernorm=model_type == "qwen3",
+        init_method_std=float(hf.get("initializer_range", 0.02)))
+
+
+def _rope(hf: dict) -> dict:
+    """transformers 5 keeps rope settings in `rope_parameters`; earlier ones in `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+def _check_llama_like(hf: dict, model_type: str) -> None:
+    rope = _rope(hf)
+    checks = [("hidden_act", hf.get("hidden_act", "silu"), "silu", "SwiGLU with SiLU only"),
+              ("attention_bias", hf.get("attention_bias", False), False, "no bias on o_proj alone"),
+              ("mlp_bias", hf.get("mlp_bias", False), False, "no MLP biases without attention biases"),
+              ("rope_type", rope.get("rope_type", "default"), "default", "plain rope, no scaling"),
+              ("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0), 1.0, "rope over the whole head"),
+              ("layer_types", sorted(set(hf.get("layer_types") or ["full_attention"])), ["full_attention"],
+               "full attention in every layer")]
+    if model_type == "mistral":
+        checks.append(("sliding_window", hf.get("sliding_window"), None, "full attention, no sliding window"))
+    if model_type in ("qwen2", "qwen3"):
+        checks.append(("use_sliding_window", hf.get("use_sliding_window", False), False, "full attention"))
+    for key, value, wanted, what in checks:
+        if value != wanted:
+            raise Unsupported(f"{key}: {value!r} is not supported (megatron-core reproduces {what})")
+    if not float(rope["rope_theta"]).is_integer():
+        raise Unsupported(f"rope_theta: {rope['rope_theta']!r} is not supported (an integer rope base)")
+
+
+def _gpt2_config(hf: dict) -> ModelConfig:
+    checks = [("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu")),
+              ("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False)),
+              ("scale_attn_weights", hf.get("scale_attn_weights", True))]
+    for key, ok in checks:
+        if not ok:
+            raise Unsupported(f"{key}: {hf.get(key)!r} is not supported (megatron-core would not reproduce it)")
+    h = hf["n_embd"]
+    return ModelConfig(
+        num_layers=hf["n_layer"], hidden_size=h, num_attention_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner")
+        or 4 * h, padded_vocab_size=hf["vocab_size"], vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["n_positions"], normalization="LayerNorm",
+        norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), openai_gelu=hf.get("activation_function",
+                                                                                    "gelu_new") == "gelu_new",
+        position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=False,
+        add_bias_linear=True, init_method_std=float(hf.get("initializer_range", 0.02)))
+
+
+def infer_model_type(cfg: ModelConfig) -> str | None:
+    """The HF family a config can only be (None when several or none fit)."""
+    if cfg.normalization == "LayerNorm" and cfg.position_embedding_type == "learned_absolute":
+        return "gpt2"
+    if cfg.qk_layernorm:
+        return "qwen3"
+    return "qwen2" if cfg.add_qkv_bias else "llama"
+
+
+def config_to_hf(cfg: ModelConfig, model_type: str, base: dict | None, dtype: torch.dtype) -> dict:
+    """config.json for `cfg` as `model_type`: `base` (the source's, if it was HF) with the new shapes."""
+    problems = _cannot_write(cfg, model_type)
+    if problems:
+        raise Unsupported(f"model_type: this model cannot be written as {model_type} ({problems})")
+    out = dict(base or {}) if (base or {}).get("model_type") == model_type else {}
+    out.update(model_type=model_type, architectures=[ARCHITECTURES[model_type]], vocab_size=cfg.vocab_size
+               or cfg.padded_vocab_size, tie_word_embeddings=cfg.tied, initializer_range=cfg.init_method_std,
+               dtype=str(dtype).removeprefix("torch."))
+    if model_type == "gpt2":
+        out.update(n_layer=cfg.num_layers, n_embd=cfg.hidden_size, n_head=cfg.num_attention_heads,
+                   n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size else cfg.ffn_hidden_size, n_positions=cfg.max_position_embeddings,
+                   layer_norm_epsilon=cfg.norm_epsilon, activation_function="gelu_new" if cfg.openai_gelu else "gelu")
+        return out
+    out.update(num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+               num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
+               head_dim=cfg.kv_channels, max_position_embeddings=cfg.max_position_embeddings,
+               rms_norm_eps=cfg.norm_epsilon, hidden_act="silu",
+               rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"})
+    out.pop("rope_theta", None), out.pop("rope_scaling", None)
+    if "layer_types" in out:  # one entry a layer; only full attention is read (see _check_llama_like)
+        out["layer_types"] = ["full_attention"] * cfg.num_layers
+    if model_type in ("llama", "mistral", "qwen3"):
+        out.update(attention_bias=False)
+    return out
+
+
+def _cannot_write(cfg: ModelConfig, model_type: str) -> str:
+    llama_like = model_type != "gpt2"
+    wanted = {"normalization": "RMSNorm" if llama_like else "LayerNorm", "swiglu": llama_like,
+              "position_embedding_type": "rope" if llama_like else "learned_absolute",
+              "add_bias_linear": not llama_like, "has_qkv_bias": model_type in ("qwen2", "gpt2"),
+              "qk_layernorm": model_type == "qwen3", "rotary_percent": 1.0}
+    if model_type == "gpt2":
+        wanted.update(untie_embeddings_and_output_weights=False, num_query_groups=cfg.num_attention_heads,
+                      kv_channels=cfg.hidden_size // cfg.num_attention_heads)
+    return ", ".join(f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v)

@@ -1,0 +1,94 @@
+"""safetensors shard files, planned up front and filled tensor by tensor.
+
+    model-00001-of-00003.safetensors ...   8-byte header length, JSON header, then the raw tensors
+    model.safetensors.index.json           {"metadata": {"total_size": N}, "weight_map": {name: file}}
+
+A checkpoint's tensors (names, shapes, dtype) are known before any is computed, so every shard's
+header is written first and each tensor goes straight to its offset when it arrives, in any order:
+memory stays bounded by one tensor. One shard is named `model.safetensors` and has no index, as
+`transformers`' `save_pretrained` does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: str
+    offset: int  # absolute, in the file
+    shape: tuple[int, ...]
+
+
+def plan_shards(tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                max_shard_size: int) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Tensors in order, into files of at most `max_shard_size` bytes (a larger tensor gets its own)."""
+    groups: list[list] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    return {f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors": g for k, g in enumerate(groups)}
+
+
+class ShardWriter:
+    """Creates every shard with its header and full size; `write` puts a tensor at its place."""
+
+    def __init__(self, out_dir: Path, shards: dict[str, list[tuple[str, tuple[int, ...]]]], dtype: torch.dtype):
+        self.out_dir, self.dtype, self.entries = out_dir, dtype, {}
+        self._fds: dict[str, int] = {}
+        for file, tensors in shards.items():
+            self._create(file, tensors)
+
+    def _create(self, file: str, tensors: list[tuple[str, tuple[int, ...]]]) -> None:
+        header, at = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in tensors:
+            end = at + math.prod(shape) * self.dtype.itemsize
+            header[name] = {"dtype": DTYPES[self.dtype], "shape": list(shape), "data_offsets": [at, end]}
+            at = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        start = 8 + len(raw)
+        fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, struct.pack("<Q", len(raw)) + raw)
+        os.ftruncate(fd, start + at)
+        self._fds[file] = fd
+        for name, shape in tensors:
+            self.entries[name] = Entry(file, start + header[name]["data_offsets"][0], tuple(shape))
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / self.entries[name].file
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self.entries[name]
+        assert tuple(tensor.shape) == entry.shape and tensor.dtype == self.dtype, (name, tensor.shape, entry.shape)
+        data = memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fds[entry.file], data[done:], entry.offset + done)
+
+    def close(self, index: bool = True) -> None:
+        """Close every file and, with several shards, write the index (not after a failure)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        if index and len({e.file for e in self.entries.values()}) > 1:
+            total = sum(math.prod(e.shape) * self.dtype.itemsize for e in self.entries.values())
+            index = {"metadata": {"total_size": total}, "weight_map": {n: e.file for n, e in self.entries.items()}}
+            (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,77 @@
+"""Tiny Hugging Face models of every family scalegrow reads, built with transformers' own classes and
+saved with `save_pretrained` (small shards), with a real `tokenizers` BPE tokenizer beside them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 1000
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
+
+
+def hf_config(family: str):
+    import transformers
+
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=128,
+                                       bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    rope = {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
+    return {"llama": lambda: transformers.LlamaConfig(**COMMON, **rope, tie_word_embeddings=False),
+            "mistral": lambda: transformers.MistralConfig(**COMMON, **rope, sliding_window=None),
+            "qwen2": lambda: transformers.Qwen2Config(**COMMON, **rope, tie_word_embeddings=True),
+            "qwen3": lambda: transformers.Qwen3Config(**COMMON, **rope, head_dim=24, tie_word_embeddings=True),
+            }[family]()
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def build(family: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    """A random `family` model, its weights moved off transformers' init (noise on every tensor, so
+    norms and biases matter), saved in shards of 100 kB."""
+    import transformers
+
+    torch.manual_seed(seed)  # transformers' own init draws from the global generator
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.generation_config.max_new_tokens = 17  # something to see carried over
+    model.save_pretrained(out, max_shard_size="100KB")
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def train_tokenizer(out: Path) -> Path:
+    """A byte-level BPE over the embedded corpus (the Python standard library), saved the way
+    transformers does: tokenizer.json and tokenizer_config.json naming its eos token."""
+    import tokenizers
+    import transformers
+
+    from scalegrow.data import embedded_documents
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                             show_progress=False)
+    tok.train_from_iterator(embedded_documents(300_000), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(out)
+    return out
+
+
+def logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' logits for a saved directory, after a strict load (nothing missing or unused)."""
+    import transformers
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        return model.eval()(tokens).logits

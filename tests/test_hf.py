@@ -1,0 +1,198 @@
+"""Hugging Face directories in and out, with transformers as the oracle: each family is a tiny random
+model built and saved by transformers itself (tests/hf_models.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_models import FAMILIES, VOCAB, build, logits, train_tokenizer
+from helpers import tree_sha256, write_yaml
+
+from scalegrow import cli, pipeline
+from scalegrow.formats.registry import open_checkpoint
+from scalegrow.output import OutputOptions
+
+HF = OutputOptions(format="hf", max_shard_size=200_000)
+TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """family -> a saved HF model directory with its tokenizer."""
+    root = tmp_path_factory.mktemp("hf")
+    tokenizer = train_tokenizer(root / "tokenizer")
+    return {family: build(family, root / family, tokenizer) for family in FAMILIES}
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    """Equal up to fp32 reordering: max |Δ| relative to the logit scale."""
+    return (a - b).abs().max().item() <= rel * a.abs().max().item()
+
+
+def safetensors_state(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reader_computes_what_transformers_computes(hf, family):
+    model = pipeline.load_model(hf[family])
+    with torch.no_grad():
+        assert close(logits(hf[family], TOKENS), model(TOKENS))
+
+
+@pytest.mark.slow
+def test_megatron_core_at_tp2_pp2_equals_transformers(hf, tmp_path):
+    """(a) HF -> Megatron TP2/PP2: megatron-core loads every rank strictly; logits equal transformers'."""
+    import mcore
+
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    jobs = []
+    for family in FAMILIES:
+        pipeline.convert(hf[family], tmp_path / family, OutputOptions(tp=2, pp=2), progress=False)
+        jobs.append({"config": open_checkpoint(tmp_path / family).config.to_dict(), "path": str(tmp_path / family),
+                     "format": "torch", "tokens": str(tmp_path / "tokens.pt")})
+    for family, got in zip(FAMILIES, mcore.run_megatron_check(2, 2, jobs, tmp_path)):
+        assert got.shape[-1] == 1024  # padded by Megatron's rule: 128 x TP2
+        assert close(logits(hf[family], TOKENS), got[..., :VOCAB], rel=1e-4), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lemon_growth_hf_to_hf_is_lossless_in_transformers(hf, tmp_path, family):
+    """(b) HF -> grow --method lemon -> HF: AutoModelForCausalLM loads it and computes the same logits."""
+    groups, ffn = (8, 512) if family == "gpt2" else (4, 192)
+    target = write_yaml(tmp_path / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=ffn,
+                        num_attention_heads=8, num_query_groups=groups)
+    pipeline.grow(hf[family], tmp_path / "big", "lemon", target, HF, progress=False)
+    config = json.loads((tmp_path / "big" / "config.json").read_text())
+    source = json.loads((hf[family] / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == source["architectures"]
+    assert (config.get("num_hidden_layers") or config["n_layer"]) == 6
+    assert config.get("bos_token_id") == source.get("bos_token_id")  # the rest of config.json kept
+    assert TOKENIZER_FILES <= {p.name for p in (tmp_path / "big").iterdir()}
+    assert json.loads((tmp_path / "big" / "generation_config.json").read_text())["max_new_tokens"] == 17
+    assert close(logits(hf[family], TOKENS), logits(tmp_path / "big", TOKENS))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_to_megatron_to_hf_is_tensor_for_tensor_identical(hf, tmp_path, family):
+    """(c) HF -> Megatron (TP2/PP2, vocabulary padded) -> HF: the same tensors, the same config."""
+    pipeline.convert(hf[family], tmp_path / "meg", OutputOptions(tp=2, pp=2), progress=False)
+    pipeline.convert(tmp_path / "meg", tmp_path / "back", HF, progress=False)
+    a, b = safetensors_state(hf[family]), safetensors_state(tmp_path / "back")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    src, out = (json.loads((p / "config.json").read_text()) for p in (hf[family], tmp_path / "back"))
+    assert {k: v for k, v in out.items() if k in src} == src
+    assert len(list((tmp_path / "back").glob("*.safetensors"))) > 1 and (tmp_path / "back" /
+                                                                       "model.safetensors.index.json").is_file()
+    assert TOKENIZER_FILES <= {p.name for p in (tmp_path / "back").iterdir()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_shrink_and_ligo_outputs_load_in_transformers_and_evaluate(hf, tmp_path, family, capsys):
+    """(d) subclone and LiGO written as HF: transformers loads them, its logits are scalegrow's, and
+    `scalegrow eval` runs with the HF tokenizer that travelled with them."""
+    small = write_yaml(tmp_path / "small.yaml", hidden_size=48, ffn_hidden_size=64, num_layers=3,
+                       num_attention_heads=2, num_query_groups=1)
+    big = write_yaml(tmp_path / "big.yaml", hidden_size=96, ffn_hidden_size=128, num_layers=5,
+                     num_attention_heads=6, num_query_groups=3)
+    from scalegrow.methods import registry as methods
+
+    data = pipeline.DataOptions(seq_length=64)
+    pipeline.shrink(hf[family], tmp_path / "shrunk", "subclone", small, HF,
+                    methods.options_with("subclone", methods.SHRINK, tokens=4096), data, progress=False)
+    pipeline.grow(hf[family], tmp_path / "ligo", "ligo", big, HF, progress=False, data=data,
+                  options=methods.options_with("ligo", methods.GROW, steps=3))
+    for name in ("shrunk", "ligo"):
+        with torch.no_grad():
+            assert close(logits(tmp_path / name, TOKENS), pipeline.load_model(tmp_path / name)(TOKENS))
+        assert cli.main(["eval", str(tmp_path / name), "--tokens", "2048", "--seq-length", "64"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert 0 < result["loss"] < 2 * torch.log(torch.tensor(float(VOCAB))).item()
+
+
+def test_megatron_without_hf_origin_converts_by_its_structure(tmp_path, capsys):
+    """A Megatron model that never was HF: the family comes from its structure, or --hf-model-type;
+    vocabulary padding is removed."""
+    from helpers import family_config
+
+    cfg = family_config("llama", num_layers=2)  # padded 128, true vocab 100
+    pipeline.init_checkpoint(cfg, tmp_path / "meg", OutputOptions(tp=2))
+    for family in ("llama", "mistral"):
+        assert cli.main(["convert", "--src", str(tmp_path / "meg"), "--dst", str(tmp_path / family), "--format",
+                         "hf", "--hf-model-type", family, "--no-progress"]) == 0
+        config = json.loads((tmp_path / family / "config.json").read_text())
+        assert config["model_type"] == family and config["vocab_size"] == 100
+        tokens = TOKENS % 100
+        with torch.no_grad():
+            assert close(logits(tmp_path / family, tokens), pipeline.load_model(tmp_path / "meg")(tokens)[..., :100])
+    assert cli.main(["convert", "--src", str(tmp_path / "meg"), "--dst", str(tmp_path / "x"), "--format", "hf",
+                     "--hf-model-type", "gpt2"]) == 2
+    assert "cannot be written as gpt2" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_dry_run_plans_the_hf_files(hf, tmp_path, capsys):
+    target = write_yaml(tmp_path / "t.yaml", num_layers=6)
+    assert cli.main(["grow", "--src", str(hf["qwen2"]), "--dst", str(tmp_path / "x"), "--target", str(target),
+                     "--format", "hf", "--max-shard-size", "100kB", "--dry-run"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert len(files) > 1 and all(name.startswith("model-") for name in files)
+    shapes = {k: v for f in files.values() for k, v in f["shapes"].items()}
+    assert shapes["model.layers.5.self_attn.k_proj.bias"] == [32] and "lm_head.weight" not in shapes  # tied
+    assert shapes["model.embed_tokens.weight"] == [VOCAB, 64] and not (tmp_path / "x").exists()
+
+
+def test_inspect_describes_an_hf_source(hf, capsys):
+    assert cli.main(["inspect", str(hf["qwen3"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "hf" and info["model"]["qk_layernorm"] and info["model"]["kv_channels"] == 24
+    assert info["model"]["padded_vocab_size"] == VOCAB and len(info["shards"]) > 1
+
+
+# ---- bad input: one line naming what is wrong, exit 2, the source untouched -------------------------------
+def _edit_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"model_type": "phi3"}, "model_type: 'phi3' is not a family"),
+    ({"sliding_window": 32}, "sliding_window: 32 is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'llama3'"),
+    ({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported"),
+    ({"intermediate_size": 80}, "mlp.gate_proj.weight: shape (96, 64) does not match (80, 64)"),
+])
+def test_unsupported_or_inconsistent_config_is_refused(hf, tmp_path, capsys, changes, words):
+    src = _edit_config(hf["mistral"], tmp_path / "src", **changes)
+    before = tree_sha256(src)
+    assert cli.main(["convert", "--src", str(src), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and str(src) in err and len(err.strip().splitlines()) == 1
+    assert tree_sha256(src) == before and not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_is_named(hf, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = _edit_config(hf["llama"], tmp_path / "src")
+    shard = next(f for f in sorted(src.glob("*.safetensors")) if "model.norm.weight" in load_file(f))
+    tensors = load_file(shard)
+    del tensors["model.norm.weight"]
+    save_file(tensors, shard)
+    assert cli.main(["convert", "--src", str(src), "--dst", str(tmp_path / "out")]) == 2
+    assert "model.norm.weight: missing tensor (expected shape (64,)" in capsys.readouterr().err
+
+
+def test_hf_output_has_no_model_parallelism(hf, tmp_path, capsys):
+    assert cli.main(["convert", "--src", str(hf["llama"]), "--dst", str(tmp_path / "o"), "--format", "hf",
+                     "--tp", "2"]) == 2
+    assert "--tp: the hf format has no model parallelism" in capsys.readouterr().err
