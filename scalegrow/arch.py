@@ -33,6 +33,11 @@ class Role:
     FC1_WEIGHT = "fc1_weight"
     FC1_BIAS = "fc1_bias"
     FC2_WEIGHT = "fc2_weight"
+    ROUTER_WEIGHT = "router_weight"  # MoE: [experts, hidden] logits, replicated
+    ROUTER_BIAS = "router_bias"  # with add_bias_linear, as megatron-core's TopKRouter has
+    EXPERT_FC1_WEIGHT = "expert_fc1_weight"  # one expert's fc1/fc2 (its fc2 bias is an OUT_BIAS)
+    EXPERT_FC1_BIAS = "expert_fc1_bias"
+    EXPERT_FC2_WEIGHT = "expert_fc2_weight"
     WORD_EMBEDDINGS = "word_embeddings"
     POSITION_EMBEDDINGS = "position_embeddings"
     FINAL_NORM_WEIGHT = "final_norm_weight"
@@ -67,6 +72,11 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.FC1_WEIGHT: lambda c: (c.fc1_rows, c.hidden_size),
     Role.FC1_BIAS: lambda c: (c.fc1_rows,),
     Role.FC2_WEIGHT: lambda c: (c.hidden_size, c.ffn_hidden_size),
+    Role.ROUTER_WEIGHT: lambda c: (c.num_moe_experts, c.hidden_size),
+    Role.ROUTER_BIAS: lambda c: (c.num_moe_experts,),
+    Role.EXPERT_FC1_WEIGHT: lambda c: (c.expert_fc1_rows, c.hidden_size),
+    Role.EXPERT_FC1_BIAS: lambda c: (c.expert_fc1_rows,),
+    Role.EXPERT_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe_ffn_hidden_size),
     Role.WORD_EMBEDDINGS: lambda c: (c.padded_vocab_size, c.hidden_size),
     Role.POSITION_EMBEDDINGS: lambda c: (c.max_position_embeddings, c.hidden_size),
     Role.FINAL_NORM_WEIGHT: lambda c: (c.hidden_size,),
@@ -80,10 +90,47 @@ def full_shape(cfg: ModelConfig, spec: TensorSpec) -> tuple[int, ...]:
     return FULL_SHAPES[spec.role](cfg)
 
 
-# ---- the dense GPT family --------------------------------------------------------------------------
+# ---- the GPT family: dense and MoE layers ------------------------------------------------------------
 def dense_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """The tensors of one dense transformer layer, in megatron-core's state-dict order."""
+    return attention_specs(cfg) + mlp_specs(cfg, "mlp.", Role.FC1_WEIGHT, Role.FC1_BIAS, Role.FC2_WEIGHT)
+
+
+def moe_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """An MoE layer (megatron-core's SequentialMLP experts): the router, then every expert's FFN
+    under its global index (files on expert-parallel rank r number theirs from 0)."""
+    specs = attention_specs(cfg) + [TensorSpec("mlp.router.weight", Role.ROUTER_WEIGHT, None)]
+    if cfg.has_linear_bias:
+        specs.append(TensorSpec("mlp.router.bias", Role.ROUTER_BIAS, None))
+    for e in range(cfg.num_moe_experts):
+        specs += mlp_specs(cfg, f"{EXPERTS}{e}.", Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT)
+    return specs
+
+
+EXPERTS = "mlp.experts.local_experts."
+
+
+def expert_of(name: str) -> tuple[int, str] | None:
+    """`mlp.experts.local_experts.3.linear_fc1.weight` -> (3, 'linear_fc1.weight'); None otherwise."""
+    if not name.startswith(EXPERTS):
+        return None
+    index, _, rest = name[len(EXPERTS):].partition(".")
+    return int(index), rest
+
+
+def mlp_specs(cfg: ModelConfig, prefix: str, fc1_role: str, fc1_bias: str, fc2_role: str) -> list[TensorSpec]:
     fc1 = SWIGLU if cfg.swiglu else PLAIN
+    specs = [TensorSpec(f"{prefix}linear_fc1.weight", fc1_role, 0, fc1)]
+    if cfg.has_linear_bias:
+        specs.append(TensorSpec(f"{prefix}linear_fc1.bias", fc1_bias, 0, fc1))
+    specs.append(TensorSpec(f"{prefix}linear_fc2.weight", fc2_role, 1))
+    if cfg.has_linear_bias:
+        specs.append(TensorSpec(f"{prefix}linear_fc2.bias", Role.OUT_BIAS, None))
+    return specs
+
+
+def attention_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """A layer's norms and attention: everything before its MLP."""
     specs = [TensorSpec("input_layernorm.weight", Role.NORM_WEIGHT, None)]
     if cfg.has_norm_bias:
         specs.append(TensorSpec("input_layernorm.bias", Role.NORM_BIAS, None))
@@ -101,12 +148,6 @@ def dense_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
     specs.append(TensorSpec("pre_mlp_layernorm.weight", Role.NORM_WEIGHT, None))
     if cfg.has_norm_bias:
         specs.append(TensorSpec("pre_mlp_layernorm.bias", Role.NORM_BIAS, None))
-    specs.append(TensorSpec("mlp.linear_fc1.weight", Role.FC1_WEIGHT, 0, fc1))
-    if cfg.has_linear_bias:
-        specs.append(TensorSpec("mlp.linear_fc1.bias", Role.FC1_BIAS, 0, fc1))
-    specs.append(TensorSpec("mlp.linear_fc2.weight", Role.FC2_WEIGHT, 1))
-    if cfg.has_linear_bias:
-        specs.append(TensorSpec("mlp.linear_fc2.bias", Role.OUT_BIAS, None))
     return specs
 
 
@@ -139,12 +180,12 @@ class Family:
     final_norm: Callable[[ModelConfig], list[TensorSpec]]
 
 
-GPT = Family("gpt", gpt_embedding_specs, {"dense": dense_layer_specs}, lambda cfg, index: "dense",
-             gpt_final_norm_specs)
+GPT = Family("gpt", gpt_embedding_specs, {"dense": dense_layer_specs, "moe": moe_layer_specs},
+             lambda cfg, index: "moe" if cfg.is_moe_layer(index) else "dense", gpt_final_norm_specs)
 
 
 def family(cfg: ModelConfig) -> Family:
-    """The family `cfg` belongs to (every config is a dense GPT today)."""
+    """The family `cfg` belongs to (every config is a GPT, its layers dense or MoE)."""
     return GPT
 
 
@@ -209,4 +250,14 @@ def canonical_layer_name(name: str) -> str:
 # Modules whose `_extra_state` megatron-core's local spec puts in every state dict.
 LAYER_EXTRA_STATE = ("self_attention.linear_proj._extra_state", "self_attention.linear_qkv._extra_state",
                      "mlp.linear_fc1._extra_state", "mlp.linear_fc2._extra_state")
+
+
+def layer_extra_state(cfg: ModelConfig, index: int, experts: range | None = None) -> tuple[str, ...]:
+    """The `_extra_state` names of layer `index`; an MoE layer's are per expert (`experts`: the
+    global indices a file holds, numbered from 0 in it)."""
+    if not cfg.is_moe_layer(index):
+        return LAYER_EXTRA_STATE
+    experts = experts if experts else range(cfg.num_moe_experts)
+    return LAYER_EXTRA_STATE[:2] + tuple(f"{EXPERTS}{local}.{m}._extra_state" for local in range(len(experts))
+                                         for m in ("linear_fc1", "linear_fc2"))
 OUTPUT_EXTRA_STATE = "output_layer._extra_state"

@@ -18,6 +18,7 @@ from scalegrow.formats.hf_families import ARCHITECTURES as HF_FAMILIES
 from scalegrow.methods import registry as methods
 from scalegrow.methods.ligo import LigoOptions
 from scalegrow.methods.subclone import SubcloneOptions
+from scalegrow.methods.upcycle import UpcycleOptions
 from scalegrow.output import OutputOptions
 from scalegrow.pipeline import DataOptions
 
@@ -75,6 +76,9 @@ def _grow_parser(g: argparse.ArgumentParser) -> None:
                    help=f"ligo: operator training steps (default: {LigoOptions.steps})")
     g.add_argument("--lr", type=float, default=LigoOptions.lr,
                    help=f"ligo: operator learning rate (default: {LigoOptions.lr})")
+    g.add_argument("--noise", type=float, default=UpcycleOptions.noise,
+                   help=f"upcycle: relative noise on the expert copies; 0 keeps the function exactly "
+                   f"(default: {UpcycleOptions.noise})")
     _data_args(g, "--data", "ligo: training corpus")
 
 
@@ -106,6 +110,8 @@ def _data_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
 def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bool = True) -> None:
     p.add_argument("--tp", type=int, default=None, help=f"tensor parallel size (default: {layout_default})")
     p.add_argument("--pp", type=int, default=None, help=f"pipeline parallel size (default: {layout_default})")
+    p.add_argument("--ep", type=int, default=None, help=f"expert parallel size of an MoE model: files "
+                   f"mp_rank_TT[_PPP]_EEE each hold E/EP experts (default: {layout_default})")
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, metavar="N",
                    help="layers on the first pipeline stage, as in Megatron-LM (default: an even split)")
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, metavar="N",
@@ -147,10 +153,10 @@ def _print_plan(plan: dict) -> int:
 
 
 def _output_options(a):
-    for name in ("tp", "pp", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+    for name in ("tp", "pp", "ep", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
                  "vocab_size"):
         _positive(name.replace("_", "-"), getattr(a, name, None))
-    extra = {k: getattr(a, k) for k in ("max_shard_size", "hf_model_type") if hasattr(a, k)}
+    extra = {k: getattr(a, k) for k in ("max_shard_size", "hf_model_type", "ep") if hasattr(a, k)}
     return OutputOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
                          getattr(a, "format", "torch"), getattr(a, "vocab_size", None), **extra)
 
@@ -162,7 +168,7 @@ def _positive(name: str, value: int | None) -> None:
 
 def cmd_grow(a) -> int:
     _positive("steps", a.steps)
-    options = methods.options_with(a.method, methods.GROW, steps=a.steps, lr=a.lr)
+    options = methods.options_with(a.method, methods.GROW, steps=a.steps, lr=a.lr, noise=a.noise)
     summary = pipeline.grow(a.src, a.dst, a.method, a.target, _output_options(a), seed=a.seed,
                             overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, options=options,
                             data=DataOptions(a.data, a.tokenizer))

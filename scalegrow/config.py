@@ -45,6 +45,13 @@ class ModelConfig:
     qk_layernorm: bool = False  # a norm over each head's queries and keys, before rope (Qwen3)
     openai_gelu: bool = False  # GELU's tanh approximation (GPT-2) instead of the exact one
     init_method_std: float = 0.02
+    # Mixture-of-Experts (Megatron-LM's --num-experts etc.; None: a dense FFN in every layer)
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None  # None: ffn_hidden_size
+    moe_layer_freq: int = 1  # layer i is MoE when i % moe_layer_freq == 0
+    moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (else over the top k)
+    moe_aux_loss_coeff: float = 0.0  # weight of the load-balancing loss in training (Megatron-LM's default)
     make_vocab_size_divisible_by: int = 128
     vocab_size: int | None = None  # unpadded tokenizer size, when known
 
@@ -56,6 +63,8 @@ class ModelConfig:
             object.__setattr__(self, "num_query_groups", self.num_attention_heads)
         if self.kv_channels is None and self.num_attention_heads:
             object.__setattr__(self, "kv_channels", self.hidden_size // self.num_attention_heads)
+        if self.num_moe_experts and self.moe_ffn_hidden_size is None:
+            object.__setattr__(self, "moe_ffn_hidden_size", self.ffn_hidden_size)
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -71,6 +80,13 @@ class ModelConfig:
     @property
     def fc1_rows(self) -> int:
         return self.ffn_hidden_size * (2 if self.swiglu else 1)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return bool(self.num_moe_experts) and index % self.moe_layer_freq == 0
+
+    @property
+    def expert_fc1_rows(self) -> int:
+        return self.moe_ffn_hidden_size * (2 if self.swiglu else 1)
 
     @property
     def has_linear_bias(self) -> bool:
@@ -115,16 +131,32 @@ class ModelConfig:
             raise ValueError(f"norm_epsilon: must be positive, got {self.norm_epsilon}")
         if self.openai_gelu and self.swiglu:
             raise ValueError("openai_gelu: SwiGLU's activation is SiLU; the GELU approximation does not apply")
+        if self.num_moe_experts is not None:
+            self._validate_moe()
         if self.vocab_size is not None and self.vocab_size > self.padded_vocab_size:
             raise ValueError(f"vocab_size: {self.vocab_size} exceeds padded_vocab_size "
                              f"{self.padded_vocab_size}")
 
+    def _validate_moe(self) -> None:
+        for name in ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.moe_router_topk > self.num_moe_experts:
+            raise ValueError(f"moe_router_topk: {self.moe_router_topk} exceeds num_moe_experts {self.num_moe_experts}")
+        if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:  # megatron-core's rule: a softmax
+            raise ValueError("moe_router_pre_softmax: must be true when moe_router_topk is 1")  # of one is 1
+
     def check_tp(self, tp: int) -> None:
         """Raise if this model cannot be split over `tp` tensor-parallel ranks."""
-        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
-            if getattr(self, name) % tp:
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size",
+                     "moe_ffn_hidden_size"):
+            if getattr(self, name) is not None and getattr(self, name) % tp:
                 raise ValueError(f"{name}: {getattr(self, name)} is not divisible by tensor parallel "
                                  f"size {tp}")
+        if self.num_moe_experts and self.has_linear_bias and tp > 1:  # megatron-core's rule, as it asserts
+            raise ValueError(f"add_bias_linear: megatron-core supports MoE biases only without tensor "
+                             f"parallel experts; write this model at tensor parallel size 1, not {tp}")
 
     # ---- conversions ---------------------------------------------------------------------
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -186,6 +218,7 @@ class ModelConfig:
             qk_layernorm=bool(a.get("qk_layernorm", False)),
             openai_gelu=bool(a.get("openai_gelu", False)),
             init_method_std=float(a.get("init_method_std", 0.02)),
+            **_moe_from_args(a),
             make_vocab_size_divisible_by=int(a.get("make_vocab_size_divisible_by", 128)),
             vocab_size=a.get("vocab_size"),
         )
@@ -209,29 +242,52 @@ class ModelConfig:
             updates.pop("gated_linear_unit")
         if self.vocab_size is None:
             updates.pop("vocab_size")
+        updates["num_experts"] = updates.pop("num_moe_experts")  # Megatron-LM's name
         if getattr(args, "seq_length", None) is None:
             updates["seq_length"] = self.max_position_embeddings
         for key, value in updates.items():
             setattr(args, key, value)
         return args
 
+    def _mlp_parameters(self, index: int) -> int:
+        """An FFN's weights, or a router and its experts' in an MoE layer (biases included)."""
+        h, bias = self.hidden_size, self.has_linear_bias
+        if not self.is_moe_layer(index):
+            return self.fc1_rows * h + self.ffn_hidden_size * h + (self.fc1_rows + h if bias else 0)
+        expert = self.expert_fc1_rows * h + self.moe_ffn_hidden_size * h + (self.expert_fc1_rows + h if bias else 0)
+        return self.num_moe_experts * (h + (1 if bias else 0) + expert)
+
     def num_parameters(self) -> int:
         h, L = self.hidden_size, self.num_layers
         attn_out = self.num_attention_heads * self.kv_channels
         norm = h * (2 if self.has_norm_bias else 1)
-        layer = 2 * norm + self.qkv_rows * h + attn_out * h + self.fc1_rows * h + self.ffn_hidden_size * h
+        layer = 2 * norm + self.qkv_rows * h + attn_out * h
         if self.qk_layernorm:
             layer += 2 * self.kv_channels * (2 if self.has_norm_bias else 1)
         if self.has_qkv_bias:
             layer += self.qkv_rows
         if self.has_linear_bias:
-            layer += h + self.fc1_rows + h
+            layer += h
         total = L * layer + norm + self.padded_vocab_size * h
+        total += sum(self._mlp_parameters(i) for i in range(L))
         if self.position_embedding_type == "learned_absolute":
             total += self.max_position_embeddings * h
         if not self.tied:
             total += self.padded_vocab_size * h
         return total
+
+
+def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields from Megatron-LM args (`num_experts`, `moe_*`); a layer pattern list is not read."""
+    if not a.get("num_experts"):
+        return {}
+    freq = a.get("moe_layer_freq", 1)
+    if not isinstance(freq, int):
+        raise ValueError(f"moe_layer_freq: only an every-Nth-layer integer is supported, got {freq!r}")
+    return dict(num_moe_experts=int(a["num_experts"]), moe_router_topk=int(a.get("moe_router_topk", 2)),
+                moe_ffn_hidden_size=a.get("moe_ffn_hidden_size"), moe_layer_freq=freq,
+                moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax", False)),
+                moe_aux_loss_coeff=float(a.get("moe_aux_loss_coeff", 0.0) or 0.0))
 
 
 def _drop_derived(values: dict[str, Any], base: ModelConfig, overrides: Mapping[str, Any]) -> None:

@@ -91,12 +91,13 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ffn_hidden_size: int | None = None):
         super().__init__()
+        ffn = ffn_hidden_size or cfg.ffn_hidden_size  # an MoE expert's is moe_ffn_hidden_size
         self.swiglu = cfg.swiglu
         self.gelu = "tanh" if cfg.openai_gelu else "none"  # Megatron's --openai-gelu: the tanh approximation
-        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.fc1_rows, bias=cfg.has_linear_bias)
-        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.has_linear_bias)
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, ffn * (2 if cfg.swiglu else 1), bias=cfg.has_linear_bias)
+        self.linear_fc2 = nn.Linear(ffn, cfg.hidden_size, bias=cfg.has_linear_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(self.hidden(x))
@@ -110,15 +111,70 @@ class MLP(nn.Module):
         return F.gelu(h, approximate=self.gelu)
 
 
-class TransformerLayer(nn.Module):
-    """Pre-LN block: x + attn(norm(x)), then + mlp(norm(x))."""
+def route(logits: torch.Tensor, topk: int, pre_softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """megatron-core's softmax top-k routing: (weights, expert indices), each [tokens, topk]. The
+    softmax runs over the k chosen logits (weights sum to 1), or over all experts first."""
+    if pre_softmax:
+        return torch.softmax(logits.float(), dim=-1).type_as(logits).topk(topk, dim=-1)
+    top, index = logits.topk(topk, dim=-1)
+    return torch.softmax(top.float(), dim=-1).type_as(logits), index
+
+
+def load_balancing_loss(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """megatron-core's switch load-balancing loss (before its coefficient): E / (k·T²) ·
+    Σ_e (Σ_t p_te)·n_e, with p the softmax over all experts and n_e the tokens routed to expert e.
+    It is 1 when routing is uniform and grows as tokens crowd onto few experts."""
+    tokens, experts = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    counts = torch.bincount(index.flatten(), minlength=experts).to(probs.dtype)
+    return (probs.sum(0) * counts).sum() * experts / (index.shape[1] * tokens * tokens)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_moe_experts, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.empty(cfg.num_moe_experts)) if cfg.has_linear_bias else None
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.local_experts = nn.ModuleList(MLP(cfg, cfg.moe_ffn_hidden_size) for _ in range(cfg.num_moe_experts))
+
+
+class MoE(nn.Module):
+    """megatron-core's MoELayer with SequentialMLP experts: each token goes to its top-k experts, and
+    their outputs (fc2 bias included) are summed with the routing weights."""
 
     def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk, self.pre_softmax = cfg.moe_router_topk, cfg.moe_router_pre_softmax
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [b*s, h]
+        logits = F.linear(flat, self.router.weight, self.router.bias)
+        weights, index = route(logits, self.topk, self.pre_softmax)
+        self.aux_loss = load_balancing_loss(logits, index)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts.local_experts):
+            token, slot = (index == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN block: x + attn(norm(x)), then + mlp(norm(x)); the mlp is an MoE in MoE layers."""
+
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
         self.self_attention = SelfAttention(cfg)
         self.pre_mlp_layernorm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attention(self.input_layernorm(x), freqs)
@@ -128,7 +184,7 @@ class TransformerLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = make_norm(cfg)
 
 
@@ -155,11 +211,18 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, s, padded_vocab_size]; with `labels` [b, s], the mean cross entropy instead
-        (so a training engine's forward returns the loss)."""
+        (so a training engine's forward returns the loss), plus the MoE load-balancing loss times
+        `moe_aux_loss_coeff` in training mode. Both parts are kept in `last_losses` for logging."""
         logits = F.linear(self.hidden_states(tokens), self.output_weight())
         if labels is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        aux = [layer.mlp.aux_loss for layer in self.decoder.layers if isinstance(layer.mlp, MoE)]
+        if not aux:
+            return lm
+        aux = torch.stack(aux).sum()
+        self.last_losses = {"lm": lm.item(), "moe_aux": aux.item()}
+        return lm + self.cfg.moe_aux_loss_coeff * aux if self.training else lm
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy over token windows [b, s + 1]."""

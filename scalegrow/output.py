@@ -84,18 +84,27 @@ def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[Mode
         cfg.check_tp(tp)
     except ValueError as exc:
         raise InputError(f"--tp: {exc}") from exc
+    ep = _expert_parallel(cfg, opts.ep or (source.layout.ep if cfg.num_moe_experts else 1))
     keep_split = opts.pp is None and opts.first is None and opts.last is None
     if keep_split and cfg.num_layers == source.layout.stages.num_layers:
-        return cfg, Layout(tp, source.layout.stages)
+        return cfg, Layout(tp, source.layout.stages, ep)
     try:
-        return cfg, Layout(tp, Stages.build(cfg.num_layers, opts.pp or source.pp, opts.first, opts.last))
+        return cfg, Layout(tp, Stages.build(cfg.num_layers, opts.pp or source.pp, opts.first, opts.last), ep)
     except ValueError as exc:
         raise InputError(f"--pp: {exc}") from exc
 
 
+def _expert_parallel(cfg: ModelConfig, ep: int) -> int:
+    if ep > 1 and not cfg.num_moe_experts:
+        raise InputError(f"--ep: {ep} expert-parallel ranks, but this model is dense (no num_moe_experts)")
+    if cfg.num_moe_experts and cfg.num_moe_experts % ep:
+        raise InputError(f"--ep: num_moe_experts {cfg.num_moe_experts} is not divisible by expert parallel size {ep}")
+    return ep
+
+
 def _unparallel(fmt, source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig, Layout]:
     """A format without model parallelism (HF): one pipeline stage at TP 1, whatever the source's."""
-    for flag, value in (("--tp", opts.tp), ("--pp", opts.pp)):
+    for flag, value in (("--tp", opts.tp), ("--pp", opts.pp), ("--ep", opts.ep)):
         if value not in (None, 1):
             raise InputError(f"{flag}: the {fmt.name} format has no model parallelism (got {value})")
     if opts.first is not None or opts.last is not None:

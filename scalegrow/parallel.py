@@ -126,10 +126,12 @@ class Stages:
 
 @dataclass(frozen=True)
 class Layout:
-    """A checkpoint's parallel layout: tensor-parallel size and pipeline stages."""
+    """A checkpoint's parallel layout: tensor-parallel size, pipeline stages, and expert-parallel size
+    (MoE: each EP rank's files hold E/EP of every MoE layer's experts, numbered from 0 there)."""
 
     tp: int
     stages: Stages
+    ep: int = 1
 
     @property
     def pp(self) -> int:

@@ -39,9 +39,12 @@ def install_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.Tensor.cuda = lambda self, *a, **k: self  # tied embeddings with PP > 1 all-reduce `.cuda()` copies
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None  # without Transformer Engine the router references an undefined name
 
 
-def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None):
+def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None, ep: int = 1):
     """Start gloo and megatron's model-parallel groups (idempotent for the single-process case)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -55,7 +58,8 @@ def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, 
         os.environ["MASTER_PORT"] = str(port or free_port())
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=ep)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     with contextlib.suppress(Exception):
@@ -82,8 +86,18 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | 
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        **extra,
+        **_moe(cfg), **extra,
     )
+
+
+def _moe(cfg: ModelConfig) -> dict:
+    """MoE settings; the `allgather` dispatcher (alltoall needs a CUDA stream), no aux loss in forward."""
+    if not cfg.num_moe_experts:
+        return {}
+    return dict(num_moe_experts=cfg.num_moe_experts, moe_router_topk=cfg.moe_router_topk,
+                moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, moe_layer_freq=cfg.moe_layer_freq,
+                moe_router_pre_softmax=cfg.moe_router_pre_softmax, moe_token_dispatcher_type="allgather",
+                moe_aux_loss_coeff=0.0)
 
 
 def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True, post_process: bool = True,
@@ -92,12 +106,15 @@ def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = Tr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
+        config = transformer_config(cfg, tp, pp, first, last, **extra)
+        spec = get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm,
+                                        num_experts=cfg.num_moe_experts, moe_grouped_gemm=False)
+        if cfg.num_moe_experts and cfg.moe_layer_freq > 1:  # dense and MoE layers mixed: a block spec
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=cfg.normalization)
         return GPTModel(
-            config=transformer_config(cfg, tp, pp, first, last, **extra),
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization,
-                                                            qk_layernorm=cfg.qk_layernorm),
+            config=config, transformer_layer_spec=spec,
             vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
             pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
             share_embeddings_and_output_weights=cfg.tied,
@@ -137,21 +154,22 @@ def pipeline_forward(model, tokens: torch.Tensor, tp: int, pp: int, hidden_size:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    stage, rank = ps.get_pipeline_model_parallel_rank(), dist.get_rank()
+    stage = ps.get_pipeline_model_parallel_rank()
     position_ids, mask = causal_inputs(tokens)
     if stage > 0:
         hidden = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size)  # [s, b, h]
-        dist.recv(hidden, src=rank - tp)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
     with torch.no_grad():
         out = model(tokens, position_ids, mask)
     if stage < pp - 1:
-        dist.send(out.contiguous(), dst=rank + tp)
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None
     return out
 
 
-def check_worker(rank: int, world: int, port: int, tp: int, pp: int, first, last, jobs: list, out_dir: str):
+def check_worker(rank: int, world: int, port: int, tp: int, pp: int, first, last, jobs: list, out_dir: str,
+                 ep: int = 1):
     """One rank: for each job build megatron-core's GPTModel at this rank's stage, load this rank's
     shard strictly (legacy) or through dist_checkpointing (torch_dist), run the pipelined forward;
     the last stage's TP rank 0 saves the logits as `{out_dir}/{job index}.pt`."""
@@ -164,30 +182,34 @@ def check_worker(rank: int, world: int, port: int, tp: int, pp: int, first, last
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    init_parallel(tp, pp, rank=rank, world_size=world, port=port)
+    init_parallel(tp, pp, rank=rank, world_size=world, port=port, ep=ep)
     stage, t = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    r = ps.get_expert_model_parallel_rank() if ep > 1 else 0  # data-parallel replicas double as EP ranks
     for n, job in enumerate(jobs):
         cfg = ModelConfig(**job["config"])
         model = build_gpt(cfg, tp, pp, pre_process=stage == 0, post_process=stage == pp - 1,
                           first=first, last=last, parallel_output=False).eval()
         _, iter_dir, _ = resolve_iteration_dir(__import__("pathlib").Path(job["path"]))
         if job["format"] == "torch":
-            state = safe_load(iter_dir / rank_dir_name(t, stage, pp) / FILE_NAME, mmap=False)
+            state = safe_load(iter_dir / rank_dir_name(t, stage, pp, r, ep) / FILE_NAME, mmap=False)
             load_strict(model, state["model"])
         else:
             loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
             load_strict(model, loaded["model"])
         logits = pipeline_forward(model, torch.load(job["tokens"]), tp, pp, cfg.hidden_size)
-        if logits is not None and t == 0:
+        if logits is not None and t == 0 and r == 0:
             torch.save(logits, f"{out_dir}/{n}.pt")
         dist.barrier()
     dist.destroy_process_group()
 
 
-def run_megatron_check(tp: int, pp: int, jobs: list, out_dir, first=None, last=None) -> list[torch.Tensor]:
-    """Spawn tp*pp gloo ranks running `check_worker`; return each job's logits."""
+def run_megatron_check(tp: int, pp: int, jobs: list, out_dir, first=None, last=None,
+                       ep: int = 1) -> list[torch.Tensor]:
+    """Spawn tp*pp*ep gloo ranks running `check_worker` (EP ranks are data-parallel replicas that
+    share their experts); return each job's logits."""
     import torch.multiprocessing as mp
 
-    mp.spawn(check_worker, args=(tp * pp, free_port(), tp, pp, first, last, jobs, str(out_dir)),
-             nprocs=tp * pp, join=True)
+    world = tp * pp * ep
+    mp.spawn(check_worker, args=(world, free_port(), tp, pp, first, last, jobs, str(out_dir), ep),
+             nprocs=world, join=True)
     return [torch.load(f"{out_dir}/{n}.pt") for n in range(len(jobs))]

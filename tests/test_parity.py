@@ -33,6 +33,15 @@ FEATURES = {  # beyond the product: what Hugging Face families bring
     "openai-gelu (GPT-2)": ("LayerNorm", False, "mha", "learned_absolute", False, True, dict(openai_gelu=True)),
     "head-dim-not-hidden-over-heads": ("RMSNorm", True, "gqa", "rope", True, False,
                                        dict(kv_channels=32, qk_layernorm=True)),
+    # Mixture-of-Experts: top-2 of 4 (softmax over the two), every layer; Mixtral-like
+    "moe-top2-swiglu": ("RMSNorm", True, "gqa", "rope", True, False,
+                        dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48)),
+    # softmax before top-k, dense and MoE layers mixed, GELU experts with biases
+    "moe-pre-softmax-mixed-bias": ("LayerNorm", False, "mha", "learned_absolute", False, True,
+                                   dict(num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2,
+                                        moe_router_pre_softmax=True)),
+    "moe-top1": ("RMSNorm", True, "mha", "rope", True, False, dict(num_moe_experts=2, moe_router_topk=1,
+                                                                  moe_router_pre_softmax=True)),
 }
 
 

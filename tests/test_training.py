@@ -258,3 +258,30 @@ def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path):
         with torch.no_grad():
             ours, theirs = load_model(export)(x), logits(export, x)
         assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
+
+
+def test_upcycled_moe_starts_at_the_dense_loss_and_trains(scratch, tmp_path, mcore):
+    """configs/runs/tiny_upcycle.yaml: the dense tiny model upcycled to 4 experts (top-2) starts at
+    the dense model's final val/loss, logs the router's balancing loss, learns, and exports an MoE
+    checkpoint that megatron-core loads strictly and computes alike."""
+    out = tmp_path / "upcycle"
+    train("grow_pretrain", "configs/runs/tiny_upcycle.yaml",
+          [f"output.dir={out}", f"init.from={scratch}/export", "train.steps=20", "train.eval_interval=10",
+           "train.save_interval=10", *reuse_data(scratch)])
+    dense, moe = scalars(scratch / "tensorboard"), scalars(out / "tensorboard")
+    assert abs(moe["val/loss"][0] - dense["val/loss"][STEPS]) <= 1e-4
+    aux = moe["train/moe_aux_loss"]
+    # summed over 4 MoE layers, each 1 when tokens spread evenly over the experts and up to 4 when not
+    assert sorted(aux) == list(range(1, 21)) and all(3.5 < v < 16 for v in aux.values()), aux
+    loss = moe["train/loss"]
+    assert sum(loss[s] for s in range(16, 21)) / 5 < sum(loss[s] for s in range(2, 7)) / 5 - 0.1
+    export = out / "export"
+    ckpt = open_checkpoint(export)
+    assert ckpt.config.num_moe_experts == 4 and json.loads((export / "scalegrow.json").read_text())["method"] == \
+        "grow_pretrain"
+    theirs = mcore.build_gpt(ckpt.config).eval()
+    from scalegrow.formats.io import safe_load as load
+    mcore.load_strict(theirs, load(next(export.rglob("model_optim_rng.pt")), mmap=False)["model"])
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (mcore.forward(theirs, x) - load_model(export)(x)).abs().max().item() <= 1e-5

@@ -129,6 +129,7 @@ class OutputOptions:
     vocab_size: int | None = None
     max_shard_size: int = 5 * 10**9  # as transformers' save_pretrained ("5GB")
     hf_model_type: str | None = None
+    ep: int | None = None  # expert-parallel size (MoE); None: the source's
 
 
 @dataclass(frozen=True)

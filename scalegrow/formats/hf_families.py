@@ -229,7 +229,7 @@ def _cannot_write(cfg: ModelConfig, model_type: str) -> str:
     wanted = {"normalization": "RMSNorm" if llama_like else "LayerNorm", "swiglu": llama_like,
               "position_embedding_type": "rope" if llama_like else "learned_absolute",
               "add_bias_linear": not llama_like, "has_qkv_bias": model_type in ("qwen2", "gpt2"),
-              "qk_layernorm": model_type == "qwen3", "rotary_percent": 1.0}
+              "qk_layernorm": model_type == "qwen3", "rotary_percent": 1.0, "num_moe_experts": None}
     if model_type == "gpt2":
         wanted.update(untie_embeddings_and_output_weights=False, num_query_groups=cfg.num_attention_heads,
                       kv_channels=cfg.hidden_size // cfg.num_attention_heads)

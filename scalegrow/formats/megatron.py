@@ -1,7 +1,7 @@
 """Megatron-LM legacy (`torch`) checkpoints at any TP/PP, read and written.
 
     DIR/latest_checkpointed_iteration.txt               "1000" or "release"
-    DIR/iter_0001000/mp_rank_TT[_PPP]/model_optim_rng.pt
+    DIR/iter_0001000/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt     (_EEE: the expert-parallel rank)
 
 Each file holds `args` (Megatron-LM's argparse Namespace), `checkpoint_version`, `iteration` and the
 stage's `model` state dict, whose layer keys are local to the stage. Stage 0 holds the embeddings, the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,12 @@ from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader
 from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
 from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, FILE_NAME, TRACKER, canonical, checkpoint_bytes,
-                                              iteration_dir_name, local_key, megatron_args, rank_dir_name,
-                                              resolve_iteration_dir, stage_specs, stages_from_args, stored_tensor,
-                                              target_config)
+                                              expert_owner, experts_per_rank, file_specs, iteration_dir_name,
+                                              local_key, megatron_args, rank_dir_name, resolve_iteration_dir,
+                                              stage_specs, stages_from_args, stored_tensor, target_config)
 from scalegrow.parallel import Layout, Stages
 
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 # ---- reading --------------------------------------------------------------------------------------------
@@ -45,18 +46,21 @@ class MegatronReader(Reader):
 
     format = "torch"
 
-    def file(self, tp_rank: int, stage: int) -> Path:
-        return self.iter_dir / rank_dir_name(tp_rank, stage, self.pp) / FILE_NAME
+    def file(self, tp_rank: int, stage: int, ep_rank: int = 0) -> Path:
+        return self.iter_dir / rank_dir_name(tp_rank, stage, self.pp, ep_rank, self.layout.ep) / FILE_NAME
 
     def files(self) -> list[Path]:
-        return [self.file(t, p) for p in range(self.pp) for t in range(self.tp)]
+        return [self.file(t, p, r) for p in range(self.pp) for r in range(self.layout.ep) for t in range(self.tp)]
 
-    def _stage_models(self, stage: int) -> list[dict[str, torch.Tensor]]:
-        """The TP shards' `model` dicts of one stage (mmap); other stages are dropped from the cache."""
+    def _stage_models(self, stage: int, ep_rank: int) -> list[dict[str, torch.Tensor]]:
+        """The TP shards' `model` dicts of one stage and EP rank (mmap); other stages leave the cache."""
         if stage not in self._cache:
             self._cache.clear()
-            self._cache[stage] = [canonical(safe_load(self.file(t, stage))["model"]) for t in range(self.tp)]
-        return self._cache[stage]
+            self._cache[stage] = {}
+        if ep_rank not in self._cache[stage]:
+            self._cache[stage][ep_rank] = [canonical(safe_load(self.file(t, stage, ep_rank))["model"])
+                                           for t in range(self.tp)]
+        return self._cache[stage][ep_rank]
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
         """One full (TP-merged) tensor by its global key, as a private copy: the mmap'd pages it
@@ -66,7 +70,9 @@ class MegatronReader(Reader):
             stage = self.layout.stages.locate(parsed[0])[0]
         else:
             stage = 0 if key.startswith("embedding.") else self.pp - 1
-        shards = [m[local_key(key, self.layout.stages)] for m in self._stage_models(stage)]
+        owner = expert_owner(self.config, self.layout.ep, key)
+        models = self._stage_models(stage, owner[0] if owner else 0)
+        shards = [m[local_key(key, self.layout.stages, experts_per_rank(self.config, self.layout))] for m in models]
         if spec.tp_axis is None:
             shards = shards[:1]  # replicated: rank 0's copy
         full = parallel.merge(spec, shards)
@@ -84,41 +90,38 @@ def open_megatron(path: str | Path, validate: bool = True) -> MegatronReader:
     Without `validate`, only rank 0's args are read (its pickle; no tensor data) and the stage split
     is taken from them."""
     root, iter_dir, iteration = resolve_iteration_dir(Path(path))
-    first_file = iter_dir / rank_dir_name(0, 0, 1) / FILE_NAME
-    if not first_file.is_file():
-        first_file = iter_dir / rank_dir_name(0, 0, 2) / FILE_NAME
-    if not first_file.is_file():
+    candidates = [iter_dir / name / FILE_NAME for name in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000")]
+    first_file = next((f for f in candidates if f.is_file()), None)
+    if first_file is None:
         raise InputError(f"{iter_dir}: no rank 0 file ({rank_dir_name(0, 0, 1)}/{FILE_NAME})")
     state0 = safe_load(first_file)
     args = require_args(state0, first_file)
     config = config_from_args(args, first_file)
-    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
-    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
-    _check_rank_dirs(iter_dir, tp, pp)
+    tp, pp, ep = (int(getattr(args, f"{k}_model_parallel_size", 1) or 1) for k in ("tensor", "pipeline", "expert"))
+    _check_rank_dirs(iter_dir, tp, pp, ep)
     if not validate:
         dtype = next((v.dtype for v in state0["model"].values() if torch.is_tensor(v)), torch.float32)
-        return MegatronReader(root, iteration, args, config, Layout(tp, stages_from_args(args, config)), dtype,
+        return MegatronReader(root, iteration, args, config, Layout(tp, stages_from_args(args, config), ep), dtype,
                               iter_dir)
-    shapes: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
+    shapes: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
     dtypes: set[torch.dtype] = set()
-    for stage in range(pp):
-        for t in range(tp):
-            file = iter_dir / rank_dir_name(t, stage, pp) / FILE_NAME
-            state = state0 if (t, stage) == (0, 0) else safe_load(file)
-            _check_same_args(file, require_args(state, file), first_file, args)
-            model = canonical(state["model"])
-            shapes[t, stage] = {k: tuple(v.shape) for k, v in model.items() if torch.is_tensor(v)}
-            dtypes.update(v.dtype for v in model.values() if torch.is_tensor(v))
-            del state, model
+    for stage, r, t in itertools.product(range(pp), range(ep), range(tp)):
+        file = iter_dir / rank_dir_name(t, stage, pp, r, ep) / FILE_NAME
+        state = state0 if (t, stage, r) == (0, 0, 0) else safe_load(file)
+        _check_same_args(file, require_args(state, file), first_file, args)
+        model = canonical(state["model"])
+        shapes[t, stage, r] = {k: tuple(v.shape) for k, v in model.items() if torch.is_tensor(v)}
+        dtypes.update(v.dtype for v in model.values() if torch.is_tensor(v))
+        del state, model
     del state0
-    counts = [_count_layers(shapes[0, stage], iter_dir / rank_dir_name(0, stage, pp)) for stage in range(pp)]
+    counts = [_count_layers(shapes[0, stage, 0], iter_dir / rank_dir_name(0, stage, pp, 0, ep)) for stage in range(pp)]
     stages = Stages(tuple(counts))
     if stages.num_layers != config.num_layers:
         raise InputError(f"{iter_dir}: stages hold {stages.num_layers} layers {counts}, args.num_layers "
                          f"says {config.num_layers}")
     if len(dtypes) > 1:
         raise InputError(f"{iter_dir}: mixed tensor dtypes {sorted(map(str, dtypes))}")
-    reader = MegatronReader(root, iteration, args, config, Layout(tp, stages),
+    reader = MegatronReader(root, iteration, args, config, Layout(tp, stages, ep),
                             dtypes.pop() if dtypes else torch.float32, iter_dir)
     _check_shapes(reader, shapes)
     return reader
@@ -140,19 +143,20 @@ def config_from_args(args: argparse.Namespace, file: Path) -> ModelConfig:
         raise InputError(f"{file}: args: {exc}") from exc
 
 
-def _check_rank_dirs(iter_dir: Path, tp: int, pp: int) -> None:
-    expected = {rank_dir_name(t, p, pp) for t in range(tp) for p in range(pp)}
+def _check_rank_dirs(iter_dir: Path, tp: int, pp: int, ep: int) -> None:
+    expected = {rank_dir_name(t, p, pp, r, ep) for t in range(tp) for p in range(pp) for r in range(ep)}
     present = {d.name for d in iter_dir.iterdir() if d.is_dir() and _RANK_DIR.match(d.name)}
+    says = f"args say TP={tp}, PP={pp}" + (f", EP={ep}" if ep > 1 else "")
     for name in sorted(expected - present):
-        raise InputError(f"{iter_dir / name}: missing rank directory (args say TP={tp}, PP={pp})")
+        raise InputError(f"{iter_dir / name}: missing rank directory ({says})")
     for name in sorted(present - expected):
-        raise InputError(f"{iter_dir / name}: unexpected rank directory (args say TP={tp}, PP={pp})")
+        raise InputError(f"{iter_dir / name}: unexpected rank directory ({says})")
     for name in sorted(expected):
         if not (iter_dir / name / FILE_NAME).is_file():
             raise InputError(f"{iter_dir / name / FILE_NAME}: missing checkpoint file")
 
 
-_ARGS_THAT_MUST_AGREE = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+_ARGS_THAT_MUST_AGREE = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
 
 
 def _check_same_args(file: Path, args: argparse.Namespace, ref_file: Path, ref: argparse.Namespace) -> None:
@@ -172,13 +176,13 @@ def _count_layers(keys, where: Path) -> int:
     return len(indices)
 
 
-def _check_shapes(reader: MegatronReader, shapes: dict[tuple[int, int], dict[str, tuple]]) -> None:
+def _check_shapes(reader: MegatronReader, shapes: dict[tuple[int, int, int], dict[str, tuple]]) -> None:
     """Every expected key present with its shard shape; nothing unexpected besides `_extra_state`."""
-    stages = reader.layout.stages
-    for stage in range(reader.pp):
-        expected = {local_key(k, stages): s for k, s in stage_specs(reader.config, stages, stage)}
+    layout, per = reader.layout, experts_per_rank(reader.config, reader.layout)
+    for stage, r in itertools.product(range(reader.pp), range(layout.ep)):
+        expected = {local_key(k, layout.stages, per): s for k, s in file_specs(reader.config, layout, stage, r)}
         for t in range(reader.tp):
-            file, model = reader.file(t, stage), shapes[t, stage]
+            file, model = reader.file(t, stage, r), shapes[t, stage, r]
             for key, spec in expected.items():
                 want = parallel.shard_shape(spec, arch.full_shape(reader.config, spec), reader.tp)
                 if key not in model:
@@ -207,50 +211,56 @@ class MegatronWriter:
         self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
         self.iteration, self.dtype = source.iteration, source.dtype
         self.args = megatron_args(cfg, source.args, layout, source.iteration)
-        self._files: list = []
+        self._files: dict[int, list] = {}  # EP rank -> the open stage's files, one per TP rank
         self._specs: dict[str, TensorSpec] = {}
         self._queue = WriteQueue()
+        self._per_rank = experts_per_rank(cfg, layout)
 
-    def file_path(self, tp_rank: int, stage: int) -> Path:
-        return (self.out_dir / iteration_dir_name(self.iteration) / rank_dir_name(tp_rank, stage, self.layout.pp)
-                / FILE_NAME)
+    def file_path(self, tp_rank: int, stage: int, ep_rank: int = 0) -> Path:
+        name = rank_dir_name(tp_rank, stage, self.layout.pp, ep_rank, self.layout.ep)
+        return self.out_dir / iteration_dir_name(self.iteration) / name / FILE_NAME
 
-    def stage_shapes(self, stage: int) -> dict[str, tuple[int, ...]]:
-        """Local key -> shard shape of every tensor each TP rank of `stage` holds (the same on all)."""
-        return {local_key(key, self.layout.stages): parallel.shard_shape(spec, arch.full_shape(self.cfg, spec),
-                                                                         self.layout.tp)
-                for key, spec in stage_specs(self.cfg, self.layout.stages, stage)}
+    def file_shapes(self, stage: int, ep_rank: int = 0) -> dict[str, tuple[int, ...]]:
+        """Local key -> shard shape of every tensor each TP rank of `stage` (and EP rank) holds."""
+        return {local_key(key, self.layout.stages, self._per_rank):
+                parallel.shard_shape(spec, arch.full_shape(self.cfg, spec), self.layout.tp)
+                for key, spec in file_specs(self.cfg, self.layout, stage, ep_rank)}
 
     def open_stage(self, stage: int) -> None:
         assert not self._files, "close the previous stage first"
         self._specs = dict(stage_specs(self.cfg, self.layout.stages, stage))
-        shapes = self.stage_shapes(stage)
-        self._files = [self._open_file(stage, t, shapes) for t in range(self.layout.tp)]
+        for r in range(self.layout.ep):
+            shapes = self.file_shapes(stage, r)
+            self._files[r] = [self._open_file(stage, t, r, shapes) for t in range(self.layout.tp)]
 
-    def _open_file(self, stage: int, tp_rank: int, shapes: dict[str, tuple[int, ...]]):
+    def _open_file(self, stage: int, tp_rank: int, ep_rank: int, shapes: dict[str, tuple[int, ...]]):
         slots = {key: TensorSlot(shape, self.dtype) for key, shape in shapes.items()}
-        path = self.file_path(tp_rank, stage)
+        path = self.file_path(tp_rank, stage, ep_rank)
         path.parent.mkdir(parents=True, exist_ok=True)
+        extra = _extra_state_keys(self.cfg, self.layout.stages, stage, self._per_rank)
         obj = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
-               "iteration": 0 if self.iteration == "release" else int(self.iteration),
-               "model": {**slots, **_extra_state_keys(self.layout.stages, stage)}}
+               "iteration": 0 if self.iteration == "release" else int(self.iteration), "model": {**slots, **extra}}
         return _StageFile(StreamingTorchFile(path, obj), slots)
 
     def write(self, key: str, full: torch.Tensor) -> None:
-        """One full tensor under its global key; it must belong to the open stage."""
+        """One full tensor under its global key; it must belong to the open stage. An expert goes to
+        the files of the EP rank that owns it, everything else to every EP rank's."""
         stored = stored_tensor(self.cfg, self._specs, key, full)
         if stored is None:
             return
         spec, full = stored
-        lkey = local_key(key, self.layout.stages)
-        for f, shard in zip(self._files, parallel.split(spec, full.to(self.dtype), self.layout.tp)):
-            self._queue.submit(functools.partial(f.write, lkey, shard), f.path)
+        lkey = local_key(key, self.layout.stages, self._per_rank)
+        owner = expert_owner(self.cfg, self.layout.ep, key)
+        shards = parallel.split(spec, full.to(self.dtype), self.layout.tp)
+        for r in [owner[0]] if owner else range(self.layout.ep):
+            for f, shard in zip(self._files[r], shards):
+                self._queue.submit(functools.partial(f.write, lkey, shard), f.path)
 
     def close_stage(self) -> None:
         self._queue.drain()
-        for f in self._files:
+        for f in itertools.chain(*self._files.values()):
             f.close()
-        self._files = []
+        self._files = {}
 
     def finish(self) -> None:
         assert not self._files
@@ -259,9 +269,9 @@ class MegatronWriter:
 
     def abort(self) -> None:
         self._queue.abort()
-        for f in self._files:
+        for f in itertools.chain(*self._files.values()):
             f.abort()
-        self._files = []
+        self._files = {}
 
 
 class _StageFile:
@@ -281,10 +291,11 @@ class _StageFile:
         self.file.abort()
 
 
-def _extra_state_keys(stages: Stages, stage: int) -> dict[str, None]:
-    """megatron-core's local spec carries an `_extra_state` (None) for every linear module."""
-    keys = {arch.layer_key(i, name): None for i in range(stages.layers_per_stage[stage])
-            for name in arch.LAYER_EXTRA_STATE}
+def _extra_state_keys(cfg: ModelConfig, stages: Stages, stage: int, experts: int | None) -> dict[str, None]:
+    """megatron-core's local spec carries an `_extra_state` (None) for every linear module (an MoE
+    layer's file: for each of its `experts` local experts)."""
+    keys = {local_key(arch.layer_key(i, name), stages): None for i in stages.layers(stage)
+            for name in arch.layer_extra_state(cfg, i, range(experts or 0))}
     if stage == stages.pp - 1:
         keys[arch.OUTPUT_EXTRA_STATE] = None
     return keys

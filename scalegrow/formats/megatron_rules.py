@@ -25,8 +25,26 @@ def iteration_dir_name(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """`mp_rank_TT`, `_PPP` when PP > 1, `_EEE` when EP > 1 (Megatron-LM's get_checkpoint_name)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name + (f"_{ep_rank:03d}" if ep > 1 else "")
+
+
+def expert_owner(cfg: ModelConfig, ep: int, key: str) -> tuple[int, int] | None:
+    """(EP rank, its local expert index) that stores an expert tensor; None for every other tensor."""
+    parsed = arch.split_layer_key(key)
+    expert = arch.expert_of(parsed[1]) if parsed else None
+    if expert is None:
+        return None
+    return divmod(expert[0], cfg.num_moe_experts // ep)
+
+
+def file_specs(cfg: ModelConfig, layout: Layout, stage: int, ep_rank: int) -> list[tuple[str, TensorSpec]]:
+    """(global key, spec) of what the files of `stage` on EP rank `ep_rank` store: everything but
+    experts (replicated over EP ranks), and that rank's share of the experts."""
+    return [(k, s) for k, s in stage_specs(cfg, layout.stages, stage)
+            if (owner := expert_owner(cfg, layout.ep, k)) is None or owner[0] == ep_rank]
 
 
 def stage_specs(cfg: ModelConfig, stages: Stages, stage: int) -> list[tuple[str, TensorSpec]]:
@@ -41,12 +59,20 @@ def stage_specs(cfg: ModelConfig, stages: Stages, stage: int) -> list[tuple[str,
     return out
 
 
-def local_key(key: str, stages: Stages) -> str:
-    """Global layer index -> the stage-local index Megatron stores."""
+def local_key(key: str, stages: Stages, experts_per_rank: int | None = None) -> str:
+    """Global layer index -> the stage-local index Megatron stores; with expert parallelism, a
+    global expert index -> the EP rank's local one."""
     parsed = arch.split_layer_key(key)
     if parsed is None:
         return key
-    return arch.layer_key(stages.locate(parsed[0])[1], parsed[1])
+    name, expert = parsed[1], arch.expert_of(parsed[1])
+    if expert is not None and experts_per_rank:
+        name = f"{arch.EXPERTS}{expert[0] % experts_per_rank}.{expert[1]}"
+    return arch.layer_key(stages.locate(parsed[0])[1], name)
+
+
+def experts_per_rank(cfg: ModelConfig, layout: Layout) -> int | None:
+    return cfg.num_moe_experts // layout.ep if cfg.num_moe_experts else None
 
 
 def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
@@ -67,6 +93,7 @@ def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Lay
     args = cfg.to_megatron_args(base, tp=layout.tp, pp=layout.pp)
     for key, value in layout.stages.megatron_args().items():
         setattr(args, key, value)
+    args.expert_model_parallel_size = layout.ep
     if iteration != "release":
         args.iteration = int(iteration)
     return args
@@ -91,7 +118,8 @@ def stored_tensor(cfg: ModelConfig, specs: dict[str, TensorSpec], key: str,
 def checkpoint_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
     """Tensor bytes of every rank file of `cfg` at `layout` (a replicated tensor is in each file)."""
     return layout.tp * sum(nbytes(parallel.shard_shape(spec, arch.full_shape(cfg, spec), layout.tp), dtype)
-                           for stage in range(layout.pp) for _, spec in stage_specs(cfg, layout.stages, stage))
+                           for stage in range(layout.pp) for r in range(layout.ep)
+                           for _, spec in file_specs(cfg, layout, stage, r))
 
 
 def canonical(model: dict) -> dict:

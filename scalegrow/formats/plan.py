@@ -15,8 +15,8 @@ class PlanWriter(MegatronWriter):
         super().__init__(*args, **kwargs)
         self.plan: dict[str, dict[str, tuple[int, ...]]] = {}
 
-    def _open_file(self, stage: int, tp_rank: int, shapes: dict[str, tuple[int, ...]]):
-        name = str(self.file_path(tp_rank, stage).relative_to(self.out_dir))
+    def _open_file(self, stage: int, tp_rank: int, ep_rank: int, shapes: dict[str, tuple[int, ...]]):
+        name = str(self.file_path(tp_rank, stage, ep_rank).relative_to(self.out_dir))
         self.plan[name] = dict(shapes)
         return _PlanFile(name, shapes, self.dtype)
 

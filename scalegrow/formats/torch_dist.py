@@ -130,6 +130,8 @@ class DistWriter:
     The args record `layout`; the tensors themselves are stored whole (layout-free)."""
 
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts=None):
+        if cfg.num_moe_experts:  # megatron-core stacks experts in its own sharded layout; not written yet
+            raise InputError("--format torch_dist: MoE models are written in the legacy torch format for now")
         cfg.check_tp(layout.tp)
         self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
         self.iteration, self.dtype = source.iteration, source.dtype

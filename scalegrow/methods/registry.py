@@ -13,7 +13,7 @@ from typing import Any, Callable, ContextManager
 
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
-from scalegrow.methods import ligo, subclone
+from scalegrow.methods import ligo, subclone, upcycle
 from scalegrow.methods.base import Context
 from scalegrow.operators.base import Operator
 from scalegrow.operators.identity import Identity
@@ -52,6 +52,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("llama-pro", GROW, LlamaPro),
     Method("hypercloning", GROW, HyperCloning),
     Method("bert2bert-aki", GROW, Bert2BertAKI),
+    Method("upcycle", GROW, upcycle.Upcycle, upcycle.UpcycleOptions, make=upcycle.make_operator),
     Method("subclone", SHRINK, Subclone, subclone.SubcloneOptions, subclone.fit_selection, seq_length=256),
     Method("drop-layers", SHRINK, DropLayers),
 )}

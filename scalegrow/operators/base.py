@@ -19,6 +19,8 @@ from scalegrow.config import ModelConfig
 STRUCTURAL = ("normalization", "swiglu", "openai_gelu", "position_embedding_type", "rotary_base", "rotary_percent",
               "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
               "padded_vocab_size", "max_position_embeddings")
+MOE = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_pre_softmax",
+       "moe_aux_loss_coeff")
 
 
 def require_equal(src: ModelConfig, dst: ModelConfig, key: str, why: str = "") -> None:
@@ -40,8 +42,12 @@ class Operator:
     precomputes whatever maps they share."""
 
     name = ""
+    handles_moe = False  # an operator with rules for MoE layers (router, experts) sets this
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0):
+        if (src.num_moe_experts or dst.num_moe_experts) and not self.handles_moe:
+            raise ValueError(f"num_moe_experts: {self.name} has no rules for MoE layers yet (convert and "
+                             f"upcycle have)")
         self.src = src
         self.dst = self.resolve(src, dst)
         self.seed = seed

@@ -11,6 +11,7 @@ from scalegrow.operators.base import Operator, require_equal
 
 class Identity(Operator):
     name = "identity"
+    handles_moe = True  # every tensor passes through, whatever its role
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         for key in src.to_dict():

@@ -18,6 +18,7 @@ from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
 from scalegrow.methods import registry as methods
 from scalegrow.methods.ligo import LigoOptions
+from scalegrow.methods.upcycle import UpcycleOptions
 
 
 @dataclass
@@ -81,6 +82,7 @@ class GrowthConfig:
     target: Any = None  # YAML path or mapping of Megatron names (keys left out keep the source's)
     seed: int = 0
     ligo: LigoOptions = field(default_factory=LigoOptions)  # a section per method that takes options
+    upcycle: UpcycleOptions = field(default_factory=UpcycleOptions)
 
     def options(self, method: str):
         """The options section of `method` (None: the method takes none, or it has no section here)."""

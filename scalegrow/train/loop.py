@@ -126,13 +126,14 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
     began = time.time()
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.schedule, cfg.train.steps)
-        loss, seconds = train_step(engine, data.train, order, dist, step, lr)
+        loss, seconds, aux = train_step(engine, data.train, order, dist, step, lr)
         step += 1
         tokens = order.micro_batch_size * order.accumulation * order.data_parallel * cfg.data.seq_length
         history["train_loss"][step] = loss
         log.scalars(step, {"train/loss": loss, "train/lr": lr,
                            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                           "train/tokens_per_s": tokens / seconds})
+                           "train/tokens_per_s": tokens / seconds,
+                           **({"train/moe_aux_loss": aux} if start.config.num_moe_experts else {})})
         log.advance(loss=loss)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
             history["val_loss"][step] = evaluate(engine, data.valid, cfg, dist)
@@ -165,19 +166,23 @@ def save(engine, ckpt_dir: Path, step: int, start: Start, kind: str, dist: ds.Di
 
 
 def train_step(engine, train: TokenStream, order: BatchOrder, dist: ds.Dist, step: int,
-               lr: float) -> tuple[float, float]:
-    """One optimizer step over this step's micro-batches: (loss averaged over micro-steps and ranks,
-    seconds). The engine handles accumulation and applies the optimizer at the boundary."""
+               lr: float) -> tuple[float, float, float]:
+    """One optimizer step over this step's micro-batches: (LM loss averaged over micro-steps and
+    ranks, seconds, MoE load-balancing loss likewise: 0 for a dense model). The engine handles
+    accumulation and applies the optimizer at the boundary."""
     tic = time.perf_counter()
     ds.set_lr(engine, lr)
-    total = 0.0
+    total, aux = 0.0, 0.0
     for micro in range(order.accumulation):
         tokens = batch(train, order.samples(step, micro, dist.rank)).to(engine.device)
         loss = engine(tokens[:, :-1], tokens[:, 1:])
         engine.backward(loss)
         engine.step()
-        total += loss.item()
-    return _mean_over_ranks(total, order.accumulation), time.perf_counter() - tic
+        parts = getattr(engine.module, "last_losses", None)  # an MoE's: the LM and the balancing loss
+        total += parts["lm"] if parts else loss.item()
+        aux += parts["moe_aux"] if parts else 0.0
+    seconds = time.perf_counter() - tic
+    return _mean_over_ranks(total, order.accumulation), seconds, _mean_over_ranks(aux, order.accumulation)
 
 
 def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedData, history: dict,

@@ -1,0 +1,18 @@
+"""Upcycling's options: the operator (scalegrow/operators/upcycle.py) needs no prepare step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scalegrow.config import ModelConfig
+from scalegrow.operators.upcycle import Upcycle
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    noise: float = 0.0  # relative Gaussian noise on the expert copies (0: the dense function exactly)
+
+
+def make_operator(src: ModelConfig, dst: ModelConfig, seed: int, options: UpcycleOptions) -> Upcycle:
+    if options.noise < 0:
+        raise ValueError(f"noise: must be >= 0, got {options.noise}")
+    return Upcycle(src, dst, seed, noise=options.noise)

@@ -1,0 +1,175 @@
+"""Mixture-of-Experts: upcycling a dense model keeps its function; MoE checkpoints at any TP/PP are
+loaded strictly by megatron-core (4 gloo ranks) and compute what the dense source computed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import family_config, random_model, tokens, write_yaml
+
+from scalegrow import cli, pipeline
+from scalegrow.executor import apply
+from scalegrow.formats.registry import open_checkpoint
+from scalegrow.model import GPT
+from scalegrow.operators.upcycle import Upcycle
+
+UPCYCLES = {  # name: (dense family, MoE settings)
+    "llama-top2-of-4": ("llama", dict(num_moe_experts=4, moe_router_topk=2)),
+    "llama-pre-softmax-top2-of-4": ("llama", dict(num_moe_experts=4, moe_router_topk=2, moe_router_pre_softmax=True)),
+    "gpt2-mixed-layers-bias": ("gpt2", dict(num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2)),
+    "qwen3-top1-of-2": ("qwen3", dict(num_moe_experts=2, moe_router_topk=1, moe_router_pre_softmax=True)),
+}
+
+
+def logits(cfg, sd, x) -> torch.Tensor:
+    model = GPT(cfg).eval()
+    model.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("case", sorted(UPCYCLES))
+def test_upcycling_keeps_the_function(case):
+    family, moe = UPCYCLES[case]
+    src = family_config(family)
+    dense = random_model(src, seed=3)
+    op = Upcycle(src, src.replace(**moe), seed=1)
+    sd = apply(op, dense.state_dict())
+    x = tokens(src, seed=4)
+    with torch.no_grad():
+        want = dense(x)
+    assert (logits(op.dst, sd, x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    router = sd["decoder.layers.0.mlp.router.weight"]
+    assert router.shape == (moe["num_moe_experts"], src.hidden_size)
+    assert (router.abs().sum() > 0) != bool(moe.get("moe_router_pre_softmax"))  # random, or zero by the rule
+
+
+def test_noise_breaks_the_symmetry_between_experts():
+    src = family_config("llama")
+    dense = random_model(src, seed=3)
+    op = Upcycle(src, src.replace(num_moe_experts=4), seed=1, noise=0.01)
+    sd = apply(op, dense.state_dict())
+    fc1 = [sd[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight"] for e in range(4)]
+    assert all(not torch.equal(fc1[0], other) for other in fc1[1:])
+    x = tokens(src, seed=4)
+    with torch.no_grad():
+        want = dense(x)
+    diff = (logits(op.dst, sd, x) - want).abs().max().item()
+    assert 1e-6 < diff < 0.1 * want.abs().max().item()  # near the dense function, no longer exact
+    assert torch.equal(apply(op, dense.state_dict())[next(iter(sd))], sd[next(iter(sd))])  # seeded
+
+
+@pytest.mark.slow
+def test_megatron_core_loads_an_upcycled_checkpoint_at_tp2_pp2(tmp_path):
+    """`grow --method upcycle` into Megatron at TP2/PP2: megatron-core builds the MoE GPTModel on each
+    of 4 ranks, loads its shard strictly, and computes the dense source's logits."""
+    import mcore
+
+    jobs = []
+    torch.save(tokens(family_config("llama"), seed=5), tmp_path / "tokens.pt")
+    for case in ("llama-top2-of-4", "qwen3-top1-of-2"):
+        family, moe = UPCYCLES[case]
+        src = family_config(family, num_layers=4)
+        pipeline.save_model(random_model(src, seed=3).state_dict(), src, tmp_path / f"{case}-dense")
+        target = write_yaml(tmp_path / f"{case}.yaml", **moe)
+        assert cli.main(["grow", "--method", "upcycle", "--src", str(tmp_path / f"{case}-dense"), "--dst",
+                         str(tmp_path / case), "--target", str(target), "--tp", "2", "--pp", "2",
+                         "--no-progress"]) == 0
+        jobs.append({"config": open_checkpoint(tmp_path / case).config.to_dict(), "path": str(tmp_path / case),
+                     "format": "torch", "tokens": str(tmp_path / "tokens.pt")})
+    results = mcore.run_megatron_check(2, 2, jobs, tmp_path)
+    for case, got in zip(("llama-top2-of-4", "qwen3-top1-of-2"), results):
+        want = pipeline.load_model(tmp_path / f"{case}-dense")(torch.load(tmp_path / "tokens.pt")).detach()
+        got, want = got[..., :100], want[..., :100]  # the true vocabulary (TP2 pads 128 rows to 256)
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item(), case
+    meta = json.loads((tmp_path / "llama-top2-of-4/scalegrow.json").read_text())
+    assert meta["method"] == "upcycle" and meta["model"]["num_moe_experts"] == 4
+
+
+def test_moe_checkpoints_round_trip_any_layout(tmp_path):
+    src = family_config("llama", num_layers=4)
+    moe = src.replace(num_moe_experts=4)
+    sd = apply(Upcycle(src, moe, seed=1, noise=0.02), random_model(src, seed=3).state_dict())
+    pipeline.save_model(sd, moe, tmp_path / "a", tp=2, pp=2)
+    pipeline.convert(tmp_path / "a", tmp_path / "b", pipeline.OutputOptions(tp=1, pp=4), progress=False)
+    back = open_checkpoint(tmp_path / "b")
+    assert back.config == moe.replace(vocab_size=moe.vocab_size) and back.pp == 4
+    got = back.state_dict()
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_methods_without_moe_rules_refuse_moe(tmp_path, capsys):
+    moe = family_config("llama").replace(num_moe_experts=4)
+    pipeline.save_model(GPT(moe).state_dict(), moe, tmp_path / "moe")
+    for method, message in (("lemon", "num_moe_experts: lemon has no rules for MoE layers yet"),
+                            ("upcycle", "num_moe_experts: the source is already an MoE (4 experts)")):
+        assert cli.main(["grow", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"),
+                         "--target", str(write_yaml(tmp_path / "t.yaml", num_layers=6))]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["convert", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "d"),
+                     "--format", "torch_dist"]) == 2
+    assert "MoE models are written in the legacy torch format" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
+
+
+def test_moe_biases_are_refused_at_tensor_parallel_sizes_megatron_core_refuses(tmp_path, capsys):
+    family, moe = UPCYCLES["gpt2-mixed-layers-bias"]
+    src = family_config(family, num_layers=4)
+    pipeline.save_model(GPT(src).state_dict(), src, tmp_path / "dense")
+    args = ["grow", "--method", "upcycle", "--src", str(tmp_path / "dense"), "--target",
+            str(write_yaml(tmp_path / "t.yaml", **moe))]
+    assert cli.main(args + ["--dst", str(tmp_path / "x"), "--tp", "2"]) == 2
+    assert "add_bias_linear: megatron-core supports MoE biases only without tensor parallel" in capsys.readouterr().err
+    assert cli.main(args + ["--dst", str(tmp_path / "y"), "--pp", "2", "--no-progress"]) == 0
+
+
+def test_upcycle_needs_experts_in_the_target(tmp_path, capsys):
+    src = family_config("llama")
+    pipeline.save_model(GPT(src).state_dict(), src, tmp_path / "dense")
+    assert cli.main(["grow", "--method", "upcycle", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "x"),
+                     "--target", str(write_yaml(tmp_path / "t.yaml", hidden_size=128))]) == 2
+    assert "num_moe_experts: the target must set it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_megatron_core_loads_expert_parallel_files(tmp_path):
+    """EP2 at PP2 (4 gloo ranks, TP1): files mp_rank_00_PPP_EEE each hold 2 of the 4 experts under
+    local indices 0-1; megatron-core loads each strictly and computes the dense source's logits."""
+    import mcore
+
+    family, moe = UPCYCLES["llama-top2-of-4"]
+    src = family_config(family, num_layers=4)
+    pipeline.save_model(random_model(src, seed=3).state_dict(), src, tmp_path / "dense")
+    assert cli.main(["grow", "--method", "upcycle", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "ep"),
+                     "--target", str(write_yaml(tmp_path / "t.yaml", **moe)), "--pp", "2", "--ep", "2",
+                     "--no-progress"]) == 0
+    files = sorted(p.parent.name for p in (tmp_path / "ep").rglob("model_optim_rng.pt"))
+    assert files == ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]
+    ckpt = open_checkpoint(tmp_path / "ep")
+    assert ckpt.layout.ep == 2 and ckpt.args.expert_model_parallel_size == 2
+    torch.save(tokens(src, seed=5), tmp_path / "tokens.pt")
+    job = {"config": ckpt.config.to_dict(), "path": str(tmp_path / "ep"), "format": "torch",
+           "tokens": str(tmp_path / "tokens.pt")}
+    (got,) = mcore.run_megatron_check(1, 2, [job], tmp_path, ep=2)
+    want = pipeline.load_model(tmp_path / "dense")(torch.load(tmp_path / "tokens.pt")).detach()
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_expert_parallel_round_trip_and_bad_sizes(tmp_path, capsys):
+    src = family_config("llama", num_layers=4)
+    moe = src.replace(num_moe_experts=4)
+    sd = apply(Upcycle(src, moe, seed=1, noise=0.02), random_model(src, seed=3).state_dict())
+    pipeline.save_model(sd, moe, tmp_path / "a")
+    assert cli.main(["convert", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "b"), "--tp", "2",
+                     "--ep", "4", "--no-progress"]) == 0
+    assert cli.main(["convert", "--src", str(tmp_path / "b"), "--dst", str(tmp_path / "c"), "--ep", "1",
+                     "--tp", "1", "--no-progress"]) == 0
+    assert open_checkpoint(tmp_path / "b").layout.ep == 4
+    got = open_checkpoint(tmp_path / "c").state_dict()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    assert cli.main(["convert", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "x"), "--ep", "3"]) == 2
+    assert "--ep: num_moe_experts 4 is not divisible by expert parallel size 3" in capsys.readouterr().err
+    pipeline.save_model(random_model(src).state_dict(), src, tmp_path / "dense")
+    assert cli.main(["convert", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "x"), "--ep", "2"]) == 2
+    assert "this model is dense" in capsys.readouterr().err and not (tmp_path / "x").exists()
