@@ -107,7 +107,7 @@ def test_malformed_yaml_and_unknown_method(capsys, tmp_path, src):
     bad.write_text("num_layers: {4\n")
     expect_refused(capsys, tmp_path, grow_argv(tmp_path, src, bad), "bad.yaml: malformed YAML at line")
     expect_refused(capsys, tmp_path, grow_argv(tmp_path, src, bad, "--method", "grow-fast"),
-                   "unknown growth method 'grow-fast' (valid: bert2bert-aki, hypercloning, identity, lemon, ligo, llama-pro, stack, upcycle)")
+                   "unknown growth method 'grow-fast' (valid: bert2bert-aki, hypercloning, identity, lemon, ligo, llama-pro, more-experts, stack, upcycle)")
 
 
 def test_existing_destination(capsys, tmp_path, src, target):

@@ -76,7 +76,7 @@ def test_bad_inputs_exit_2_and_lose_nothing(small, tmp_path, capsys):
     assert_bad_input(capsys, tmp_path, ["grow", "--src", tmp_path / "nope", "--dst", tmp_path / "out",
                                         "--target", target], "nope: no such checkpoint directory")
     assert_bad_input(capsys, tmp_path, grow + ["--target", target, "--method", "magic"],
-                     "unknown growth method 'magic' (valid: bert2bert-aki, hypercloning, identity, lemon, ligo, llama-pro, stack, upcycle)")
+                     "unknown growth method 'magic' (valid: bert2bert-aki, hypercloning, identity, lemon, ligo, llama-pro, more-experts, stack, upcycle)")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("hidden_size: [96\n")
     assert_bad_input(capsys, tmp_path, grow + ["--target", bad_yaml], "bad.yaml: malformed YAML at line")

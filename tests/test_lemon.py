@@ -137,6 +137,6 @@ def test_registry_lists_valid_names():
     assert methods.get("lemon", methods.GROW).operator is LemonGrowth
     with pytest.raises(InputError, match="unknown growth method 'lemmon' \\(valid: .*lemon"):
         methods.get("lemmon", methods.GROW)
-    with pytest.raises(InputError, match="unknown shrink method 'lemon' \\(valid: drop-layers, subclone\\)"):
+    with pytest.raises(InputError, match="unknown shrink method 'lemon' \\(valid: drop-layers, prune-experts, subclone\\)"):
         methods.get("lemon", methods.SHRINK)
     assert "lemon" in methods.names(methods.GROW)

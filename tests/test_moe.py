@@ -173,3 +173,90 @@ def test_expert_parallel_round_trip_and_bad_sizes(tmp_path, capsys):
     pipeline.save_model(random_model(src).state_dict(), src, tmp_path / "dense")
     assert cli.main(["convert", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "x"), "--ep", "2"]) == 2
     assert "this model is dense" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _trained_looking_moe(family: str, base: dict | None = None, **moe) -> tuple:
+    """An upcycled model with every tensor moved off its init (distinct experts, a random router)."""
+    src = family_config(family, num_layers=4, **(base or {}))
+    cfg = src.replace(**moe)
+    sd = apply(Upcycle(src, cfg, seed=1), random_model(src, seed=3).state_dict())
+    gen = torch.Generator().manual_seed(7)
+    return cfg, {k: v + torch.randn(v.shape, generator=gen) * 0.05 for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("family, moe, m", [
+    ("llama", dict(num_moe_experts=4, moe_router_topk=2), 2),
+    ("llama", dict(num_moe_experts=2, moe_router_topk=1, moe_router_pre_softmax=True), 3),
+    ("gpt2", dict(num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2), 2),
+], ids=["top2-of-4-x2", "pre-softmax-top1-of-2-x3", "gpt2-mixed-bias-x2"])
+def test_more_experts_keeps_the_function(family, moe, m):
+    from scalegrow.operators.upcycle import MoreExperts
+
+    cfg, sd = _trained_looking_moe(family, **moe)
+    op = MoreExperts(cfg, cfg.replace(num_moe_experts=m * cfg.num_moe_experts, moe_router_topk=m * cfg.moe_router_topk))
+    x = tokens(cfg, seed=4)
+    want = logits(cfg, sd, x)
+    got = logits(op.dst, apply(op, sd), x)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_more_experts_needs_a_multiple_and_a_matching_top_k(tmp_path, capsys):
+    cfg, sd = _trained_looking_moe("llama", num_moe_experts=4, moe_router_topk=2)
+    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    for target, message in ((dict(num_moe_experts=6, moe_router_topk=3), "must be a multiple (x2 or more)"),
+                            (dict(num_moe_experts=8), "moe_router_topk: must be 4 (2 x the source's 2)")):
+        assert cli.main(["grow", "--method", "more-experts", "--src", str(tmp_path / "moe"), "--dst",
+                         str(tmp_path / "x"), "--target", str(write_yaml(tmp_path / "t.yaml", **target))]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["grow", "--method", "more-experts", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "y"),
+                     "--target", str(write_yaml(tmp_path / "t.yaml", num_moe_experts=8, moe_router_topk=4)),
+                     "--ep", "4", "--no-progress"]) == 0
+    assert cli.main(["verify", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "y")]) == 0
+
+
+def _with_dead_expert(dead: int = 2):
+    """A GPT-2-like MoE (router biases) whose expert `dead` is never among any token's top-2."""
+    cfg, sd = _trained_looking_moe("gpt2", dict(padded_vocab_size=1024, vocab_size=1000), num_moe_experts=4,
+                                   moe_router_topk=2, moe_layer_freq=2)
+    for key in sd:
+        if key.endswith("mlp.router.bias"):
+            sd[key][dead] = -1e4
+    return cfg, sd
+
+
+def test_pruning_experts_the_router_never_uses_is_exact():
+    from scalegrow.formats.base import MemoryReader
+    from scalegrow.methods.experts import routing_mass
+    from scalegrow.operators.experts import PruneExperts
+
+    cfg, sd = _with_dead_expert()
+    x = tokens(cfg, batch=4, seed=4)
+    mass = routing_mass(MemoryReader.of(sd, cfg), x)
+    assert sorted(mass) == [0, 2] and all(m[2] == 0 and m.sum() == pytest.approx(x.numel()) for m in mass.values())
+    op = PruneExperts(cfg, cfg.replace(num_moe_experts=3))
+    op.select(mass)
+    assert op.kept == {0: [0, 1, 3], 2: [0, 1, 3]}
+    want = logits(cfg, sd, x)
+    assert (logits(op.dst, apply(op, sd), x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.slow
+def test_shrink_prune_experts_end_to_end(tmp_path):
+    """`shrink --method prune-experts` calibrates on real text (an HF tokenizer shipped with the
+    checkpoint), drops the unused expert, records its choice, and the result is the same function."""
+    from hf_models import train_tokenizer
+
+    from scalegrow.methods import registry as methods
+
+    cfg, sd = _with_dead_expert()
+    pipeline.save_model(sd, cfg, tmp_path / "moe", pp=2)
+    train_tokenizer(tmp_path / "moe")  # tokenizer.json beside the checkpoint
+    pipeline.shrink(tmp_path / "moe", tmp_path / "pruned", "prune-experts",
+                    write_yaml(tmp_path / "t.yaml", num_moe_experts=3), pipeline.OutputOptions(pp=1),
+                    methods.options_with("prune-experts", methods.SHRINK, tokens=2048),
+                    pipeline.DataOptions(seq_length=64), progress=False)
+    details = json.loads((tmp_path / "pruned/scalegrow.json").read_text())["details"]
+    assert details["kept_experts"] == {"0": [0, 1, 3], "2": [0, 1, 3]} and details["routing_mass"]["0"][2] == 0
+    assert (tmp_path / "pruned/tokenizer.json").is_file()
+    result = pipeline.verify(tmp_path / "moe", tmp_path / "pruned")
+    assert result["max_rel_diff"] <= 1e-5

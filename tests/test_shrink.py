@@ -138,7 +138,7 @@ def test_cli_shrink_and_bad_targets(big, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
         assert not (tmp_path / f"bad{i}").exists()
     assert cli(base + ["--dst", str(tmp_path / "m"), "--target", str(target), "--method", "prune"]) == 2
-    assert "unknown shrink method 'prune' (valid: drop-layers, subclone)" in capsys.readouterr().err
+    assert "unknown shrink method 'prune' (valid: drop-layers, prune-experts, subclone)" in capsys.readouterr().err
     (tmp_path / "notok").mkdir()
     save_model(load_model(big / "big").state_dict(), open_checkpoint(big / "big").config, tmp_path / "notok" / "ck")
     assert cli(["shrink", "--src", str(tmp_path / "notok" / "ck"), "--dst", str(tmp_path / "x"), "--target",

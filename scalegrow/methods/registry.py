@@ -13,7 +13,7 @@ from typing import Any, Callable, ContextManager
 
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
-from scalegrow.methods import ligo, subclone, upcycle
+from scalegrow.methods import experts, ligo, subclone, upcycle
 from scalegrow.methods.base import Context
 from scalegrow.operators.base import Operator
 from scalegrow.operators.identity import Identity
@@ -21,6 +21,8 @@ from scalegrow.operators.lemon import LemonGrowth
 from scalegrow.operators.ligo import LigoGrowth
 from scalegrow.operators.peers import Bert2BertAKI, HyperCloning, LlamaPro, Stack
 from scalegrow.operators.subclone import DropLayers, Subclone
+from scalegrow.operators.experts import PruneExperts
+from scalegrow.operators.upcycle import MoreExperts
 
 GROW, SHRINK = "grow", "shrink"
 
@@ -53,8 +55,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hypercloning", GROW, HyperCloning),
     Method("bert2bert-aki", GROW, Bert2BertAKI),
     Method("upcycle", GROW, upcycle.Upcycle, upcycle.UpcycleOptions, make=upcycle.make_operator),
+    Method("more-experts", GROW, MoreExperts),
     Method("subclone", SHRINK, Subclone, subclone.SubcloneOptions, subclone.fit_selection, seq_length=256),
     Method("drop-layers", SHRINK, DropLayers),
+    Method("prune-experts", SHRINK, PruneExperts, experts.PruneExpertsOptions, experts.fit_experts),
 )}
 
 

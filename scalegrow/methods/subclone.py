@@ -45,7 +45,7 @@ def calibrate(source: Reader, tokens: torch.Tensor, progress: bool = False) -> C
     """Run `tokens` [b, s] through the checkpoint layer by layer, collecting statistics."""
     cfg = source.config
     stats = CalibrationStats(tokens=tokens.numel())
-    x, freqs = _embed(source, cfg, tokens)
+    x, freqs = embed(source, cfg, tokens)
     layer = TransformerLayer(cfg)
     for _, tensors in executor.source_layers(source, progress, "calibrate"):
         layer.load_state_dict({k: v.float() for k, v in tensors.items()})
@@ -54,7 +54,7 @@ def calibrate(source: Reader, tokens: torch.Tensor, progress: bool = False) -> C
     return stats
 
 
-def _embed(source: Reader, cfg: ModelConfig, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def embed(source: Reader, cfg: ModelConfig, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The residual stream entering layer 0 [b, s, h], and the rotary table (None without rope)."""
     embedding = Embedding(cfg)
     embedding.load_state_dict({k.removeprefix("embedding."): v.float() for k, v in source.embeddings().items()})
@@ -81,7 +81,7 @@ def mlp_output_scales(source: Reader, tokens: torch.Tensor, sel: Selection, prog
     """For every kept block, the least-squares scalar that best maps the MLP without its dropped
     neurons onto the full MLP, both fed the same stream. One layer at a time, like `calibrate`."""
     cfg = source.config
-    x, freqs = _embed(source, cfg, tokens)
+    x, freqs = embed(source, cfg, tokens)
     big = TransformerLayer(cfg)
     scales = {}
     for i, tensors in executor.source_layers(source, progress, "rescale"):
