@@ -102,7 +102,7 @@ def test_moe_checkpoints_round_trip_any_layout(tmp_path):
 def test_methods_without_moe_rules_refuse_moe(tmp_path, capsys):
     moe = family_config("llama").replace(num_moe_experts=4)
     pipeline.save_model(GPT(moe).state_dict(), moe, tmp_path / "moe")
-    for method, message in (("lemon", "num_moe_experts: lemon has no rules for MoE layers yet"),
+    for method, message in (("stack", "num_moe_experts: stack has no rules for MoE layers yet"),
                             ("upcycle", "num_moe_experts: the source is already an MoE (4 experts)")):
         assert cli.main(["grow", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"),
                          "--target", str(write_yaml(tmp_path / "t.yaml", num_layers=6))]) == 2
@@ -260,3 +260,35 @@ def test_shrink_prune_experts_end_to_end(tmp_path):
     assert (tmp_path / "pruned/tokenizer.json").is_file()
     result = pipeline.verify(tmp_path / "moe", tmp_path / "pruned")
     assert result["max_rel_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("family, moe, growth", [
+    ("llama", dict(num_moe_experts=4, moe_router_topk=2),
+     dict(num_layers=8, hidden_size=96, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=144,
+          moe_ffn_hidden_size=160)),
+    ("llama", dict(num_moe_experts=2, moe_router_topk=1, moe_router_pre_softmax=True),
+     dict(num_layers=6, hidden_size=128, num_attention_heads=8, num_query_groups=4, moe_ffn_hidden_size=192)),
+    ("gpt2", dict(num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2),
+     dict(hidden_size=96, num_attention_heads=6, num_query_groups=6, ffn_hidden_size=384, moe_ffn_hidden_size=300)),
+], ids=["top2-of-4-width-depth", "pre-softmax-top1-width-depth", "gpt2-mixed-bias-width"])
+def test_lemon_grows_moe_models_losslessly(family, moe, growth):
+    from scalegrow.operators.lemon import LemonGrowth
+
+    cfg, sd = _trained_looking_moe(family, **moe)
+    op = LemonGrowth(cfg, cfg.replace(**growth), seed=2)
+    x = tokens(cfg, seed=4)
+    want = logits(cfg, sd, x)
+    grown = apply(op, sd)
+    assert (logits(op.dst, grown, x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    e1 = [k for k in grown if k.endswith("local_experts.1.linear_fc1.weight")][0]
+    assert grown[e1].shape[0] == (2 if family == "llama" else 1) * op.dst.moe_ffn_hidden_size
+
+
+def test_lemon_keeps_the_experts_and_the_layer_pattern(capsys, tmp_path):
+    cfg, sd = _trained_looking_moe("gpt2", num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2)
+    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    for target, message in ((dict(num_layers=8), "moe_layer_freq: target layer 1 would copy source layer 0"),
+                            (dict(num_moe_experts=6), "num_moe_experts: target 6 differs from source 3")):
+        assert cli.main(["grow", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"), "--target",
+                         str(write_yaml(tmp_path / "t.yaml", **target))]) == 2
+        assert message in capsys.readouterr().err

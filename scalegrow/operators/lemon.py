@@ -13,6 +13,11 @@ Implemented, by section of the paper:
   per application, larger targets by repeating it.
 - Tied output layer: the logits of [E × k, ·]·[y × k, 0] come out k× larger, so the final norm's γ, β
   carry 1/k (the reference code's `scale_for_bert`).
+- Mixture-of-Experts (our extension of §4.2-4.3): the router reads the normed stream like fc1, so its
+  input columns split the same way and every logit is kept, hence the same routing and weights; each
+  expert is an FFN whose neurons (moe_ffn_hidden_size) expand like the dense FFN's; a new MoE block
+  zeroes every expert's fc2, so its output is zero whatever the router picks. Expert count, top-k and
+  the router's softmax order stay as they are; dense and MoE layers keep their types.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 
 from scalegrow.arch import Role
 from scalegrow.config import ModelConfig
-from scalegrow.operators.base import Operator, require_equal, require_not_smaller
+from scalegrow.operators.base import MOE, Operator, require_equal, require_not_smaller
 from scalegrow.operators.maps import Noise, ResidualMap, UnitMap, seeded_generator
 
 
@@ -63,9 +68,20 @@ def head_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
 
 class LemonGrowth(Operator):
     name = "lemon"
+    handles_moe = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
+        for key in MOE:
+            if key != "moe_ffn_hidden_size":
+                require_equal(src, dst, key, why="LEMON widens experts, it does not add or route them")
+        if src.num_moe_experts:
+            require_not_smaller(src, dst, ("moe_ffn_hidden_size",))
+            for j, (i, _) in enumerate(depth_map(src.num_layers, dst.num_layers)):
+                if dst.is_moe_layer(j) != src.is_moe_layer(i):
+                    raise ValueError(f"moe_layer_freq: target layer {j} would copy source layer {i} of the other "
+                                     f"type (dense vs MoE); grow depth with moe_layer_freq 1, or to a layer count "
+                                     f"that keeps the pattern")
         require_equal(src, dst, "kv_channels", why="LEMON keeps the head dimension")
         require_not_smaller(src, dst, ("num_layers", "hidden_size", "ffn_hidden_size",
                                        "num_attention_heads", "num_query_groups"))
@@ -86,6 +102,8 @@ class LemonGrowth(Operator):
         self.blocks = qkv_block_map(src, dst)
         self.heads = head_map(src, dst)
         self.neurons = UnitMap.circular(src.ffn_hidden_size, dst.ffn_hidden_size)
+        if src.num_moe_experts:  # every expert's neurons expand alike
+            self.expert_neurons = UnitMap.circular(src.moe_ffn_hidden_size, dst.moe_ffn_hidden_size)
         self.depth_map = depth_map(src.num_layers, dst.num_layers)
         self.std = dst.init_method_std
 
@@ -102,7 +120,8 @@ class LemonGrowth(Operator):
         tensors = {name: t.float() for name, t in sources[src_layer].items()}
         if is_new:  # §4.3: output projections of a new block start at zero (cancelling once split)
             for name, t in tensors.items():
-                if name.startswith(("self_attention.linear_proj.", "mlp.linear_fc2.")):
+                if name.startswith(("self_attention.linear_proj.", "mlp.linear_fc2.")) or (
+                        name.startswith("mlp.experts.") and ".linear_fc2." in name):
                     tensors[name] = torch.zeros_like(t)
         return {spec.name: self._grow(spec.role, spec.name, tensors[spec.name], index)
                 for spec in self.layer_specs(index)}
@@ -153,10 +172,16 @@ class LemonGrowth(Operator):
             rows = self.stream.expand(t, 0)  # [D_T, np_S*hn]
             heads = rows.reshape(rows.shape[0], self.heads.n_src, hn)  # [D_T, np_S, hn]
             return self.heads.split_fanin(heads, 1, noise).flatten(1)
-        if role in (Role.FC1_WEIGHT, Role.FC1_BIAS):
-            halves = t.reshape(2 if self.src.swiglu else 1, self.neurons.n_src, *t.shape[1:])
-            rows = self.neurons.expand(halves, 1).flatten(0, 1)  # gate and up rows move together
-            return rows if role == Role.FC1_BIAS else self.stream.split_fanin(rows, 1, noise)
-        if role == Role.FC2_WEIGHT:
-            return self.neurons.split_fanin(self.stream.expand(t, 0), 1, noise)
+        if role in (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS):
+            neurons = self.neurons if role in (Role.FC1_WEIGHT, Role.FC1_BIAS) else self.expert_neurons
+            halves = t.reshape(2 if self.src.swiglu else 1, neurons.n_src, *t.shape[1:])
+            rows = neurons.expand(halves, 1).flatten(0, 1)  # gate and up rows move together
+            return rows if role in (Role.FC1_BIAS, Role.EXPERT_FC1_BIAS) else self.stream.split_fanin(rows, 1, noise)
+        if role in (Role.FC2_WEIGHT, Role.EXPERT_FC2_WEIGHT):
+            neurons = self.neurons if role == Role.FC2_WEIGHT else self.expert_neurons
+            return neurons.split_fanin(self.stream.expand(t, 0), 1, noise)
+        if role == Role.ROUTER_WEIGHT:  # [E, D_S] reads the normed stream, as fc1 does: logits kept
+            return self.stream.split_fanin(t, 1, noise)
+        if role == Role.ROUTER_BIAS:
+            return t
         raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")
