@@ -190,7 +190,7 @@ def _trained_looking_moe(family: str, base: dict | None = None, **moe) -> tuple:
     ("gpt2", dict(num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2), 2),
 ], ids=["top2-of-4-x2", "pre-softmax-top1-of-2-x3", "gpt2-mixed-bias-x2"])
 def test_more_experts_keeps_the_function(family, moe, m):
-    from scalegrow.operators.upcycle import MoreExperts
+    from scalegrow.operators.experts import MoreExperts
 
     cfg, sd = _trained_looking_moe(family, **moe)
     op = MoreExperts(cfg, cfg.replace(num_moe_experts=m * cfg.num_moe_experts, moe_router_topk=m * cfg.moe_router_topk))

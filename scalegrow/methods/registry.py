@@ -21,8 +21,7 @@ from scalegrow.operators.lemon import LemonGrowth
 from scalegrow.operators.ligo import LigoGrowth
 from scalegrow.operators.peers import Bert2BertAKI, HyperCloning, LlamaPro, Stack
 from scalegrow.operators.subclone import DropLayers, Subclone
-from scalegrow.operators.experts import PruneExperts
-from scalegrow.operators.upcycle import MoreExperts
+from scalegrow.operators.experts import MoreExperts, PruneExperts
 
 GROW, SHRINK = "grow", "shrink"
 

@@ -88,3 +88,17 @@ class Operator:
         """Final norm and output layer. For tied models the word embeddings come under the
         `output_layer.weight` name and the result is the target's tied output weight."""
         raise NotImplementedError
+
+
+class LayerwiseOperator(Operator):
+    """Target layer i comes from source layer i alone; embeddings and head pass through (identity,
+    upcycling, expert copies and pruning)."""
+
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        return (index,)
+
+    def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(tensors)
+
+    def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(tensors)

@@ -1,4 +1,7 @@
-"""Expert pruning: fewer experts per MoE layer, the least-used ones removed (the Minitron recipe's
+"""Operators that choose, per MoE layer, which source expert each target expert is (`ExpertMap`):
+more experts by copying (`MoreExperts`), and fewer by pruning (`PruneExperts`).
+
+Expert pruning: fewer experts per MoE layer, the least-used ones removed (the Minitron recipe's
 width axis applied to experts: Sreenivas et al., "LLM Pruning and Distillation in Practice: The
 Minitron Approach", arXiv 2408.11796 §2, which ranks Mixtral's experts by how much the router uses them).
 
@@ -16,12 +19,33 @@ import torch
 
 from scalegrow import arch
 from scalegrow.config import ModelConfig
-from scalegrow.operators.base import Operator, require_equal
+from scalegrow.operators.base import LayerwiseOperator, require_equal
 
 
-class PruneExperts(Operator):
-    name = "prune-experts"
+class ExpertMap(LayerwiseOperator):
+    """Target expert j of MoE layer i is source expert `experts(i)[j]`, with its router row (and
+    bias); every other tensor passes through."""
+
     handles_moe = True
+
+    def experts(self, index: int) -> list[int]:
+        raise NotImplementedError
+
+    def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        src, out = sources[index], {}
+        for spec in self.layer_specs(index):
+            expert = arch.expert_of(spec.name)
+            if expert is not None:
+                out[spec.name] = src[f"{arch.EXPERTS}{self.experts(index)[expert[0]]}.{expert[1]}"]
+            elif spec.role in (arch.Role.ROUTER_WEIGHT, arch.Role.ROUTER_BIAS):
+                out[spec.name] = src[spec.name][self.experts(index)]  # [E_S, ...] -> [E_T, ...]
+            else:
+                out[spec.name] = src[spec.name]
+        return out
+
+
+class PruneExperts(ExpertMap):
+    name = "prune-experts"
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         if not src.num_moe_experts:
@@ -49,23 +73,43 @@ class PruneExperts(Operator):
         return {"kept_experts": {str(i): k for i, k in self.kept.items()},
                 "routing_mass": {str(i): u for i, u in self.usage.items()}}
 
-    def layer_sources(self, index: int) -> tuple[int, ...]:
-        return (index,)
+    def experts(self, index: int) -> list[int]:
+        return self.kept[index]
 
-    def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(tensors)
 
-    def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(tensors)
+class MoreExperts(ExpertMap):
+    """More experts at the same function: every expert copied m times, top-k raised to m·k.
 
-    def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        src, out = sources[index], {}
-        for spec in self.layer_specs(index):
-            expert = arch.expert_of(spec.name)
-            if expert is not None:  # target expert j is source expert kept[j]
-                out[spec.name] = src[f"{arch.EXPERTS}{self.kept[index][expert[0]]}.{expert[1]}"]
-            elif spec.role in (arch.Role.ROUTER_WEIGHT, arch.Role.ROUTER_BIAS):
-                out[spec.name] = src[spec.name][self.kept[index]]
-            else:
-                out[spec.name] = src[spec.name]
-        return out
+    Rule: with E' = m·E experts where copy c of expert e sits at index e·m + c (same FFN, same router
+    row, so the same logit l_e) and k' = m·k, the MoE layer computes what it did.
+    Proof. The m copies of an expert tie, so the top-m·k logits are exactly the m copies of each of
+    the original top-k experts (barring ties between different experts at the k-th place, which
+    torch.topk resolves the same way for the original). Softmax after top-k: each chosen copy of e
+    weighs exp(l_e) / (m·Σ_{j ∈ top-k} exp(l_j)) = w_e / m, and its m copies together w_e. Softmax
+    before top-k: p'_{e,c} = exp(l_e) / (m·Σ_j exp(l_j)) = p_e / m, again summing to p_e over the
+    copies. Σ_e Σ_c (w_e/m)·FFN_e(x) = Σ_e w_e·FFN_e(x). The router logit is thus split evenly between
+    the copies by the softmax itself; training moves the copies (and their logits) apart.
+    """
+
+    name = "more-experts"
+
+    def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        if not src.num_moe_experts:
+            raise ValueError("num_moe_experts: the source is dense; upcycle it into experts first")
+        m, rest = divmod(dst.num_moe_experts or 0, src.num_moe_experts)
+        if m < 2 or rest:
+            raise ValueError(f"num_moe_experts: target {dst.num_moe_experts} must be a multiple (x2 or more) of the "
+                             f"source's {src.num_moe_experts}")
+        if dst.moe_router_topk != m * src.moe_router_topk:
+            raise ValueError(f"moe_router_topk: must be {m * src.moe_router_topk} ({m} x the source's "
+                             f"{src.moe_router_topk}) for {m} copies of every expert to keep the function")
+        for key in src.to_dict():
+            if key not in ("num_moe_experts", "moe_router_topk"):
+                require_equal(src, dst, key, why="more-experts only copies experts")
+
+    def details(self) -> dict:
+        return {"copies": self.dst.num_moe_experts // self.src.num_moe_experts}
+
+    def experts(self, index: int) -> list[int]:
+        m = self.dst.num_moe_experts // self.src.num_moe_experts
+        return [e // m for e in range(self.dst.num_moe_experts)]  # copy c of expert e is expert e·m + c

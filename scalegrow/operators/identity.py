@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from scalegrow.config import ModelConfig
-from scalegrow.operators.base import Operator, require_equal
+from scalegrow.operators.base import LayerwiseOperator, require_equal
 
 
-class Identity(Operator):
+class Identity(LayerwiseOperator):
     name = "identity"
     handles_moe = True  # every tensor passes through, whatever its role
 
@@ -17,14 +17,5 @@ class Identity(Operator):
         for key in src.to_dict():
             require_equal(src, dst, key, why="identity keeps the model as it is")
 
-    def layer_sources(self, index: int) -> tuple[int, ...]:
-        return (index,)
-
-    def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(tensors)
-
     def map_layer(self, index, sources) -> dict[str, torch.Tensor]:
         return {spec.name: sources[index][spec.name] for spec in self.layer_specs(index)}
-
-    def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(tensors)
