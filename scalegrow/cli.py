@@ -79,6 +79,9 @@ def _grow_parser(g: argparse.ArgumentParser) -> None:
     g.add_argument("--noise", type=float, default=UpcycleOptions.noise,
                    help=f"upcycle: relative noise on the expert copies; 0 keeps the function exactly "
                    f"(default: {UpcycleOptions.noise})")
+    g.add_argument("--granularity", type=int, default=UpcycleOptions.granularity, metavar="G",
+                   help="upcycle: split the FFN into G segments, each copied into E experts of ffn/G neurons; "
+                   f"--target counts all E·G experts and top-k·G (default: {UpcycleOptions.granularity})")
     _data_args(g, "--data", "ligo: training corpus")
 
 
@@ -168,7 +171,8 @@ def _positive(name: str, value: int | None) -> None:
 
 def cmd_grow(a) -> int:
     _positive("steps", a.steps)
-    options = methods.options_with(a.method, methods.GROW, steps=a.steps, lr=a.lr, noise=a.noise)
+    options = methods.options_with(a.method, methods.GROW, steps=a.steps, lr=a.lr, noise=a.noise,
+                                   granularity=a.granularity)
     summary = pipeline.grow(a.src, a.dst, a.method, a.target, _output_options(a), seed=a.seed,
                             overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, options=options,
                             data=DataOptions(a.data, a.tokenizer))

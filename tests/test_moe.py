@@ -45,6 +45,42 @@ def test_upcycling_keeps_the_function(case):
     assert (router.abs().sum() > 0) != bool(moe.get("moe_router_pre_softmax"))  # random, or zero by the rule
 
 
+@pytest.mark.parametrize("family, moe, g", [
+    ("llama", dict(num_moe_experts=8, moe_router_topk=4), 2),
+    ("gpt2", dict(num_moe_experts=6, moe_router_topk=3, moe_layer_freq=2), 3),
+], ids=["llama-2x4-of-8", "gpt2-bias-mixed-3x3-of-6"])
+def test_granular_upcycling_keeps_the_function(family, moe, g):
+    """E·G experts of ffn/G neurons (NVIDIA's granular upcycling): each expert holds one segment of the
+    dense FFN, and the G segments of a copy share a router row, so the layer still computes FFN(x)."""
+    src = family_config(family)
+    dense = random_model(src, seed=3)
+    op = Upcycle(src, src.replace(**moe), seed=1, granularity=g)
+    assert op.dst.moe_ffn_hidden_size == src.ffn_hidden_size // g
+    sd = apply(op, dense.state_dict())
+    x = tokens(src, seed=4)
+    with torch.no_grad():
+        want = dense(x)
+    assert (logits(op.dst, sd, x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    fc2 = sd["decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight"]
+    assert fc2.shape == (src.hidden_size, src.ffn_hidden_size // g)
+    seg = src.ffn_hidden_size // g  # expert 1 is segment 1 of copy 0: fc2 columns [seg, 2·seg), times G
+    assert torch.equal(fc2, dense.state_dict()["decoder.layers.0.mlp.linear_fc2.weight"][:, seg:2 * seg] * g)
+
+
+def test_granular_upcycling_refuses_what_it_cannot_keep(tmp_path, capsys):
+    src = family_config("llama")
+    pipeline.save_model(random_model(src).state_dict(), src, tmp_path / "dense")
+    for moe, g, message in (
+            (dict(num_moe_experts=6, moe_router_topk=3), 2, "moe_router_topk: 3 is not a multiple of granularity 2"),
+            (dict(num_moe_experts=8, moe_router_topk=4, moe_router_pre_softmax=True), 2,
+             "granularity 2 keeps the function only with the softmax after top-k"),
+            (dict(num_moe_experts=8, moe_router_topk=4), 5, "granularity: 5 must be >= 1 and divide ffn_hidden_size")):
+        args = ["grow", "--method", "upcycle", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "x"),
+                "--target", str(write_yaml(tmp_path / "t.yaml", **moe)), "--granularity", str(g)]
+        assert cli.main(args) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_noise_breaks_the_symmetry_between_experts():
     src = family_config("llama")
     dense = random_model(src, seed=3)
@@ -63,23 +99,25 @@ def test_noise_breaks_the_symmetry_between_experts():
 @pytest.mark.slow
 def test_megatron_core_loads_an_upcycled_checkpoint_at_tp2_pp2(tmp_path):
     """`grow --method upcycle` into Megatron at TP2/PP2: megatron-core builds the MoE GPTModel on each
-    of 4 ranks, loads its shard strictly, and computes the dense source's logits."""
+    of 4 ranks, loads its shard strictly, and computes the dense source's logits (granular: 8 experts
+    of ffn/2, top-4, moe_ffn_hidden_size 48 split over TP2)."""
     import mcore
 
     jobs = []
     torch.save(tokens(family_config("llama"), seed=5), tmp_path / "tokens.pt")
-    for case in ("llama-top2-of-4", "qwen3-top1-of-2"):
-        family, moe = UPCYCLES[case]
+    cases = {**UPCYCLES, "llama-granular-2x4-of-8": ("llama", dict(num_moe_experts=8, moe_router_topk=4))}
+    for case in ("llama-top2-of-4", "qwen3-top1-of-2", "llama-granular-2x4-of-8"):
+        family, moe = cases[case]
         src = family_config(family, num_layers=4)
         pipeline.save_model(random_model(src, seed=3).state_dict(), src, tmp_path / f"{case}-dense")
         target = write_yaml(tmp_path / f"{case}.yaml", **moe)
         assert cli.main(["grow", "--method", "upcycle", "--src", str(tmp_path / f"{case}-dense"), "--dst",
-                         str(tmp_path / case), "--target", str(target), "--tp", "2", "--pp", "2",
-                         "--no-progress"]) == 0
+                         str(tmp_path / case), "--target", str(target), "--tp", "2", "--pp", "2", "--no-progress",
+                         "--granularity", "2" if "granular" in case else "1"]) == 0
         jobs.append({"config": open_checkpoint(tmp_path / case).config.to_dict(), "path": str(tmp_path / case),
                      "format": "torch", "tokens": str(tmp_path / "tokens.pt")})
     results = mcore.run_megatron_check(2, 2, jobs, tmp_path)
-    for case, got in zip(("llama-top2-of-4", "qwen3-top1-of-2"), results):
+    for case, got in zip(("llama-top2-of-4", "qwen3-top1-of-2", "llama-granular-2x4-of-8"), results):
         want = pipeline.load_model(tmp_path / f"{case}-dense")(torch.load(tmp_path / "tokens.pt")).detach()
         got, want = got[..., :100], want[..., :100]  # the true vocabulary (TP2 pads 128 rows to 256)
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item(), case

@@ -1,6 +1,6 @@
 """Sparse upcycling: a dense GPT becomes a Mixture-of-Experts GPT that computes the same function.
 Komatsuzaki et al., "Sparse Upcycling" (arXiv 2212.05055) §3.1; NVIDIA, "Upcycling Large Language
-Models into Mixture of Experts" (arXiv 2410.07524) §3.
+Models into Mixture of Experts" (arXiv 2410.07524) §3 (granular upcycling, §3.2).
 
 Every expert of an MoE layer starts as a copy of that layer's dense FFN (fc1, fc2 and their biases);
 attention, norms, embeddings and dense layers pass through.
@@ -13,6 +13,13 @@ to 1, whatever the router picks:
 - softmax over all experts, then top-k (`moe_router_pre_softmax`): the chosen weights sum to less
   than 1. The router starts at zero, so every weight is 1/E and the k chosen sum to k/E; every
   expert's fc2 weight and bias are scaled by E/k, and the sum is FFN(x) again.
+Granularity G splits the dense FFN's neurons into G equal segments, FFN(x) = Σ_g FFN_g(x) (fc2 sums
+over neurons; each segment carries fc2's bias / G), and makes E·G experts of FFN/G neurons, top-k·G:
+expert c·G + g is copy c of segment g. The G experts of copy c share one router row, so their logits
+tie and the top k·G are the top k copies with all their segments; softmax over those gives each
+segment π_c / G (π: the softmax over the k copies' logits). fc2 scaled by G makes the layer
+Σ_c π_c · FFN(x) = FFN(x). With softmax before top-k the chosen copies' weights do not sum to a
+constant, so G > 1 needs softmax after top-k.
 `noise` > 0 adds seeded Gaussian noise (relative to each tensor's std) to the copies: this breaks the
 symmetry between experts at the price of exactness.
 """
@@ -29,9 +36,18 @@ class Upcycle(LayerwiseOperator):
     name = "upcycle"
     handles_moe = True
 
-    def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0, noise: float = 0.0):
-        self.noise = noise
+    def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0, noise: float = 0.0, granularity: int = 1):
+        self.noise, self.granularity = noise, granularity
         super().__init__(src, dst, seed)
+
+    def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
+        """The experts' FFN size follows from the granularity: ffn_hidden_size / G."""
+        g = self.granularity
+        if g < 1 or src.ffn_hidden_size % g:
+            raise ValueError(f"granularity: {g} must be >= 1 and divide ffn_hidden_size {src.ffn_hidden_size}")
+        if dst.num_moe_experts and dst.moe_ffn_hidden_size == dst.ffn_hidden_size:
+            dst = dst.replace(moe_ffn_hidden_size=src.ffn_hidden_size // g)
+        return super().resolve(src, dst)
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         if src.num_moe_experts:
@@ -42,12 +58,20 @@ class Upcycle(LayerwiseOperator):
         for key in src.to_dict():
             if key not in MOE:
                 require_equal(src, dst, key, why="upcycling changes only the FFNs into experts")
-        require_equal(src.replace(moe_ffn_hidden_size=src.ffn_hidden_size), dst, "moe_ffn_hidden_size",
-                      why="each expert is a copy of the whole dense FFN")
+        g = self.granularity
+        require_equal(src.replace(moe_ffn_hidden_size=src.ffn_hidden_size // g), dst, "moe_ffn_hidden_size",
+                      why=f"each expert is a copy of 1/{g} of the dense FFN (granularity {g})")
+        for key in ("num_moe_experts", "moe_router_topk"):
+            if getattr(dst, key) % g:
+                raise ValueError(f"{key}: {getattr(dst, key)} is not a multiple of granularity {g} "
+                                 f"(E copies of G segments, top k copies of G segments)")
+        if g > 1 and dst.moe_router_pre_softmax:
+            raise ValueError(f"moe_router_pre_softmax: granularity {g} keeps the function only with the softmax "
+                             f"after top-k (the chosen weights of a pre-softmax router do not sum to a constant)")
 
     def details(self) -> dict:
         return {"num_moe_experts": self.dst.num_moe_experts, "moe_router_topk": self.dst.moe_router_topk,
-                "noise": self.noise, "seed": self.seed}
+                "granularity": self.granularity, "noise": self.noise, "seed": self.seed}
 
     def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         dense = sources[index]
@@ -58,7 +82,8 @@ class Upcycle(LayerwiseOperator):
         for spec in self.layer_specs(index):
             expert = arch.expert_of(spec.name)
             if expert is not None:
-                out[spec.name] = self._expert(dense[f"mlp.{expert[1]}"], expert[1], gen)
+                segment = self._segment(dense[f"mlp.{expert[1]}"], expert[1], expert[0] % self.granularity)
+                out[spec.name] = self._expert(segment, expert[1], gen)
             elif spec.role in (arch.Role.ROUTER_WEIGHT, arch.Role.ROUTER_BIAS):
                 out[spec.name] = self._router(arch.full_shape(self.dst, spec), dense, spec.role, gen)
             else:
@@ -69,7 +94,22 @@ class Upcycle(LayerwiseOperator):
         like = dense["input_layernorm.weight"]
         if role == arch.Role.ROUTER_BIAS or self.dst.moe_router_pre_softmax:
             return torch.zeros(shape, dtype=like.dtype)
-        return (torch.randn(shape, generator=gen) * self.dst.init_method_std).to(like.dtype)
+        g = self.granularity  # one row per copy, repeated for its G segments: [E·G, h]
+        rows = torch.randn((shape[0] // g, *shape[1:]), generator=gen) * self.dst.init_method_std
+        return rows.repeat_interleave(g, dim=0).to(like.dtype)
+
+    def _segment(self, t: torch.Tensor, name: str, g: int) -> torch.Tensor:
+        """Segment g of G of a dense FFN tensor: fc1 rows (each half of a fused swiglu fc1), fc2
+        columns, and fc2's bias / G; fc2 is scaled by G (each copy's segments share π_c / G)."""
+        G = self.granularity
+        if G == 1:
+            return t
+        if name.startswith("linear_fc1"):
+            halves = t.chunk(2 if self.src.swiglu else 1, dim=0)  # [2·ffn, h] -> 2 x [ffn, h] (gate, up)
+            return torch.cat([half.chunk(G, dim=0)[g] for half in halves], dim=0)  # [2·ffn/G, h]
+        if name == "linear_fc2.weight":
+            return t.chunk(G, dim=1)[g] * G  # [h, ffn] -> [h, ffn/G]
+        return t  # fc2's bias: bias / G per segment, times G
 
     def _expert(self, t: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
         d = self.dst
