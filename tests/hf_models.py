@@ -22,19 +22,23 @@ def hf_config(family: str):
             "mistral": lambda: transformers.MistralConfig(**COMMON, **rope, sliding_window=None),
             "qwen2": lambda: transformers.Qwen2Config(**COMMON, **rope, tie_word_embeddings=True),
             "qwen3": lambda: transformers.Qwen3Config(**COMMON, **rope, head_dim=24, tie_word_embeddings=True),
+            "mixtral": lambda: transformers.MixtralConfig(**COMMON, **rope, num_local_experts=4, num_experts_per_tok=2),
+            "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, **rope, head_dim=24, num_experts=4,
+                                                             num_experts_per_tok=2, moe_intermediate_size=48,
+                                                             norm_topk_prob=True),
             }[family]()
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen3_moe")
 
 
-def build(family: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
-    """A random `family` model, its weights moved off transformers' init (noise on every tensor, so
-    norms and biases matter), saved in shards of 100 kB."""
+def build(family: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0, config=None) -> Path:
+    """A random `family` model (or one of `config`, a transformers config), its weights moved off
+    transformers' init (noise on every tensor, so norms and biases matter), saved in shards of 100 kB."""
     import transformers
 
     torch.manual_seed(seed)  # transformers' own init draws from the global generator
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config or hf_config(family)).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():

@@ -11,6 +11,7 @@ from helpers import tree_sha256, write_yaml
 
 from scalegrow import cli, pipeline
 from scalegrow.formats.registry import open_checkpoint
+from scalegrow.methods import registry as methods
 from scalegrow.output import OutputOptions
 
 HF = OutputOptions(format="hf", max_shard_size=200_000)
@@ -64,8 +65,9 @@ def test_megatron_core_at_tp2_pp2_equals_transformers(hf, tmp_path):
 def test_lemon_growth_hf_to_hf_is_lossless_in_transformers(hf, tmp_path, family):
     """(b) HF -> grow --method lemon -> HF: AutoModelForCausalLM loads it and computes the same logits."""
     groups, ffn = (8, 512) if family == "gpt2" else (4, 192)
+    experts = dict(moe_ffn_hidden_size=ffn) if family in ("mixtral", "qwen3_moe") else {}
     target = write_yaml(tmp_path / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=ffn,
-                        num_attention_heads=8, num_query_groups=groups)
+                        num_attention_heads=8, num_query_groups=groups, **experts)
     pipeline.grow(hf[family], tmp_path / "big", "lemon", target, HF, progress=False)
     config = json.loads((tmp_path / "big" / "config.json").read_text())
     source = json.loads((hf[family] / "config.json").read_text())
@@ -100,8 +102,6 @@ def test_shrink_and_ligo_outputs_load_in_transformers_and_evaluate(hf, tmp_path,
                        num_attention_heads=2, num_query_groups=1)
     big = write_yaml(tmp_path / "big.yaml", hidden_size=96, ffn_hidden_size=128, num_layers=5,
                      num_attention_heads=6, num_query_groups=3)
-    from scalegrow.methods import registry as methods
-
     data = pipeline.DataOptions(seq_length=64)
     pipeline.shrink(hf[family], tmp_path / "shrunk", "subclone", small, HF,
                     methods.options_with("subclone", methods.SHRINK, tokens=4096), data, progress=False)
@@ -113,6 +113,45 @@ def test_shrink_and_ligo_outputs_load_in_transformers_and_evaluate(hf, tmp_path,
         assert cli.main(["eval", str(tmp_path / name), "--tokens", "2048", "--seq-length", "64"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert 0 < result["loss"] < 2 * torch.log(torch.tensor(float(VOCAB))).item()
+
+
+@pytest.mark.parametrize("family, sibling, granularity", [("llama", "mixtral", 2), ("qwen3", "qwen3_moe", 1)])
+def test_upcycled_hf_model_is_written_as_its_moe_family(hf, tmp_path, family, sibling, granularity):
+    """A dense HF model upcycled (granular for llama) and written as HF becomes its MoE family, which
+    transformers loads strictly and which computes the dense model's logits."""
+    target = write_yaml(tmp_path / "t.yaml", num_moe_experts=4 * granularity, moe_router_topk=2 * granularity)
+    pipeline.grow(hf[family], tmp_path / "moe", "upcycle", target, HF, progress=False,
+                  options=methods.options_with("upcycle", methods.GROW, granularity=granularity))
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == sibling and config["num_experts_per_tok"] == 2 * granularity
+    assert config["bos_token_id"] == json.loads((hf[family] / "config.json").read_text())["bos_token_id"]
+    assert close(logits(hf[family], TOKENS), logits(tmp_path / "moe", TOKENS))
+
+
+def test_more_experts_on_mixtral_hf_to_hf_keeps_the_function(hf, tmp_path):
+    target = write_yaml(tmp_path / "t.yaml", num_moe_experts=8, moe_router_topk=4)
+    pipeline.grow(hf["mixtral"], tmp_path / "more", "more-experts", target, HF, progress=False)
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["num_local_experts"] == 8
+    assert close(logits(hf["mixtral"], TOKENS), logits(tmp_path / "more", TOKENS))
+
+
+def test_qwen3_moe_hub_spelling_and_softmax_before_top_k(tmp_path):
+    """The Hub's config.json says `num_experts`; norm_topk_prob false is megatron-core's softmax
+    before top-k (weights not renormalised). Both read as transformers computes them."""
+    import transformers
+
+    from hf_models import COMMON
+
+    cfg = transformers.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                      norm_topk_prob=False)
+    build_from = build("qwen3_moe", tmp_path / "q", config=cfg)
+    config = json.loads((build_from / "config.json").read_text())
+    config["num_experts"] = config.pop("num_local_experts", None) or config["num_experts"]
+    (build_from / "config.json").write_text(json.dumps(config))
+    reader = open_checkpoint(build_from)
+    assert reader.config.num_moe_experts == 4 and reader.config.moe_router_pre_softmax
+    with torch.no_grad():
+        assert close(logits(build_from, TOKENS), pipeline.load_model(build_from)(TOKENS))
 
 
 def test_megatron_without_hf_origin_converts_by_its_structure(tmp_path, capsys):
@@ -178,6 +217,19 @@ def test_unsupported_or_inconsistent_config_is_refused(hf, tmp_path, capsys, cha
     err = capsys.readouterr().err
     assert words in err and str(src) in err and len(err.strip().splitlines()) == 1
     assert tree_sha256(src) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, changes, words", [
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step: 2 is not supported"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers: [1] is not supported"),
+    ("mixtral", {"num_experts_per_tok": 1}, "num_experts_per_tok: 1 is not supported"),
+    ("mixtral", {"num_local_experts": 8}, "gate.weight: shape (4, 64) does not match (8, 64)"),
+])
+def test_unsupported_moe_config_is_refused(hf, tmp_path, capsys, family, changes, words):
+    src = _edit_config(hf[family], tmp_path / "src", **changes)
+    assert cli.main(["convert", "--src", str(src), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_missing_tensor_is_named(hf, tmp_path, capsys):

@@ -35,19 +35,23 @@ CONFIG = "config.json"
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def tensor_rules(cfg: ModelConfig, model_type: str) -> dict[str, tuple[Rule, int | None]]:
-    """Global megatron-core key -> (its rule, layer index or None) for every tensor `cfg` has.
-    A tied model has no output layer of its own (HF omits `lm_head.weight` too)."""
+def tensor_rules(cfg: ModelConfig, model_type: str) -> dict[str, tuple[Rule, dict]]:
+    """Global megatron-core key -> (its rule, the indices its HF names take: {i: layer, e: expert})
+    for every tensor `cfg` has. A tied model has no output layer of its own (HF omits `lm_head.weight`)."""
     layer_rules, global_rules = families.rules(model_type)
-    out: dict[str, tuple[Rule, int | None]] = {}
+    by_name = {r.megatron: r for r in layer_rules}
+    out: dict[str, tuple[Rule, dict]] = {}
     for i in range(cfg.num_layers):
-        by_name = {r.megatron: r for r in layer_rules}
         for spec in arch.layer_specs(cfg, i):
-            out[arch.layer_key(i, spec.name)] = (by_name[spec.name], i)
+            expert = arch.expert_of(spec.name)
+            if expert is None:
+                out[arch.layer_key(i, spec.name)] = (by_name[spec.name], {"i": i})
+            else:  # one rule for every expert: `mlp.experts.local_experts.{e}.linear_fc1.weight`
+                out[arch.layer_key(i, spec.name)] = (by_name[families.EXPERT + expert[1]], {"i": i, "e": expert[0]})
     wanted = [s.name for s in arch.embedding_specs(cfg) + arch.final_norm_specs(cfg)]
     wanted += [] if cfg.tied else [arch.OUTPUT_LAYER]
     by_key = {r.megatron: r for r in global_rules}
-    out.update({key: (by_key[key], None) for key in wanted})
+    out.update({key: (by_key[key], {}) for key in wanted})
     return out
 
 
@@ -63,10 +67,10 @@ def hf_tensors(cfg: ModelConfig, model_type: str) -> list[tuple[str, tuple[int, 
     """(HF name, shape) of every tensor a `cfg`-shaped model of `model_type` stores, in model order
     (the shapes come from running the layout transform on meta tensors)."""
     out = []
-    for key, (rule, i) in tensor_rules(cfg, model_type).items():
+    for key, (rule, where) in tensor_rules(cfg, model_type).items():
         meta = torch.empty(arch.full_shape(cfg, spec_of(cfg, key)), device="meta")
         parts = families.to_hf(rule.kind, meta, cfg)
-        out += [(name.format(i=i), tuple(p.shape)) for name, p in zip(rule.hf, parts)]
+        out += [(name.format(**where), tuple(p.shape)) for name, p in zip(rule.hf, parts)]
     return out
 
 
@@ -107,8 +111,8 @@ class HFReader(Reader):
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
         self._rules = self._rules or tensor_rules(self.config, self.model_type)
-        rule, i = self._rules[key]
-        parts = [self._get(name.format(i=i)) for name in rule.hf]
+        rule, where = self._rules[key]
+        parts = [self._get(name.format(**where)) for name in rule.hf]
         return families.to_megatron(rule.kind, parts, self.config).contiguous()
 
 
@@ -201,13 +205,17 @@ def _check_tensors(root: Path, model_type: str, cfg: ModelConfig, entries: dict[
 # ---- writing --------------------------------------------------------------------------------------------
 def model_type_for(cfg: ModelConfig, source: Reader, opts: OutputOptions) -> tuple[str, dict | None]:
     """The HF family to write and the config.json to start from: --hf-model-type, else the family
-    the source (or what it was converted from) had, else the one the model's structure implies."""
+    the source (or what it was converted from) had (its MoE sibling once upcycled), else the one the
+    model's structure implies."""
     origin = source.hf_origin() or {}
-    model_type = opts.hf_model_type or origin.get("model_type") or families.infer_model_type(cfg)
+    family = origin.get("model_type")
+    if cfg.num_moe_experts and family in families.MOE_OF:  # an upcycled dense model: its MoE sibling
+        family = families.MOE_OF[family]
+    model_type = opts.hf_model_type or family or families.infer_model_type(cfg)
     if model_type not in families.ARCHITECTURES:
         raise InputError(f"--hf-model-type: unknown family {model_type!r} "
                          f"(valid: {', '.join(families.ARCHITECTURES)})")
-    base = origin.get("config") if origin.get("model_type") == model_type else None
+    base = origin.get("config") if model_type in (origin.get("model_type"), family) else None
     return model_type, base
 
 
@@ -216,7 +224,7 @@ class HFWriter:
 
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
                  opts: OutputOptions = OutputOptions(), plan_only: bool = False):
-        assert layout.tp == 1 and layout.pp == 1, "HF checkpoints have no model parallelism"
+        assert layout.tp == 1 and layout.pp == 1 and layout.ep == 1, "HF checkpoints have no model parallelism"
         self.out_dir, self.cfg, self.layout, self.dtype = out_dir, cfg, layout, source.dtype
         self.model_type, base = model_type_for(cfg, source, opts)
         try:
@@ -239,12 +247,12 @@ class HFWriter:
         if key not in self.rules:
             assert key == arch.OUTPUT_LAYER and self.cfg.tied, f"{key}: not a tensor of this model"
             return
-        rule, i = self.rules[key]
+        rule, where = self.rules[key]
         spec = spec_of(self.cfg, key)
         if spec.packing == arch.VOCAB:  # Megatron's padded rows are no tokens
             full = parallel.pad_vocab(spec, full, self.cfg.padded_vocab_size)
         for name, part in zip(rule.hf, families.to_hf(rule.kind, full.to(self.dtype), self.cfg)):
-            name = name.format(i=i)
+            name = name.format(**where)
             want = self._todo.pop(name)
             assert tuple(part.shape) == want, f"{name}: operator produced {tuple(part.shape)}, expected {want}"
             if self._files is not None:

@@ -6,6 +6,12 @@
     qwen3            + per-head q/k norms (megatron-core's qk_layernorm)
     gpt2             LayerNorm, GELU (tanh approximation), MHA, learned positions, biases, tied;
                      Conv1D weights are stored transposed, c_attn holds [q | k | v]
+    mixtral          llama + MoE in every layer: router `gate`, experts w1/w3 (gate/up) and w2 (down);
+                     softmax over all experts, top-k, renormalised = megatron-core's softmax after top-k
+    qwen3_moe        qwen3 + MoE in every layer; norm_topk_prob picks the softmax order
+
+Expert tensors are stored one per expert (`experts.{e}.…`): transformers 5 fuses them into 3-D
+tensors in memory only and writes them back per expert, as the Hub's checkpoints have them.
 
 megatron-core's fused QKV rows are [ng, np/ng + 2, hn] (each group's q heads, then its k and v);
 Hugging Face keeps q, k and v apart (heads in order), so a group's rows are gathered from all three.
@@ -23,8 +29,8 @@ from scalegrow.config import ModelConfig
 
 @dataclass(frozen=True)
 class Rule:
-    megatron: str  # layer-relative name, or a global key
-    hf: tuple[str, ...]  # HF names; `{i}` is the layer index
+    megatron: str  # layer-relative name (`{e}`: the expert's index), or a global key
+    hf: tuple[str, ...]  # HF names; `{i}` is the layer index, `{e}` the expert's
     kind: str = "same"  # same | qkv | gate_up | conv1d | conv1d_qkv
 
 
@@ -45,6 +51,20 @@ LLAMA_LAYER = _layer(
     ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
     ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
     ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",)),
+)
+ATTENTION = [r for r in LLAMA_LAYER if not r.megatron.startswith("mlp.")]
+EXPERT = "mlp.experts.local_experts.{e}."
+MIXTRAL_LAYER = ATTENTION + _layer(
+    "model.layers.{i}.block_sparse_moe.",
+    ("mlp.router.weight", ("gate.weight",)),
+    (EXPERT + "linear_fc1.weight", ("experts.{e}.w1.weight", "experts.{e}.w3.weight"), "gate_up"),
+    (EXPERT + "linear_fc2.weight", ("experts.{e}.w2.weight",)),
+)
+QWEN_MOE_LAYER = ATTENTION + _layer(
+    "model.layers.{i}.mlp.",
+    ("mlp.router.weight", ("gate.weight",)),
+    (EXPERT + "linear_fc1.weight", ("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight"), "gate_up"),
+    (EXPERT + "linear_fc2.weight", ("experts.{e}.down_proj.weight",)),
 )
 LLAMA_GLOBAL = [Rule(arch.WORD_EMBEDDINGS, ("model.embed_tokens.weight",)),
                 Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
@@ -72,14 +92,21 @@ GPT2_GLOBAL = [Rule(arch.WORD_EMBEDDINGS, ("transformer.wte.weight",)),
                Rule(arch.OUTPUT_LAYER, ("lm_head.weight",))]
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+DENSE_ONLY = ("mlp_bias", "pretraining_tp", "layer_types", "max_window_layers")  # not carried into the MoE sibling
+MOE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}  # where an upcycled model goes
 # HF tensors a checkpoint may hold that are no weights (old causal-mask and rope buffers)
 IGNORED = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
 
 
 def rules(model_type: str) -> tuple[list[Rule], list[Rule]]:
     """(per-layer rules, global rules) of a family."""
-    return (GPT2_LAYER, GPT2_GLOBAL) if model_type == "gpt2" else (LLAMA_LAYER, LLAMA_GLOBAL)
+    if model_type == "gpt2":
+        return GPT2_LAYER, GPT2_GLOBAL
+    layer = {"mixtral": MIXTRAL_LAYER, "qwen3_moe": QWEN_MOE_LAYER}.get(model_type, LLAMA_LAYER)
+    return layer, LLAMA_GLOBAL
 
 
 # ---- tensors: HF -> megatron-core and back -------------------------------------------------------------
@@ -130,6 +157,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
                           f"(valid: {', '.join(ARCHITECTURES)})")
     _check_llama_like(hf, model_type)
     heads = hf["num_attention_heads"]
+    moe = _moe_config(hf, model_type) if model_type in MOE_FAMILIES else {}
     return ModelConfig(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
@@ -139,8 +167,26 @@ def config_from_hf(hf: dict) -> ModelConfig:
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), swiglu=True, position_embedding_type="rope",
         rotary_base=int(_rope(hf).get("rope_theta", 10000.0)),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False), add_bias_linear=False,
-        add_qkv_bias=model_type == "qwen2", qk_layernorm=model_type == "qwen3",
-        init_method_std=float(hf.get("initializer_range", 0.02)))
+        add_qkv_bias=model_type == "qwen2", qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
+        init_method_std=float(hf.get("initializer_range", 0.02)), **moe)
+
+
+def _moe_config(hf: dict, model_type: str) -> dict:
+    """MoE fields: every layer sparse; the top-k weights renormalised (Mixtral always; Qwen with
+    norm_topk_prob) is megatron-core's softmax over the top k, else its softmax before top-k. The
+    load-balancing coefficient counts only where HF would add the loss (output_router_logits)."""
+    experts = hf.get("num_local_experts") or hf.get("num_experts")
+    renorm = model_type == "mixtral" or bool(hf.get("norm_topk_prob", False))
+    k = hf.get("num_experts_per_tok", 2)
+    checks = [("decoder_sparse_step", hf.get("decoder_sparse_step", 1), 1, "every layer an MoE layer"),
+              ("mlp_only_layers", list(hf.get("mlp_only_layers") or []), [], "every layer an MoE layer"),
+              ("num_experts_per_tok", 2 if renorm and k == 1 else k, k, "top-1 only with the softmax over all experts")]
+    for key, value, wanted, what in checks:
+        if value != wanted:
+            raise Unsupported(f"{key}: {hf.get(key)!r} is not supported (megatron-core reproduces {what})")
+    return dict(num_moe_experts=experts, moe_router_topk=k, moe_router_pre_softmax=not renorm,
+                moe_ffn_hidden_size=hf["intermediate_size"] if model_type == "mixtral" else hf["moe_intermediate_size"],
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0)
 
 
 def _rope(hf: dict) -> dict:
@@ -161,7 +207,9 @@ def _check_llama_like(hf: dict, model_type: str) -> None:
                "full attention in every layer")]
     if model_type == "mistral":
         checks.append(("sliding_window", hf.get("sliding_window"), None, "full attention, no sliding window"))
-    if model_type in ("qwen2", "qwen3"):
+    if model_type == "mixtral":
+        checks.append(("sliding_window", hf.get("sliding_window"), None, "full attention, no sliding window"))
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         checks.append(("use_sliding_window", hf.get("use_sliding_window", False), False, "full attention"))
     for key, value, wanted, what in checks:
         if value != wanted:
@@ -192,6 +240,8 @@ def infer_model_type(cfg: ModelConfig) -> str | None:
     """The HF family a config can only be (None when several or none fit)."""
     if cfg.normalization == "LayerNorm" and cfg.position_embedding_type == "learned_absolute":
         return "gpt2"
+    if cfg.num_moe_experts:
+        return "qwen3_moe" if cfg.qk_layernorm else "mixtral"
     if cfg.qk_layernorm:
         return "qwen3"
     return "qwen2" if cfg.add_qkv_bias else "llama"
@@ -202,7 +252,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str, base: dict | None, dtype: to
     problems = _cannot_write(cfg, model_type)
     if problems:
         raise Unsupported(f"model_type: this model cannot be written as {model_type} ({problems})")
-    out = dict(base or {}) if (base or {}).get("model_type") == model_type else {}
+    base = base or {}
+    sibling = base.get("model_type") != model_type  # a dense source's config.json for its upcycled MoE
+    out = {k: v for k, v in base.items() if not (sibling and k in DENSE_ONLY)}
     out.update(model_type=model_type, architectures=[ARCHITECTURES[model_type]], vocab_size=cfg.vocab_size
                or cfg.padded_vocab_size, tie_word_embeddings=cfg.tied, initializer_range=cfg.init_method_std,
                dtype=str(dtype).removeprefix("torch."))
@@ -213,15 +265,37 @@ def config_to_hf(cfg: ModelConfig, model_type: str, base: dict | None, dtype: to
         return out
     out.update(num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
                num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
-               head_dim=cfg.kv_channels, max_position_embeddings=cfg.max_position_embeddings,
+               head_dim=_head_dim(cfg, out), max_position_embeddings=cfg.max_position_embeddings,
                rms_norm_eps=cfg.norm_epsilon, hidden_act="silu",
                rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"})
     out.pop("rope_theta", None), out.pop("rope_scaling", None)
     if "layer_types" in out:  # one entry a layer; only full attention is read (see _check_llama_like)
         out["layer_types"] = ["full_attention"] * cfg.num_layers
-    if model_type in ("llama", "mistral", "qwen3"):
+    if model_type in ("llama", "mistral", "qwen3", "qwen3_moe"):
         out.update(attention_bias=False)
+    if model_type in MOE_FAMILIES:
+        out.update(_moe_to_hf(cfg, model_type, out))
     return out
+
+
+def _head_dim(cfg: ModelConfig, base: dict) -> int | None:
+    """kv_channels, or None where the source left it implied (Mixtral's config: hidden / heads)."""
+    implied = cfg.kv_channels == cfg.hidden_size // cfg.num_attention_heads
+    return None if implied and "head_dim" in base and base["head_dim"] is None else cfg.kv_channels
+
+
+def _moe_to_hf(cfg: ModelConfig, model_type: str, out: dict) -> dict:
+    experts = "num_experts" if "num_experts" in out or (model_type == "qwen3_moe" and "num_local_experts" not in out) \
+        else "num_local_experts"  # the source's spelling; the Hub's for each family otherwise
+    moe = {experts: cfg.num_moe_experts, "num_experts_per_tok": cfg.moe_router_topk}
+    if model_type == "mixtral":
+        moe["intermediate_size"] = cfg.moe_ffn_hidden_size
+    else:
+        moe.update(moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=not cfg.moe_router_pre_softmax,
+                   decoder_sparse_step=1, mlp_only_layers=[])
+    if cfg.moe_aux_loss_coeff:
+        moe.update(router_aux_loss_coef=cfg.moe_aux_loss_coeff, output_router_logits=True)
+    return moe
 
 
 def _cannot_write(cfg: ModelConfig, model_type: str) -> str:
@@ -229,7 +303,15 @@ def _cannot_write(cfg: ModelConfig, model_type: str) -> str:
     wanted = {"normalization": "RMSNorm" if llama_like else "LayerNorm", "swiglu": llama_like,
               "position_embedding_type": "rope" if llama_like else "learned_absolute",
               "add_bias_linear": not llama_like, "has_qkv_bias": model_type in ("qwen2", "gpt2"),
-              "qk_layernorm": model_type == "qwen3", "rotary_percent": 1.0, "num_moe_experts": None}
+              "qk_layernorm": model_type in ("qwen3", "qwen3_moe"), "rotary_percent": 1.0}
+    if model_type in MOE_FAMILIES:
+        wanted.update(moe_layer_freq=1)
+        if model_type == "mixtral":
+            wanted.update(moe_router_pre_softmax=False)
+        if not cfg.num_moe_experts:
+            return "num_moe_experts=None: a dense model"
+    else:
+        wanted.update(num_moe_experts=None)
     if model_type == "gpt2":
         wanted.update(untie_embeddings_and_output_weights=False, num_query_groups=cfg.num_attention_heads,
                       kv_channels=cfg.hidden_size // cfg.num_attention_heads)
