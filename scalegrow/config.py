@@ -254,8 +254,11 @@ class ModelConfig:
         h, bias = self.hidden_size, self.has_linear_bias
         if not self.is_moe_layer(index):
             return self.fc1_rows * h + self.ffn_hidden_size * h + (self.fc1_rows + h if bias else 0)
-        expert = self.expert_fc1_rows * h + self.moe_ffn_hidden_size * h + (self.expert_fc1_rows + h if bias else 0)
-        return self.num_moe_experts * (h + (1 if bias else 0) + expert)
+        return self.num_moe_experts * (h + (1 if bias else 0) + self._expert_parameters())
+
+    def _expert_parameters(self) -> int:
+        h, bias = self.hidden_size, self.has_linear_bias
+        return self.expert_fc1_rows * h + self.moe_ffn_hidden_size * h + (self.expert_fc1_rows + h if bias else 0)
 
     def num_parameters(self) -> int:
         h, L = self.hidden_size, self.num_layers
@@ -275,6 +278,13 @@ class ModelConfig:
         if not self.tied:
             total += self.padded_vocab_size * h
         return total
+
+    def num_active_parameters(self) -> int:
+        """Parameters a token passes through: in an MoE layer the router and only top-k experts."""
+        if not self.num_moe_experts:
+            return self.num_parameters()
+        moe_layers = sum(map(self.is_moe_layer, range(self.num_layers)))
+        return self.num_parameters() - moe_layers * (self.num_moe_experts - self.moe_router_topk) * self._expert_parameters()
 
 
 def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:

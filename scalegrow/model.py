@@ -225,7 +225,7 @@ class GPT(nn.Module):
         return lm + self.cfg.moe_aux_loss_coeff * aux if self.training else lm
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy over token windows [b, s + 1]."""
+        """Mean next-token cross entropy over token windows [b, s + 1] (+ the MoE aux loss in training)."""
         return self(tokens[:, :-1], tokens[:, 1:])
 
 

@@ -85,3 +85,23 @@ def test_quick_mode_runs_every_method(tmp_path):
         assert row["final_val"] < row["start_val"]
     for plot in summary["plots"]:
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_moe_upcycle_quick_mode_compares_every_run(tmp_path):
+    """tools/bench/moe_upcycle.py --quick: every run trains; an upcycled MoE starts at the dense
+    model's final val loss (upcycling is lossless); active parameters count top-k experts only."""
+    out = tmp_path / "moe"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "moe_upcycle.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert set(rows) == {"dense-continued", "upcycle-8x2", "scratch-8x2", "upcycle-granular", "scratch-granular"}
+    dense = json.loads((out / "runs" / "seed0" / "dense.json").read_text())["val"]
+    for shape in ("8x2", "granular"):
+        start = json.loads((out / "runs" / "seed0" / f"upcycle-{shape}.json").read_text())["val"]["0"]
+        assert abs(start - dense[max(dense, key=int)]) < 1e-4
+    assert rows["upcycle-8x2"]["active_params"] < rows["upcycle-8x2"]["params"]
+    assert rows["upcycle-granular"]["active_params"] - rows["dense-continued"]["params"] == 2 * 8 * 32  # routers
+    assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -133,8 +133,9 @@ def _first_bytes(docs, limit: int):
 
 # ---- training ----------------------------------------------------------------------------------------
 def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data: Data, b: Budget, seed: int,
-          desc: str) -> tuple[dict, GPT]:
-    """AdamW with DeepSpeed's CPU settings; val loss at step 0, every eval_interval and at the end."""
+          desc: str, first_batch: int = 0) -> tuple[dict, GPT]:
+    """AdamW with DeepSpeed's CPU settings; val loss at step 0, every eval_interval and at the end.
+    Batches are the seed's order from `first_batch` on (a continued run sees new tokens)."""
     train_stream, valid = data.train, data.valid
     model = GPT(cfg)
     if state is None:
@@ -148,7 +149,7 @@ def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data:
     for step in tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, sched, steps)
-        loss = model.loss(batch(train_stream, order.samples(step, 0, 0)))
+        loss = model.loss(batch(train_stream, order.samples(first_batch + step, 0, 0)))  # + MoE aux in training
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -2,8 +2,8 @@
 
 FLOPs per token follow Kaplan et al. (2020, §2.1), training = 3 × forward:
     6 · N + 6 · num_layers · seq_length · (num_attention_heads · kv_channels)
-where N counts every matmul weight a token passes through: the transformer layers and the output
-layer (the input embedding is a lookup, not a matmul). Every large-model run has the same N and
+where N counts every matmul weight a token passes through: the transformer layers (in an MoE layer
+the router and the top-k experts) and the output layer (the input embedding is a lookup, not a matmul). Every large-model run has the same N and
 tokens per step, so compute is proportional to steps; LiGO's operator steps run the large model
 forward and backward and are counted at the same rate.
 """
@@ -17,7 +17,7 @@ from scalegrow.config import ModelConfig
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
-    matmul = cfg.num_parameters()
+    matmul = cfg.num_active_parameters()  # an MoE token passes through its router and top-k experts only
     if not cfg.tied:  # the input embedding is a separate lookup table; the output layer stays in
         matmul -= cfg.padded_vocab_size * cfg.hidden_size
     if cfg.position_embedding_type == "learned_absolute":
