@@ -145,10 +145,7 @@ def test_methods_without_moe_rules_refuse_moe(tmp_path, capsys):
         assert cli.main(["grow", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"),
                          "--target", str(write_yaml(tmp_path / "t.yaml", num_layers=6))]) == 2
         assert message in capsys.readouterr().err
-    assert cli.main(["convert", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "d"),
-                     "--format", "torch_dist"]) == 2
-    assert "MoE models are written in the legacy torch format" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
+    assert not (tmp_path / "x").exists()
 
 
 def test_moe_biases_are_refused_at_tensor_parallel_sizes_megatron_core_refuses(tmp_path, capsys):
@@ -173,7 +170,8 @@ def test_upcycle_needs_experts_in_the_target(tmp_path, capsys):
 @pytest.mark.slow
 def test_megatron_core_loads_expert_parallel_files(tmp_path):
     """EP2 at PP2 (4 gloo ranks, TP1): files mp_rank_00_PPP_EEE each hold 2 of the 4 experts under
-    local indices 0-1; megatron-core loads each strictly and computes the dense source's logits."""
+    local indices 0-1; megatron-core loads each strictly and computes the dense source's logits. The
+    same model as torch_dist (experts stacked [L, E, ...]) is sharded to EP2 by megatron-core's loader."""
     import mcore
 
     family, moe = UPCYCLES["llama-top2-of-4"]
@@ -189,9 +187,12 @@ def test_megatron_core_loads_expert_parallel_files(tmp_path):
     torch.save(tokens(src, seed=5), tmp_path / "tokens.pt")
     job = {"config": ckpt.config.to_dict(), "path": str(tmp_path / "ep"), "format": "torch",
            "tokens": str(tmp_path / "tokens.pt")}
-    (got,) = mcore.run_megatron_check(1, 2, [job], tmp_path, ep=2)
+    assert cli.main(["convert", "--src", str(tmp_path / "ep"), "--dst", str(tmp_path / "dist"), "--format",
+                     "torch_dist", "--no-progress"]) == 0  # resharded to EP2/PP2 by megatron-core on load
+    jobs = [job, dict(job, path=str(tmp_path / "dist"), format="torch_dist")]
     want = pipeline.load_model(tmp_path / "dense")(torch.load(tmp_path / "tokens.pt")).detach()
-    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    for got in mcore.run_megatron_check(1, 2, jobs, tmp_path, ep=2):
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_expert_parallel_round_trip_and_bad_sizes(tmp_path, capsys):

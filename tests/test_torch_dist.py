@@ -1,6 +1,7 @@
-"""scalegrow's own torch_dist writer against megatron-core's `dist_checkpointing.save` of the same model:
-the same keys, global shapes, dtypes, chunks and byte items, the same tensor values chunk by chunk,
-and the same `common.pt` and `metadata.json`."""
+"""scalegrow's own torch_dist writer against megatron-core's `dist_checkpointing.save` of the same model
+(dense, and MoE with SequentialMLP experts): the same keys, global shapes, dtypes, chunks and byte
+items, the same tensor values chunk by chunk, and the same `common.pt` and `metadata.json`; the
+reader reads megatron-core's save back tensor for tensor."""
 import io
 import json
 import warnings
@@ -11,16 +12,23 @@ import torch
 from scalegrow.formats.base import MemoryReader
 from scalegrow.formats.dcp import read_metadata
 from scalegrow.formats.io import safe_load
+from scalegrow.formats.registry import open_checkpoint
 from scalegrow.operators.identity import Identity
 from scalegrow.output import OutputOptions, write
 from helpers import FAMILIES, family_config, random_model
 
-CASES = sorted(FAMILIES) + ["swiglu-with-biases"]
+CASES = sorted(FAMILIES) + ["swiglu-with-biases", "moe-qwen3", "moe-mixed-layers", "moe-gpt2-biases"]
+MOE = {"moe-qwen3": ("qwen3", dict(num_moe_experts=4, moe_router_topk=2)),  # every layer: stacked [L, E, ...]
+       "moe-mixed-layers": ("llama", dict(num_moe_experts=4, moe_router_topk=2, moe_layer_freq=2)),  # per layer
+       "moe-gpt2-biases": ("gpt2", dict(num_moe_experts=2, moe_router_topk=1, moe_router_pre_softmax=True))}
 
 
 def case_config(case):
     if case == "swiglu-with-biases":  # SwiGLU's fc1 bias goes through megatron's factory too
         return family_config("gpt2", num_layers=2, swiglu=True)
+    if case in MOE:
+        family, moe = MOE[case]
+        return family_config(family, num_layers=3, **moe)
     return family_config(case, num_layers=2)
 
 
@@ -61,10 +69,11 @@ def test_writer_matches_megatron_core_save(mcore, tmp_path, case):
     write(MemoryReader.of(sd, cfg, iteration=5), Identity(cfg, cfg), ours, OutputOptions(format="torch_dist"),
           progress=False)
     ours_common = safe_load(ours / "iter_0000005/common.pt", mmap=False)
-    megatron_save(mcore, cfg, sd, tmp_path / "theirs", ours_common["args"])
+    theirs = tmp_path / "theirs" / "iter_0000005"
+    megatron_save(mcore, cfg, sd, theirs, ours_common["args"])
 
     our_items, our_data = chunks(ours / "iter_0000005")
-    their_items, their_data = chunks(tmp_path / "theirs")
+    their_items, their_data = chunks(theirs)
     assert our_items == their_items  # keys, kinds (tensor / bytes), global shapes, dtypes
     assert our_data.keys() == their_data.keys()  # every chunk at the same offsets
     for key, value in their_data.items():
@@ -72,11 +81,14 @@ def test_writer_matches_megatron_core_save(mcore, tmp_path, case):
             assert torch.equal(our_data[key], value), key
         else:
             assert our_data[key] == value, key
-    theirs_common = safe_load(tmp_path / "theirs/common.pt", mmap=False)
+    theirs_common = safe_load(theirs / "common.pt", mmap=False)
     assert ours_common.keys() == theirs_common.keys()
     assert (ours_common["iteration"], ours_common["checkpoint_version"]) == (5, 3.0)
     assert json.loads((ours / "iter_0000005/metadata.json").read_text()) == \
-        json.loads((tmp_path / "theirs/metadata.json").read_text())
+        json.loads((theirs / "metadata.json").read_text())
+    (tmp_path / "theirs/latest_checkpointed_iteration.txt").write_text("5")  # as Megatron-LM's save_checkpoint
+    back = open_checkpoint(tmp_path / "theirs").state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_metadata_unpickler_admits_enum_members_and_nothing_else(tmp_path):

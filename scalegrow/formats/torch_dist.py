@@ -7,7 +7,10 @@ The format is layout-free: Megatron-LM re-shards it on load for any TP/PP, and t
 `common.pt` only record the layout it was trained at. Its tensors are DCP chunks (`dcp.py`) under
 the names megatron-core's `GPTModel.sharded_state_dict()` gives them:
 - layer tensors are stacked over layers, `decoder.layers.{name}` of shape [num_layers, ...], one chunk
-  per layer, the norms spelled the Transformer-Engine way (`linear_qkv.layer_norm_weight`);
+  per layer, the norms spelled the Transformer-Engine way (`linear_qkv.layer_norm_weight`); with
+  dense and MoE layers mixed, megatron-core keeps one key per layer instead (`decoder.layers.{i}.{name}`);
+- SequentialMLP experts are stacked over global experts, `decoder.layers.mlp.experts.experts.{name}`
+  of shape [num_layers, num_moe_experts, ...] (layers mixed: [num_moe_experts, ...] per layer);
 - SwiGLU's fc1 is stored as two chunks per layer, gate rows then up rows;
 - each linear module's `_extra_state` is a byte item `decoder.layers.{module}._extra_state/shard_{i}_{L}`;
 - a tied model stores no `output_layer.weight`.
@@ -40,23 +43,47 @@ BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "commo
            "common_backend_version": 1}
 
 
-def stacked_key(name: str) -> str:
-    """The torch_dist key of a layer tensor (stacked over layers)."""
-    return arch.LAYER_PREFIX + arch.TE_NAMES.get(name, name)
+EXPERT_STACK = "mlp.experts.experts."  # experts' tensors, stacked over global expert indices
 
 
-def extra_state_key(module_state: str, layer: int, num_layers: int) -> str:
-    return f"{arch.LAYER_PREFIX}{module_state}/shard_{layer}_{num_layers}"
+def homogeneous(cfg: ModelConfig) -> bool:
+    """Whether every layer holds the same tensors (megatron-core then stacks them over layers)."""
+    return not cfg.num_moe_experts or cfg.moe_layer_freq == 1
+
+
+def placement(cfg: ModelConfig, index: int, name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(stored key, offsets, sizes of the leading axes) of layer `index`'s tensor `name`. Homogeneous
+    models stack every layer tensor over layers, [L, ...] at (index,); mixed dense/MoE layers keep one
+    key per layer. An expert's tensor is stacked over the experts too: [(L,) E, ...] at ((index,) e)."""
+    expert = arch.expert_of(name)
+    local = arch.TE_NAMES.get(name, name) if expert is None else EXPERT_STACK + expert[1]
+    if homogeneous(cfg):
+        key, offsets, sizes = arch.LAYER_PREFIX + local, (index,), (cfg.num_layers,)
+    else:
+        key, offsets, sizes = arch.layer_key(index, local), (), ()
+    if expert is not None:
+        offsets, sizes = offsets + (expert[0],), sizes + (cfg.num_moe_experts,)
+    return key, offsets, sizes
+
+
+def extra_state_key(cfg: ModelConfig, index: int, module_state: str) -> str:
+    """`decoder.layers.mlp.linear_fc1._extra_state/shard_3_8`; an expert's: `shard_3.5_8.16`
+    (layer and expert offsets, then sizes); `shard_0_1` where nothing is stacked."""
+    key, offsets, sizes = placement(cfg, index, module_state)
+    return f"{key}/shard_{'.'.join(map(str, offsets)) or 0}_{'.'.join(map(str, sizes)) or 1}"
 
 
 def stored_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(key, global shape) of every tensor a torch_dist checkpoint of `cfg` stores."""
-    out = [(s.name, arch.full_shape(cfg, s)) for s in arch.embedding_specs(cfg)]
-    out += [(stacked_key(s.name), (cfg.num_layers, *arch.full_shape(cfg, s))) for s in arch.layer_specs(cfg, 0)]
-    out += [(s.name, arch.full_shape(cfg, s)) for s in arch.final_norm_specs(cfg)]
+    out = {s.name: arch.full_shape(cfg, s) for s in arch.embedding_specs(cfg)}
+    for i in range(1 if homogeneous(cfg) else cfg.num_layers):
+        for spec in arch.layer_specs(cfg, i):
+            key, _, sizes = placement(cfg, i, spec.name)
+            out[key] = sizes + arch.full_shape(cfg, spec)
+    out.update({s.name: arch.full_shape(cfg, s) for s in arch.final_norm_specs(cfg)})
     if not cfg.tied:
-        out.append((arch.OUTPUT_LAYER, arch.full_shape(cfg, arch.OUTPUT_SPEC)))
-    return out
+        out[arch.OUTPUT_LAYER] = arch.full_shape(cfg, arch.OUTPUT_SPEC)
+    return list(out.items())
 
 
 def is_torch_dist(path: Path) -> bool:
@@ -84,10 +111,10 @@ class DistReader(Reader):
         parsed = arch.split_layer_key(key)
         if parsed is None:
             return self._chunks.read(key)
-        index, name = parsed
-        stacked = stacked_key(name)
-        shape = self._chunks.shape(stacked)  # [num_layers, ...]
-        return self._chunks.read(stacked, (index,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+        stored, offsets, _ = placement(self.config, *parsed)
+        n, shape = len(offsets), self._chunks.shape(stored)  # [(L,) (E,) ...]
+        box = self._chunks.read(stored, offsets + (0,) * (len(shape) - n), (1,) * n + shape[n:])
+        return box.reshape(shape[n:])
 
 
 def checkpoint_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
@@ -119,7 +146,8 @@ def open_dist(path: Path, validate: bool = True) -> DistReader:
             raise InputError(f"{iter_dir}: {key}: missing tensor (expected shape {want})")
         if chunks.shape(key) != want:
             raise InputError(f"{iter_dir}: {key}: shape {chunks.shape(key)} does not match {want} expected from args")
-    return DistReader(root, iteration, args, config, Layout(tp, stages), chunks.dtype(arch.WORD_EMBEDDINGS),
+    ep = int(getattr(args, "expert_model_parallel_size", 1) or 1) if config.num_moe_experts else 1
+    return DistReader(root, iteration, args, config, Layout(tp, stages, ep), chunks.dtype(arch.WORD_EMBEDDINGS),
                       iter_dir, chunks)
 
 
@@ -130,8 +158,6 @@ class DistWriter:
     The args record `layout`; the tensors themselves are stored whole (layout-free)."""
 
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts=None):
-        if cfg.num_moe_experts:  # megatron-core stacks experts in its own sharded layout; not written yet
-            raise InputError("--format torch_dist: MoE models are written in the legacy torch format for now")
         cfg.check_tp(layout.tp)
         self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
         self.iteration, self.dtype = source.iteration, source.dtype
@@ -155,19 +181,18 @@ class DistWriter:
         for name, offsets, chunk in self._boxes(key, spec, full.to(self.dtype)):
             self._queue.submit(functools.partial(self._chunks.add_chunk, name, offsets, chunk), self._chunks.path)
 
-    @staticmethod
-    def _boxes(key: str, spec: TensorSpec, full: torch.Tensor):
-        """(stored key, offsets, chunk) of one tensor: a layer's tensor is one slice [1, ...] of its
-        stacked key at offset (layer, 0, ...); SwiGLU's fc1 is two, the gate rows and the up rows."""
+    def _boxes(self, key: str, spec: TensorSpec, full: torch.Tensor):
+        """(stored key, offsets, chunk) of one tensor: a layer's tensor is one box [(1,) (1,) ...] of
+        its stored key at its layer (and expert) offsets; SwiGLU's fc1 is two, gate rows and up rows."""
         parsed = arch.split_layer_key(key)
         if parsed is None:
             yield key, (0,) * full.dim(), full
             return
-        index, name = parsed
+        stored, offsets, _ = placement(self.cfg, *parsed)
         halves = full.chunk(2, dim=0) if spec.packing == arch.SWIGLU else (full,)
         row = 0
         for half in halves:
-            yield stacked_key(name), (index, row) + (0,) * (full.dim() - 1), half[None]
+            yield stored, offsets + (row,) + (0,) * (full.dim() - 1), half.reshape((1,) * len(offsets) + half.shape)
             row += half.shape[0]
 
     def close_stage(self) -> None:
@@ -179,10 +204,9 @@ class DistWriter:
 
     def finish(self) -> None:
         self._queue.close()
-        L = self.cfg.num_layers
-        for i in range(L):  # megatron-core saves each module's (empty) extra state as a list
-            for module_state in arch.LAYER_EXTRA_STATE:
-                self._chunks.add_object(extra_state_key(module_state, i, L), [None])
+        for i in range(self.cfg.num_layers):  # megatron-core saves each module's (empty) extra state as a list
+            for module_state in arch.layer_extra_state(self.cfg, i):
+                self._chunks.add_object(extra_state_key(self.cfg, i, module_state), [None])
         self._chunks.finish()
         common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
                   "iteration": 0 if self.iteration == "release" else int(self.iteration)}
