@@ -141,11 +141,31 @@ def test_methods_without_moe_rules_refuse_moe(tmp_path, capsys):
     moe = family_config("llama").replace(num_moe_experts=4)
     pipeline.save_model(GPT(moe).state_dict(), moe, tmp_path / "moe")
     for method, message in (("stack", "num_moe_experts: stack has no rules for MoE layers yet"),
+                            ("ligo", "num_moe_experts: ligo has no rules for MoE layers yet"),
                             ("upcycle", "num_moe_experts: the source is already an MoE (4 experts)")):
         assert cli.main(["grow", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"),
                          "--target", str(write_yaml(tmp_path / "t.yaml", num_layers=6))]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_shrinking_an_moe_keeps_its_experts_and_layer_pattern(tmp_path, capsys):
+    cfg, sd = _trained_looking_moe("gpt2", num_moe_experts=4, moe_router_topk=2, moe_layer_freq=2)
+    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    for method, target, message in (
+            ("subclone", dict(num_layers=2), "num_layers: dropping layers would move the MoE layers"),
+            ("drop-layers", dict(num_moe_experts=2), "shrink prunes experts with --method prune-experts"),
+            ("subclone", dict(moe_ffn_hidden_size=128), "moe_ffn_hidden_size: target 128 is larger")):
+        assert cli.main(["shrink", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"),
+                         "--target", str(write_yaml(tmp_path / "t.yaml", **target))]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+    target = dict(hidden_size=48, moe_ffn_hidden_size=64, ffn_hidden_size=64, num_attention_heads=2)
+    assert cli.main(["shrink", "--method", "drop-layers", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "d"),
+                     "--target", str(write_yaml(tmp_path / "t.yaml", **target)), "--no-progress"]) == 0
+    got = pipeline.load_model(tmp_path / "d").state_dict()  # the first dims and neurons of every expert
+    key = "decoder.layers.2.mlp.experts.local_experts.3.linear_fc2.weight"
+    assert torch.equal(got[key], sd[key][:48, :64])
+    assert torch.equal(got["decoder.layers.2.mlp.router.weight"], sd["decoder.layers.2.mlp.router.weight"][:, :48])
 
 
 def test_moe_biases_are_refused_at_tensor_parallel_sizes_megatron_core_refuses(tmp_path, capsys):

@@ -48,10 +48,10 @@ def big(tmp_path_factory):
     return root
 
 
-def shrunk(big, tmp_path, name, target, method="subclone", rescale=True, layout=OutputOptions(tp=1, pp=1)):
-    out = tmp_path / name
+def shrunk(big, tmp_path, name, target, method="subclone", rescale=True, layout=OutputOptions(tp=1, pp=1), src=None):
+    out, src = tmp_path / name, src or big / "big"
     options = SubcloneOptions(tokens=8192, rescale=rescale) if method == "subclone" else None
-    shrink(big / "big", out, method, write_yaml(tmp_path / f"{name}.yaml", **target), layout, options,
+    shrink(src, out, method, write_yaml(tmp_path / f"{name}.yaml", **target), layout, options,
            DataOptions(data=str(big / "corpus")), progress=False)
     assert (out / "tokenizer.model").read_bytes() == (big / "big" / "tokenizer.model").read_bytes()  # it travels
     return out
@@ -101,6 +101,29 @@ def test_rescale_helps(big, tmp_path):
     with_rescale = loss(big, shrunk(big, tmp_path, "rescaled", WIDTH))
     without = loss(big, shrunk(big, tmp_path, "plain", WIDTH, rescale=False))
     assert with_rescale < without, (with_rescale, without)
+
+
+def test_subclone_shrinks_an_upcycled_moe(big, tmp_path):
+    """The trained model upcycled to 4 experts (top-2, noise so they differ), then subcloned: the
+    same shape is exact; at half width (every expert's neurons 352 -> 176, ranked per expert over its
+    routed tokens, the router's columns of the kept dimensions) it beats drop-layers, and the
+    fitted rescale of every expert's fc2 lowers the loss further."""
+    from scalegrow.methods import registry as methods
+    from scalegrow.pipeline import grow
+
+    moe = tmp_path / "moe"
+    grow(big / "big", moe, "upcycle", write_yaml(tmp_path / "moe.yaml", num_moe_experts=4, moe_router_topk=2),
+         OutputOptions(tp=1, pp=1), progress=False, options=methods.options_with("upcycle", methods.GROW, noise=0.02))
+    same = shrunk(big, tmp_path, "same", dict(num_layers=4), src=moe)
+    a, b = load_model(moe).state_dict(), load_model(same).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    target = dict(WIDTH, moe_ffn_hidden_size=176)
+    sub = shrunk(big, tmp_path, "sub", target, src=moe)
+    assert load_model(sub).cfg.moe_ffn_hidden_size == 176 and load_model(sub).cfg.num_moe_experts == 4
+    plain = loss(big, shrunk(big, tmp_path, "plain", target, rescale=False, src=moe))
+    drop = loss(big, shrunk(big, tmp_path, "drop", target, method="drop-layers", src=moe))
+    print("moe subclone/plain/drop-layers held-out loss:", loss(big, sub), plain, drop)
+    assert loss(big, sub) < plain < drop, (loss(big, sub), plain, drop)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from scalegrow.config import ModelConfig
 from scalegrow.data import batch
 from scalegrow.formats.base import Reader
 from scalegrow.methods.base import Context
-from scalegrow.model import Embedding, TransformerLayer, rotary_freqs
+from scalegrow.model import Embedding, MoE, TransformerLayer, rotary_freqs, route
 from scalegrow.operators.subclone import CalibrationStats, NormSite, Selection, Subclone
 
 
@@ -46,10 +46,9 @@ def calibrate(source: Reader, tokens: torch.Tensor, progress: bool = False) -> C
     cfg = source.config
     stats = CalibrationStats(tokens=tokens.numel())
     x, freqs = embed(source, cfg, tokens)
-    layer = TransformerLayer(cfg)
-    for _, tensors in executor.source_layers(source, progress, "calibrate"):
-        layer.load_state_dict({k: v.float() for k, v in tensors.items()})
-        x = _layer_stats(layer, x, freqs, stats)
+    modules = {}
+    for i, tensors in executor.source_layers(source, progress, "calibrate"):
+        x = _layer_stats(_load_layer(cfg, i, tensors, modules), x, freqs, stats)
     stats.final_norm = NormSite.of(x)
     return stats
 
@@ -62,15 +61,31 @@ def embed(source: Reader, cfg: ModelConfig, tokens: torch.Tensor) -> tuple[torch
     return embedding(tokens), freqs
 
 
+def _load_layer(cfg: ModelConfig, index: int, tensors: dict[str, torch.Tensor],
+                modules: dict[bool, TransformerLayer]) -> TransformerLayer:
+    """Layer `index` with its weights, in a module reused for every layer of its kind (dense or MoE)."""
+    moe = cfg.is_moe_layer(index)
+    if moe not in modules:
+        modules[moe] = TransformerLayer(cfg, index)
+    modules[moe].load_state_dict({k: v.float() for k, v in tensors.items()})
+    return modules[moe]
+
+
 def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, stats: CalibrationStats) -> torch.Tensor:
     stats.input_norms.append(NormSite.of(x))
     heads = layer.self_attention.heads(layer.input_layernorm(x), freqs)  # [b, s, np, hn]
     stats.heads.append(heads.abs().mean(dim=(0, 1, 3)).double())
     mid = x + layer.self_attention.linear_proj(heads.flatten(2))
     stats.mlp_norms.append(NormSite.of(mid))
-    hidden = layer.mlp.hidden(layer.pre_mlp_layernorm(mid))
-    stats.neurons.append(hidden.abs().mean(dim=(0, 1)).double())
-    out = mid + layer.mlp.linear_fc2(hidden)
+    normed = layer.pre_mlp_layernorm(mid)
+    if isinstance(layer.mlp, MoE):
+        _, _, activity = _expert_passes(layer.mlp, normed)
+        stats.neurons.append(activity)
+        out = mid + layer.mlp(normed)
+    else:
+        hidden = layer.mlp.hidden(normed)
+        stats.neurons.append(hidden.abs().mean(dim=(0, 1)).double())
+        out = mid + layer.mlp.linear_fc2(hidden)
     change = (out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
     stats.block_change.append(change.mean().item())
     return out
@@ -82,19 +97,41 @@ def mlp_output_scales(source: Reader, tokens: torch.Tensor, sel: Selection, prog
     neurons onto the full MLP, both fed the same stream. One layer at a time, like `calibrate`."""
     cfg = source.config
     x, freqs = embed(source, cfg, tokens)
-    big = TransformerLayer(cfg)
-    scales = {}
+    scales, modules = {}, {}
     for i, tensors in executor.source_layers(source, progress, "rescale"):
-        big.load_state_dict({k: v.float() for k, v in tensors.items()})
+        big = _load_layer(cfg, i, tensors, modules)
         mid = x + big.self_attention(big.input_layernorm(x), freqs)
-        mlp = big.mlp(big.pre_mlp_layernorm(mid))
+        normed = big.pre_mlp_layernorm(mid)
+        mlp = big.mlp(normed)
         if i in sel.layers:
             j = sel.layers.index(i)
-            hidden = big.mlp.hidden(big.pre_mlp_layernorm(mid))[..., sel.neurons[j]]
-            kept = F.linear(hidden, big.mlp.linear_fc2.weight[:, sel.neurons[j]])  # the dropped terms missing
-            scales[j] = _fit(mlp - _bias(big.mlp.linear_fc2), kept)
+            if isinstance(big.mlp, MoE):  # one scale for every expert's fc2: fitted on the routed sum
+                full, kept, _ = _expert_passes(big.mlp, normed, sel.neurons[j])
+                scales[j] = _fit(full, kept)
+            else:
+                hidden = big.mlp.hidden(normed)[..., sel.neurons[j]]
+                kept = F.linear(hidden, big.mlp.linear_fc2.weight[:, sel.neurons[j]])  # the dropped terms missing
+                scales[j] = _fit(mlp - _bias(big.mlp.linear_fc2), kept)
         x = mid + mlp
     return scales
+
+
+def _expert_passes(moe: MoE, x: torch.Tensor, neurons: torch.Tensor | None = None):
+    """An MoE layer's routed output without fc2 biases, the same from only the `neurons` [E, F_T]
+    each expert keeps (None: all), and E|activation| of each expert's neurons over the tokens routed
+    to it [E, F] (zero for an expert no token reaches)."""
+    flat = x.reshape(-1, x.shape[-1])
+    weights, index = route(F.linear(flat, moe.router.weight, moe.router.bias), moe.topk, moe.pre_softmax)
+    full, kept, activity = torch.zeros_like(flat), torch.zeros_like(flat), []
+    for e, expert in enumerate(moe.experts.local_experts):
+        token, slot = (index == e).nonzero(as_tuple=True)
+        hidden = expert.hidden(flat[token])  # [tokens routed to e, F]
+        activity.append(hidden.abs().mean(0) if token.numel() else hidden.new_zeros(hidden.shape[-1]))
+        w, fc2 = weights[token, slot, None], expert.linear_fc2.weight
+        full.index_add_(0, token, F.linear(hidden, fc2) * w)
+        if neurons is not None:
+            kept.index_add_(0, token, F.linear(hidden[:, neurons[e]], fc2[:, neurons[e]]) * w)
+    return full, kept, torch.stack(activity).double()
 
 
 def _bias(linear) -> torch.Tensor | float:

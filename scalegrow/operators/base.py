@@ -46,8 +46,8 @@ class Operator:
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0):
         if (src.num_moe_experts or dst.num_moe_experts) and not self.handles_moe:
-            raise ValueError(f"num_moe_experts: {self.name} has no rules for MoE layers yet (convert and "
-                             f"upcycle have)")
+            raise ValueError(f"num_moe_experts: {self.name} has no rules for MoE layers yet (lemon, upcycle, "
+                             f"more-experts, subclone, drop-layers and prune-experts have)")
         self.src = src
         self.dst = self.resolve(src, dst)
         self.seed = seed

@@ -6,12 +6,14 @@ Weight subcloning initialises a smaller transformer from a larger trained one:
   every norm, every block input and output, the output layer).
 - §3.2 heads and FFN neurons: ranked per layer by the magnitude of their outputs. With GQA whole KV
   groups are kept (ranked by the sum of their q heads) together with their best q heads; SwiGLU's
-  gate and up rows go together.
+  gate and up rows go together. In an MoE layer each expert ranks its own neurons over the tokens
+  routed to it (our extension), and the router keeps the kept dimensions' columns.
 - §3.3 depth: remove the blocks that change their input least, ‖block(x) − x‖ / ‖x‖, from the middle
   of the network (never the first or the last block).
 - §3.4 rescaling (our rule, measured against none in tests/test_shrink.py and docs/RESULTS.md): an
   FFN's output is a sum over its neurons, so dropping neurons removes additive terms and shrinks it.
-  A second calibration pass scales each kept `linear_fc2` (weight, not bias) by the least-squares
+  A second calibration pass scales each kept `linear_fc2` (weight, not bias; in an MoE layer every
+  expert's, fitted on the routed sum) by the least-squares
   factor s = <full, kept> / <kept, kept>, where `kept` is the MLP output from the kept neurons only and
   `full` the original (bias excluded), both on the same stream. With no neuron dropped s = 1 exactly.
   Rules we measured and rejected, each hurting in some shape: γ·√(D/D′), γ·RMS_kept/RMS_all on the
@@ -24,11 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scalegrow import arch
 from scalegrow.arch import Role
 from scalegrow.config import ModelConfig
 from scalegrow.operators.base import Operator, require_equal
 
-SHRINK_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+SHRINK_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "moe_ffn_hidden_size")
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Selection:
     dims: torch.Tensor  # kept residual dimensions [D_T]
     groups: list[torch.Tensor]  # per target layer: kept query groups [ng_T]
     heads: list[torch.Tensor]  # per target layer: kept q heads within each kept group [ng_T, per_T]
-    neurons: list[torch.Tensor]  # per target layer: kept FFN neurons [F_T]
+    neurons: list[torch.Tensor]  # per target layer: kept FFN neurons [F_T]; an MoE layer's per expert [E, F_T]
     # rescale: {target layer: MLP output scale}
     scales: dict | None = None
 
@@ -67,7 +71,7 @@ class CalibrationStats:
     mlp_norms: list[NormSite] = field(default_factory=list)  # per layer: pre_mlp_layernorm's input
     final_norm: NormSite | None = None
     heads: list[torch.Tensor] = field(default_factory=list)  # per layer: E|head output| per q head [np]
-    neurons: list[torch.Tensor] = field(default_factory=list)  # per layer: E|activation| per neuron [F]
+    neurons: list[torch.Tensor] = field(default_factory=list)  # per layer: E|activation| per neuron [F] ([E, F])
     block_change: list[float] = field(default_factory=list)  # per layer: E ‖block(x) − x‖ / ‖x‖
     tokens: int = 0
 
@@ -78,12 +82,23 @@ class CalibrationStats:
 
 
 class SliceOperator(Operator):
-    """Keeps a `Selection` of the source: every weight is a slice (shrinking needs no arithmetic)."""
+    """Keeps a `Selection` of the source: every weight is a slice (shrinking needs no arithmetic).
+    MoE layers: the router keeps the kept dimensions' columns, every expert its own best neurons;
+    experts themselves are pruned by `prune-experts`, so count, top-k and softmax order stay."""
+
+    handles_moe = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="heads are kept whole")
+        for key in ("num_moe_experts", "moe_router_topk", "moe_layer_freq", "moe_router_pre_softmax"):
+            require_equal(src, dst, key, why="shrink prunes experts with --method prune-experts")
+        if src.moe_layer_freq > 1 and dst.num_layers != src.num_layers:
+            raise ValueError(f"num_layers: dropping layers would move the MoE layers of moe_layer_freq "
+                             f"{src.moe_layer_freq}; keep {src.num_layers} layers")
         for key in SHRINK_KEYS:
+            if getattr(dst, key) is None:
+                continue
             if getattr(dst, key) > getattr(src, key):
                 raise ValueError(f"{key}: target {getattr(dst, key)} is larger than source {getattr(src, key)}; "
                                  f"shrink only shrinks (use `scalegrow grow`)")
@@ -114,8 +129,8 @@ class SliceOperator(Operator):
         t = sources[self.sel.layers[index]]
         mlp = (self.sel.scales or {}).get(index, 1.0)
         out = {spec.name: self._slice(spec.role, spec.name, t, index) for spec in self.layer_specs(index)}
-        if mlp != 1.0:
-            out["mlp.linear_fc2.weight"] = out["mlp.linear_fc2.weight"] * mlp
+        if mlp != 1.0:  # the FFN's fc2, or every expert's
+            out.update({k: v * mlp for k, v in out.items() if k.startswith("mlp.") and k.endswith("linear_fc2.weight")})
         return out
 
     def _slice(self, role: str, name: str, tensors: dict, j: int) -> torch.Tensor:
@@ -141,6 +156,16 @@ class SliceOperator(Operator):
             return halves[:, dims] if role == Role.FC1_WEIGHT else halves
         if role == Role.FC2_WEIGHT:
             return t[dims][:, neurons]
+        if role == Role.ROUTER_WEIGHT:  # [E, h]: reads the kept dimensions
+            return t[:, dims]
+        if role == Role.ROUTER_BIAS:
+            return t
+        if role in (Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT):
+            kept = neurons[arch.expert_of(name)[0]]  # this expert's neurons
+            if role == Role.EXPERT_FC2_WEIGHT:
+                return t[dims][:, kept]
+            halves = t.reshape(2 if s.swiglu else 1, s.moe_ffn_hidden_size, *t.shape[1:])[:, kept].flatten(0, 1)
+            return halves[:, dims] if role == Role.EXPERT_FC1_WEIGHT else halves
         raise AssertionError(f"no slicing rule for {role!r} ({name})")
 
 
@@ -152,10 +177,11 @@ class DropLayers(SliceOperator):
     def setup(self) -> None:
         s, d = self.src, self.dst
         layers = [i * s.num_layers // d.num_layers for i in range(d.num_layers)]
-        first = [torch.arange(n) for n in (d.num_query_groups, d.ffn_hidden_size)]
         heads = torch.arange(d.heads_per_group).expand(d.num_query_groups, -1)
-        self.sel = Selection(layers, torch.arange(d.hidden_size), [first[0]] * d.num_layers,
-                             [heads] * d.num_layers, [first[1]] * d.num_layers)
+        neurons = [torch.arange(d.moe_ffn_hidden_size).expand(d.num_moe_experts, -1) if d.is_moe_layer(j)
+                   else torch.arange(d.ffn_hidden_size) for j in range(d.num_layers)]
+        self.sel = Selection(layers, torch.arange(d.hidden_size), [torch.arange(d.num_query_groups)] * d.num_layers,
+                             [heads] * d.num_layers, neurons)
 
 
 class Subclone(SliceOperator):
@@ -174,7 +200,10 @@ class Subclone(SliceOperator):
             g = top(per_head.sum(1), d.num_query_groups)
             groups.append(g)
             heads.append(torch.stack([top(per_head[k], d.heads_per_group) for k in g.tolist()]))
-            neurons.append(top(st.neurons[i], d.ffn_hidden_size))
+            if s.is_moe_layer(i):  # [E, F]: each expert keeps its own most active neurons
+                neurons.append(torch.stack([top(row, d.moe_ffn_hidden_size) for row in st.neurons[i]]))
+            else:
+                neurons.append(top(st.neurons[i], d.ffn_hidden_size))
         self.sel = Selection(layers, dims, groups, heads, neurons)
 
 
