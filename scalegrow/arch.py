@@ -38,6 +38,9 @@ class Role:
     EXPERT_FC1_WEIGHT = "expert_fc1_weight"  # one expert's fc1/fc2 (its fc2 bias is an OUT_BIAS)
     EXPERT_FC1_BIAS = "expert_fc1_bias"
     EXPERT_FC2_WEIGHT = "expert_fc2_weight"
+    SHARED_FC1_WEIGHT = "shared_fc1_weight"  # the shared expert: an always-on FFN in an MoE layer
+    SHARED_FC2_WEIGHT = "shared_fc2_weight"
+    SHARED_GATE_WEIGHT = "shared_gate_weight"  # [1, hidden]: sigmoid gate on the shared expert's output
     WORD_EMBEDDINGS = "word_embeddings"
     POSITION_EMBEDDINGS = "position_embeddings"
     FINAL_NORM_WEIGHT = "final_norm_weight"
@@ -77,6 +80,9 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.EXPERT_FC1_WEIGHT: lambda c: (c.expert_fc1_rows, c.hidden_size),
     Role.EXPERT_FC1_BIAS: lambda c: (c.expert_fc1_rows,),
     Role.EXPERT_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe_ffn_hidden_size),
+    Role.SHARED_FC1_WEIGHT: lambda c: (c.shared_fc1_rows, c.hidden_size),
+    Role.SHARED_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe_shared_expert_intermediate_size),
+    Role.SHARED_GATE_WEIGHT: lambda c: (1, c.hidden_size),
     Role.WORD_EMBEDDINGS: lambda c: (c.padded_vocab_size, c.hidden_size),
     Role.POSITION_EMBEDDINGS: lambda c: (c.max_position_embeddings, c.hidden_size),
     Role.FINAL_NORM_WEIGHT: lambda c: (c.hidden_size,),
@@ -104,10 +110,15 @@ def moe_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
         specs.append(TensorSpec("mlp.router.bias", Role.ROUTER_BIAS, None))
     for e in range(cfg.num_moe_experts):
         specs += mlp_specs(cfg, f"{EXPERTS}{e}.", Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT)
+    if cfg.moe_shared_expert_intermediate_size:  # no biases (megatron-core refuses them)
+        specs += mlp_specs(cfg, SHARED, Role.SHARED_FC1_WEIGHT, "", Role.SHARED_FC2_WEIGHT)
+        if cfg.moe_shared_expert_gate:
+            specs.append(TensorSpec(f"{SHARED}gate_weight", Role.SHARED_GATE_WEIGHT, None))
     return specs
 
 
 EXPERTS = "mlp.experts.local_experts."
+SHARED = "mlp.shared_experts."
 
 
 def expert_of(name: str) -> tuple[int, str] | None:
@@ -258,6 +269,8 @@ def layer_extra_state(cfg: ModelConfig, index: int, experts: range | None = None
     if not cfg.is_moe_layer(index):
         return LAYER_EXTRA_STATE
     experts = experts if experts else range(cfg.num_moe_experts)
+    shared = (f"{SHARED}linear_fc1._extra_state", f"{SHARED}linear_fc2._extra_state") \
+        if cfg.moe_shared_expert_intermediate_size else ()
     return LAYER_EXTRA_STATE[:2] + tuple(f"{EXPERTS}{local}.{m}._extra_state" for local in range(len(experts))
-                                         for m in ("linear_fc1", "linear_fc2"))
+                                         for m in ("linear_fc1", "linear_fc2")) + shared
 OUTPUT_EXTRA_STATE = "output_layer._extra_state"

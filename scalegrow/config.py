@@ -52,6 +52,8 @@ class ModelConfig:
     moe_layer_freq: int = 1  # layer i is MoE when i % moe_layer_freq == 0
     moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (else over the top k)
     moe_aux_loss_coeff: float = 0.0  # weight of the load-balancing loss in training (Megatron-LM's default)
+    moe_shared_expert_intermediate_size: int | None = None  # an always-on FFN beside the routed experts
+    moe_shared_expert_gate: bool = False  # its output times sigmoid(x · gate_weight) (Qwen2-MoE)
     make_vocab_size_divisible_by: int = 128
     vocab_size: int | None = None  # unpadded tokenizer size, when known
 
@@ -87,6 +89,10 @@ class ModelConfig:
     @property
     def expert_fc1_rows(self) -> int:
         return self.moe_ffn_hidden_size * (2 if self.swiglu else 1)
+
+    @property
+    def shared_fc1_rows(self) -> int:
+        return (self.moe_shared_expert_intermediate_size or 0) * (2 if self.swiglu else 1)
 
     @property
     def has_linear_bias(self) -> bool:
@@ -146,11 +152,19 @@ class ModelConfig:
             raise ValueError(f"moe_router_topk: {self.moe_router_topk} exceeds num_moe_experts {self.num_moe_experts}")
         if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:  # megatron-core's rule: a softmax
             raise ValueError("moe_router_pre_softmax: must be true when moe_router_topk is 1")  # of one is 1
+        shared = self.moe_shared_expert_intermediate_size
+        if shared is not None and (not isinstance(shared, int) or isinstance(shared, bool) or shared <= 0):
+            raise ValueError(f"moe_shared_expert_intermediate_size: must be a positive integer, got {shared!r}")
+        if shared and self.add_bias_linear:  # megatron-core asserts it
+            raise ValueError("moe_shared_expert_intermediate_size: megatron-core's shared experts have no "
+                             "biases (add_bias_linear must be false)")
+        if self.moe_shared_expert_gate and not shared:
+            raise ValueError("moe_shared_expert_gate: needs moe_shared_expert_intermediate_size")
 
     def check_tp(self, tp: int) -> None:
         """Raise if this model cannot be split over `tp` tensor-parallel ranks."""
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size",
-                     "moe_ffn_hidden_size"):
+                     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if getattr(self, name) is not None and getattr(self, name) % tp:
                 raise ValueError(f"{name}: {getattr(self, name)} is not divisible by tensor parallel "
                                  f"size {tp}")
@@ -254,7 +268,9 @@ class ModelConfig:
         h, bias = self.hidden_size, self.has_linear_bias
         if not self.is_moe_layer(index):
             return self.fc1_rows * h + self.ffn_hidden_size * h + (self.fc1_rows + h if bias else 0)
-        return self.num_moe_experts * (h + (1 if bias else 0) + self._expert_parameters())
+        shared = self.shared_fc1_rows * h + (self.moe_shared_expert_intermediate_size or 0) * h
+        shared += h if self.moe_shared_expert_gate else 0
+        return self.num_moe_experts * (h + (1 if bias else 0) + self._expert_parameters()) + shared
 
     def _expert_parameters(self) -> int:
         h, bias = self.hidden_size, self.has_linear_bias
@@ -297,7 +313,9 @@ def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:
     return dict(num_moe_experts=int(a["num_experts"]), moe_router_topk=int(a.get("moe_router_topk", 2)),
                 moe_ffn_hidden_size=a.get("moe_ffn_hidden_size"), moe_layer_freq=freq,
                 moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax", False)),
-                moe_aux_loss_coeff=float(a.get("moe_aux_loss_coeff", 0.0) or 0.0))
+                moe_aux_loss_coeff=float(a.get("moe_aux_loss_coeff", 0.0) or 0.0),
+                moe_shared_expert_intermediate_size=a.get("moe_shared_expert_intermediate_size"),
+                moe_shared_expert_gate=bool(a.get("moe_shared_expert_gate", False)))
 
 
 def _drop_derived(values: dict[str, Any], base: ModelConfig, overrides: Mapping[str, Any]) -> None:

@@ -143,15 +143,29 @@ class Experts(nn.Module):
         self.local_experts = nn.ModuleList(MLP(cfg, cfg.moe_ffn_hidden_size) for _ in range(cfg.num_moe_experts))
 
 
+class SharedExpert(MLP):
+    """megatron-core's SharedExpertMLP: an FFN every token passes through, its output optionally
+    times sigmoid(x · gate_weight)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.moe_shared_expert_intermediate_size)
+        self.gate_weight = nn.Parameter(torch.empty(1, cfg.hidden_size)) if cfg.moe_shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.gate_weight is None else out * torch.sigmoid(F.linear(x, self.gate_weight))
+
+
 class MoE(nn.Module):
     """megatron-core's MoELayer with SequentialMLP experts: each token goes to its top-k experts, and
-    their outputs (fc2 bias included) are summed with the routing weights."""
+    their outputs (fc2 bias included) are summed with the routing weights, plus the shared expert's."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.topk, self.pre_softmax = cfg.moe_router_topk, cfg.moe_router_pre_softmax
         self.router = Router(cfg)
         self.experts = Experts(cfg)
+        self.shared_experts = SharedExpert(cfg) if cfg.moe_shared_expert_intermediate_size else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [b*s, h]
@@ -163,7 +177,7 @@ class MoE(nn.Module):
             token, slot = (index == e).nonzero(as_tuple=True)
             if token.numel():
                 out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.view_as(x)
+        return out.view_as(x) + (self.shared_experts(x) if self.shared_experts is not None else 0)
 
 
 class TransformerLayer(nn.Module):

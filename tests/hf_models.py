@@ -26,10 +26,13 @@ def hf_config(family: str):
             "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, **rope, head_dim=24, num_experts=4,
                                                              num_experts_per_tok=2, moe_intermediate_size=48,
                                                              norm_topk_prob=True),
+            "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, **rope, num_experts=4, num_experts_per_tok=2,
+                                                             moe_intermediate_size=48,
+                                                             shared_expert_intermediate_size=80),
             }[family]()
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe")
 
 
 def build(family: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0, config=None) -> Path:

@@ -97,7 +97,8 @@ def _moe(cfg: ModelConfig) -> dict:
     return dict(num_moe_experts=cfg.num_moe_experts, moe_router_topk=cfg.moe_router_topk,
                 moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, moe_layer_freq=cfg.moe_layer_freq,
                 moe_router_pre_softmax=cfg.moe_router_pre_softmax, moe_token_dispatcher_type="allgather",
-                moe_aux_loss_coeff=0.0)
+                moe_aux_loss_coeff=0.0, moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+                moe_shared_expert_gate=cfg.moe_shared_expert_gate)
 
 
 def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True, post_process: bool = True,

@@ -65,7 +65,9 @@ def test_megatron_core_at_tp2_pp2_equals_transformers(hf, tmp_path):
 def test_lemon_growth_hf_to_hf_is_lossless_in_transformers(hf, tmp_path, family):
     """(b) HF -> grow --method lemon -> HF: AutoModelForCausalLM loads it and computes the same logits."""
     groups, ffn = (8, 512) if family == "gpt2" else (4, 192)
-    experts = dict(moe_ffn_hidden_size=ffn) if family in ("mixtral", "qwen3_moe") else {}
+    experts = dict(moe_ffn_hidden_size=ffn) if family in ("mixtral", "qwen3_moe", "qwen2_moe") else {}
+    if family == "qwen2_moe":
+        experts["moe_shared_expert_intermediate_size"] = 160
     target = write_yaml(tmp_path / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=ffn,
                         num_attention_heads=8, num_query_groups=groups, **experts)
     pipeline.grow(hf[family], tmp_path / "big", "lemon", target, HF, progress=False)

@@ -168,6 +168,33 @@ def test_shrinking_an_moe_keeps_its_experts_and_layer_pattern(tmp_path, capsys):
     assert torch.equal(got["decoder.layers.2.mlp.router.weight"], sd["decoder.layers.2.mlp.router.weight"][:, :48])
 
 
+def test_shrinking_and_growing_a_shared_expert(tmp_path):
+    """A shared expert (Qwen2-MoE's, gated) narrows with subcloning (its own neuron ranking) and
+    drop-layers (its first neurons), and widens losslessly with LEMON."""
+    from scalegrow.operators.lemon import LemonGrowth
+
+    from hf_models import train_tokenizer
+
+    cfg = family_config("llama", num_layers=3, num_moe_experts=4, moe_router_topk=2, padded_vocab_size=1024,
+                        vocab_size=1000, moe_shared_expert_intermediate_size=80, moe_shared_expert_gate=True)
+    sd = random_model(cfg, seed=3).state_dict()
+    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    train_tokenizer(tmp_path / "moe")  # tokenizer.json beside the checkpoint, for calibration
+    target = write_yaml(tmp_path / "t.yaml", hidden_size=48, moe_shared_expert_intermediate_size=40)
+    for method in ("drop-layers", "subclone"):
+        assert cli.main(["shrink", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / method),
+                         "--target", str(target), "--calib-tokens", "2048", "--no-progress"]) == 0
+    got = pipeline.load_model(tmp_path / "drop-layers").state_dict()
+    fc1 = sd["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"]  # [gate; up] rows, 80 each
+    assert torch.equal(got["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"],
+                       torch.cat([fc1[:40, :48], fc1[80:120, :48]]))
+    assert pipeline.load_model(tmp_path / "subclone").cfg.moe_shared_expert_intermediate_size == 40
+    op = LemonGrowth(cfg, cfg.replace(hidden_size=96, moe_shared_expert_intermediate_size=120, num_layers=5))
+    x = tokens(cfg, seed=4)
+    want = logits(cfg, sd, x)
+    assert (logits(op.dst, apply(op, sd), x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 def test_moe_biases_are_refused_at_tensor_parallel_sizes_megatron_core_refuses(tmp_path, capsys):
     family, moe = UPCYCLES["gpt2-mixed-layers-bias"]
     src = family_config(family, num_layers=4)

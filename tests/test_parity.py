@@ -42,6 +42,14 @@ FEATURES = {  # beyond the product: what Hugging Face families bring
                                         moe_router_pre_softmax=True)),
     "moe-top1": ("RMSNorm", True, "mha", "rope", True, False, dict(num_moe_experts=2, moe_router_topk=1,
                                                                   moe_router_pre_softmax=True)),
+    # a shared expert beside the routed ones, its output gated by sigmoid(x · gate_weight) (Qwen2-MoE)
+    "moe-shared-expert-gated": ("RMSNorm", True, "gqa", "rope", True, False,
+                                dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                                     moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=80,
+                                     moe_shared_expert_gate=True)),
+    "moe-shared-expert-mixed-gelu": ("LayerNorm", False, "mha", "learned_absolute", False, False,
+                                     dict(num_moe_experts=2, moe_router_topk=2, moe_layer_freq=2,
+                                          moe_shared_expert_intermediate_size=64)),
 }
 
 

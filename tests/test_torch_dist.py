@@ -17,10 +17,13 @@ from scalegrow.operators.identity import Identity
 from scalegrow.output import OutputOptions, write
 from helpers import FAMILIES, family_config, random_model
 
-CASES = sorted(FAMILIES) + ["swiglu-with-biases", "moe-qwen3", "moe-mixed-layers", "moe-gpt2-biases"]
+CASES = sorted(FAMILIES) + ["swiglu-with-biases", "moe-qwen3", "moe-mixed-layers", "moe-gpt2-biases",
+                            "moe-shared-expert"]
 MOE = {"moe-qwen3": ("qwen3", dict(num_moe_experts=4, moe_router_topk=2)),  # every layer: stacked [L, E, ...]
        "moe-mixed-layers": ("llama", dict(num_moe_experts=4, moe_router_topk=2, moe_layer_freq=2)),  # per layer
-       "moe-gpt2-biases": ("gpt2", dict(num_moe_experts=2, moe_router_topk=1, moe_router_pre_softmax=True))}
+       "moe-gpt2-biases": ("gpt2", dict(num_moe_experts=2, moe_router_topk=1, moe_router_pre_softmax=True)),
+       "moe-shared-expert": ("llama", dict(num_moe_experts=4, moe_router_topk=2, moe_shared_expert_intermediate_size=80,
+                                           moe_shared_expert_gate=True))}
 
 
 def case_config(case):

@@ -9,6 +9,7 @@
     mixtral          llama + MoE in every layer: router `gate`, experts w1/w3 (gate/up) and w2 (down);
                      softmax over all experts, top-k, renormalised = megatron-core's softmax after top-k
     qwen3_moe        qwen3 + MoE in every layer; norm_topk_prob picks the softmax order
+    qwen2_moe        qwen2 + MoE in every layer + a shared expert gated by sigmoid(shared_expert_gate · x)
 
 Expert tensors are stored one per expert (`experts.{e}.…`): transformers 5 fuses them into 3-D
 tensors in memory only and writes them back per expert, as the Hub's checkpoints have them.
@@ -66,6 +67,13 @@ QWEN_MOE_LAYER = ATTENTION + _layer(
     (EXPERT + "linear_fc1.weight", ("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight"), "gate_up"),
     (EXPERT + "linear_fc2.weight", ("experts.{e}.down_proj.weight",)),
 )
+QWEN2_MOE_LAYER = QWEN_MOE_LAYER + _layer(
+    "model.layers.{i}.mlp.",
+    ("mlp.shared_experts.linear_fc1.weight", ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"),
+     "gate_up"),
+    ("mlp.shared_experts.linear_fc2.weight", ("shared_expert.down_proj.weight",)),
+    ("mlp.shared_experts.gate_weight", ("shared_expert_gate.weight",)),
+)
 LLAMA_GLOBAL = [Rule(arch.WORD_EMBEDDINGS, ("model.embed_tokens.weight",)),
                 Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
                 Rule(arch.OUTPUT_LAYER, ("lm_head.weight",))]
@@ -93,8 +101,8 @@ GPT2_GLOBAL = [Rule(arch.WORD_EMBEDDINGS, ("transformer.wte.weight",)),
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 DENSE_ONLY = ("mlp_bias", "pretraining_tp", "layer_types", "max_window_layers")  # not carried into the MoE sibling
 MOE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}  # where an upcycled model goes
 # HF tensors a checkpoint may hold that are no weights (old causal-mask and rope buffers)
@@ -105,7 +113,8 @@ def rules(model_type: str) -> tuple[list[Rule], list[Rule]]:
     """(per-layer rules, global rules) of a family."""
     if model_type == "gpt2":
         return GPT2_LAYER, GPT2_GLOBAL
-    layer = {"mixtral": MIXTRAL_LAYER, "qwen3_moe": QWEN_MOE_LAYER}.get(model_type, LLAMA_LAYER)
+    layer = {"mixtral": MIXTRAL_LAYER, "qwen3_moe": QWEN_MOE_LAYER, "qwen2_moe": QWEN2_MOE_LAYER}.get(model_type,
+                                                                                                   LLAMA_LAYER)
     return layer, LLAMA_GLOBAL
 
 
@@ -167,7 +176,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), swiglu=True, position_embedding_type="rope",
         rotary_base=int(_rope(hf).get("rope_theta", 10000.0)),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False), add_bias_linear=False,
-        add_qkv_bias=model_type == "qwen2", qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
+        add_qkv_bias=model_type in ("qwen2", "qwen2_moe"), qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         init_method_std=float(hf.get("initializer_range", 0.02)), **moe)
 
 
@@ -184,7 +193,9 @@ def _moe_config(hf: dict, model_type: str) -> dict:
     for key, value, wanted, what in checks:
         if value != wanted:
             raise Unsupported(f"{key}: {hf.get(key)!r} is not supported (megatron-core reproduces {what})")
-    return dict(num_moe_experts=experts, moe_router_topk=k, moe_router_pre_softmax=not renorm,
+    shared = dict(moe_shared_expert_intermediate_size=hf["shared_expert_intermediate_size"],
+                  moe_shared_expert_gate=True) if model_type == "qwen2_moe" else {}
+    return dict(num_moe_experts=experts, moe_router_topk=k, moe_router_pre_softmax=not renorm, **shared,
                 moe_ffn_hidden_size=hf["intermediate_size"] if model_type == "mixtral" else hf["moe_intermediate_size"],
                 moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0)
 
@@ -209,7 +220,7 @@ def _check_llama_like(hf: dict, model_type: str) -> None:
         checks.append(("sliding_window", hf.get("sliding_window"), None, "full attention, no sliding window"))
     if model_type == "mixtral":
         checks.append(("sliding_window", hf.get("sliding_window"), None, "full attention, no sliding window"))
-    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         checks.append(("use_sliding_window", hf.get("use_sliding_window", False), False, "full attention"))
     for key, value, wanted, what in checks:
         if value != wanted:
@@ -241,6 +252,8 @@ def infer_model_type(cfg: ModelConfig) -> str | None:
     if cfg.normalization == "LayerNorm" and cfg.position_embedding_type == "learned_absolute":
         return "gpt2"
     if cfg.num_moe_experts:
+        if cfg.moe_shared_expert_intermediate_size:
+            return "qwen2_moe"
         return "qwen3_moe" if cfg.qk_layernorm else "mixtral"
     if cfg.qk_layernorm:
         return "qwen3"
@@ -293,6 +306,8 @@ def _moe_to_hf(cfg: ModelConfig, model_type: str, out: dict) -> dict:
     else:
         moe.update(moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=not cfg.moe_router_pre_softmax,
                    decoder_sparse_step=1, mlp_only_layers=[])
+    if model_type == "qwen2_moe":
+        moe.update(shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size)
     if cfg.moe_aux_loss_coeff:
         moe.update(router_aux_loss_coef=cfg.moe_aux_loss_coeff, output_router_logits=True)
     return moe
@@ -302,10 +317,12 @@ def _cannot_write(cfg: ModelConfig, model_type: str) -> str:
     llama_like = model_type != "gpt2"
     wanted = {"normalization": "RMSNorm" if llama_like else "LayerNorm", "swiglu": llama_like,
               "position_embedding_type": "rope" if llama_like else "learned_absolute",
-              "add_bias_linear": not llama_like, "has_qkv_bias": model_type in ("qwen2", "gpt2"),
+              "add_bias_linear": not llama_like, "has_qkv_bias": model_type in ("qwen2", "gpt2", "qwen2_moe"),
               "qk_layernorm": model_type in ("qwen3", "qwen3_moe"), "rotary_percent": 1.0}
     if model_type in MOE_FAMILIES:
-        wanted.update(moe_layer_freq=1)
+        wanted.update(moe_layer_freq=1, moe_shared_expert_gate=model_type == "qwen2_moe")
+        if model_type != "qwen2_moe":
+            wanted.update(moe_shared_expert_intermediate_size=None)
         if model_type == "mixtral":
             wanted.update(moe_router_pre_softmax=False)
         if not cfg.num_moe_experts:

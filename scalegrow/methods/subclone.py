@@ -81,6 +81,9 @@ def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, stats: Calibra
     if isinstance(layer.mlp, MoE):
         _, _, activity = _expert_passes(layer.mlp, normed)
         stats.neurons.append(activity)
+        if layer.mlp.shared_experts is not None:
+            shared = layer.mlp.shared_experts.hidden(normed)
+            stats.shared[len(stats.neurons) - 1] = shared.abs().mean(dim=(0, 1)).double()
         out = mid + layer.mlp(normed)
     else:
         hidden = layer.mlp.hidden(normed)

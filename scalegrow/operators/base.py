@@ -20,7 +20,7 @@ STRUCTURAL = ("normalization", "swiglu", "openai_gelu", "position_embedding_type
               "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
               "padded_vocab_size", "max_position_embeddings")
 MOE = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_pre_softmax",
-       "moe_aux_loss_coeff")
+       "moe_aux_loss_coeff", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
 
 
 def require_equal(src: ModelConfig, dst: ModelConfig, key: str, why: str = "") -> None:

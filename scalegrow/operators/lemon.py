@@ -73,10 +73,15 @@ class LemonGrowth(Operator):
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
         for key in MOE:
-            if key != "moe_ffn_hidden_size":
+            if key not in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
                 require_equal(src, dst, key, why="LEMON widens experts, it does not add or route them")
         if src.num_moe_experts:
             require_not_smaller(src, dst, ("moe_ffn_hidden_size",))
+            if bool(src.moe_shared_expert_intermediate_size) != bool(dst.moe_shared_expert_intermediate_size):
+                require_equal(src, dst, "moe_shared_expert_intermediate_size", why="LEMON widens a shared expert, "
+                              "it does not add or remove one")
+            if src.moe_shared_expert_intermediate_size:
+                require_not_smaller(src, dst, ("moe_shared_expert_intermediate_size",))
             for j, (i, _) in enumerate(depth_map(src.num_layers, dst.num_layers)):
                 if dst.is_moe_layer(j) != src.is_moe_layer(i):
                     raise ValueError(f"moe_layer_freq: target layer {j} would copy source layer {i} of the other "
@@ -104,6 +109,9 @@ class LemonGrowth(Operator):
         self.neurons = UnitMap.circular(src.ffn_hidden_size, dst.ffn_hidden_size)
         if src.num_moe_experts:  # every expert's neurons expand alike
             self.expert_neurons = UnitMap.circular(src.moe_ffn_hidden_size, dst.moe_ffn_hidden_size)
+        if src.moe_shared_expert_intermediate_size:
+            self.shared_neurons = UnitMap.circular(src.moe_shared_expert_intermediate_size,
+                                                   dst.moe_shared_expert_intermediate_size)
         self.depth_map = depth_map(src.num_layers, dst.num_layers)
         self.std = dst.init_method_std
 
@@ -121,7 +129,7 @@ class LemonGrowth(Operator):
         if is_new:  # §4.3: output projections of a new block start at zero (cancelling once split)
             for name, t in tensors.items():
                 if name.startswith(("self_attention.linear_proj.", "mlp.linear_fc2.")) or (
-                        name.startswith("mlp.experts.") and ".linear_fc2." in name):
+                        name.startswith(("mlp.experts.", "mlp.shared_experts.")) and ".linear_fc2." in name):
                     tensors[name] = torch.zeros_like(t)
         return {spec.name: self._grow(spec.role, spec.name, tensors[spec.name], index)
                 for spec in self.layer_specs(index)}
@@ -172,16 +180,24 @@ class LemonGrowth(Operator):
             rows = self.stream.expand(t, 0)  # [D_T, np_S*hn]
             heads = rows.reshape(rows.shape[0], self.heads.n_src, hn)  # [D_T, np_S, hn]
             return self.heads.split_fanin(heads, 1, noise).flatten(1)
-        if role in (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS):
-            neurons = self.neurons if role in (Role.FC1_WEIGHT, Role.FC1_BIAS) else self.expert_neurons
+        if role in FC1_ROLES:
+            neurons = self._neurons(role)
             halves = t.reshape(2 if self.src.swiglu else 1, neurons.n_src, *t.shape[1:])
             rows = neurons.expand(halves, 1).flatten(0, 1)  # gate and up rows move together
             return rows if role in (Role.FC1_BIAS, Role.EXPERT_FC1_BIAS) else self.stream.split_fanin(rows, 1, noise)
-        if role in (Role.FC2_WEIGHT, Role.EXPERT_FC2_WEIGHT):
-            neurons = self.neurons if role == Role.FC2_WEIGHT else self.expert_neurons
-            return neurons.split_fanin(self.stream.expand(t, 0), 1, noise)
-        if role == Role.ROUTER_WEIGHT:  # [E, D_S] reads the normed stream, as fc1 does: logits kept
-            return self.stream.split_fanin(t, 1, noise)
+        if role in (Role.FC2_WEIGHT, Role.EXPERT_FC2_WEIGHT, Role.SHARED_FC2_WEIGHT):
+            return self._neurons(role).split_fanin(self.stream.expand(t, 0), 1, noise)
+        if role in (Role.ROUTER_WEIGHT, Role.SHARED_GATE_WEIGHT):  # [E or 1, D_S] read the normed stream, as
+            return self.stream.split_fanin(t, 1, noise)  # fc1 does: logits kept
         if role == Role.ROUTER_BIAS:
             return t
         raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")
+
+    def _neurons(self, role: str) -> UnitMap:
+        """The FFN's neuron map, the experts' (shared by all) or the shared expert's."""
+        if role in (Role.SHARED_FC1_WEIGHT, Role.SHARED_FC2_WEIGHT):
+            return self.shared_neurons
+        return self.neurons if role in (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.FC2_WEIGHT) else self.expert_neurons
+
+
+FC1_ROLES = (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.SHARED_FC1_WEIGHT)

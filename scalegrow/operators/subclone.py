@@ -32,7 +32,7 @@ from scalegrow.config import ModelConfig
 from scalegrow.operators.base import Operator, require_equal
 
 SHRINK_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "moe_ffn_hidden_size")
+               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Selection:
     neurons: list[torch.Tensor]  # per target layer: kept FFN neurons [F_T]; an MoE layer's per expert [E, F_T]
     # rescale: {target layer: MLP output scale}
     scales: dict | None = None
+    shared: dict[int, torch.Tensor] = field(default_factory=dict)  # target MoE layer: kept shared-expert neurons
 
 
 @dataclass
@@ -73,6 +74,7 @@ class CalibrationStats:
     heads: list[torch.Tensor] = field(default_factory=list)  # per layer: E|head output| per q head [np]
     neurons: list[torch.Tensor] = field(default_factory=list)  # per layer: E|activation| per neuron [F] ([E, F])
     block_change: list[float] = field(default_factory=list)  # per layer: E ‖block(x) − x‖ / ‖x‖
+    shared: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer: E|activation| of the shared expert
     tokens: int = 0
 
     def residual_importance(self) -> torch.Tensor:
@@ -91,7 +93,8 @@ class SliceOperator(Operator):
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="heads are kept whole")
-        for key in ("num_moe_experts", "moe_router_topk", "moe_layer_freq", "moe_router_pre_softmax"):
+        for key in ("num_moe_experts", "moe_router_topk", "moe_layer_freq", "moe_router_pre_softmax",
+                    "moe_shared_expert_gate"):
             require_equal(src, dst, key, why="shrink prunes experts with --method prune-experts")
         if src.moe_layer_freq > 1 and dst.num_layers != src.num_layers:
             raise ValueError(f"num_layers: dropping layers would move the MoE layers of moe_layer_freq "
@@ -129,8 +132,9 @@ class SliceOperator(Operator):
         t = sources[self.sel.layers[index]]
         mlp = (self.sel.scales or {}).get(index, 1.0)
         out = {spec.name: self._slice(spec.role, spec.name, t, index) for spec in self.layer_specs(index)}
-        if mlp != 1.0:  # the FFN's fc2, or every expert's
-            out.update({k: v * mlp for k, v in out.items() if k.startswith("mlp.") and k.endswith("linear_fc2.weight")})
+        if mlp != 1.0:  # the FFN's fc2, or every routed expert's
+            out.update({k: v * mlp for k, v in out.items() if k.startswith(("mlp.linear_fc2", arch.EXPERTS))
+                        and k.endswith("linear_fc2.weight")})
         return out
 
     def _slice(self, role: str, name: str, tensors: dict, j: int) -> torch.Tensor:
@@ -156,8 +160,13 @@ class SliceOperator(Operator):
             return halves[:, dims] if role == Role.FC1_WEIGHT else halves
         if role == Role.FC2_WEIGHT:
             return t[dims][:, neurons]
-        if role == Role.ROUTER_WEIGHT:  # [E, h]: reads the kept dimensions
+        if role in (Role.ROUTER_WEIGHT, Role.SHARED_GATE_WEIGHT):  # [E or 1, h]: read the kept dimensions
             return t[:, dims]
+        if role in (Role.SHARED_FC1_WEIGHT, Role.SHARED_FC2_WEIGHT):
+            kept = sel.shared[j]
+            if role == Role.SHARED_FC2_WEIGHT:
+                return t[dims][:, kept]
+            return t.reshape(2 if s.swiglu else 1, s.moe_shared_expert_intermediate_size, -1)[:, kept].flatten(0, 1)[:, dims]
         if role == Role.ROUTER_BIAS:
             return t
         if role in (Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT):
@@ -182,6 +191,9 @@ class DropLayers(SliceOperator):
                    else torch.arange(d.ffn_hidden_size) for j in range(d.num_layers)]
         self.sel = Selection(layers, torch.arange(d.hidden_size), [torch.arange(d.num_query_groups)] * d.num_layers,
                              [heads] * d.num_layers, neurons)
+        if d.moe_shared_expert_intermediate_size:
+            self.sel.shared = {j: torch.arange(d.moe_shared_expert_intermediate_size)
+                               for j in range(d.num_layers) if d.is_moe_layer(j)}
 
 
 class Subclone(SliceOperator):
@@ -205,6 +217,8 @@ class Subclone(SliceOperator):
             else:
                 neurons.append(top(st.neurons[i], d.ffn_hidden_size))
         self.sel = Selection(layers, dims, groups, heads, neurons)
+        self.sel.shared = {j: top(st.shared[i], d.moe_shared_expert_intermediate_size)
+                           for j, i in enumerate(layers) if i in st.shared}
 
 
 def top(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -55,6 +55,9 @@ class Upcycle(LayerwiseOperator):
                              f"upcycle turns a dense model into one")
         if not dst.num_moe_experts:
             raise ValueError("num_moe_experts: the target must set it (e.g. 8) to upcycle into experts")
+        if dst.moe_shared_expert_intermediate_size:
+            raise ValueError("moe_shared_expert_intermediate_size: upcycling makes routed experts only; "
+                             "leave the shared expert out")
         for key in src.to_dict():
             if key not in MOE:
                 require_equal(src, dst, key, why="upcycling changes only the FFNs into experts")
