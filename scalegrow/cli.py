@@ -132,6 +132,9 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
                        "as recorded in its config.json or scalegrow.json, else the one its structure implies)")
         p.add_argument("--dry-run", action="store_true", help="print every output file's tensors and shapes as "
                        "JSON; reads only the source's args (no tensor data) and writes nothing")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes writing the output's rank files (torch format), each holding about one "
+                   "file in memory (default: as many as the usable cores, the files and the available memory allow)")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, and no chatter from DeepSpeed")
 
@@ -159,7 +162,7 @@ def _output_options(a):
     for name in ("tp", "pp", "ep", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
                  "vocab_size"):
         _positive(name.replace("_", "-"), getattr(a, name, None))
-    extra = {k: getattr(a, k) for k in ("max_shard_size", "hf_model_type", "ep") if hasattr(a, k)}
+    extra = {k: getattr(a, k) for k in ("max_shard_size", "hf_model_type", "ep", "workers") if hasattr(a, k)}
     return OutputOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
                          getattr(a, "format", "torch"), getattr(a, "vocab_size", None), **extra)
 

@@ -33,10 +33,12 @@ class LayerCache:
         return self._layers[index]
 
 
-def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, desc: str | None = None) -> None:
-    """Stream `op` applied to `source` into `writer`, one target stage and one layer at a time."""
+def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, desc: str | None = None,
+        stages: list[int] | None = None) -> None:
+    """Stream `op` applied to `source` into `writer`, one target stage and one layer at a time
+    (only `stages`, when given: a worker's share)."""
     try:
-        _stream(source, op, writer, progress, desc or op.name)
+        _stream(source, op, writer, progress, desc or op.name, stages)
     except BaseException:
         writer.abort()
         raise
@@ -44,12 +46,12 @@ def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, des
         source.release()
 
 
-def _stream(source: Reader, op: Operator, writer: Writer, progress: bool, desc: str) -> None:
+def _stream(source: Reader, op: Operator, writer: Writer, progress: bool, desc: str, only: list[int] | None) -> None:
     stages = writer.layout.stages
     reads = max(len(op.layer_sources(j)) for j in range(op.dst.num_layers))
     cache = LayerCache(source.layer, size=max(2, reads))  # e.g. LiGO: every target layer reads all sources
     bar = tqdm(total=op.dst.num_layers + 2, desc=desc, unit="layer", disable=not progress)
-    for stage in range(stages.pp):
+    for stage in range(stages.pp) if only is None else only:
         writer.open_stage(stage)
         if stage == 0:
             _write(writer, op.map_embeddings(source.embeddings()))

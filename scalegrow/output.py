@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalegrow import executor, metadata
+from scalegrow import executor, metadata, workers
 from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry
@@ -136,9 +137,14 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
         source_record = metadata.source_record(source)
     origin = source.hf_origin()  # an HF family travels, so the model can go back to HF as it was
     details = {**({"hf": origin} if origin else {}), **(details or {}), **op.details()}
+    n = _workers(fmt, cfg, layout, source.dtype, opts)
     with atomic_output_dir(dst, overwrite) as out:
         try:
-            executor.run(source, op, fmt.writer(out, cfg, layout, source, opts), progress=progress, desc=desc)
+            make = lambda: fmt.writer(out, cfg, layout, source, opts)  # noqa: E731
+            if n > 1:
+                workers.run(source, op, make, fmt.file_sizes(cfg, layout, source.dtype), n, out, progress, desc)
+            else:
+                executor.run(source, op, make(), progress=progress, desc=desc)
         except (WriteError, OSError, RuntimeError) as exc:
             _explain_full_device(exc, out, dst)
             raise
@@ -149,6 +155,18 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
         nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     params_src = source.config.num_parameters() if source.on_disk else None
     return Summary(Path(dst), params_src, cfg.num_parameters(), time.time() - start, nbytes, layout.tp, layout.pp)
+
+
+def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, opts: OutputOptions) -> int:
+    """How many processes write the output: --workers, or (None) what cores and memory allow."""
+    if fmt.file_sizes is None:
+        if opts.workers not in (None, 1):
+            raise InputError(f"--workers: the {fmt.name} format is written by one process for now")
+        return 1
+    n, note = workers.count(opts.workers, fmt.file_sizes(cfg, layout, dtype))
+    if note:
+        print(f"scalegrow: {note}", file=sys.stderr)
+    return n
 
 
 def _explain_full_device(exc: BaseException, out: Path, dst: str | Path) -> None:

@@ -130,6 +130,7 @@ class OutputOptions:
     max_shard_size: int = 5 * 10**9  # as transformers' save_pretrained ("5GB")
     hf_model_type: str | None = None
     ep: int | None = None  # expert-parallel size (MoE); None: the source's
+    workers: int | None = 1  # processes writing the output files (None: from cores and memory)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ class Format:
     opts)`, `target_config(cfg, tp, vocab_size)` (their vocabulary rule) and `size(cfg, layout, dtype)`:
     the bytes of tensor data a checkpoint holds (replicated tensors counted once per copy stored).
     `parallel` is False for formats without TP/PP (one file set for the whole model); `planner` makes
-    a writer that records the output files' tensors and writes nothing (None: Megatron's plan)."""
+    a writer that records the output files' tensors and writes nothing (None: Megatron's plan).
+    `file_sizes` (formats whose writers can `restrict` themselves to some files) lets several worker
+    processes write one checkpoint (`scalegrow.workers`)."""
 
     name: str
     description: str
@@ -150,6 +153,7 @@ class Format:
     size: Callable[[ModelConfig, Layout, torch.dtype], int] | None = None
     parallel: bool = True
     planner: Callable[..., Writer] | None = None
+    file_sizes: Callable[[ModelConfig, Layout, torch.dtype], dict] | None = None  # per output file: workers split them
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -28,6 +28,7 @@ from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader
 from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
 from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, FILE_NAME, TRACKER, canonical, checkpoint_bytes,
+                                              file_bytes,
                                               expert_owner, experts_per_rank, file_specs, iteration_dir_name,
                                               local_key, megatron_args, rank_dir_name, resolve_iteration_dir,
                                               stage_specs, stages_from_args, stored_tensor, target_config)
@@ -215,6 +216,15 @@ class MegatronWriter:
         self._specs: dict[str, TensorSpec] = {}
         self._queue = WriteQueue()
         self._per_rank = experts_per_rank(cfg, layout)
+        self.owned: set[tuple[int, int, int]] | None = None  # (stage, EP, TP) files to write; None: all
+
+    def restrict(self, files: set[tuple[int, int, int]]) -> None:
+        """Write only `files` (a worker's share, `scalegrow.workers`); the tracker is left to the
+        writer that owns every file."""
+        self.owned = set(files)
+
+    def _owns(self, stage: int, ep_rank: int, tp_rank: int) -> bool:
+        return self.owned is None or (stage, ep_rank, tp_rank) in self.owned
 
     def file_path(self, tp_rank: int, stage: int, ep_rank: int = 0) -> Path:
         name = rank_dir_name(tp_rank, stage, self.layout.pp, ep_rank, self.layout.ep)
@@ -231,7 +241,8 @@ class MegatronWriter:
         self._specs = dict(stage_specs(self.cfg, self.layout.stages, stage))
         for r in range(self.layout.ep):
             shapes = self.file_shapes(stage, r)
-            self._files[r] = [self._open_file(stage, t, r, shapes) for t in range(self.layout.tp)]
+            self._files[r] = [self._open_file(stage, t, r, shapes) if self._owns(stage, r, t) else None
+                              for t in range(self.layout.tp)]
 
     def _open_file(self, stage: int, tp_rank: int, ep_rank: int, shapes: dict[str, tuple[int, ...]]):
         slots = {key: TensorSlot(shape, self.dtype) for key, shape in shapes.items()}
@@ -254,22 +265,27 @@ class MegatronWriter:
         shards = parallel.split(spec, full.to(self.dtype), self.layout.tp)
         for r in [owner[0]] if owner else range(self.layout.ep):
             for f, shard in zip(self._files[r], shards):
-                self._queue.submit(functools.partial(f.write, lkey, shard), f.path)
+                if f is not None:
+                    self._queue.submit(functools.partial(f.write, lkey, shard), f.path)
 
     def close_stage(self) -> None:
         self._queue.drain()
-        for f in itertools.chain(*self._files.values()):
+        for f in self._open_files():
             f.close()
         self._files = {}
+
+    def _open_files(self) -> list["_StageFile"]:
+        return [f for f in itertools.chain(*self._files.values()) if f is not None]
 
     def finish(self) -> None:
         assert not self._files
         self._queue.close()
-        (self.out_dir / TRACKER).write_text(str(self.iteration))
+        if self.owned is None:
+            (self.out_dir / TRACKER).write_text(str(self.iteration))
 
     def abort(self) -> None:
         self._queue.abort()
-        for f in itertools.chain(*self._files.values()):
+        for f in self._open_files():
             f.abort()
         self._files = {}
 
@@ -302,4 +318,4 @@ def _extra_state_keys(cfg: ModelConfig, stages: Stages, stage: int, experts: int
 
 
 FORMAT = Format("torch", "Megatron legacy", is_megatron, open_megatron, MegatronWriter, target_config,
-                checkpoint_bytes)
+                checkpoint_bytes, file_sizes=file_bytes)

@@ -4,6 +4,7 @@ checkpoint carries, and which bytes it needs."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 from pathlib import Path
 
@@ -115,11 +116,19 @@ def stored_tensor(cfg: ModelConfig, specs: dict[str, TensorSpec], key: str,
     return spec, full
 
 
+def file_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> dict[tuple[int, int, int], int]:
+    """(stage, EP rank, TP rank) -> tensor bytes of that rank's file (every TP rank's file is alike)."""
+    out = {}
+    for stage, r in itertools.product(range(layout.pp), range(layout.ep)):
+        size = sum(nbytes(parallel.shard_shape(spec, arch.full_shape(cfg, spec), layout.tp), dtype)
+                   for _, spec in file_specs(cfg, layout, stage, r))
+        out.update({(stage, r, t): size for t in range(layout.tp)})
+    return out
+
+
 def checkpoint_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
     """Tensor bytes of every rank file of `cfg` at `layout` (a replicated tensor is in each file)."""
-    return layout.tp * sum(nbytes(parallel.shard_shape(spec, arch.full_shape(cfg, spec), layout.tp), dtype)
-                           for stage in range(layout.pp) for r in range(layout.ep)
-                           for _, spec in file_specs(cfg, layout, stage, r))
+    return sum(file_bytes(cfg, layout, dtype).values())
 
 
 def canonical(model: dict) -> dict:

@@ -1,0 +1,95 @@
+"""`--workers N`: several forked processes write one checkpoint, bit-identical to one process; a
+worker's failure fails the command with its error and leaves nothing; memory bounds the count."""
+import os
+
+import pytest
+from helpers import family_config, random_model, tree_sha256, write_yaml
+
+from scalegrow import cli, pipeline, workers
+from scalegrow.errors import InputError
+from scalegrow.operators.lemon import LemonGrowth
+
+GiB = 2**30
+
+
+def test_files_are_divided_by_stage_or_by_file():
+    sizes = {(s, 0, t): 10 * (s + 1) for s in range(4) for t in range(2)}  # 4 stages x TP2, growing stages
+    shares = workers.divide(sizes, 2)  # enough stages: whole stages, about half the bytes each
+    assert [share.stages for share in shares] == [[0, 1, 2], [3]]
+    assert shares[0].files == {(s, 0, t) for s in range(3) for t in range(2)}
+    shares = workers.divide({(0, 0, t): 5 for t in range(4)}, 3)  # one stage: its files
+    assert [sorted(share.files) for share in shares] == [[(0, 0, 0), (0, 0, 1)], [(0, 0, 2)], [(0, 0, 3)]]
+    assert all(share.stages == [0] for share in shares)
+
+
+def test_worker_count_follows_memory(monkeypatch):
+    monkeypatch.setattr(workers, "usable_cores", lambda: 8)
+    sizes = {(0, 0, t): GiB for t in range(8)}  # each worker: 1.5 GiB + 0.5 GiB
+    assert workers.count(None, sizes, memory=5 * GiB) == (2, "workers: 2 (memory for 2)")
+    assert workers.count(None, sizes, memory=64 * GiB) == (8, None)
+    assert workers.count(2, sizes, memory=5 * GiB) == (2, None)
+    assert workers.count(16, {(0, 0, 0): 1}, memory=64 * GiB) == (1, None)  # never more than the files
+    with pytest.raises(InputError, match=r"--workers: 3 workers need 6.0 GiB \(2.00 GiB each\) but 5.0 GiB"):
+        workers.count(3, sizes, memory=5 * GiB)
+
+
+@pytest.fixture
+def src(tmp_path):
+    cfg = family_config("llama", num_layers=4)
+    pipeline.save_model(random_model(cfg, seed=2).state_dict(), cfg, tmp_path / "src", tp=2, pp=2)
+    return tmp_path / "src"
+
+
+def grow(src, dst, *extra) -> int:
+    target = write_yaml(src.parent / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=160,
+                        num_attention_heads=8, num_query_groups=4)
+    return cli.main(["grow", "--src", str(src), "--dst", str(dst), "--target", str(target), "--no-progress", *extra])
+
+
+def checkpoint_files(path):
+    return {k: v for k, v in tree_sha256(path).items() if k != "scalegrow.json"}
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2", "--pp", "3"], ["--tp", "4", "--pp", "1"]], ids=["by-stage", "by-file"])
+def test_workers_write_what_one_process_writes(src, tmp_path, layout):
+    assert grow(src, tmp_path / "one", "--workers", "1", *layout) == 0
+    for n in (2, 3):
+        assert grow(src, tmp_path / f"n{n}", "--workers", str(n), *layout) == 0
+        assert checkpoint_files(tmp_path / f"n{n}") == checkpoint_files(tmp_path / "one"), n
+    assert (tmp_path / "n2" / "latest_checkpointed_iteration.txt").is_file()
+
+
+def test_expert_parallel_files_with_workers(tmp_path):
+    cfg = family_config("llama", num_layers=2, num_moe_experts=4)
+    pipeline.save_model(random_model(cfg, seed=2).state_dict(), cfg, tmp_path / "moe")
+    for n in ("1", "2"):
+        assert cli.main(["convert", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / n), "--ep", "2",
+                         "--tp", "2", "--workers", n, "--no-progress"]) == 0
+    assert checkpoint_files(tmp_path / "2") == checkpoint_files(tmp_path / "1")
+
+
+@pytest.mark.parametrize("failure, code, words", [
+    (InputError("layer 4: something the user can fix"), 2, "layer 4: something the user can fix"),
+    (RuntimeError("a bug"), 3, "RuntimeError: a bug"),
+    (None, 3, "died with exit code 9"),
+])
+def test_a_failing_worker_fails_the_command_and_leaves_nothing(src, tmp_path, capsys, monkeypatch, failure, code, words):
+    original = LemonGrowth.map_layer
+
+    def map_layer(self, index, sources):  # only the worker that streams layer 4 fails
+        if index == 4:
+            if failure is None:
+                os._exit(9)  # as if the kernel killed it
+            raise failure
+        return original(self, index, sources)
+
+    monkeypatch.setattr(LemonGrowth, "map_layer", map_layer)
+    assert grow(src, tmp_path / "out", "--workers", "2", "--pp", "3") == code
+    assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "t.yaml"]  # no output, no partial directory
+
+
+def test_formats_without_worker_support_refuse_more_than_one(src, tmp_path, capsys):
+    assert grow(src, tmp_path / "out", "--workers", "2", "--format", "torch_dist") == 2
+    assert "--workers: the torch_dist format is written by one process for now" in capsys.readouterr().err
+    assert grow(src, tmp_path / "out", "--format", "torch_dist") == 0  # the default adapts
