@@ -5,8 +5,10 @@
 Cases: grow a ~1 GB fp32 TP2/PP2 checkpoint (16 layers, hidden 1024) to ~3 GB TP2/PP2 (24 layers,
 hidden 1536) with LEMON; then re-partition that output to TP1/PP4, write it as torch_dist and as a
 Hugging Face directory (1 GB safetensors shards), and grow an HF copy of the source HF -> HF. Each
-runs the `scalegrow` CLI as a child process (start-up included) and reads its peak RSS from wait4();
-the baseline is `cp -r` of the output it wrote (the same bytes). Prints one JSON line per case.
+runs the `scalegrow` CLI as a child process (start-up included, and a `sync` so the bytes are on
+disk) and reads its peak RSS from wait4() (the largest process: with workers, the largest worker);
+the baseline is `cp -r` + `sync` of the output it wrote (the same bytes). The grow and the
+re-partition run with 1 and 2 workers. Prints one JSON line per case.
 Aims: peak RSS <= 1.5 x largest output shard + 0.5 GiB; wall time <= 3 x the copy.
 """
 from __future__ import annotations
@@ -48,10 +50,12 @@ def dir_bytes(path: Path) -> int:
 
 def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: list[str]) -> dict:
     startup, _ = run_measured([sys.executable, "-c", "import scalegrow.cli, scalegrow.pipeline"])
-    seconds, peak = run_measured(exe + command[:1] + ["--src", str(work / src), "--dst", str(work / dst),
-                                                      "--no-progress"] + command[1:])
+    os.sync()
+    seconds, peak = run_measured(["sh", "-c", " ".join(exe + command[:1] + [
+        "--src", str(work / src), "--dst", str(work / dst), "--no-progress"] + command[1:]) + " > /dev/null && sync"])
     shutil.rmtree(work / "copy", ignore_errors=True)
-    copy_s, _ = run_measured(["cp", "-r", str(work / dst), str(work / "copy")])
+    os.sync()
+    copy_s, _ = run_measured(["sh", "-c", f"cp -r {work / dst} {work / 'copy'} && sync"])  # the same bytes, on disk
     shutil.rmtree(work / "copy")
     shards = [p for p in (work / dst).rglob("*") if p.suffix in (".pt", ".distcp", ".safetensors")]
     largest = max(p.stat().st_size for p in shards)
@@ -61,6 +65,7 @@ def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: 
         "peak_rss_bytes": peak, "rss_budget_bytes": int(1.5 * largest + 0.5 * GiB),
         "peak_rss_over_largest_shard": round(peak / largest, 3),
         "seconds": round(seconds, 2), "copy_seconds": round(copy_s, 2),
+        "output_gb_per_s": round(dir_bytes(work / dst) / 1e9 / seconds, 3),
         "over_copy": round(seconds / copy_s, 2), "startup_seconds": round(startup, 2),
         "over_copy_after_startup": round((seconds - startup) / copy_s, 2),
     }
@@ -89,10 +94,10 @@ def main() -> None:
                           "--tp", "2", "--pp", "2"], check=True, stdout=subprocess.DEVNULL)
 
     cases = [
-        ("LEMON grow 16L/h1024 -> 24L/h1536, TP2/PP2 -> TP2/PP2, fp32", "src", "dst",
-         ["grow", "--target", str(work / "target.yaml")]),
-        ("convert (re-partition only) of the grown model, TP2/PP2 -> TP1/PP4, fp32", "dst", "dst-tp1pp4",
-         ["convert", "--tp", "1", "--pp", "4"]),
+        (f"LEMON grow 16L/h1024 -> 24L/h1536, TP2/PP2 -> TP2/PP2, fp32, {w} worker(s)", "src", "dst",
+         ["grow", "--target", str(work / "target.yaml"), "--workers", str(w)]) for w in (1, 2)] + [
+        (f"convert (re-partition only) of the grown model, TP2/PP2 -> TP1/PP4, fp32, {w} worker(s)", "dst",
+         f"dst-tp1pp4-{w}", ["convert", "--tp", "1", "--pp", "4", "--workers", str(w)]) for w in (1, 2)] + [
         ("convert the grown model to torch_dist (one data file), TP2/PP2 -> torch_dist, fp32", "dst", "dst-dist",
          ["convert", "--format", "torch_dist"]),
         ("convert the grown model to HF safetensors (1 GB shards), TP2/PP2 -> hf, fp32", "dst", "dst-hf",
