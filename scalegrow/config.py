@@ -299,8 +299,8 @@ class ModelConfig:
         """Parameters a token passes through: in an MoE layer the router and only top-k experts."""
         if not self.num_moe_experts:
             return self.num_parameters()
-        moe_layers = sum(map(self.is_moe_layer, range(self.num_layers)))
-        return self.num_parameters() - moe_layers * (self.num_moe_experts - self.moe_router_topk) * self._expert_parameters()
+        idle = sum(map(self.is_moe_layer, range(self.num_layers))) * (self.num_moe_experts - self.moe_router_topk)
+        return self.num_parameters() - idle * self._expert_parameters()
 
 
 def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:

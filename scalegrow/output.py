@@ -18,7 +18,7 @@ from scalegrow.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry
 from scalegrow.formats.base import MetaReader, OutputOptions, Reader
-from scalegrow.formats.io import WriteError, atomic_output_dir
+from scalegrow.formats.io import WriteError, atomic_output_dir, tree_bytes
 from scalegrow.formats.plan import PlanWriter
 from scalegrow.operators.base import Operator
 from scalegrow.parallel import Layout, Stages
@@ -137,12 +137,12 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
         source_record = metadata.source_record(source)
     origin = source.hf_origin()  # an HF family travels, so the model can go back to HF as it was
     details = {**({"hf": origin} if origin else {}), **(details or {}), **op.details()}
-    n = _workers(fmt, cfg, layout, source.dtype, opts)
+    n, sizes = _workers(fmt, cfg, layout, source.dtype, opts)
     with atomic_output_dir(dst, overwrite) as out:
         try:
             make = lambda: fmt.writer(out, cfg, layout, source, opts)  # noqa: E731
             if n > 1:
-                workers.run(source, op, make, fmt.file_sizes(cfg, layout, source.dtype), n, out, progress, desc)
+                workers.run(source, op, make, sizes, n, out, progress, desc)
             else:
                 executor.run(source, op, make(), progress=progress, desc=desc)
         except (WriteError, OSError, RuntimeError) as exc:
@@ -152,21 +152,23 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
                                             source_record, details, training))
         for name, path in (files or {}).items():
             shutil.copyfile(path, out / name)
-        nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        nbytes = tree_bytes(out)
     params_src = source.config.num_parameters() if source.on_disk else None
     return Summary(Path(dst), params_src, cfg.num_parameters(), time.time() - start, nbytes, layout.tp, layout.pp)
 
 
-def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, opts: OutputOptions) -> int:
-    """How many processes write the output: --workers, or (None) what cores and memory allow."""
+def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, opts: OutputOptions) -> tuple[int, dict]:
+    """How many processes write the output (--workers, or with None what cores and memory allow),
+    and the bytes of each output file they divide."""
     if fmt.file_sizes is None:
         if opts.workers not in (None, 1):
             raise InputError(f"--workers: the {fmt.name} format is written by one process for now")
-        return 1
-    n, note = workers.count(opts.workers, fmt.file_sizes(cfg, layout, dtype))
+        return 1, {}
+    sizes = fmt.file_sizes(cfg, layout, dtype)
+    n, note = workers.count(opts.workers, sizes)
     if note:
         print(f"scalegrow: {note}", file=sys.stderr)
-    return n
+    return n, sizes
 
 
 def _explain_full_device(exc: BaseException, out: Path, dst: str | Path) -> None:

@@ -8,8 +8,9 @@ each stage (a stage's layers are then computed by every worker that writes one o
 each writes only its own shards). Every tensor is computed exactly as in one process (noise is
 seeded per tensor), so the files are bit-identical to `--workers 1`. Workers are forked: they share
 the operator and the opened source, and nothing is pickled; each runs one thread (OpenMP's pool
-does not survive a fork), so the default count is one worker per usable core. The first worker to fail stops the
-others; its error is the command's, and the partial output goes with the atomic directory.
+does not survive a fork), so the default count is one worker per usable core. The first worker to
+fail stops the others; its error is the command's, and the partial output goes with the atomic
+directory.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from scalegrow import executor
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Reader, Writer
+from scalegrow.formats.io import tree_bytes
 from scalegrow.operators.base import Operator
 
 GiB = 2**30
@@ -146,12 +148,9 @@ def _watch(procs, errors, out: Path, total: int, progress: bool, desc: str) -> N
         dead = [p for p in done if p.exitcode != 0]
         if dead and errors.empty():
             raise RuntimeError(f"worker {procs.index(dead[0])} died with exit code {dead[0].exitcode}")
-        bar.update(min(total, _bytes(out)) - bar.n)
+        bar.update(min(total, tree_bytes(out)) - bar.n)
         if len(done) == len(procs) and errors.empty():
             break
         time.sleep(0.2)
     bar.close()
 
-
-def _bytes(out: Path) -> int:
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -115,20 +115,30 @@ def test_pretrain_export_loads_in_megatron_core(scratch, mcore):
 
     cfg = ModelConfig.from_megatron_args(state["args"])
     assert cfg.vocab_size == 512 and state["args"].tokenizer_type == "GPTSentencePieceTokenizer"
+    assert_megatron_core_computes_the_export(mcore, cfg, state["model"], export)
+
+
+def assert_megatron_core_computes_the_export(mcore, cfg, model_state: dict, export) -> None:
+    """megatron-core's GPTModel loads `model_state` strictly and computes what scalegrow's model of
+    `export` computes."""
     theirs = mcore.build_gpt(cfg).eval()
-    mcore.load_strict(theirs, state["model"])
+    mcore.load_strict(theirs, model_state)
     x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (mcore.forward(theirs, x) - load_model(export)(x)).abs().max().item() <= 1e-5
+
+
+def grow_from_scratch_run(scratch, config: str, out) -> None:
+    """grow_pretrain from the scratch run's export: 20 steps, evaluated and saved every 10, its data reused."""
+    train("grow_pretrain", config, [f"output.dir={out}", f"init.from={scratch}/export", "train.steps=20",
+                                    "train.eval_interval=10", "train.save_interval=10", *reuse_data(scratch)])
 
 
 def test_grow_pretrain_starts_where_the_small_model_ended(scratch, tmp_path):
     """LEMON growth is lossless, so the grown model's step-0 val/loss is the small model's final one;
     it then trains on the LEMON schedule: the scratch peak LR, decayed faster."""
     out = tmp_path / "lemon"
-    train("grow_pretrain", "configs/runs/tiny_lemon.yaml",
-          [f"output.dir={out}", f"init.from={scratch}/export", "train.steps=20", "train.eval_interval=10",
-           "train.save_interval=10", *reuse_data(scratch)])
+    grow_from_scratch_run(scratch, "configs/runs/tiny_lemon.yaml", out)
     small, grown = scalars(scratch / "tensorboard"), scalars(out / "tensorboard")
     assert abs(grown["val/loss"][0] - small["val/loss"][STEPS]) <= 1e-4
     # back at the peak LR the loss first rises, then the grown model learns: the last steps' mean train
@@ -265,9 +275,7 @@ def test_upcycled_moe_starts_at_the_dense_loss_and_trains(scratch, tmp_path, mco
     the dense model's final val/loss, logs the router's balancing loss, learns, and exports an MoE
     checkpoint that megatron-core loads strictly and computes alike."""
     out = tmp_path / "upcycle"
-    train("grow_pretrain", "configs/runs/tiny_upcycle.yaml",
-          [f"output.dir={out}", f"init.from={scratch}/export", "train.steps=20", "train.eval_interval=10",
-           "train.save_interval=10", *reuse_data(scratch)])
+    grow_from_scratch_run(scratch, "configs/runs/tiny_upcycle.yaml", out)
     dense, moe = scalars(scratch / "tensorboard"), scalars(out / "tensorboard")
     assert abs(moe["val/loss"][0] - dense["val/loss"][STEPS]) <= 1e-4
     aux = moe["train/moe_aux_loss"]
@@ -279,9 +287,5 @@ def test_upcycled_moe_starts_at_the_dense_loss_and_trains(scratch, tmp_path, mco
     ckpt = open_checkpoint(export)
     assert ckpt.config.num_moe_experts == 4 and json.loads((export / "scalegrow.json").read_text())["method"] == \
         "grow_pretrain"
-    theirs = mcore.build_gpt(ckpt.config).eval()
-    from scalegrow.formats.io import safe_load as load
-    mcore.load_strict(theirs, load(next(export.rglob("model_optim_rng.pt")), mmap=False)["model"])
-    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (mcore.forward(theirs, x) - load_model(export)(x)).abs().max().item() <= 1e-5
+    state = safe_load(next(export.rglob("model_optim_rng.pt")), mmap=False)
+    assert_megatron_core_computes_the_export(mcore, ckpt.config, state["model"], export)

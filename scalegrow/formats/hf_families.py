@@ -187,12 +187,9 @@ def _moe_config(hf: dict, model_type: str) -> dict:
     experts = hf.get("num_local_experts") or hf.get("num_experts")
     renorm = model_type == "mixtral" or bool(hf.get("norm_topk_prob", False))
     k = hf.get("num_experts_per_tok", 2)
-    checks = [("decoder_sparse_step", hf.get("decoder_sparse_step", 1), 1, "every layer an MoE layer"),
-              ("mlp_only_layers", list(hf.get("mlp_only_layers") or []), [], "every layer an MoE layer"),
-              ("num_experts_per_tok", 2 if renorm and k == 1 else k, k, "top-1 only with the softmax over all experts")]
-    for key, value, wanted, what in checks:
-        if value != wanted:
-            raise Unsupported(f"{key}: {hf.get(key)!r} is not supported (megatron-core reproduces {what})")
+    _refuse([("decoder_sparse_step", hf.get("decoder_sparse_step", 1), 1, "every layer an MoE layer"),
+             ("mlp_only_layers", list(hf.get("mlp_only_layers") or []), [], "every layer an MoE layer"),
+             ("num_experts_per_tok", k, 2 if renorm and k == 1 else k, "top-1 only with the softmax over all experts")])
     shared = dict(moe_shared_expert_intermediate_size=hf["shared_expert_intermediate_size"],
                   moe_shared_expert_gate=True) if model_type == "qwen2_moe" else {}
     return dict(num_moe_experts=experts, moe_router_topk=k, moe_router_pre_softmax=not renorm, **shared,
@@ -216,17 +213,20 @@ def _check_llama_like(hf: dict, model_type: str) -> None:
               ("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0), 1.0, "rope over the whole head"),
               ("layer_types", sorted(set(hf.get("layer_types") or ["full_attention"])), ["full_attention"],
                "full attention in every layer")]
-    if model_type == "mistral":
-        checks.append(("sliding_window", hf.get("sliding_window"), None, "full attention, no sliding window"))
-    if model_type == "mixtral":
+    if model_type in ("mistral", "mixtral"):
         checks.append(("sliding_window", hf.get("sliding_window"), None, "full attention, no sliding window"))
     if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         checks.append(("use_sliding_window", hf.get("use_sliding_window", False), False, "full attention"))
+    _refuse(checks)
+    if not float(rope["rope_theta"]).is_integer():
+        raise Unsupported(f"rope_theta: {rope['rope_theta']!r} is not supported (an integer rope base)")
+
+
+def _refuse(checks: list[tuple[str, object, object, str]]) -> None:
+    """(key, value, the value megatron-core reproduces, what that is): the first mismatch is refused."""
     for key, value, wanted, what in checks:
         if value != wanted:
             raise Unsupported(f"{key}: {value!r} is not supported (megatron-core reproduces {what})")
-    if not float(rope["rope_theta"]).is_integer():
-        raise Unsupported(f"rope_theta: {rope['rope_theta']!r} is not supported (an integer rope base)")
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:

@@ -145,8 +145,8 @@ class StreamingTorchFile:
 
     The pickle (args, keys, shapes) is written first from `TensorSlot` placeholders; each tensor's
     bytes then go through torch's own zip writer (`PyTorchFileWriter`, which aligns records); the
-    CRCs are computed with zlib and patched in at the end (`zipcrc`). `torch.load` and Megatron read the result like any other checkpoint. Memory
-    stays bounded by one tensor, not by the file.
+    CRCs are computed with zlib and patched in at the end (`zipcrc`). `torch.load` and Megatron read
+    the result like any other checkpoint. Memory stays bounded by one tensor, not by the file.
     """
 
     def __init__(self, path: Path, obj: Any):
@@ -185,6 +185,11 @@ class StreamingTorchFile:
             except RuntimeError:
                 pass
             del self._zip
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of every file under `root`."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 class WriteError(Exception):

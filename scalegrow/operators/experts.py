@@ -31,6 +31,12 @@ class ExpertMap(LayerwiseOperator):
     def experts(self, index: int) -> list[int]:
         raise NotImplementedError
 
+    @staticmethod
+    def require_only_experts_change(src: ModelConfig, dst: ModelConfig, why: str) -> None:
+        for key in src.to_dict():
+            if key not in ("num_moe_experts", "moe_router_topk"):
+                require_equal(src, dst, key, why=why)
+
     def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         src, out = sources[index], {}
         for spec in self.layer_specs(index):
@@ -53,9 +59,7 @@ class PruneExperts(ExpertMap):
         if not dst.num_moe_experts or dst.num_moe_experts >= src.num_moe_experts:
             raise ValueError(f"num_moe_experts: target {dst.num_moe_experts} must be below the source's "
                              f"{src.num_moe_experts}")
-        for key in src.to_dict():
-            if key not in ("num_moe_experts", "moe_router_topk"):
-                require_equal(src, dst, key, why="prune-experts removes experts only")
+        self.require_only_experts_change(src, dst, "prune-experts removes experts only")
 
     def setup(self) -> None:
         keep = list(range(self.dst.num_moe_experts))
@@ -103,9 +107,7 @@ class MoreExperts(ExpertMap):
         if dst.moe_router_topk != m * src.moe_router_topk:
             raise ValueError(f"moe_router_topk: must be {m * src.moe_router_topk} ({m} x the source's "
                              f"{src.moe_router_topk}) for {m} copies of every expert to keep the function")
-        for key in src.to_dict():
-            if key not in ("num_moe_experts", "moe_router_topk"):
-                require_equal(src, dst, key, why="more-experts only copies experts")
+        self.require_only_experts_change(src, dst, "more-experts only copies experts")
 
     def details(self) -> dict:
         return {"copies": self.dst.num_moe_experts // self.src.num_moe_experts}

@@ -83,6 +83,11 @@ class CalibrationStats:
         return torch.stack([s.mean_abs for s in sites]).mean(0)
 
 
+FC2_WEIGHTS = (Role.FC2_WEIGHT, Role.EXPERT_FC2_WEIGHT, Role.SHARED_FC2_WEIGHT)
+FC1_BIASES = (Role.FC1_BIAS, Role.EXPERT_FC1_BIAS)
+FFN_ROLES = FC2_WEIGHTS + FC1_BIASES + (Role.FC1_WEIGHT, Role.EXPERT_FC1_WEIGHT, Role.SHARED_FC1_WEIGHT)
+
+
 class SliceOperator(Operator):
     """Keeps a `Selection` of the source: every weight is a slice (shrinking needs no arithmetic).
     MoE layers: the router keeps the kept dimensions' columns, every expert its own best neurons;
@@ -139,7 +144,7 @@ class SliceOperator(Operator):
 
     def _slice(self, role: str, name: str, tensors: dict, j: int) -> torch.Tensor:
         s, sel, t = self.src, self.sel, tensors[name]
-        dims, groups, heads, neurons = sel.dims, sel.groups[j], sel.heads[j], sel.neurons[j]
+        dims, groups, heads = sel.dims, sel.groups[j], sel.heads[j]
         if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS):
             return t[dims]
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are kept whole
@@ -155,27 +160,27 @@ class SliceOperator(Operator):
             q_heads = (groups[:, None] * per + heads).flatten()  # global q-head indices, group-major
             cols = t.reshape(t.shape[0], s.num_attention_heads, hn)[:, q_heads].flatten(1)
             return cols[dims]
-        if role in (Role.FC1_WEIGHT, Role.FC1_BIAS):
-            halves = t.reshape(2 if s.swiglu else 1, s.ffn_hidden_size, *t.shape[1:])[:, neurons].flatten(0, 1)
-            return halves[:, dims] if role == Role.FC1_WEIGHT else halves
-        if role == Role.FC2_WEIGHT:
-            return t[dims][:, neurons]
+        if role in FFN_ROLES:  # the dense FFN, a routed expert or the shared expert
+            size, kept = self._ffn_neurons(role, name, j)
+            if role in FC2_WEIGHTS:
+                return t[dims][:, kept]
+            # fc1 rows [gate; up] (SwiGLU) -> [2, F, ...]: keep each half's kept neurons, together
+            halves = t.reshape(2 if s.swiglu else 1, size, *t.shape[1:])[:, kept].flatten(0, 1)
+            return halves if role in FC1_BIASES else halves[:, dims]
         if role in (Role.ROUTER_WEIGHT, Role.SHARED_GATE_WEIGHT):  # [E or 1, h]: read the kept dimensions
             return t[:, dims]
-        if role in (Role.SHARED_FC1_WEIGHT, Role.SHARED_FC2_WEIGHT):
-            kept = sel.shared[j]
-            if role == Role.SHARED_FC2_WEIGHT:
-                return t[dims][:, kept]
-            return t.reshape(2 if s.swiglu else 1, s.moe_shared_expert_intermediate_size, -1)[:, kept].flatten(0, 1)[:, dims]
         if role == Role.ROUTER_BIAS:
             return t
-        if role in (Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT):
-            kept = neurons[arch.expert_of(name)[0]]  # this expert's neurons
-            if role == Role.EXPERT_FC2_WEIGHT:
-                return t[dims][:, kept]
-            halves = t.reshape(2 if s.swiglu else 1, s.moe_ffn_hidden_size, *t.shape[1:])[:, kept].flatten(0, 1)
-            return halves[:, dims] if role == Role.EXPERT_FC1_WEIGHT else halves
         raise AssertionError(f"no slicing rule for {role!r} ({name})")
+
+    def _ffn_neurons(self, role: str, name: str, j: int) -> tuple[int, torch.Tensor]:
+        """(source neuron count, kept neurons) of the FFN a tensor of target layer `j` belongs to."""
+        s, sel = self.src, self.sel
+        if role in (Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT):
+            return s.moe_ffn_hidden_size, sel.neurons[j][arch.expert_of(name)[0]]  # this expert's own
+        if role in (Role.SHARED_FC1_WEIGHT, Role.SHARED_FC2_WEIGHT):
+            return s.moe_shared_expert_intermediate_size, sel.shared[j]
+        return s.ffn_hidden_size, sel.neurons[j]
 
 
 class DropLayers(SliceOperator):

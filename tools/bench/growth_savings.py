@@ -301,21 +301,28 @@ def plots(results: dict[int, dict], summary: dict, b: Budget, out: Path) -> list
     return paths
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models and budgets: a ~3 minute smoke test")
+def setup(argv: list[str] | None, doc: str, name: str, full: Budget,
+          quick: Budget) -> tuple[list[int], Budget, Path, Data]:
+    """(seeds, budget, output directory, data) from the command line of a benchmark on this corpus:
+    --quick, --seeds, --out (default runs/NAME[_quick]), --corpus (fetched if missing)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models and budgets: a smoke test of minutes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", type=Path, default=None, help="default: runs/growth_savings[_quick]")
+    p.add_argument("--out", type=Path, default=None, help=f"default: runs/{name}[_quick]")
     p.add_argument("--corpus", type=Path, default=ROOT / "data" / "gcide.txt")
     args = p.parse_args(argv)
-    b = QUICK if args.quick else FULL
-    out = args.out or ROOT / "runs" / ("growth_savings_quick" if args.quick else "growth_savings")
+    b = quick if args.quick else full
+    out = args.out or ROOT / "runs" / (f"{name}_quick" if args.quick else name)
     torch.set_num_threads(b.threads)
     if not args.corpus.is_file():
         subprocess.run(["bash", str(ROOT / "tools" / "get_corpus.sh"), str(args.corpus)], check=True)
-    data = prepare_data(out, args.corpus, b)
+    return args.seeds, b, out, prepare_data(out, args.corpus, b)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    seeds, b, out, data = setup(argv, __doc__, "growth_savings", FULL, QUICK)
     results = {}
-    for seed in args.seeds:
+    for seed in seeds:
         run = Seed(out, seed, b, data)
         results[seed] = run.run_all()
     summary = summarise(results, b, run.small, run.large)

@@ -17,14 +17,10 @@ the dense pretraining's FLOPs. Prints the results JSON; writes a plot next to it
 """
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import growth_savings as gs  # noqa: E402
@@ -33,7 +29,6 @@ import savings_report as report  # noqa: E402
 from scalegrow.methods import registry as methods  # noqa: E402
 from scalegrow.pipeline import grow, load_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 AUX = 0.01
 # name -> (MoE fields, upcycling granularity)
 SHAPES = {"8x2": (dict(num_moe_experts=8, moe_router_topk=2), 1),
@@ -154,20 +149,9 @@ def markdown(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models and budgets: a smoke test")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", type=Path, default=None, help="default: runs/moe_upcycle[_quick]")
-    p.add_argument("--corpus", type=Path, default=ROOT / "data" / "gcide.txt")
-    args = p.parse_args(argv)
-    b = QUICK if args.quick else FULL
-    out = args.out or ROOT / "runs" / ("moe_upcycle_quick" if args.quick else "moe_upcycle")
-    torch.set_num_threads(b.threads)
-    if not args.corpus.is_file():
-        subprocess.run(["bash", str(ROOT / "tools" / "get_corpus.sh"), str(args.corpus)], check=True)
-    data = gs.prepare_data(out, args.corpus, b)
+    seeds, b, out, data = gs.setup(argv, __doc__, "moe_upcycle", FULL, QUICK)
     results = {}
-    for seed in args.seeds:
+    for seed in seeds:
         run = Seed(out, seed, b, data)
         results[seed] = run.run_all()
     summary = summarise(results, run)
