@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import traceback
 
@@ -21,6 +22,7 @@ from scalegrow.methods.subclone import SubcloneOptions
 from scalegrow.methods.upcycle import UpcycleOptions
 from scalegrow.output import OutputOptions
 from scalegrow.pipeline import DataOptions
+from scalegrow.ranks import Ranks
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,7 +166,8 @@ def _output_options(a):
         _positive(name.replace("_", "-"), getattr(a, name, None))
     extra = {k: getattr(a, k) for k in ("max_shard_size", "hf_model_type", "ep", "workers") if hasattr(a, k)}
     return OutputOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
-                         getattr(a, "format", "torch"), getattr(a, "vocab_size", None), **extra)
+                         getattr(a, "format", "torch"), getattr(a, "vocab_size", None),
+                         ranks=getattr(a, "ranks", None), **extra)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -253,14 +256,38 @@ COMMANDS = {"grow": cmd_grow, "shrink": cmd_shrink, "eval": cmd_eval, "convert":
             "inspect": cmd_inspect, "init": cmd_init}
 
 
+WRITERS = ("grow", "shrink", "convert", "init")  # the commands several ranks can share
+
+
+def _run(args) -> int:
+    """The command; under torchrun or srun, as one of the ranks that write its output together
+    (scalegrow.ranks): a failure here, at any point, stops the others."""
+    args.ranks = Ranks.connect() if args.command in WRITERS and not getattr(args, "dry_run", False) else None
+    try:
+        return COMMANDS[args.command](args)
+    except BaseException as exc:
+        if args.ranks:
+            args.ranks.fail(exc)
+        raise
+    finally:
+        if args.ranks:
+            args.ranks.close()
+
+
+def _stop(signum, frame):
+    """SIGTERM (srun and torchrun stop the other ranks with it) unwinds like an error: no output is left."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:  # bare `scalegrow`: say what it can do
             parser.print_help()
             return EXIT_OK
-        return COMMANDS[args.command](args)
+        return _run(args)
     except InputError as exc:
         print(f"scalegrow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -270,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # an internal error: keep the traceback for the bug report
         traceback.print_exc()
         return EXIT_INTERNAL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

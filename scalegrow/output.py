@@ -1,6 +1,7 @@
 """Writing a checkpoint: check the destination and resolve the output layout before any heavy work,
-stream an operator's result into the format's writer inside an atomic `DST.partial-*` directory,
-record `scalegrow.json` and the tokenizer, rename into place.
+stream an operator's result into the format's writer inside an atomic `DST.partial-*` directory
+(one process, forked workers, or several ranks each writing a share of the files), record
+`scalegrow.json` and the tokenizer, rename into place.
 
 Every command that writes (grow, shrink, convert, init) and every training export ends here.
 """
@@ -22,6 +23,7 @@ from scalegrow.formats.io import WriteError, atomic_output_dir, tree_bytes
 from scalegrow.formats.plan import PlanWriter
 from scalegrow.operators.base import Operator
 from scalegrow.parallel import Layout, Stages
+from scalegrow.ranks import Ranks
 
 
 @dataclass
@@ -33,8 +35,12 @@ class Summary:
     bytes_written: int
     tp: int
     pp: int
+    rank: str | None = None  # one of several ranks ("rank 1 of 2"): bytes_written are its own files'
 
     def __str__(self) -> str:
+        if self.rank:
+            return (f"wrote its share of {self.dst} as {self.rank} ({self.bytes_written / 2**20:.1f} MiB) "
+                    f"in {self.seconds:.1f}s; rank 0 renamed it into place")
         src = f"{self.params_src / 1e6:.2f}M -> " if self.params_src else ""
         return (f"wrote {self.dst} ({src}{self.params_dst / 1e6:.2f}M params, TP={self.tp} PP={self.pp}, "
                 f"{self.bytes_written / 2**20:.1f} MiB) in {self.seconds:.1f}s")
@@ -137,17 +143,18 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
         source_record = metadata.source_record(source)
     origin = source.hf_origin()  # an HF family travels, so the model can go back to HF as it was
     details = {**({"hf": origin} if origin else {}), **(details or {}), **op.details()}
-    n, sizes = _workers(fmt, cfg, layout, source.dtype, opts)
-    with atomic_output_dir(dst, overwrite) as out:
+    n, sizes, mine = _workers(fmt, cfg, layout, source.dtype, opts)
+    group = opts.ranks
+    with group.output_dir(dst, overwrite) if group else atomic_output_dir(dst, overwrite) as out:
         try:
-            make = lambda: fmt.writer(out, cfg, layout, source, opts)  # noqa: E731
-            if n > 1:
-                workers.run(source, op, make, sizes, n, out, progress, desc)
-            else:
-                executor.run(source, op, make(), progress=progress, desc=desc)
+            _stream(source, op, lambda: fmt.writer(out, cfg, layout, source, opts), sizes, mine, n, out, group,
+                    progress, desc or op.name)
         except (WriteError, OSError, RuntimeError) as exc:
             _explain_full_device(exc, out, dst)
             raise
+        if group and not group.leader:  # its files are there; rank 0 records, copies and renames
+            return Summary(Path(dst), None, cfg.num_parameters(), time.time() - start, sum(mine.values()),
+                           layout.tp, layout.pp, rank=str(group))
         metadata.write(out, metadata.record(fmt.name, cfg, layout, source.iteration, method or op.name,
                                             source_record, details, training))
         for name, path in (files or {}).items():
@@ -157,18 +164,36 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
     return Summary(Path(dst), params_src, cfg.num_parameters(), time.time() - start, nbytes, layout.tp, layout.pp)
 
 
-def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, opts: OutputOptions) -> tuple[int, dict]:
-    """How many processes write the output (--workers, or with None what cores and memory allow),
-    and the bytes of each output file they divide."""
+def _stream(source: Reader, op: Operator, make_writer, sizes: dict, mine: dict, n: int, out: Path,
+            group: Ranks | None, progress: bool, desc: str) -> None:
+    """This process writes every file; or its `n` forked workers write this rank's files (`mine`),
+    rank 0 waits for every rank's, and then writes what the format writes once (the tracker)."""
+    if n == 1 and group is None:
+        executor.run(source, op, make_writer(), progress=progress, desc=desc)
+        return
+    bar = workers.progress_bar(sum(sizes.values()), progress and (group is None or group.leader), desc)
+    workers.run(source, op, make_writer, workers.divide(mine, n), out, bar, group.check if group else lambda: None)
+    if group:
+        group.gather(lambda: workers.move(bar, out))
+    bar.close()
+    if group is None or group.leader:
+        make_writer().finish()
+
+
+def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, opts: OutputOptions) -> tuple[int, dict, dict]:
+    """How many processes write this rank's files (--workers, or with None what cores and memory
+    allow), the bytes of every output file, and of the files this rank writes (all, when alone)."""
     if fmt.file_sizes is None:
-        if opts.workers not in (None, 1):
-            raise InputError(f"--workers: the {fmt.name} format is written by one process for now")
-        return 1, {}
+        if opts.workers not in (None, 1) or opts.ranks:
+            raise InputError(f"--workers: the {fmt.name} format is written by one process for now"
+                             + (f" (this is {opts.ranks}: run it without torchrun or srun)" if opts.ranks else ""))
+        return 1, {}, {}
     sizes = fmt.file_sizes(cfg, layout, dtype)
-    n, note = workers.count(opts.workers, sizes)
+    mine = opts.ranks.share(sizes) if opts.ranks else sizes
+    n, note = workers.count(opts.workers, mine)
     if note:
         print(f"scalegrow: {note}", file=sys.stderr)
-    return n, sizes
+    return n, sizes, mine
 
 
 def _explain_full_device(exc: BaseException, out: Path, dst: str | Path) -> None:

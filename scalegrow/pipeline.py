@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from scalegrow import output
 from scalegrow.config import ModelConfig
+from scalegrow.errors import InputError
 from scalegrow.data import batch, corpus_streams, source_tokenizer, companion_files
 from scalegrow.formats.base import MemoryReader, MetaReader
 from scalegrow.formats.registry import FORMATS, open_checkpoint
@@ -81,6 +82,10 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
 
     def context(m: methods.Method, op) -> ContextManager[Context]:
         output.preflight(src, op.dst, out, dst)  # layout and room first: preparing is the heavy part
+        if out.ranks:  # each rank would train or calibrate on its own, and might not agree to the bit
+            raise InputError(f"--method {method} prepares its operator on data, which is not shared between "
+                             f"ranks ({out.ranks}): run it on one node (--workers uses its cores), then "
+                             f"convert across nodes")
         return _context(m, src, data, seed, progress)
 
     op, details = methods.build_operator(method, kind, src.config, dst_cfg, seed=seed, options=options,

@@ -98,17 +98,17 @@ def count(requested: int | None, sizes: dict[File, int], memory: int | None = No
             raise InputError(f"--workers: {requested} workers need {requested * each / GiB:.1f} GiB "
                              f"({each / GiB:.2f} GiB each) but {memory / GiB:.1f} GiB is available; "
                              f"use --workers {fits}")
-        return min(requested, len(sizes)), None
+        return max(1, min(requested, len(sizes))), None
     n = min(usable_cores(), len(sizes), fits)
     note = f"workers: {n} (memory for {fits})" if fits < min(usable_cores(), len(sizes)) else None
     return max(1, n), note
 
 
-def run(source: Reader, op: Operator, make_writer: Callable[[], Writer], sizes: dict[File, int], workers: int,
-        out: Path, progress: bool = True, desc: str | None = None) -> None:
-    """Write `op` applied to `source` with `workers` forked processes into `out`, then finish the
-    checkpoint (tracker) in this process. One progress bar in bytes, across workers."""
-    shares = divide(sizes, workers)
+def run(source: Reader, op: Operator, make_writer: Callable[[], Writer], shares: list[Share], out: Path,
+        bar: tqdm, poll: Callable[[], None] = lambda: None) -> None:
+    """Write `op` applied to `source` into `out` with one forked process per share, moving `bar` by
+    the bytes in `out`; `poll()` is called while waiting and may raise to stop them all (another
+    rank failed). The tracker is the caller's, once every file is there."""
     ctx = mp.get_context("fork")
     errors = ctx.SimpleQueue()
     procs = [ctx.Process(target=_work, args=(source, op, make_writer, share, errors), daemon=True)
@@ -116,13 +116,21 @@ def run(source: Reader, op: Operator, make_writer: Callable[[], Writer], sizes: 
     for p in procs:
         p.start()
     try:
-        _watch(procs, errors, out, sum(sizes.values()), progress, desc or op.name)
+        _watch(procs, errors, out, bar, poll)
     except BaseException:
         for p in procs:
             p.kill()
             p.join()
         raise
-    make_writer().finish()  # no file of its own: what the format writes once all files are there
+
+
+def progress_bar(total: int, progress: bool, desc: str) -> tqdm:
+    """One bar for every worker and rank, in bytes written, with tqdm's ETA."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress)
+
+
+def move(bar: tqdm, out: Path) -> None:
+    bar.update(min(bar.total, tree_bytes(out)) - bar.n)
 
 
 def _work(source: Reader, op: Operator, make_writer, share: Share, errors) -> None:
@@ -137,20 +145,20 @@ def _work(source: Reader, op: Operator, make_writer, share: Share, errors) -> No
     os._exit(0)
 
 
-def _watch(procs, errors, out: Path, total: int, progress: bool, desc: str) -> None:
-    """Wait for the workers, moving one bar by the bytes in `out`; raise the first failure."""
-    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress)
+def _watch(procs, errors, out: Path, bar: tqdm, poll: Callable[[], None]) -> None:
+    """Wait for the workers, moving the bar; raise the first failure, here or (`poll`) elsewhere."""
     while True:
         if not errors.empty():
+            poll()  # another rank's failure first: a worker here may only have tripped over its cleanup
             is_input, message = errors.get()
             raise InputError(message) if is_input else RuntimeError(f"a worker failed:\n{message}")
         done = [p for p in procs if p.exitcode is not None]
         dead = [p for p in done if p.exitcode != 0]
         if dead and errors.empty():
+            poll()
             raise RuntimeError(f"worker {procs.index(dead[0])} died with exit code {dead[0].exitcode}")
-        bar.update(min(total, tree_bytes(out)) - bar.n)
+        poll()
+        move(bar, out)
         if len(done) == len(procs) and errors.empty():
-            break
+            return
         time.sleep(0.2)
-    bar.close()
-

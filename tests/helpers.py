@@ -68,3 +68,26 @@ def write_yaml(path: Path, **values) -> Path:
 
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+def llama_source(root: Path) -> Path:
+    """A 4-layer llama-like checkpoint at TP2/PP2 in root/src, and root/t.yaml, a grown target for it
+    (6 layers, 2x width): the source of the workers' and ranks' tests."""
+    from scalegrow import pipeline
+
+    cfg = family_config("llama", num_layers=4)
+    pipeline.save_model(random_model(cfg, seed=2).state_dict(), cfg, root / "src", tp=2, pp=2)
+    write_yaml(root / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=160, num_attention_heads=8,
+               num_query_groups=4)
+    return root / "src"
+
+
+def checkpoint_files(path: Path) -> dict[str, str]:
+    """sha256 of every file but scalegrow.json (which records how it was made)."""
+    return {k: v for k, v in tree_sha256(path).items() if k != "scalegrow.json"}
+
+
+def grow_argv(src: Path, dst: Path, *extra: str) -> list[str]:
+    """`scalegrow grow` of a `llama_source` to its target, without progress bars."""
+    return ["grow", "--src", str(src), "--dst", str(dst), "--target", str(src.parent / "t.yaml"), "--no-progress",
+            *extra]

@@ -20,13 +20,14 @@ ALLOWED = {
     "formats": {"arch", "parallel", "metadata"},
     "executor": {"arch", "formats", "operators"},
     "workers": {"formats", "operators", "executor"},
-    "output": {"arch", "parallel", "metadata", "formats", "operators", "executor", "workers"},
+    "ranks": {"formats", "workers"},
+    "output": {"arch", "parallel", "metadata", "formats", "operators", "executor", "workers", "ranks"},
     "methods": {"arch", "parallel", "model", "data", "formats", "operators", "executor"},
     "train": {"arch", "parallel", "model", "data", "metadata", "formats", "operators", "executor", "output",
               "methods"},
     "pipeline": {"arch", "parallel", "model", "data", "metadata", "formats", "operators", "executor", "output",
                  "methods"},
-    "cli": {"pipeline", "output", "formats", "methods"},
+    "cli": {"pipeline", "output", "formats", "methods", "ranks"},
 }
 BASE = {"errors", "config", "deps", "__init__"}
 

@@ -1,7 +1,7 @@
 """The training pipeline with the real DeepSpeed engine on 2 CPU ranks (gloo), real TensorBoard
-event files, a real SLURM, and megatron-core as the judge of the exported checkpoints."""
+event files, and megatron-core as the judge of the exported checkpoints (SLURM jobs on two nodes:
+tests/test_cluster.py)."""
 import json
-import os
 import shutil
 import sys
 import time
@@ -17,7 +17,7 @@ from scalegrow.pipeline import load_model, verify
 from scalegrow.train.config import ScheduleConfig
 from scalegrow.train.schedule import learning_rate
 from helpers import METADATA_KEYS, tree_sha256
-from training import ENV, ROOT, Slurm, scalars, start_and_kill_after, train
+from training import scalars, start_and_kill_after, train
 
 pytestmark = pytest.mark.slow
 STEPS = 30
@@ -210,37 +210,6 @@ def test_train_batch_size_mismatch_is_bad_input(scratch, tmp_path):
     assert result.returncode != 0
     assert "train_batch_size: 12 != micro_batch_size 8 × gradient_accumulation_steps 1 × data parallel 2 = 16" \
         in result.stderr + result.stdout
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    if os.geteuid() != 0 or not shutil.which("slurmctld"):
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the SLURM test: tools/test.sh installs slurmctld, slurmd and munge as root")
-        pytest.skip("needs root and Debian's slurmctld/slurmd/munge (tools/test.sh installs them)")
-    cluster = Slurm(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
-
-
-def test_slurm_job(slurm, scratch, tmp_path):
-    """sbatch launch/slurm/pretrain.sbatch on a real slurmctld/slurmd: srun starts one rank per task."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "slurm-run"
-    job = subprocess.run(
-        ["sbatch", "--wait", "--chdir", str(ROOT), "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-         f"--output={tmp_path}/job.out", f"--export=ALL,PYTHON={sys.executable}",
-         "launch/slurm/pretrain.sbatch", "configs/runs/tiny_scratch.yaml", f"output.dir={out}", "train.steps=4",
-         "train.eval_interval=2", "train.save_interval=2", *reuse_data(scratch)],
-        env=slurm.env, capture_output=True, text=True, timeout=600)
-    log = (tmp_path / "job.out").read_text()
-    assert job.returncode == 0, log[-3000:]
-    assert "scalegrow: 2 ranks on 1 node(s), rendezvous" in log
-    assert sorted(scalars(out / "tensorboard")["val/loss"]) == [0, 2, 4]
-    assert (out / "export/tokenizer.model").is_file()
-    assert ENV["DS_ACCELERATOR"] == "cpu"
 
 
 def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path):

@@ -3,7 +3,7 @@ worker's failure fails the command with its error and leaves nothing; memory bou
 import os
 
 import pytest
-from helpers import family_config, random_model, tree_sha256, write_yaml
+from helpers import checkpoint_files, family_config, grow_argv, llama_source, random_model
 
 from scalegrow import cli, pipeline, workers
 from scalegrow.errors import InputError
@@ -35,19 +35,11 @@ def test_worker_count_follows_memory(monkeypatch):
 
 @pytest.fixture
 def src(tmp_path):
-    cfg = family_config("llama", num_layers=4)
-    pipeline.save_model(random_model(cfg, seed=2).state_dict(), cfg, tmp_path / "src", tp=2, pp=2)
-    return tmp_path / "src"
+    return llama_source(tmp_path)
 
 
 def grow(src, dst, *extra) -> int:
-    target = write_yaml(src.parent / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=160,
-                        num_attention_heads=8, num_query_groups=4)
-    return cli.main(["grow", "--src", str(src), "--dst", str(dst), "--target", str(target), "--no-progress", *extra])
-
-
-def checkpoint_files(path):
-    return {k: v for k, v in tree_sha256(path).items() if k != "scalegrow.json"}
+    return cli.main(grow_argv(src, dst, *extra))
 
 
 @pytest.mark.parametrize("layout", [["--tp", "2", "--pp", "3"], ["--tp", "4", "--pp", "1"]], ids=["by-stage", "by-file"])

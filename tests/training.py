@@ -1,9 +1,8 @@
 """Helpers for the training tests: the real `deepspeed` launcher on CPU ranks, TensorBoard readers,
-and a real single-node SLURM (slurmctld + slurmd + munge from Debian), started as root."""
+a free port (tests/cluster.py has the two-node SLURM cluster)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -61,78 +60,3 @@ def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     return out
-
-
-class Slurm:
-    """slurmctld + slurmd for this machine (one node, all its CPUs) on loopback ports, with munged."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.conf = root / "slurm.conf"
-        self.env = {**ENV, "SLURM_CONF": str(self.conf)}
-
-    def start(self) -> "Slurm":
-        for d in ("state", "spool", "log"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
-        host = socket.gethostname()
-        self.conf.write_text(SLURM_CONF.format(root=self.root, host=host, cpus=os.cpu_count()))
-        self._start_munge()
-        for daemon in ("slurmctld", "slurmd"):
-            subprocess.run([daemon], env=self.env, check=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
-            if out.stdout.strip() == "idle":
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"SLURM did not come up: {(self.root / 'log/slurmctld.log').read_text()[-2000:]}")
-
-    @staticmethod
-    def _start_munge() -> None:
-        if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
-            return  # already running
-        Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        shutil.chown("/run/munge", "munge", "munge")
-        for d in ("/var/log/munge", "/var/lib/munge", "/etc/munge"):
-            if Path(d).exists():
-                shutil.chown(d, "munge", "munge")
-        if not Path("/etc/munge/munge.key").exists():
-            subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True)
-        subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
-
-    def stop(self) -> None:
-        for pid_file in ("slurmd.pid", "slurmctld.pid"):
-            path = self.root / pid_file
-            if path.is_file():
-                try:
-                    os.kill(int(path.read_text().strip()), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
-
-
-SLURM_CONF = """\
-ClusterName=scalegrow-test
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort=26817
-SlurmdPort=26818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-MpiDefault=none
-JobCompType=jobcomp/none
-JobAcctGatherType=jobacct_gather/none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-"""

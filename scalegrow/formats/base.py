@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -131,6 +131,7 @@ class OutputOptions:
     hf_model_type: str | None = None
     ep: int | None = None  # expert-parallel size (MoE); None: the source's
     workers: int | None = 1  # processes writing the output files (None: from cores and memory)
+    ranks: Any = None  # scalegrow.ranks.Ranks: this is one of several ranks writing the files; None: alone
 
 
 @dataclass(frozen=True)
