@@ -91,7 +91,11 @@ def _shrink_parser(k: argparse.ArgumentParser) -> None:
     _paths(k, "source checkpoint directory (Megatron torch/torch_dist, DeepSpeed or Hugging Face)")
     k.add_argument("--method", default="subclone",
                    help=f"shrink method: {', '.join(methods.names(methods.SHRINK))} (default: subclone)")
-    k.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
+    k.add_argument("--target", default=None, help="YAML of Megatron model args; keys left out keep the source's "
+                   "(default: none; give --target or --params)")
+    k.add_argument("--params", default=None, metavar="N", help="instead of --target: a parameter budget (1.5B, "
+                   "350M, or a fraction of the source's like 0.5); the shape is chosen by Minitron's rule (every "
+                   "layer kept, hidden, FFN and query groups narrowed alike), printed and recorded (default: none)")
     _data_args(k, "--calib-data", "subclone: calibration corpus")
     k.add_argument("--calib-tokens", type=int, default=SubcloneOptions.tokens,
                    help=f"subclone: calibration tokens (default: {SubcloneOptions.tokens})")
@@ -190,10 +194,22 @@ def cmd_grow(a) -> int:
 
 def cmd_shrink(a) -> int:
     _positive("calib-tokens", a.calib_tokens)
+    if (a.target is None) == (a.params is None):
+        raise InputError("shrink: give the target shape, --target T.yaml, or a budget, --params N (one of them)")
+    target, budget = a.target, None
+    if a.params is not None:
+        target, budget = pipeline.budget_shape(a.src, a.params, a.tp)
+        shape = " ".join(f"{k}={v}" for k, v in budget["chose"].items())
+        print(f"shrink --params {a.params}: {budget['params_chosen'] / 1e6:.2f}M params, {shape}",
+              file=sys.stderr if a.dry_run else sys.stdout)
+    if a.dry_run:  # the shape only: which neurons stay is what calibration decides
+        cfg = target if budget else pipeline.target_config(a.src, target)
+        print(json.dumps({"target": cfg.to_dict(), **({"budget": budget} if budget else {})}))
+        return EXIT_OK
     options = methods.options_with(a.method, methods.SHRINK, tokens=a.calib_tokens, rescale=not a.no_rescale)
-    summary = pipeline.shrink(a.src, a.dst, a.method, a.target, _output_options(a), options,
+    summary = pipeline.shrink(a.src, a.dst, a.method, target, _output_options(a), options,
                               DataOptions(a.calib_data, a.tokenizer), overwrite=a.overwrite,
-                              progress=not a.no_progress)
+                              progress=not a.no_progress, budget=budget)
     print(f"shrank {a.src} with {a.method}: {summary}")
     return EXIT_OK
 

@@ -212,8 +212,7 @@ class ModelConfig:
         gqa = bool(a.get("group_query_attention"))
         norm_eps = a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5))
         return cls(
-            num_layers=a["num_layers"],
-            hidden_size=a["hidden_size"],
+            num_layers=a["num_layers"], hidden_size=a["hidden_size"],
             num_attention_heads=a["num_attention_heads"],
             padded_vocab_size=a["padded_vocab_size"],
             ffn_hidden_size=a.get("ffn_hidden_size"),
@@ -301,6 +300,13 @@ class ModelConfig:
             return self.num_parameters()
         idle = sum(map(self.is_moe_layer, range(self.num_layers))) * (self.num_moe_experts - self.moe_router_topk)
         return self.num_parameters() - idle * self._expert_parameters()
+
+    def flops_per_token(self, seq_length: int, training: bool = True) -> float:
+        """Matmul FLOPs per token (Kaplan 2020 §2.1): 2 per active weight and attention product; training 3x."""
+        learned = self.position_embedding_type == "learned_absolute"  # (lookup tables are not matmuls)
+        lookups = self.hidden_size * ((not self.tied) * self.padded_vocab_size + learned * self.max_position_embeddings)
+        attention = self.num_layers * seq_length * self.num_attention_heads * self.kv_channels
+        return (6.0 if training else 2.0) * (self.num_active_parameters() - lookups + attention)
 
 
 def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:

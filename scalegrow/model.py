@@ -231,12 +231,16 @@ class GPT(nn.Module):
         if labels is None:
             return logits
         lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        aux = [layer.mlp.aux_loss for layer in self.decoder.layers if isinstance(layer.mlp, MoE)]
-        if not aux:
+        aux = self.moe_aux_loss()
+        if aux is None:
             return lm
-        aux = torch.stack(aux).sum()
         self.last_losses = {"lm": lm.item(), "moe_aux": aux.item()}
         return lm + self.cfg.moe_aux_loss_coeff * aux if self.training else lm
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """The MoE layers' load-balancing losses of the last forward, summed (None: dense)."""
+        aux = [layer.mlp.aux_loss for layer in self.decoder.layers if isinstance(layer.mlp, MoE)]
+        return torch.stack(aux).sum() if aux else None
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy over token windows [b, s + 1] (+ the MoE aux loss in training)."""

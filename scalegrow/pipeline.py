@@ -19,8 +19,9 @@ from scalegrow.errors import InputError
 from scalegrow.data import batch, corpus_streams, source_tokenizer, companion_files
 from scalegrow.formats.base import MemoryReader, MetaReader
 from scalegrow.formats.registry import FORMATS, open_checkpoint
+from scalegrow.methods import budget
 from scalegrow.methods import registry as methods
-from scalegrow.methods.base import Context, LocalTrainer
+from scalegrow.methods.base import Context, LocalTrainer, load_model  # noqa: F401 (load_model: API)
 from scalegrow.model import GPT, init_weights
 from scalegrow.operators.identity import Identity
 from scalegrow.output import OutputOptions, Summary
@@ -65,20 +66,39 @@ def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path 
                       options, data)
 
 
-def shrink(src_path: str | Path, dst: str | Path, method: str, target: str | Path | None,
+def shrink(src_path: str | Path, dst: str | Path, method: str, target: str | Path | ModelConfig | None,
            out: OutputOptions = OutputOptions(), options=None, data: DataOptions = DataOptions(),
-           overwrite: bool = False, progress: bool = True) -> Summary:
-    """Initialise a smaller model from `src_path` (weight subcloning or the drop-layers baseline)."""
+           overwrite: bool = False, progress: bool = True, budget: dict | None = None) -> Summary:
+    """Initialise a smaller model from `src_path` (weight subcloning or the drop-layers baseline);
+    `target` a YAML or a shape from `budget_shape` (whose `budget` record goes into scalegrow.json)."""
     return _transform(methods.SHRINK, src_path, dst, method, target, out, 0, overwrite, progress, False,
-                      options, data)
+                      options, data, {"budget": budget} if budget else {})
+
+
+def target_config(src_path: str | Path, target: str | Path) -> ModelConfig:
+    """The `target` YAML over the source's config, from the source's args alone."""
+    return ModelConfig.from_yaml(target, base=open_checkpoint(src_path, validate=False, quiet=True).config)
+
+
+def budget_shape(src_path: str | Path, params: str, tp: int | None = None) -> tuple[ModelConfig, dict]:
+    """The shape `shrink --params` picks for `src_path` (methods/budget.py), from its args alone,
+    splittable at the output's TP (`tp`, default: the source's)."""
+    reader = open_checkpoint(src_path, validate=False, quiet=True)
+    src = reader.config
+    n = budget.parse(params, src.num_parameters())
+    cfg = budget.shape_for(src, n, tp or reader.tp)
+    return cfg, budget.rule(src, cfg, n)
 
 
 def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions, seed: int, overwrite: bool,
-               progress: bool, dry_run: bool, options, data: DataOptions) -> Summary | dict:
+               progress: bool, dry_run: bool, options, data: DataOptions, record: dict | None = None) -> Summary | dict:
     start = time.time()
     output.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
     src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
-    dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
+    if isinstance(target, ModelConfig):
+        dst_cfg, target = target, "--params"
+    else:
+        dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
 
     def context(m: methods.Method, op) -> ContextManager[Context]:
         output.preflight(src, op.dst, out, dst)  # layout and room first: preparing is the heavy part
@@ -92,7 +112,8 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
                                          context=None if dry_run else context, where=str(target or "--target"))
     if dry_run:
         return output.plan(src, op, out)
-    return output.write(src, op, dst, out, details=details, files=companion_files(src.root, data.tokenizer),
+    return output.write(src, op, dst, out, details={**details, **(record or {})},
+                        files=companion_files(src.root, data.tokenizer),
                         overwrite=overwrite, progress=progress, desc=f"{kind}/{method}", start=start)
 
 
@@ -125,14 +146,6 @@ def plan(src_cfg: ModelConfig, dst_cfg: ModelConfig, method: str = "lemon", out:
     `method`; the operator really runs, on meta tensors, and nothing is allocated or written."""
     op, _ = methods.build_operator(method, methods.GROW, src_cfg, dst_cfg)
     return output.plan(MetaReader.of(src_cfg, src_tp, dtype), op, out)
-
-
-def load_model(path: str | Path) -> GPT:
-    """The whole checkpoint as a reference GPT in fp32 (merges every TP/PP shard)."""
-    ckpt = open_checkpoint(path)
-    model = GPT(ckpt.config)
-    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict().items()}, strict=True)
-    return model.eval()
 
 
 def evaluate(path: str | Path, data: str = "embedded", tokenizer: str | None = None, tokens: int = 32768,

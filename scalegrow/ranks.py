@@ -34,6 +34,7 @@ class Ranks:
 
     def __init__(self, rank: int, world: int, store):
         self.rank, self.world, self.store = rank, world, store
+        self._stopped = False  # this rank has said it no longer writes
 
     @property
     def leader(self) -> bool:
@@ -76,6 +77,7 @@ class Ranks:
                             yield out
                         except BaseException as exc:
                             self.fail(exc)  # before the directory goes: the others' errors are its echo
+                            self._wait_stopped()  # then nobody writes into it any more
                             raise
                 finally:
                     self.store.set("done", "1")  # renamed, or deleted
@@ -91,12 +93,22 @@ class Ranks:
             raise
 
     def fail(self, exc: BaseException) -> None:
-        """Record this rank's failure, unless another rank's came first (that one is the cause)."""
+        """Record this rank's failure, unless another rank's came first (that one is the cause). It
+        has stopped writing (its workers are gone), which rank 0 waits for before it cleans up."""
         with contextlib.suppress(Exception):
             if self.store.add("failures", 1) == 1:
                 kind = "input" if isinstance(exc, InputError) else "bug"
                 why = str(exc) if isinstance(exc, Exception) and str(exc) else type(exc).__name__
                 self.store.set("failed", f"{kind}:{self.rank}:{why}")
+            if not self.leader and not self._stopped:
+                self._stopped = True
+                self.store.add("stopped", 1)
+
+    def _wait_stopped(self, patience: float = 60) -> None:
+        deadline = time.time() + patience
+        with contextlib.suppress(Exception):
+            while self.store.add("stopped", 0) < self.world - 1 and time.time() < deadline:
+                time.sleep(POLL)
 
     def check(self) -> None:
         """Raise if any rank has failed: InputError when it was bad input (exit 2), else RuntimeError."""

@@ -34,9 +34,10 @@ def test_flops_per_token_is_6n_plus_attention():
                       add_bias_linear=False)
     layer = 64 * 192 + 64 * 64 + 2 * 64 * 128 + 2 * 64  # qkv, proj, fc1 + fc2, two norms
     matmul = 2 * layer + 64 + 256 * 64  # layers, final norm, output layer (the embedding is a lookup)
-    assert report.flops_per_token(cfg, 32) == 6 * matmul + 6 * 2 * 32 * 64
+    assert cfg.flops_per_token(32) == 6 * matmul + 6 * 2 * 32 * 64
     tied = cfg.replace(untie_embeddings_and_output_weights=False)
-    assert report.flops_per_token(tied, 32) == report.flops_per_token(cfg, 32)  # the same matmuls
+    assert tied.flops_per_token(32) == cfg.flops_per_token(32)  # the same matmuls
+    assert cfg.flops_per_token(32, training=False) == cfg.flops_per_token(32) / 3  # a teacher's forward
 
 
 def test_growth_rows_count_operator_steps_and_small_pretraining():

@@ -169,6 +169,21 @@ def test_cli_shrink_and_bad_targets(big, tmp_path, capsys):
     assert "ships no tokenizer (tokenizer.model or tokenizer.json)" in capsys.readouterr().err
 
 
+def test_shrink_to_a_parameter_budget(big, tmp_path, capsys):
+    """--params 0.5: every layer kept, the width narrowed to fit; the choice printed and recorded."""
+    assert cli(["shrink", "--src", str(big / "big"), "--dst", str(tmp_path / "half"), "--params", "0.5",
+                "--calib-data", str(big / "corpus"), "--calib-tokens", "4096", "--tp", "1", "--pp", "1",
+                "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    got = load_model(tmp_path / "half").cfg
+    source = open_checkpoint(big / "big").config
+    assert got.num_layers == source.num_layers and got.num_parameters() <= source.num_parameters() // 2
+    assert f"shrink --params 0.5: {got.num_parameters() / 1e6:.2f}M params, num_layers=4 " in out
+    record = json.loads((tmp_path / "half" / "scalegrow.json").read_text())["details"]["budget"]
+    assert record["chose"]["hidden_size"] == got.hidden_size and record["params"] == source.num_parameters() // 2
+    assert loss(big, tmp_path / "half") < random_init_loss(big, tmp_path, record["chose"])
+
+
 def test_cli_eval(big, capsys):
     assert cli(["eval", str(big / "big"), "--data", str(big / "corpus"), "--tokens", "2048"]) == 0
     result = json.loads(capsys.readouterr().out)

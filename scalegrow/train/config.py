@@ -19,6 +19,7 @@ from scalegrow.formats import registry as formats
 from scalegrow.methods import registry as methods
 from scalegrow.methods.ligo import LigoOptions
 from scalegrow.methods.upcycle import UpcycleOptions
+from scalegrow.train.distill import DistillConfig
 
 
 @dataclass
@@ -107,6 +108,7 @@ class RunConfig:
     init: InitConfig = field(default_factory=InitConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a teacher for the student trained here
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -204,6 +206,7 @@ def validate(cfg: RunConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise InputError(f"{key}: {message}")
+    cfg.distill.check()
     relation = output.overlap(cfg.init.from_, cfg.output.dir) if cfg.init.from_ else None
     if relation:
         raise InputError(f"init.from: {cfg.init.from_} {relation} output.dir {cfg.output.dir}, which this run "

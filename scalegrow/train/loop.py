@@ -25,6 +25,7 @@ from scalegrow.operators.identity import Identity
 from scalegrow.parallel import Layout
 from scalegrow.train import engine as ds
 from scalegrow.train.config import RunConfig, save_run_config
+from scalegrow.train.distill import student
 from scalegrow.train.prepare import PreparedData, prepare_data
 from scalegrow.train.schedule import learning_rate
 
@@ -109,7 +110,7 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
     data = prepare_data(cfg, dist)
     start = start_fn(cfg, data, dist)
     torch.manual_seed(cfg.train.seed)
-    model = GPT(start.config)
+    model = student(start.config, cfg.distill)
     if start.state_dict is None:
         init_weights(model, cfg.train.seed)
     else:
@@ -124,16 +125,17 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
         history["val_loss"][0] = evaluate(engine, data.valid, cfg, dist)
         log.scalars(0, {"val/loss": history["val_loss"][0]})
     began = time.time()
+    tokens = order.micro_batch_size * order.accumulation * order.data_parallel * cfg.data.seq_length
+    flops = tokens * step_flops(start.config, model, cfg.data.seq_length)  # per step
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.schedule, cfg.train.steps)
-        loss, seconds, aux = train_step(engine, data.train, order, dist, step, lr)
+        loss, seconds, parts = train_step(engine, data.train, order, dist, step, lr)
         step += 1
-        tokens = order.micro_batch_size * order.accumulation * order.data_parallel * cfg.data.seq_length
         history["train_loss"][step] = loss
         log.scalars(step, {"train/loss": loss, "train/lr": lr,
                            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                           "train/tokens_per_s": tokens / seconds,
-                           **({"train/moe_aux_loss": aux} if start.config.num_moe_experts else {})})
+                           "train/tokens_per_s": tokens / seconds, "train/flops": step * flops,
+                           **{PART_TAGS[k]: v for k, v in parts.items() if k in PART_TAGS}})
         log.advance(loss=loss)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
             history["val_loss"][step] = evaluate(engine, data.valid, cfg, dist)
@@ -165,24 +167,38 @@ def save(engine, ckpt_dir: Path, step: int, start: Start, kind: str, dist: ds.Di
                                                  start.source))
 
 
+PART_TAGS = {"moe_aux": "train/moe_aux_loss", "kl": "distill/kl", "lm": "distill/ce"}  # lm: with a teacher
+
+
+def step_flops(cfg: ModelConfig, model: GPT, seq_length: int) -> float:
+    """Training FLOPs per token of a step: the student's forward and backward, and the teacher's
+    forward when there is one."""
+    teacher = getattr(model, "teacher", None)
+    return cfg.flops_per_token(seq_length) + (teacher.cfg.flops_per_token(seq_length, training=False)
+                                              if teacher is not None else 0.0)
+
+
 def train_step(engine, train: TokenStream, order: BatchOrder, dist: ds.Dist, step: int,
-               lr: float) -> tuple[float, float, float]:
+               lr: float) -> tuple[float, float, dict[str, float]]:
     """One optimizer step over this step's micro-batches: (LM loss averaged over micro-steps and
-    ranks, seconds, MoE load-balancing loss likewise: 0 for a dense model). The engine handles
-    accumulation and applies the optimizer at the boundary."""
+    ranks, seconds, the loss's parts likewise: an MoE's balancing loss, a distillation's KL and CE).
+    The engine handles accumulation and applies the optimizer at the boundary."""
     tic = time.perf_counter()
     ds.set_lr(engine, lr)
-    total, aux = 0.0, 0.0
+    total, parts = 0.0, {}
     for micro in range(order.accumulation):
         tokens = batch(train, order.samples(step, micro, dist.rank)).to(engine.device)
         loss = engine(tokens[:, :-1], tokens[:, 1:])
         engine.backward(loss)
         engine.step()
-        parts = getattr(engine.module, "last_losses", None)  # an MoE's: the LM and the balancing loss
-        total += parts["lm"] if parts else loss.item()
-        aux += parts["moe_aux"] if parts else 0.0
+        last = getattr(engine.module, "last_losses", None) or {"lm": loss.item()}
+        total += last["lm"]
+        for key, value in last.items():
+            parts[key] = parts.get(key, 0.0) + value
     seconds = time.perf_counter() - tic
-    return _mean_over_ranks(total, order.accumulation), seconds, _mean_over_ranks(aux, order.accumulation)
+    distilled = "kl" in parts
+    parts = {k: _mean_over_ranks(v, order.accumulation) for k, v in parts.items() if distilled or k != "lm"}
+    return _mean_over_ranks(total, order.accumulation), seconds, parts
 
 
 def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedData, history: dict,
@@ -191,7 +207,9 @@ def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedDa
     out = Path(cfg.output.dir)
     if torch_dist.is_initialized():
         torch_dist.barrier()
-    summary = {"steps": cfg.train.steps, "seconds": round(seconds, 1),
+    flops = step_flops(start.config, engine.module, cfg.data.seq_length) * cfg.train.steps * cfg.data.seq_length \
+        * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * dist.world_size
+    summary = {"steps": cfg.train.steps, "seconds": round(seconds, 1), "flops": flops,
                "params": start.config.num_parameters(), "export": str(out / "export"),
                "val_loss": history["val_loss"], "final_train_loss": history["train_loss"].get(cfg.train.steps)}
     if dist.is_main:

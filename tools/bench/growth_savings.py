@@ -263,7 +263,7 @@ class Seed:
 # ---- report -----------------------------------------------------------------------------------------
 def summarise(results: dict[int, dict], b: Budget, small: ModelConfig, large: ModelConfig) -> dict:
     tokens = b.micro_batch_size * b.seq_length
-    large_f, small_f = report.flops_per_token(large, b.seq_length), report.flops_per_token(small, b.seq_length)
+    large_f, small_f = large.flops_per_token(b.seq_length), small.flops_per_token(b.seq_length)
     small_total = b.small_steps * tokens * small_f
     growth, shrunk = [], []
     for seed, res in results.items():

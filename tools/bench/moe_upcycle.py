@@ -11,7 +11,7 @@ for `more_steps` on the next batches of the same order, three ways from that che
   the same active parameters as the dense model.
 Against MoEs of both shapes trained from random init for `dense_steps + more_steps` on the same
 batches. Every run uses the same cosine schedule over its own steps and the load-balancing loss
-(coefficient 0.01). Compute is training FLOPs with active parameters (savings_report.flops_per_token):
+(coefficient 0.01). Compute is training FLOPs with active parameters (ModelConfig.flops_per_token):
 an MoE token passes through its router and its top-k experts only; the continued runs also carry
 the dense pretraining's FLOPs. Prints the results JSON; writes a plot next to it.
 """
@@ -81,10 +81,10 @@ def summarise(results: dict[int, dict], run: Seed) -> dict:
     tokens = b.micro_batch_size * b.seq_length
     configs = {"dense-continued": run.small, **{f"{k}-{s}": run.moe_config(s) for s in SHAPES
                                                 for k in ("upcycle", "scratch")}}
-    dense_flops = b.small_steps * tokens * report.flops_per_token(run.small, b.seq_length)
+    dense_flops = b.small_steps * tokens * run.small.flops_per_token(b.seq_length)
     rows = []
     for name, cfg in configs.items():
-        per_token = report.flops_per_token(cfg, b.seq_length)
+        per_token = cfg.flops_per_token(b.seq_length)
         pre = 0.0 if name.startswith("scratch") else dense_flops
         finals, reach = [], []
         for runs in results.values():
@@ -116,7 +116,7 @@ def plot(results: dict[int, dict], summary: dict, run: Seed, path: Path) -> None
     import matplotlib.pyplot as plt
 
     tokens = run.b.micro_batch_size * run.b.seq_length
-    dense = ("dense (pretraining)", 0.0, report.flops_per_token(run.small, run.b.seq_length), "dense")
+    dense = ("dense (pretraining)", 0.0, run.small.flops_per_token(run.b.seq_length), "dense")
     lines = [dense] + [(r["run"], 0.0 if r["run"].startswith("scratch") else summary["dense"]["pretrain_flops"],
                         r["flops_per_token"], r["run"]) for r in summary["rows"]]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))

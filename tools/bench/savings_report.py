@@ -1,10 +1,10 @@
 """Figures for `growth_savings.py`: training FLOPs, steps to a target loss, savings, plots, a table.
 
-FLOPs per token follow Kaplan et al. (2020, §2.1), training = 3 × forward:
+FLOPs per token are `ModelConfig.flops_per_token` (Kaplan et al. 2020, §2.1; training = 3 × forward):
     6 · N + 6 · num_layers · seq_length · (num_attention_heads · kv_channels)
 where N counts every matmul weight a token passes through: the transformer layers (in an MoE layer
-the router and the top-k experts) and the output layer (the input embedding is a lookup, not a matmul). Every large-model run has the same N and
-tokens per step, so compute is proportional to steps; LiGO's operator steps run the large model
+the router and the top-k experts) and the output layer (the input embedding is a lookup, not a
+matmul). Every large-model run has the same N and tokens per step, so compute is proportional to steps; LiGO's operator steps run the large model
 forward and backward and are counted at the same rate.
 """
 from __future__ import annotations
@@ -13,17 +13,6 @@ import json
 import statistics
 from pathlib import Path
 
-from scalegrow.config import ModelConfig
-
-
-def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
-    matmul = cfg.num_active_parameters()  # an MoE token passes through its router and top-k experts only
-    if not cfg.tied:  # the input embedding is a separate lookup table; the output layer stays in
-        matmul -= cfg.padded_vocab_size * cfg.hidden_size
-    if cfg.position_embedding_type == "learned_absolute":
-        matmul -= cfg.max_position_embeddings * cfg.hidden_size
-    attention = cfg.num_layers * seq_length * cfg.num_attention_heads * cfg.kv_channels
-    return 6.0 * matmul + 6.0 * attention
 
 
 def steps_to(val: dict[int, float], target: float) -> float | None:
