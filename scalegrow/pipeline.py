@@ -95,10 +95,11 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
     start = time.time()
     output.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
     src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
-    if isinstance(target, ModelConfig):
-        dst_cfg, target = target, "--params"
+    if isinstance(target, ModelConfig):  # a shape chosen for a budget (`budget_shape`)
+        dst_cfg, where = target, "--params"
     else:
         dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
+        where = str(target or "--target")
 
     def context(m: methods.Method, op) -> ContextManager[Context]:
         output.preflight(src, op.dst, out, dst)  # layout and room first: preparing is the heavy part
@@ -109,7 +110,7 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
         return _context(m, src, data, seed, progress)
 
     op, details = methods.build_operator(method, kind, src.config, dst_cfg, seed=seed, options=options,
-                                         context=None if dry_run else context, where=str(target or "--target"))
+                                         context=None if dry_run else context, where=where)
     if dry_run:
         return output.plan(src, op, out)
     return output.write(src, op, dst, out, details={**details, **(record or {})},

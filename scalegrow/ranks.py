@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Mapping
 
 from scalegrow.errors import InputError
 from scalegrow.formats.io import atomic_output_dir
+from scalegrow.workers import divide
 
 CONNECT_TIMEOUT = timedelta(minutes=10)  # for every rank to reach the store
 POLL = 0.2  # seconds between looks at the store
@@ -58,8 +59,6 @@ class Ranks:
 
     def share(self, sizes: dict) -> dict:
         """The output files (and their bytes) this rank writes: its part of `workers.divide`."""
-        from scalegrow.workers import divide
-
         shares = divide(sizes, self.world)
         mine = shares[self.rank].files if self.rank < len(shares) else frozenset()
         return {f: sizes[f] for f in mine}

@@ -148,17 +148,15 @@ def _work(source: Reader, op: Operator, make_writer, share: Share, errors) -> No
 def _watch(procs, errors, out: Path, bar: tqdm, poll: Callable[[], None]) -> None:
     """Wait for the workers, moving the bar; raise the first failure, here or (`poll`) elsewhere."""
     while True:
+        done = [p for p in procs if p.exitcode is not None]  # a worker reports its error, then exits
+        dead = [p for p in done if p.exitcode != 0]
+        poll()  # after looking here: a failure here may only have tripped over another rank's cleanup
         if not errors.empty():
-            poll()  # another rank's failure first: a worker here may only have tripped over its cleanup
             is_input, message = errors.get()
             raise InputError(message) if is_input else RuntimeError(f"a worker failed:\n{message}")
-        done = [p for p in procs if p.exitcode is not None]
-        dead = [p for p in done if p.exitcode != 0]
-        if dead and errors.empty():
-            poll()
+        if dead:
             raise RuntimeError(f"worker {procs.index(dead[0])} died with exit code {dead[0].exitcode}")
-        poll()
         move(bar, out)
-        if len(done) == len(procs) and errors.empty():
+        if len(done) == len(procs):
             return
         time.sleep(0.2)

@@ -76,9 +76,10 @@ class Cluster:
 
     def stop(self) -> None:
         for node in NODES:
-            if subprocess.run(["ip", "netns", "pids", node], capture_output=True).returncode == 0:
-                pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
-                subprocess.run(["kill", "-9", *pids], capture_output=True) if pids else None
+            pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True)
+            if pids.returncode == 0:  # the namespace exists
+                if pids.stdout.split():
+                    subprocess.run(["kill", "-9", *pids.stdout.split()], capture_output=True)
                 subprocess.run(["ip", "netns", "del", node], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / node, ignore_errors=True)
 

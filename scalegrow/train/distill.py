@@ -61,13 +61,13 @@ class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, alpha, temperature, top_k, chunk):
         # hidden [N, h], weight [V, h], teacher_hidden [N, h_t], teacher_weight [V_t, h_t], labels [N]
-        n, w = hidden.shape[0], weight.float()
+        n, w, teacher_w = hidden.shape[0], weight.float(), teacher_weight.float()
         grad_hidden, grad_weight = torch.empty_like(hidden, dtype=torch.float32), torch.zeros_like(w)
         ce, kl = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, n, chunk):
             h, y = hidden[s:s + chunk].float(), labels[s:s + chunk]
             logits = h @ w.T  # [c, V]
-            teacher = _aligned(teacher_hidden[s:s + chunk].float() @ teacher_weight.float().T, w.shape[0])
+            teacher = _aligned(teacher_hidden[s:s + chunk].float() @ teacher_w.T, w.shape[0])
             p = teacher_target(teacher, temperature, top_k)
             log_q1, log_qt = torch.log_softmax(logits, -1), torch.log_softmax(logits / temperature, -1)
             ce += -log_q1.gather(1, y[:, None]).sum()

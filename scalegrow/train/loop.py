@@ -126,7 +126,7 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
         log.scalars(0, {"val/loss": history["val_loss"][0]})
     began = time.time()
     tokens = order.micro_batch_size * order.accumulation * order.data_parallel * cfg.data.seq_length
-    flops = tokens * step_flops(start.config, model, cfg.data.seq_length)  # per step
+    flops = tokens * step_flops(start.config, model, cfg.data.seq_length)  # per step, the teacher's included
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.schedule, cfg.train.steps)
         loss, seconds, parts = train_step(engine, data.train, order, dist, step, lr)
@@ -145,7 +145,7 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
     if cfg.train.steps == 0:  # nothing to train: export the starting point (e.g. a materialised LiGO)
         save(engine, ckpt_dir, 0, start, kind, dist)
     log.close()
-    return finish(cfg, dist, engine, start, data, history, time.time() - began, kind)
+    return finish(cfg, dist, engine, start, data, history, time.time() - began, kind, flops * cfg.train.steps)
 
 
 def completed(cfg: RunConfig) -> dict | None:
@@ -202,13 +202,11 @@ def train_step(engine, train: TokenStream, order: BatchOrder, dist: ds.Dist, ste
 
 
 def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedData, history: dict,
-           seconds: float, kind: str) -> dict:
+           seconds: float, kind: str, flops: float) -> dict:
     """Export the final model as a Megatron checkpoint (main rank) and print a short summary."""
     out = Path(cfg.output.dir)
     if torch_dist.is_initialized():
         torch_dist.barrier()
-    flops = step_flops(start.config, engine.module, cfg.data.seq_length) * cfg.train.steps * cfg.data.seq_length \
-        * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * dist.world_size
     summary = {"steps": cfg.train.steps, "seconds": round(seconds, 1), "flops": flops,
                "params": start.config.num_parameters(), "export": str(out / "export"),
                "val_loss": history["val_loss"], "final_train_loss": history["train_loss"].get(cfg.train.steps)}
