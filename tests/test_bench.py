@@ -64,6 +64,28 @@ def test_shrink_rows_measure_random_init_steps_to_each_final_loss():
     assert rows["better"]["speedup"] is None and rows["better"]["speedup_at_least"] == 4.0
 
 
+def test_subclone_race_counts_teacher_forward_flops_and_steps_to_random_inits_final():
+    import subclone_kd as race
+
+    b = race.QUICK.__class__(**{**race.QUICK.__dict__, "random_steps": 400, "micro_batch_size": 2, "seq_length": 5})
+    curve = {"val": {0: 6.0, 100: 4.0, 200: 3.0}, "seconds": 1}
+    runs = {"target": {"val": {0: 8.0, 200: 4.0, 400: 3.0}}, **{name: curve for name in race.RUNS}}
+    runs["random"] = {"val": {0: 8.0, 100: 5.0, 200: 4.5}, "seconds": 1}  # never reaches 3.0
+    runs["subclone"] = {"val": {"0": 3.0, "100": 2.5}, "seconds": 1}  # already there at step 0
+    flops = {"students": {init: 10.0 for init in race.INITS}, "teacher_forward": 30.0}
+    rows = {r["method"]: r for r in race.student_rows(runs, b, flops)}
+    kd = rows["drop-layers+kd"]
+    assert kd["steps_to_target"] == 200.0 and kd["speedup"] == 2.0
+    assert kd["flops_per_step"] == 10 * (10.0 + 30.0) and kd["flops_to_target"] == 200 * 400.0
+    assert kd["flops_speedup"] == pytest.approx(400 * 10 * 10.0 / (200 * 400.0))  # 0.5: the teacher costs 3x
+    plain = rows["drop-layers"]
+    assert plain["flops_per_step"] == 100.0 and plain["flops_speedup"] == 2.0
+    assert plain["random_steps_to_final"] == 400.0
+    assert rows["random"]["steps_to_target"] is None and "speedup" not in rows["random"]
+    assert rows["random"]["random_steps_to_final"] == 175.0  # 8 -> 4 over 200 steps
+    assert rows["subclone"]["steps_to_target"] == 0.0 and "speedup" not in rows["subclone"]
+
+
 def test_gcide_cleaner_reads_windows_1252_lines():
     import clean_gcide
 
@@ -86,6 +108,39 @@ def test_quick_mode_runs_every_method(tmp_path):
         assert row["final_val"] < row["start_val"]
     for plot in summary["plots"]:
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_subclone_kd_quick_mode_races_every_student(tmp_path):
+    """tools/bench/subclone_kd.py --quick: every student trains; distillation changes the training,
+    not the start (val loss is the plain model's); the students share their initialisations; a KD
+    step is charged the teacher's forward pass."""
+    import subclone_kd as race
+
+    out = tmp_path / "race"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "subclone_kd.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in summary["students"][0]}
+    assert set(rows) == set(race.RUNS)
+    runs = {name: json.loads((out / "runs" / "seed0" / f"{name}.json").read_text()) for name in ("target", *race.RUNS)}
+    for init in race.INITS:
+        assert rows[init]["start_val"] == rows[f"{init}+kd"]["start_val"]
+        assert rows[init]["final_val"] != rows[f"{init}+kd"]["final_val"]
+        assert all(v["kl"] > 0 for v in runs[f"{init}+kd"]["distill"].values())
+    assert rows["random"]["start_val"] == runs["target"]["val"]["0"]
+    assert rows["subclone"]["start_val"] < rows["random"]["start_val"]  # inherits the parent's knowledge
+    tokens, f = race.QUICK.micro_batch_size * race.QUICK.seq_length, summary["flops_per_token"]
+    assert f["teacher_forward"] == f["parent"] / 3
+    assert rows["random+kd"]["flops_per_step"] == tokens * (f["students"]["random"] + f["teacher_forward"])
+    assert rows["random"]["flops_per_step"] == tokens * f["students"]["random"]
+    width, small = summary["shapes"]["subclone-width"], summary["shapes"]["subclone"]  # Minitron's rule
+    assert width["num_layers"] == summary["budget"]["large"]["num_layers"] > small["num_layers"]
+    assert width["params"] <= small["params"] and width["hidden_size"] < summary["budget"]["large"]["hidden_size"]
+    parent = summary["parent"][0]
+    assert parent["final_val"] < parent["target_val"]  # the parent beats the small model it teaches
+    assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from scalegrow.model import GPT, init_weights  # noqa: E402
 from scalegrow.parallel import padded_vocab_size  # noqa: E402
 from scalegrow.pipeline import DataOptions, grow, load_model, save_model, shrink  # noqa: E402
 from scalegrow.train.config import ScheduleConfig  # noqa: E402
+from scalegrow.train.distill import DistillConfig, DistilledGPT  # noqa: E402
 from scalegrow.train.schedule import learning_rate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,11 +134,14 @@ def _first_bytes(docs, limit: int):
 
 # ---- training ----------------------------------------------------------------------------------------
 def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data: Data, b: Budget, seed: int,
-          desc: str, first_batch: int = 0) -> tuple[dict, GPT]:
+          desc: str, first_batch: int = 0, teacher: GPT | None = None,
+          distill: DistillConfig | None = None) -> tuple[dict, GPT]:
     """AdamW with DeepSpeed's CPU settings; val loss at step 0, every eval_interval and at the end.
-    Batches are the seed's order from `first_batch` on (a continued run sees new tokens)."""
+    Batches are the seed's order from `first_batch` on (a continued run sees new tokens). With a
+    `teacher`, the training loss distills it (`distill`'s alpha, temperature, top_k); val loss is
+    the plain next-token loss either way, and the KL and CE are logged at each evaluation."""
     train_stream, valid = data.train, data.valid
-    model = GPT(cfg)
+    model = GPT(cfg) if teacher is None else DistilledGPT(cfg, teacher, distill)
     if state is None:
         init_weights(model, seed)
     else:
@@ -157,6 +161,8 @@ def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data:
         history["train"][step + 1] = loss.item()
         if (step + 1) % b.eval_interval == 0 or step + 1 == steps:
             history["val"][step + 1] = evaluate(model, valid, b)
+            if teacher is not None:
+                history.setdefault("distill", {})[step + 1] = model.last_losses
     history["seconds"] = round(time.time() - began, 1)
     return history, model
 
@@ -197,9 +203,10 @@ class Seed:
         (path / "tokenizer.model").write_bytes(self.tokenizer.read_bytes())
         return path
 
-    def pretrain(self, name: str, cfg: ModelConfig, steps: int) -> dict:
+    def pretrain(self, name: str, cfg: ModelConfig, steps: int, eval_interval: int | None = None) -> dict:
         def make():
-            history, model = train(cfg, None, "cosine", steps, self.data, self.b, self.seed, name)
+            b = replace(self.b, eval_interval=eval_interval or self.b.eval_interval)
+            history, model = train(cfg, None, "cosine", steps, self.data, b, self.seed, name)
             self.save(model, cfg, name)
             return history
         return self.cached(name, make)
@@ -310,21 +317,29 @@ def setup(argv: list[str] | None, doc: str, name: str, full: Budget,
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=None, help=f"default: runs/{name}[_quick]")
     p.add_argument("--corpus", type=Path, default=ROOT / "data" / "gcide.txt")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the budget's); 1 each lets two seeds run side by side")
     args = p.parse_args(argv)
     b = quick if args.quick else full
     out = args.out or ROOT / "runs" / (f"{name}_quick" if args.quick else name)
-    torch.set_num_threads(b.threads)
+    torch.set_num_threads(args.threads or b.threads)
     if not args.corpus.is_file():
         subprocess.run(["bash", str(ROOT / "tools" / "get_corpus.sh"), str(args.corpus)], check=True)
     return args.seeds, b, out, prepare_data(out, args.corpus, b)
 
 
+def run_seeds(seed_type: type[Seed], argv: list[str] | None, doc: str, name: str, full: Budget,
+              quick: Budget) -> tuple[dict[int, dict], Seed, Path]:
+    """Every seed's runs (`seed_type(...).run_all()`, cached), the last seed's runner (for the
+    configs and budget) and the output directory, from a benchmark's command line (`setup`)."""
+    seeds, b, out, data = setup(argv, doc, name, full, quick)
+    runners = {seed: seed_type(out, seed, b, data) for seed in seeds}
+    return {seed: run.run_all() for seed, run in runners.items()}, runners[seeds[-1]], out
+
+
 def main(argv: list[str] | None = None) -> dict:
-    seeds, b, out, data = setup(argv, __doc__, "growth_savings", FULL, QUICK)
-    results = {}
-    for seed in seeds:
-        run = Seed(out, seed, b, data)
-        results[seed] = run.run_all()
+    results, run, out = run_seeds(Seed, argv, __doc__, "growth_savings", FULL, QUICK)
+    b = run.b
     summary = summarise(results, b, run.small, run.large)
     summary["plots"] = [str(p) for p in plots(results, summary, b, out)]
     report.write_json(out / "results.json", summary)

@@ -149,11 +149,7 @@ def markdown(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    seeds, b, out, data = gs.setup(argv, __doc__, "moe_upcycle", FULL, QUICK)
-    results = {}
-    for seed in seeds:
-        run = Seed(out, seed, b, data)
-        results[seed] = run.run_all()
+    results, run, out = gs.run_seeds(Seed, argv, __doc__, "moe_upcycle", FULL, QUICK)
     summary = summarise(results, run)
     summary["plot"] = str(out / "moe_upcycle.png")
     plot(results, summary, run, Path(summary["plot"]))
