@@ -81,7 +81,8 @@ class Seed(gs.Seed):
 
         def make():
             teacher = load_model(self.ckpt / "parent") if kd else None
-            return gs.train(self.shape(init), self.initial_state(init), "cosine", self.b.shrunk_steps, self.data, self.b,
+            b = self.b
+            return gs.train(self.shape(init), self.initial_state(init), "cosine", b.shrunk_steps, self.data, b,
                             self.seed, name, teacher=teacher, distill=KD)[0]
         return self.cached(name, make)
 
@@ -181,39 +182,42 @@ def plot(results: dict[int, dict], summary: dict, path: Path) -> None:
 
 
 def markdown(summary: dict) -> str:
-    """The tables of docs/RESULTS.md: means over seeds, the range in brackets."""
-    def mean(method: str, key: str):
+    """The parent per seed, the students' shapes, then one row per student: means over seeds, the
+    speed-ups' range in brackets."""
+    def mean(method: str, key: str) -> float | None:
         values = [r[key] for rows in summary["students"] for r in rows
                   if r["method"] == method and r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
-    def cell(method: str, agg: dict, fmt: str) -> str:
+    def cell(method: str, key: str) -> str:
+        agg = summary[key][method]
         if agg["mean"] is None:
             return "at step 0" if mean(method, "start_val") <= mean(method, "target_val") else "not reached"
-        spread = f" ({agg['min']:{fmt}}× – {agg['max']:{fmt}}×)" if agg["min"] != agg["max"] else ""
-        missing = "" if agg["reached"].split("/")[0] == agg["reached"].split("/")[1] else f" [{agg['reached']}]"
-        return f"{agg['mean']:{fmt}}×{spread}{missing}"
+        spread = f" ({agg['min']:.2f}× – {agg['max']:.2f}×)" if agg["min"] != agg["max"] else ""
+        reached, seeds = agg["reached"].split("/")
+        return f"{agg['mean']:.2f}×{spread}" + ("" if reached == seeds else f" [{agg['reached']}]")
+
+    def per_seed(rows: list[dict], key: str) -> str:
+        return ", ".join(f"{r[key]:.3f}" for r in rows)
 
     p = summary["parent"]
-    lines = [f"Parent: {summary['large_params'] / 1e6:.2f}M params, {summary['budget']['large_steps']} steps, final val "
-             + ", ".join(f"{r['final_val']:.3f}" for r in p) + f" (val after {p[0]['at_step']} steps: "
-             + ", ".join(f"{r['val_at_random_steps']:.3f}" for r in p) + "); random init's final (the target): "
-             + ", ".join(f"{r['target_val']:.3f}" for r in p) + f"; parent training {p[0]['flops'] / 1e12:.1f} "
-             f"TFLOPs, random init's {summary['random_flops'] / 1e12:.2f}.", "",
-             "Students: " + "; ".join(f"{init}: {c['num_layers']} layers, hidden {c['hidden_size']}, FFN "
-                                      f"{c['ffn_hidden_size']} ({c['params'] / 1e6:.2f}M)"
-                                      for init, c in summary["shapes"].items()) + ".", "",
+    lines = [f"Parent: {summary['large_params'] / 1e6:.2f}M params, {summary['budget']['large_steps']} steps, "
+             f"final val {per_seed(p, 'final_val')} (after {p[0]['at_step']} steps: "
+             f"{per_seed(p, 'val_at_random_steps')}); the target, random init's final: {per_seed(p, 'target_val')}; "
+             f"parent training {p[0]['flops'] / 1e12:.1f} TFLOPs, random init's {summary['random_flops'] / 1e12:.2f}.",
+             "", "Students: " + "; ".join(f"{init}: {c['num_layers']} layers, hidden {c['hidden_size']}, FFN "
+                                          f"{c['ffn_hidden_size']} ({c['params'] / 1e6:.2f}M)"
+                                          for init, c in summary["shapes"].items()) + ".", "",
              "| student | val at step 0 | val after its steps | steps to the target | speed-up in steps | "
              "TFLOPs to the target (teacher incl.) | speed-up in FLOPs | random-init steps to its final |",
              "|---|---|---|---|---|---|---|---|"]
     for method in RUNS:
-        steps, tflops = mean(method, "steps_to_target"), mean(method, "flops_to_target")
-        lines.append(f"| {method} | {mean(method, 'start_val'):.3f} | {mean(method, 'final_val'):.3f} | "
-                     + (f"{steps:.0f}" if steps is not None else "—") + f" | {cell(method, summary['speedup'][method], '.2f')} | "
-                     + (f"{tflops / 1e12:.2f}" if tflops else "—")
-                     + f" | {cell(method, summary['flops_speedup'][method], '.2f')} | "
-                     + (f"{mean(method, 'random_steps_to_final'):.0f}" if mean(method, "random_steps_to_final")
-                        else "beyond its budget") + " |")
+        steps, tflops, rand = (mean(method, k) for k in ("steps_to_target", "flops_to_target", "random_steps_to_final"))
+        cells = [method, f"{mean(method, 'start_val'):.3f}", f"{mean(method, 'final_val'):.3f}",
+                 "—" if steps is None else f"{steps:.0f}", cell(method, "speedup"),
+                 "—" if tflops is None else f"{tflops / 1e12:.2f}", cell(method, "flops_speedup"),
+                 "beyond its budget" if rand is None else f"{rand:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
