@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_shrink_rows_measure_random_init_steps_to_each_final_loss():
 def test_subclone_race_counts_teacher_forward_flops_and_steps_to_random_inits_final():
     import subclone_kd as race
 
-    b = race.QUICK.__class__(**{**race.QUICK.__dict__, "random_steps": 400, "micro_batch_size": 2, "seq_length": 5})
+    b = replace(race.QUICK, random_steps=400, micro_batch_size=2, seq_length=5)
     curve = {"val": {0: 6.0, 100: 4.0, 200: 3.0}, "seconds": 1}
     runs = {"target": {"val": {0: 8.0, 200: 4.0, 400: 3.0}}, **{name: curve for name in race.RUNS}}
     runs["random"] = {"val": {0: 8.0, 100: 5.0, 200: 4.5}, "seconds": 1}  # never reaches 3.0

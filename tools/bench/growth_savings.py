@@ -280,7 +280,7 @@ def summarise(results: dict[int, dict], b: Budget, small: ModelConfig, large: Mo
     return {
         "budget": asdict(b), "seeds": list(results),
         "small": {"params": small.num_parameters(), "flops_per_token": small_f, "pretrain_flops": small_total,
-                  "final_val": [r["small"]["val"][max(r["small"]["val"], key=int)] for r in results.values()]},
+                  "final_val": [report.final_val(r["small"]) for r in results.values()]},
         "large": {"params": large.num_parameters(), "flops_per_token": large_f,
                   "params_ratio": large.num_parameters() / small.num_parameters(),
                   "scratch_flops": b.large_steps * tokens * large_f},

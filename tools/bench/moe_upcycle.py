@@ -88,11 +88,9 @@ def summarise(results: dict[int, dict], run: Seed) -> dict:
         pre = 0.0 if name.startswith("scratch") else dense_flops
         finals, reach = [], []
         for runs in results.values():
-            base = runs["dense-continued"]["val"]
-            target = base[max(base, key=int)]
-            val = runs[name]["val"]
-            finals.append(val[max(val, key=int)])
-            steps = report.steps_to(val, target)
+            target = report.final_val(runs["dense-continued"])
+            finals.append(report.final_val(runs[name]))
+            steps = report.steps_to(runs[name]["val"], target)
             reach.append(None if steps is None else pre + steps * tokens * per_token)
         got = [r for r in reach if r is not None]
         steps = b.large_steps if pre else b.small_steps + b.large_steps
@@ -103,7 +101,7 @@ def summarise(results: dict[int, dict], run: Seed) -> dict:
     return {"budget": {"dense_steps": b.small_steps, "more_steps": b.large_steps, "tokens_per_step": tokens,
                        "aux_loss_coeff": AUX, "seeds": sorted(results)},
             "dense": {"params": run.small.num_parameters(), "pretrain_flops": dense_flops,
-                      "final_val": [r["dense"]["val"][max(r["dense"]["val"], key=int)] for r in results.values()]},
+                      "final_val": [report.final_val(r["dense"]) for r in results.values()]},
             "rows": rows}
 
 

@@ -15,6 +15,16 @@ from pathlib import Path
 
 
 
+def start_val(history: dict) -> float:
+    """A run's val loss at its first evaluation (JSON keys are strings, so steps sort as ints)."""
+    return history["val"][min(history["val"], key=int)]
+
+
+def final_val(history: dict) -> float:
+    """A run's val loss at its last evaluation."""
+    return history["val"][max(history["val"], key=int)]
+
+
 def steps_to(val: dict[int, float], target: float) -> float | None:
     """First step at which the validation curve reaches `target`, interpolated linearly between
     evaluations; None if it never does."""
@@ -32,14 +42,13 @@ def growth_rows(runs: dict[str, dict], extra_steps: dict[str, int], tokens_per_s
                 large_flops: float, small_flops_total: float) -> list[dict]:
     """One row per method: steps and FLOPs to reach scratch's final val loss, fraction saved."""
     scratch = runs["scratch"]
-    target = scratch["val"][max(scratch["val"], key=int)]
+    target = final_val(scratch)
     base = steps_to(scratch["val"], target)
     rows = []
     for name, run in runs.items():
         reach = steps_to(run["val"], target)
         extra = extra_steps.get(name, 0)
-        row = {"method": name, "final_val": run["val"][max(run["val"], key=int)],
-               "start_val": run["val"][min(run["val"], key=int)], "target_val": target,
+        row = {"method": name, "final_val": final_val(run), "start_val": start_val(run), "target_val": target,
                "steps_to_target": reach, "extra_steps": extra, "seconds": run["seconds"]}
         if reach is not None:
             flops = (reach + extra) * tokens_per_step * large_flops
@@ -59,9 +68,9 @@ def shrink_rows(runs: dict[str, dict]) -> list[dict]:
     budget = max(random["val"], key=int)
     rows = []
     for name, run in runs.items():
-        target = run["val"][max(run["val"], key=int)]
+        target = final_val(run)
         own, rand = steps_to(run["val"], target), steps_to(random["val"], target)
-        rows.append({"method": name, "start_val": run["val"][min(run["val"], key=int)], "final_val": target,
+        rows.append({"method": name, "start_val": start_val(run), "final_val": target,
                      "steps": own, "random_steps_to_final": rand,
                      "speedup": rand / own if rand is not None and own else None,
                      "speedup_at_least": None if rand is not None or not own else int(budget) / own})

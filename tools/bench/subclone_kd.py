@@ -92,24 +92,20 @@ class Seed(gs.Seed):
         return runs
 
 
-def final(history: dict) -> float:
-    return history["val"][max(history["val"], key=int)]
-
-
 def student_rows(runs: dict, b, flops: dict) -> list[dict]:
     """Per student: steps and FLOPs (teacher forward included) to reach the target run's final val
     loss, and the speed-ups over the target run in steps and in FLOPs. `flops`: training FLOPs per
     token of each init's student (`students`), the teacher's forward FLOPs per token."""
-    target, tokens = final(runs["target"]), b.micro_batch_size * b.seq_length
+    target, tokens = report.final_val(runs["target"]), b.micro_batch_size * b.seq_length
     random_flops = b.random_steps * tokens * flops["students"]["random"]
     rows = []
     for name in RUNS:
         run, kd = runs[name], name.endswith("+kd")
         steps = report.steps_to(run["val"], target)
         per_step = tokens * (flops["students"][name.removesuffix("+kd")] + (flops["teacher_forward"] if kd else 0.0))
-        row = {"method": name, "distill": kd, "start_val": run["val"][min(run["val"], key=int)],
-               "final_val": final(run), "target_val": target, "steps_to_target": steps,
-               "random_steps_to_final": report.steps_to(runs["target"]["val"], final(run)),
+        row = {"method": name, "distill": kd, "start_val": report.start_val(run),
+               "final_val": report.final_val(run), "target_val": target, "steps_to_target": steps,
+               "random_steps_to_final": report.steps_to(runs["target"]["val"], report.final_val(run)),
                "flops_per_step": per_step, "seconds": run["seconds"]}
         if steps:  # 0: below the target before training, where no speed-up is defined
             row.update(speedup=b.random_steps / steps, flops_to_target=steps * per_step,
@@ -123,8 +119,8 @@ def parent_row(runs: dict, b, flops: dict) -> dict:
     steps), and what training it cost."""
     val = {int(k): v for k, v in runs["parent"]["val"].items()}
     at = min(val, key=lambda s: abs(s - b.random_steps))
-    return {"final_val": final(runs["parent"]), "val_at_random_steps": val[at], "at_step": at,
-            "target_val": final(runs["target"]),
+    return {"final_val": report.final_val(runs["parent"]), "val_at_random_steps": val[at], "at_step": at,
+            "target_val": report.final_val(runs["target"]),
             "flops": b.large_steps * b.micro_batch_size * b.seq_length * flops["parent"]}
 
 
