@@ -11,18 +11,18 @@ import traceback
 
 import torch
 
-from scalegrow import __version__, pipeline
-from scalegrow.config import ModelConfig
+from scalegrow import __version__, commands
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
-from scalegrow.formats.hf_families import ARCHITECTURES as HF_FAMILIES
+from scalegrow.formats.hf.families import ARCHITECTURES as HF_FAMILIES
 from scalegrow.methods import registry as methods
 from scalegrow.methods.ligo import LigoOptions
 from scalegrow.methods.subclone import SubcloneOptions
 from scalegrow.methods.upcycle import UpcycleOptions
-from scalegrow.output import OutputOptions
-from scalegrow.pipeline import DataOptions
-from scalegrow.ranks import Ranks
+from scalegrow.write.session import OutputOptions
+from scalegrow.commands import DataOptions
+from scalegrow.write.ranks import Ranks
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,7 +183,7 @@ def cmd_grow(a) -> int:
     _positive("steps", a.steps)
     options = methods.options_with(a.method, methods.GROW, steps=a.steps, lr=a.lr, noise=a.noise,
                                    granularity=a.granularity)
-    summary = pipeline.grow(a.src, a.dst, a.method, a.target, _output_options(a), seed=a.seed,
+    summary = commands.grow(a.src, a.dst, a.method, a.target, _output_options(a), seed=a.seed,
                             overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, options=options,
                             data=DataOptions(a.data, a.tokenizer))
     if a.dry_run:
@@ -198,16 +198,16 @@ def cmd_shrink(a) -> int:
         raise InputError("shrink: give the target shape, --target T.yaml, or a budget, --params N (one of them)")
     target, budget = a.target, None
     if a.params is not None:
-        target, budget = pipeline.budget_shape(a.src, a.params, a.tp)
+        target, budget = commands.budget_shape(a.src, a.params, a.tp)
         shape = " ".join(f"{k}={v}" for k, v in budget["chose"].items())
         print(f"shrink --params {a.params}: {budget['params_chosen'] / 1e6:.2f}M params, {shape}",
               file=sys.stderr if a.dry_run else sys.stdout)
     if a.dry_run:  # the shape only: which neurons stay is what calibration decides
-        cfg = target if budget else pipeline.target_config(a.src, target)
+        cfg = target if budget else commands.target_config(a.src, target)
         print(json.dumps({"target": cfg.to_dict(), **({"budget": budget} if budget else {})}))
         return EXIT_OK
     options = methods.options_with(a.method, methods.SHRINK, tokens=a.calib_tokens, rescale=not a.no_rescale)
-    summary = pipeline.shrink(a.src, a.dst, a.method, target, _output_options(a), options,
+    summary = commands.shrink(a.src, a.dst, a.method, target, _output_options(a), options,
                               DataOptions(a.calib_data, a.tokenizer), overwrite=a.overwrite,
                               progress=not a.no_progress, budget=budget)
     print(f"shrank {a.src} with {a.method}: {summary}")
@@ -216,12 +216,12 @@ def cmd_shrink(a) -> int:
 
 def cmd_eval(a) -> int:
     _positive("tokens", a.tokens), _positive("seq-length", a.seq_length)
-    print(json.dumps(pipeline.evaluate(a.path, a.data, a.tokenizer, a.tokens, a.seq_length)))
+    print(json.dumps(commands.evaluate(a.path, a.data, a.tokenizer, a.tokens, a.seq_length)))
     return EXIT_OK
 
 
 def cmd_convert(a) -> int:
-    summary = pipeline.convert(a.src, a.dst, _output_options(a), overwrite=a.overwrite,
+    summary = commands.convert(a.src, a.dst, _output_options(a), overwrite=a.overwrite,
                                progress=not a.no_progress, dry_run=a.dry_run)
     if a.dry_run:
         return _print_plan(summary)
@@ -230,7 +230,7 @@ def cmd_convert(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    result = pipeline.verify(a.src, a.dst, tokens=a.tokens, seed=a.seed)
+    result = commands.verify(a.src, a.dst, tokens=a.tokens, seed=a.seed)
     same = result["max_abs_diff"] <= a.atol
     result = {"verdict": "same" if same else "different", **result}
     print(json.dumps(result))
@@ -240,7 +240,7 @@ def cmd_verify(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    info = pipeline.inspect(a.path)
+    info = commands.inspect(a.path)
     if a.json:
         print(json.dumps(info))
         return EXIT_OK
@@ -262,7 +262,7 @@ def cmd_inspect(a) -> int:
 
 def cmd_init(a) -> int:
     cfg = ModelConfig.from_yaml(a.target)
-    summary = pipeline.init_checkpoint(cfg, a.dst, _output_options(a), seed=a.seed, dtype=DTYPES[a.dtype],
+    summary = commands.init_checkpoint(cfg, a.dst, _output_options(a), seed=a.seed, dtype=DTYPES[a.dtype],
                                        overwrite=a.overwrite)
     print(f"initialised: {summary}")
     return EXIT_OK

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from scalegrow.config import ModelConfig
-from scalegrow.model import GPT, init_weights
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import GPT, init_weights
 
 FAMILIES = {
     # GPT-2-like: LayerNorm, GELU, MHA, learned positions, tied, biases
@@ -40,7 +40,7 @@ def family_config(family: str, **overrides) -> ModelConfig:
                 padded_vocab_size=128, vocab_size=100, max_position_embeddings=64, norm_epsilon=1e-5)
     base.update(FAMILIES[family])
     base.update(overrides)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, noise: float = 0.05) -> GPT:
@@ -73,10 +73,10 @@ def write_yaml(path: Path, **values) -> Path:
 def llama_source(root: Path) -> Path:
     """A 4-layer llama-like checkpoint at TP2/PP2 in root/src, and root/t.yaml, a grown target for it
     (6 layers, 2x width): the source of the workers' and ranks' tests."""
-    from scalegrow import pipeline
+    from scalegrow import commands
 
     cfg = family_config("llama", num_layers=4)
-    pipeline.save_model(random_model(cfg, seed=2).state_dict(), cfg, root / "src", tp=2, pp=2)
+    commands.save_model(random_model(cfg, seed=2).state_dict(), cfg, root / "src", tp=2, pp=2)
     write_yaml(root / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=160, num_attention_heads=8,
                num_query_groups=4)
     return root / "src"

@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 
 warnings.filterwarnings("ignore", module="megatron")
 
@@ -72,13 +72,13 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | 
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.utils import openai_gelu
 
-    gelu = openai_gelu if cfg.openai_gelu else F.gelu
+    gelu = openai_gelu if cfg.mlp.activation == "gelu_tanh" else F.gelu
     return TransformerConfig(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels, normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon,
-        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else gelu, qk_layernorm=cfg.qk_layernorm,
-        add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.mlp.ffn_hidden_size,
+        num_attention_heads=cfg.attention.heads, num_query_groups=cfg.attention.groups,
+        kv_channels=cfg.attention.head_dim, normalization=cfg.norm.kind, layernorm_epsilon=cfg.norm.eps,
+        gated_linear_unit=cfg.mlp.gated, activation_func=F.silu if cfg.mlp.gated else gelu, qk_layernorm=cfg.attention.qk_norm,
+        add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.attention.qkv_bias,
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
@@ -92,13 +92,13 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | 
 
 def _moe(cfg: ModelConfig) -> dict:
     """MoE settings; the `allgather` dispatcher (alltoall needs a CUDA stream), no aux loss in forward."""
-    if not cfg.num_moe_experts:
+    if cfg.moe is None:
         return {}
-    return dict(num_moe_experts=cfg.num_moe_experts, moe_router_topk=cfg.moe_router_topk,
-                moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, moe_layer_freq=cfg.moe_layer_freq,
-                moe_router_pre_softmax=cfg.moe_router_pre_softmax, moe_token_dispatcher_type="allgather",
-                moe_aux_loss_coeff=0.0, moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
-                moe_shared_expert_gate=cfg.moe_shared_expert_gate)
+    return dict(num_moe_experts=cfg.moe.num_experts, moe_router_topk=cfg.moe.topk,
+                moe_ffn_hidden_size=cfg.moe.ffn_hidden_size, moe_layer_freq=cfg.moe.layer_freq,
+                moe_router_pre_softmax=cfg.moe.pre_softmax, moe_token_dispatcher_type="allgather",
+                moe_aux_loss_coeff=0.0, moe_shared_expert_intermediate_size=cfg.moe.shared_size,
+                moe_shared_expert_gate=cfg.moe.shared_gate)
 
 
 def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True, post_process: bool = True,
@@ -110,17 +110,17 @@ def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = Tr
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
         config = transformer_config(cfg, tp, pp, first, last, **extra)
-        spec = get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm,
-                                        num_experts=cfg.num_moe_experts, moe_grouped_gemm=False)
-        if cfg.num_moe_experts and cfg.moe_layer_freq > 1:  # dense and MoE layers mixed: a block spec
-            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=cfg.normalization)
+        spec = get_gpt_layer_local_spec(normalization=cfg.norm.kind, qk_layernorm=cfg.attention.qk_norm,
+                                        num_experts=cfg.moe and cfg.moe.num_experts, moe_grouped_gemm=False)
+        if cfg.moe and cfg.moe.layer_freq > 1:  # dense and MoE layers mixed: a block spec
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=cfg.norm.kind)
         return GPTModel(
             config=config, transformer_layer_spec=spec,
             vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
             pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
-            share_embeddings_and_output_weights=cfg.tied,
-            position_embedding_type=cfg.position_embedding_type,
-            rotary_percent=cfg.rotary_percent, rotary_base=cfg.rotary_base,
+            share_embeddings_and_output_weights=cfg.embedding.tied,
+            position_embedding_type=cfg.embedding.position,
+            rotary_percent=cfg.rope.percent, rotary_base=cfg.rope.base,
         )
 
 
@@ -187,7 +187,7 @@ def check_worker(rank: int, world: int, port: int, tp: int, pp: int, first, last
     stage, t = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     r = ps.get_expert_model_parallel_rank() if ep > 1 else 0  # data-parallel replicas double as EP ranks
     for n, job in enumerate(jobs):
-        cfg = ModelConfig(**job["config"])
+        cfg = ModelConfig.from_dict(job["config"])
         model = build_gpt(cfg, tp, pp, pre_process=stage == 0, post_process=stage == pp - 1,
                           first=first, last=last, parallel_output=False).eval()
         _, iter_dir, _ = resolve_iteration_dir(__import__("pathlib").Path(job["path"]))

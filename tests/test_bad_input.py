@@ -11,8 +11,8 @@ import torch
 
 from scalegrow.formats.io import safe_load
 from scalegrow.cli import main
-from scalegrow.output import OutputOptions
-from scalegrow.pipeline import convert, save_model
+from scalegrow.write.session import OutputOptions
+from scalegrow.commands import convert, save_model
 from helpers import family_config, random_model, tree_sha256, write_yaml
 
 RANK = "iter_0000007/mp_rank_01_000/model_optim_rng.pt"

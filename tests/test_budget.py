@@ -5,26 +5,27 @@ import json
 import pytest
 from helpers import family_config, random_model
 
-from scalegrow import cli, pipeline
-from scalegrow.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow import cli, commands
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.methods import budget
 
-LLAMA_70B = ModelConfig(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
+LLAMA_70B = ModelConfig.from_dict(dict(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
                         num_query_groups=8, kv_channels=128, padded_vocab_size=128256, vocab_size=128256,
                         max_position_embeddings=8192, normalization="RMSNorm", swiglu=True,
                         position_embedding_type="rope", untie_embeddings_and_output_weights=True,
-                        add_bias_linear=False)
+                        add_bias_linear=False))
 
 
 @pytest.mark.parametrize("params", [35e9, 8e9])
 def test_the_rule_keeps_depth_and_narrows_width_to_fit(params):
     cfg = budget.shape_for(LLAMA_70B, int(params))
-    assert cfg.num_layers == 80 and cfg.kv_channels == 128 and cfg.heads_per_group == 8
-    assert 0.97 * params <= cfg.num_parameters() <= params  # the widest that fits: within 3%
-    assert cfg.hidden_size % cfg.num_attention_heads == 0 and cfg.ffn_hidden_size % 8 == 0
+    assert cfg.num_layers == 80 and cfg.attention.head_dim == 128 and cfg.attention.per_group == 8
+    assert 0.97 * params <= num_parameters(cfg) <= params  # the widest that fits: within 3%
+    assert cfg.hidden_size % cfg.attention.heads == 0 and cfg.mlp.ffn_hidden_size % 8 == 0
     wider = budget.narrowed(LLAMA_70B, cfg.hidden_size / 8192 + 0.01)
-    assert wider.num_parameters() > params
+    assert num_parameters(wider) > params
 
 
 def test_budgets_are_counts_or_fractions():
@@ -42,7 +43,7 @@ def test_budgets_are_counts_or_fractions():
 def src(tmp_path):
     cfg = family_config("llama", num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4,
                         ffn_hidden_size=256)
-    pipeline.save_model(random_model(cfg).state_dict(), cfg, tmp_path / "src", tp=2)
+    commands.save_model(random_model(cfg).state_dict(), cfg, tmp_path / "src", tp=2)
     return tmp_path / "src"
 
 
@@ -53,13 +54,13 @@ def test_dry_run_shows_the_choice_and_reads_no_weights(src, tmp_path, capsys):
     argv = ["shrink", "--src", str(src), "--dst", str(tmp_path / "out"), "--params", "0.5", "--dry-run"]
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
-    cfg = pipeline.open_checkpoint(src, validate=False).config
-    chose = budget.shape_for(cfg, cfg.num_parameters() // 2, tp=2)
-    assert (f"shrink --params 0.5: {chose.num_parameters() / 1e6:.2f}M params, num_layers=2 "
-            f"hidden_size={chose.hidden_size} ffn_hidden_size={chose.ffn_hidden_size}") in err
+    cfg = commands.open_checkpoint(src, validate=False).config
+    chose = budget.shape_for(cfg, num_parameters(cfg) // 2, tp=2)
+    assert (f"shrink --params 0.5: {num_parameters(chose) / 1e6:.2f}M params, num_layers=2 "
+            f"hidden_size={chose.hidden_size} ffn_hidden_size={chose.mlp.ffn_hidden_size}") in err
     shown = json.loads(out)
     assert shown["target"]["hidden_size"] == chose.hidden_size and shown["target"]["num_layers"] == 2
-    assert shown["budget"]["params_chosen"] == chose.num_parameters() <= shown["budget"]["params"]
+    assert shown["budget"]["params_chosen"] == num_parameters(chose) <= shown["budget"]["params"]
     assert not (tmp_path / "out").exists()
 
 

@@ -10,7 +10,7 @@ from scalegrow.formats.registry import open_checkpoint
 from scalegrow.formats.io import atomic_output_dir, safe_load
 from scalegrow.formats.megatron import FILE_NAME
 from scalegrow.errors import InputError
-from scalegrow.pipeline import save_model
+from scalegrow.commands import save_model
 from helpers import family_config, random_model
 
 

@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
+from scalegrow.core.counts import num_parameters
 from scalegrow.cli import main
 from helpers import METADATA_KEYS, family_config, tree_sha256, write_yaml
-from scalegrow.pipeline import save_model
+from scalegrow.commands import save_model
 from helpers import random_model
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def test_grow_verify_inspect(small, tmp_path, capsys):
     src, target = small
     before = tree_sha256(src)
     code, out, _ = run(capsys, "grow", "--src", src, "--dst", tmp_path / "big", "--target", target, "--no-progress")
-    src_params = family_config("llama", num_layers=2).num_parameters()
+    src_params = num_parameters(family_config("llama", num_layers=2))
     assert code == 0 and f"({src_params / 1e6:.2f}M -> " in out and str(tmp_path / "big") in out
     assert tree_sha256(src) == before  # the source is never written
     code, out, _ = run(capsys, "verify", "--src", src, "--dst", tmp_path / "big")

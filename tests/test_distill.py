@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from helpers import family_config, random_model
 from training import scalars, train
 
+from scalegrow.core.counts import flops_per_token
 from scalegrow import cli
 from scalegrow.errors import InputError
-from scalegrow.pipeline import load_model, save_model
+from scalegrow.commands import load_model, save_model
 from scalegrow.train.distill import DistillConfig, DistilledGPT, distill_loss
 
 
@@ -111,7 +112,7 @@ def test_a_grown_student_starts_at_kl_zero_with_zero3(teacher, tmp_path):
     assert s["distill/ce"] == s["train/loss"]
     grown, small = (load_model(p).cfg for p in (out / "export", teacher / "export"))
     tokens = 8 * 2 * 128  # micro batch x ranks x sequence
-    per_step = tokens * (grown.flops_per_token(128) + small.flops_per_token(128, training=False))
+    per_step = tokens * (flops_per_token(grown, 128) + flops_per_token(small, 128, training=False))
     assert s["train/flops"][3] == pytest.approx(3 * per_step, rel=1e-6)
     assert json.loads((out / "summary.json").read_text())["flops"] == pytest.approx(3 * per_step, rel=1e-9)
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from scalegrow import output
+from scalegrow.write import session
 from scalegrow.cli import build_parser, main
-from scalegrow.pipeline import save_model
+from scalegrow.commands import save_model
 from helpers import family_config, random_model, tree_sha256, write_yaml
 
 
@@ -98,7 +98,7 @@ def test_planned_bytes_are_what_is_written(src, tmp_path, capsys, fmt):
 def test_running_out_of_space_mid_write_leaves_nothing(src, small_disk, capsys, monkeypatch, fmt):
     """The space check passes (as if another writer filled the disk meanwhile): the write itself
     fails, with one line naming the file, and nothing is left behind."""
-    monkeypatch.setattr(output, "preflight", lambda source, cfg, opts, dst: output.resolve(source, cfg, opts))
+    monkeypatch.setattr(session, "preflight", lambda source, cfg, opts, dst: session.resolve(source, cfg, opts))
     err = refused(capsys, small_disk, ["grow", "--src", src, "--dst", small_disk / "big", "--target",
                                        src.parent / "t.yaml", "--format", fmt, "--no-progress"],
                   f"no space left on the device of {small_disk / 'big'} while writing {small_disk / 'big'}/")

@@ -9,10 +9,10 @@ import torch
 from hf_models import FAMILIES, VOCAB, build, logits, train_tokenizer
 from helpers import tree_sha256, write_yaml
 
-from scalegrow import cli, pipeline
+from scalegrow import cli, commands
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.methods import registry as methods
-from scalegrow.output import OutputOptions
+from scalegrow.write.session import OutputOptions
 
 HF = OutputOptions(format="hf", max_shard_size=200_000)
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -40,7 +40,7 @@ def safetensors_state(path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reader_computes_what_transformers_computes(hf, family):
-    model = pipeline.load_model(hf[family])
+    model = commands.load_model(hf[family])
     with torch.no_grad():
         assert close(logits(hf[family], TOKENS), model(TOKENS))
 
@@ -53,7 +53,7 @@ def test_megatron_core_at_tp2_pp2_equals_transformers(hf, tmp_path):
     torch.save(TOKENS, tmp_path / "tokens.pt")
     jobs = []
     for family in FAMILIES:
-        pipeline.convert(hf[family], tmp_path / family, OutputOptions(tp=2, pp=2), progress=False)
+        commands.convert(hf[family], tmp_path / family, OutputOptions(tp=2, pp=2), progress=False)
         jobs.append({"config": open_checkpoint(tmp_path / family).config.to_dict(), "path": str(tmp_path / family),
                      "format": "torch", "tokens": str(tmp_path / "tokens.pt")})
     for family, got in zip(FAMILIES, mcore.run_megatron_check(2, 2, jobs, tmp_path)):
@@ -70,7 +70,7 @@ def test_lemon_growth_hf_to_hf_is_lossless_in_transformers(hf, tmp_path, family)
         experts["moe_shared_expert_intermediate_size"] = 160
     target = write_yaml(tmp_path / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=ffn,
                         num_attention_heads=8, num_query_groups=groups, **experts)
-    pipeline.grow(hf[family], tmp_path / "big", "lemon", target, HF, progress=False)
+    commands.grow(hf[family], tmp_path / "big", "lemon", target, HF, progress=False)
     config = json.loads((tmp_path / "big" / "config.json").read_text())
     source = json.loads((hf[family] / "config.json").read_text())
     assert config["model_type"] == family and config["architectures"] == source["architectures"]
@@ -84,8 +84,8 @@ def test_lemon_growth_hf_to_hf_is_lossless_in_transformers(hf, tmp_path, family)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_to_megatron_to_hf_is_tensor_for_tensor_identical(hf, tmp_path, family):
     """(c) HF -> Megatron (TP2/PP2, vocabulary padded) -> HF: the same tensors, the same config."""
-    pipeline.convert(hf[family], tmp_path / "meg", OutputOptions(tp=2, pp=2), progress=False)
-    pipeline.convert(tmp_path / "meg", tmp_path / "back", HF, progress=False)
+    commands.convert(hf[family], tmp_path / "meg", OutputOptions(tp=2, pp=2), progress=False)
+    commands.convert(tmp_path / "meg", tmp_path / "back", HF, progress=False)
     a, b = safetensors_state(hf[family]), safetensors_state(tmp_path / "back")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     src, out = (json.loads((p / "config.json").read_text()) for p in (hf[family], tmp_path / "back"))
@@ -104,14 +104,14 @@ def test_shrink_and_ligo_outputs_load_in_transformers_and_evaluate(hf, tmp_path,
                        num_attention_heads=2, num_query_groups=1)
     big = write_yaml(tmp_path / "big.yaml", hidden_size=96, ffn_hidden_size=128, num_layers=5,
                      num_attention_heads=6, num_query_groups=3)
-    data = pipeline.DataOptions(seq_length=64)
-    pipeline.shrink(hf[family], tmp_path / "shrunk", "subclone", small, HF,
+    data = commands.DataOptions(seq_length=64)
+    commands.shrink(hf[family], tmp_path / "shrunk", "subclone", small, HF,
                     methods.options_with("subclone", methods.SHRINK, tokens=4096), data, progress=False)
-    pipeline.grow(hf[family], tmp_path / "ligo", "ligo", big, HF, progress=False, data=data,
+    commands.grow(hf[family], tmp_path / "ligo", "ligo", big, HF, progress=False, data=data,
                   options=methods.options_with("ligo", methods.GROW, steps=3))
     for name in ("shrunk", "ligo"):
         with torch.no_grad():
-            assert close(logits(tmp_path / name, TOKENS), pipeline.load_model(tmp_path / name)(TOKENS))
+            assert close(logits(tmp_path / name, TOKENS), commands.load_model(tmp_path / name)(TOKENS))
         assert cli.main(["eval", str(tmp_path / name), "--tokens", "2048", "--seq-length", "64"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert 0 < result["loss"] < 2 * torch.log(torch.tensor(float(VOCAB))).item()
@@ -122,7 +122,7 @@ def test_upcycled_hf_model_is_written_as_its_moe_family(hf, tmp_path, family, si
     """A dense HF model upcycled (granular for llama) and written as HF becomes its MoE family, which
     transformers loads strictly and which computes the dense model's logits."""
     target = write_yaml(tmp_path / "t.yaml", num_moe_experts=4 * granularity, moe_router_topk=2 * granularity)
-    pipeline.grow(hf[family], tmp_path / "moe", "upcycle", target, HF, progress=False,
+    commands.grow(hf[family], tmp_path / "moe", "upcycle", target, HF, progress=False,
                   options=methods.options_with("upcycle", methods.GROW, granularity=granularity))
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["model_type"] == sibling and config["num_experts_per_tok"] == 2 * granularity
@@ -132,7 +132,7 @@ def test_upcycled_hf_model_is_written_as_its_moe_family(hf, tmp_path, family, si
 
 def test_more_experts_on_mixtral_hf_to_hf_keeps_the_function(hf, tmp_path):
     target = write_yaml(tmp_path / "t.yaml", num_moe_experts=8, moe_router_topk=4)
-    pipeline.grow(hf["mixtral"], tmp_path / "more", "more-experts", target, HF, progress=False)
+    commands.grow(hf["mixtral"], tmp_path / "more", "more-experts", target, HF, progress=False)
     assert json.loads((tmp_path / "more" / "config.json").read_text())["num_local_experts"] == 8
     assert close(logits(hf["mixtral"], TOKENS), logits(tmp_path / "more", TOKENS))
 
@@ -151,9 +151,9 @@ def test_qwen3_moe_hub_spelling_and_softmax_before_top_k(tmp_path):
     config["num_experts"] = config.pop("num_local_experts", None) or config["num_experts"]
     (build_from / "config.json").write_text(json.dumps(config))
     reader = open_checkpoint(build_from)
-    assert reader.config.num_moe_experts == 4 and reader.config.moe_router_pre_softmax
+    assert reader.config.moe.num_experts == 4 and reader.config.moe.pre_softmax
     with torch.no_grad():
-        assert close(logits(build_from, TOKENS), pipeline.load_model(build_from)(TOKENS))
+        assert close(logits(build_from, TOKENS), commands.load_model(build_from)(TOKENS))
 
 
 def test_megatron_without_hf_origin_converts_by_its_structure(tmp_path, capsys):
@@ -162,7 +162,7 @@ def test_megatron_without_hf_origin_converts_by_its_structure(tmp_path, capsys):
     from helpers import family_config
 
     cfg = family_config("llama", num_layers=2)  # padded 128, true vocab 100
-    pipeline.init_checkpoint(cfg, tmp_path / "meg", OutputOptions(tp=2))
+    commands.init_checkpoint(cfg, tmp_path / "meg", OutputOptions(tp=2))
     for family in ("llama", "mistral"):
         assert cli.main(["convert", "--src", str(tmp_path / "meg"), "--dst", str(tmp_path / family), "--format",
                          "hf", "--hf-model-type", family, "--no-progress"]) == 0
@@ -170,7 +170,7 @@ def test_megatron_without_hf_origin_converts_by_its_structure(tmp_path, capsys):
         assert config["model_type"] == family and config["vocab_size"] == 100
         tokens = TOKENS % 100
         with torch.no_grad():
-            assert close(logits(tmp_path / family, tokens), pipeline.load_model(tmp_path / "meg")(tokens)[..., :100])
+            assert close(logits(tmp_path / family, tokens), commands.load_model(tmp_path / "meg")(tokens)[..., :100])
     assert cli.main(["convert", "--src", str(tmp_path / "meg"), "--dst", str(tmp_path / "x"), "--format", "hf",
                      "--hf-model-type", "gpt2"]) == 2
     assert "cannot be written as gpt2" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.methods import registry as methods
 from scalegrow.operators.lemon import LemonGrowth, depth_map
 from scalegrow.errors import InputError
-from scalegrow.model import GPT
-from scalegrow.executor import apply
+from scalegrow.core.model import GPT
+from scalegrow.write.executor import apply
 from helpers import FAMILIES, family_config, random_model, tokens
 from test_parity import PRODUCT, tiny_config
 
@@ -29,9 +29,9 @@ TARGETS = {  # source: 3 layers, hidden 64, 4 heads (MHA, or GQA in 2 groups), f
 
 def _groups(src, target):
     """Keep GQA sources GQA: scale groups with heads (2 heads per group)."""
-    if src.num_query_groups == src.num_attention_heads:
+    if src.attention.groups == src.attention.heads:
         return {}
-    heads = target.get("num_attention_heads", src.num_attention_heads)
+    heads = target.get("num_attention_heads", src.attention.heads)
     return {"num_query_groups": heads // 2}
 
 
@@ -64,7 +64,7 @@ def test_lossless_whole_product(combo):
 def test_more_query_heads_per_group():
     src = family_config("llama")  # 4 heads in 2 groups
     diff, _, _, op = grown_diff(src, dict(num_attention_heads=8, num_query_groups=2, hidden_size=128))
-    assert op.dst.heads_per_group == 4 and diff <= ATOL
+    assert op.dst.attention.per_group == 4 and diff <= ATOL
 
 
 def test_depth_map():

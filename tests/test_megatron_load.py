@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.formats.io import safe_load
 from scalegrow.cli import main
-from scalegrow.pipeline import save_model
+from scalegrow.commands import save_model
 from helpers import family_config, random_model, tokens, write_yaml
 
 
@@ -14,15 +15,15 @@ def test_megatron_core_loads_grown_checkpoint(mcore, tmp_path, family):
     cfg = family_config(family, num_layers=2)
     small = random_model(cfg)
     save_model(small.state_dict(), cfg, tmp_path / "small")
-    groups = {} if cfg.num_query_groups == cfg.num_attention_heads else {"num_query_groups": 3}
+    groups = {} if cfg.attention.groups == cfg.attention.heads else {"num_query_groups": 3}
     target = write_yaml(tmp_path / "t.yaml", hidden_size=96, num_attention_heads=6, ffn_hidden_size=150,
                         num_layers=3, **groups)
     assert main(["grow", "--src", str(tmp_path / "small"), "--dst", str(tmp_path / "big"),
                  "--target", str(target), "--no-progress"]) == 0
     state = safe_load(tmp_path / "big/release/mp_rank_00/model_optim_rng.pt", mmap=False)
-    from scalegrow.config import ModelConfig
+    from scalegrow.core.config import ModelConfig
 
-    grown_cfg = ModelConfig.from_megatron_args(state["args"])
+    grown_cfg = config_from_args(state["args"])
     theirs = mcore.build_gpt(grown_cfg).eval()
     mcore.load_strict(theirs, state["model"])  # no missing or unexpected keys, `_extra_state` included
     x = tokens(cfg, seq=24)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import family_config, random_model, tokens, write_yaml
 
-from scalegrow import cli, pipeline
-from scalegrow.executor import apply
+from scalegrow import cli, commands
+from scalegrow.write.executor import apply
 from scalegrow.formats.registry import open_checkpoint
-from scalegrow.model import GPT
+from scalegrow.core.model import GPT
 from scalegrow.operators.upcycle import Upcycle
 
 UPCYCLES = {  # name: (dense family, MoE settings)
@@ -55,21 +55,21 @@ def test_granular_upcycling_keeps_the_function(family, moe, g):
     src = family_config(family)
     dense = random_model(src, seed=3)
     op = Upcycle(src, src.replace(**moe), seed=1, granularity=g)
-    assert op.dst.moe_ffn_hidden_size == src.ffn_hidden_size // g
+    assert op.dst.moe.ffn_hidden_size == src.mlp.ffn_hidden_size // g
     sd = apply(op, dense.state_dict())
     x = tokens(src, seed=4)
     with torch.no_grad():
         want = dense(x)
     assert (logits(op.dst, sd, x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     fc2 = sd["decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight"]
-    assert fc2.shape == (src.hidden_size, src.ffn_hidden_size // g)
-    seg = src.ffn_hidden_size // g  # expert 1 is segment 1 of copy 0: fc2 columns [seg, 2·seg), times G
+    assert fc2.shape == (src.hidden_size, src.mlp.ffn_hidden_size // g)
+    seg = src.mlp.ffn_hidden_size // g  # expert 1 is segment 1 of copy 0: fc2 columns [seg, 2·seg), times G
     assert torch.equal(fc2, dense.state_dict()["decoder.layers.0.mlp.linear_fc2.weight"][:, seg:2 * seg] * g)
 
 
 def test_granular_upcycling_refuses_what_it_cannot_keep(tmp_path, capsys):
     src = family_config("llama")
-    pipeline.save_model(random_model(src).state_dict(), src, tmp_path / "dense")
+    commands.save_model(random_model(src).state_dict(), src, tmp_path / "dense")
     for moe, g, message in (
             (dict(num_moe_experts=6, moe_router_topk=3), 2, "moe_router_topk: 3 is not a multiple of granularity 2"),
             (dict(num_moe_experts=8, moe_router_topk=4, moe_router_pre_softmax=True), 2,
@@ -109,7 +109,7 @@ def test_megatron_core_loads_an_upcycled_checkpoint_at_tp2_pp2(tmp_path):
     for case in ("llama-top2-of-4", "qwen3-top1-of-2", "llama-granular-2x4-of-8"):
         family, moe = cases[case]
         src = family_config(family, num_layers=4)
-        pipeline.save_model(random_model(src, seed=3).state_dict(), src, tmp_path / f"{case}-dense")
+        commands.save_model(random_model(src, seed=3).state_dict(), src, tmp_path / f"{case}-dense")
         target = write_yaml(tmp_path / f"{case}.yaml", **moe)
         assert cli.main(["grow", "--method", "upcycle", "--src", str(tmp_path / f"{case}-dense"), "--dst",
                          str(tmp_path / case), "--target", str(target), "--tp", "2", "--pp", "2", "--no-progress",
@@ -118,7 +118,7 @@ def test_megatron_core_loads_an_upcycled_checkpoint_at_tp2_pp2(tmp_path):
                      "format": "torch", "tokens": str(tmp_path / "tokens.pt")})
     results = mcore.run_megatron_check(2, 2, jobs, tmp_path)
     for case, got in zip(("llama-top2-of-4", "qwen3-top1-of-2", "llama-granular-2x4-of-8"), results):
-        want = pipeline.load_model(tmp_path / f"{case}-dense")(torch.load(tmp_path / "tokens.pt")).detach()
+        want = commands.load_model(tmp_path / f"{case}-dense")(torch.load(tmp_path / "tokens.pt")).detach()
         got, want = got[..., :100], want[..., :100]  # the true vocabulary (TP2 pads 128 rows to 256)
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item(), case
     meta = json.loads((tmp_path / "llama-top2-of-4/scalegrow.json").read_text())
@@ -129,8 +129,8 @@ def test_moe_checkpoints_round_trip_any_layout(tmp_path):
     src = family_config("llama", num_layers=4)
     moe = src.replace(num_moe_experts=4)
     sd = apply(Upcycle(src, moe, seed=1, noise=0.02), random_model(src, seed=3).state_dict())
-    pipeline.save_model(sd, moe, tmp_path / "a", tp=2, pp=2)
-    pipeline.convert(tmp_path / "a", tmp_path / "b", pipeline.OutputOptions(tp=1, pp=4), progress=False)
+    commands.save_model(sd, moe, tmp_path / "a", tp=2, pp=2)
+    commands.convert(tmp_path / "a", tmp_path / "b", commands.OutputOptions(tp=1, pp=4), progress=False)
     back = open_checkpoint(tmp_path / "b")
     assert back.config == moe.replace(vocab_size=moe.vocab_size) and back.pp == 4
     got = back.state_dict()
@@ -139,7 +139,7 @@ def test_moe_checkpoints_round_trip_any_layout(tmp_path):
 
 def test_methods_without_moe_rules_refuse_moe(tmp_path, capsys):
     moe = family_config("llama").replace(num_moe_experts=4)
-    pipeline.save_model(GPT(moe).state_dict(), moe, tmp_path / "moe")
+    commands.save_model(GPT(moe).state_dict(), moe, tmp_path / "moe")
     for method, message in (("stack", "num_moe_experts: stack has no rules for MoE layers yet"),
                             ("ligo", "num_moe_experts: ligo has no rules for MoE layers yet"),
                             ("upcycle", "num_moe_experts: the source is already an MoE (4 experts)")):
@@ -151,7 +151,7 @@ def test_methods_without_moe_rules_refuse_moe(tmp_path, capsys):
 
 def test_shrinking_an_moe_keeps_its_experts_and_layer_pattern(tmp_path, capsys):
     cfg, sd = _trained_looking_moe("gpt2", num_moe_experts=4, moe_router_topk=2, moe_layer_freq=2)
-    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    commands.save_model(sd, cfg, tmp_path / "moe")
     for method, target, message in (
             ("subclone", dict(num_layers=2), "num_layers: dropping layers would move the MoE layers"),
             ("drop-layers", dict(num_moe_experts=2), "shrink prunes experts with --method prune-experts"),
@@ -162,7 +162,7 @@ def test_shrinking_an_moe_keeps_its_experts_and_layer_pattern(tmp_path, capsys):
     target = dict(hidden_size=48, moe_ffn_hidden_size=64, ffn_hidden_size=64, num_attention_heads=2)
     assert cli.main(["shrink", "--method", "drop-layers", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "d"),
                      "--target", str(write_yaml(tmp_path / "t.yaml", **target)), "--no-progress"]) == 0
-    got = pipeline.load_model(tmp_path / "d").state_dict()  # the first dims and neurons of every expert
+    got = commands.load_model(tmp_path / "d").state_dict()  # the first dims and neurons of every expert
     key = "decoder.layers.2.mlp.experts.local_experts.3.linear_fc2.weight"
     assert torch.equal(got[key], sd[key][:48, :64])
     assert torch.equal(got["decoder.layers.2.mlp.router.weight"], sd["decoder.layers.2.mlp.router.weight"][:, :48])
@@ -178,17 +178,17 @@ def test_shrinking_and_growing_a_shared_expert(tmp_path):
     cfg = family_config("llama", num_layers=3, num_moe_experts=4, moe_router_topk=2, padded_vocab_size=1024,
                         vocab_size=1000, moe_shared_expert_intermediate_size=80, moe_shared_expert_gate=True)
     sd = random_model(cfg, seed=3).state_dict()
-    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    commands.save_model(sd, cfg, tmp_path / "moe")
     train_tokenizer(tmp_path / "moe")  # tokenizer.json beside the checkpoint, for calibration
     target = write_yaml(tmp_path / "t.yaml", hidden_size=48, moe_shared_expert_intermediate_size=40)
     for method in ("drop-layers", "subclone"):
         assert cli.main(["shrink", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / method),
                          "--target", str(target), "--calib-tokens", "2048", "--no-progress"]) == 0
-    got = pipeline.load_model(tmp_path / "drop-layers").state_dict()
+    got = commands.load_model(tmp_path / "drop-layers").state_dict()
     fc1 = sd["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"]  # [gate; up] rows, 80 each
     assert torch.equal(got["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"],
                        torch.cat([fc1[:40, :48], fc1[80:120, :48]]))
-    assert pipeline.load_model(tmp_path / "subclone").cfg.moe_shared_expert_intermediate_size == 40
+    assert commands.load_model(tmp_path / "subclone").cfg.moe.shared_size == 40
     op = LemonGrowth(cfg, cfg.replace(hidden_size=96, moe_shared_expert_intermediate_size=120, num_layers=5))
     x = tokens(cfg, seed=4)
     want = logits(cfg, sd, x)
@@ -198,7 +198,7 @@ def test_shrinking_and_growing_a_shared_expert(tmp_path):
 def test_moe_biases_are_refused_at_tensor_parallel_sizes_megatron_core_refuses(tmp_path, capsys):
     family, moe = UPCYCLES["gpt2-mixed-layers-bias"]
     src = family_config(family, num_layers=4)
-    pipeline.save_model(GPT(src).state_dict(), src, tmp_path / "dense")
+    commands.save_model(GPT(src).state_dict(), src, tmp_path / "dense")
     args = ["grow", "--method", "upcycle", "--src", str(tmp_path / "dense"), "--target",
             str(write_yaml(tmp_path / "t.yaml", **moe))]
     assert cli.main(args + ["--dst", str(tmp_path / "x"), "--tp", "2"]) == 2
@@ -208,7 +208,7 @@ def test_moe_biases_are_refused_at_tensor_parallel_sizes_megatron_core_refuses(t
 
 def test_upcycle_needs_experts_in_the_target(tmp_path, capsys):
     src = family_config("llama")
-    pipeline.save_model(GPT(src).state_dict(), src, tmp_path / "dense")
+    commands.save_model(GPT(src).state_dict(), src, tmp_path / "dense")
     assert cli.main(["grow", "--method", "upcycle", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "x"),
                      "--target", str(write_yaml(tmp_path / "t.yaml", hidden_size=128))]) == 2
     assert "num_moe_experts: the target must set it" in capsys.readouterr().err
@@ -223,7 +223,7 @@ def test_megatron_core_loads_expert_parallel_files(tmp_path):
 
     family, moe = UPCYCLES["llama-top2-of-4"]
     src = family_config(family, num_layers=4)
-    pipeline.save_model(random_model(src, seed=3).state_dict(), src, tmp_path / "dense")
+    commands.save_model(random_model(src, seed=3).state_dict(), src, tmp_path / "dense")
     assert cli.main(["grow", "--method", "upcycle", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "ep"),
                      "--target", str(write_yaml(tmp_path / "t.yaml", **moe)), "--pp", "2", "--ep", "2",
                      "--no-progress"]) == 0
@@ -237,7 +237,7 @@ def test_megatron_core_loads_expert_parallel_files(tmp_path):
     assert cli.main(["convert", "--src", str(tmp_path / "ep"), "--dst", str(tmp_path / "dist"), "--format",
                      "torch_dist", "--no-progress"]) == 0  # resharded to EP2/PP2 by megatron-core on load
     jobs = [job, dict(job, path=str(tmp_path / "dist"), format="torch_dist")]
-    want = pipeline.load_model(tmp_path / "dense")(torch.load(tmp_path / "tokens.pt")).detach()
+    want = commands.load_model(tmp_path / "dense")(torch.load(tmp_path / "tokens.pt")).detach()
     for got in mcore.run_megatron_check(1, 2, jobs, tmp_path, ep=2):
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
@@ -246,7 +246,7 @@ def test_expert_parallel_round_trip_and_bad_sizes(tmp_path, capsys):
     src = family_config("llama", num_layers=4)
     moe = src.replace(num_moe_experts=4)
     sd = apply(Upcycle(src, moe, seed=1, noise=0.02), random_model(src, seed=3).state_dict())
-    pipeline.save_model(sd, moe, tmp_path / "a")
+    commands.save_model(sd, moe, tmp_path / "a")
     assert cli.main(["convert", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "b"), "--tp", "2",
                      "--ep", "4", "--no-progress"]) == 0
     assert cli.main(["convert", "--src", str(tmp_path / "b"), "--dst", str(tmp_path / "c"), "--ep", "1",
@@ -256,7 +256,7 @@ def test_expert_parallel_round_trip_and_bad_sizes(tmp_path, capsys):
     assert all(torch.equal(got[k], sd[k]) for k in sd)
     assert cli.main(["convert", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "x"), "--ep", "3"]) == 2
     assert "--ep: num_moe_experts 4 is not divisible by expert parallel size 3" in capsys.readouterr().err
-    pipeline.save_model(random_model(src).state_dict(), src, tmp_path / "dense")
+    commands.save_model(random_model(src).state_dict(), src, tmp_path / "dense")
     assert cli.main(["convert", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "x"), "--ep", "2"]) == 2
     assert "this model is dense" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
@@ -279,7 +279,7 @@ def test_more_experts_keeps_the_function(family, moe, m):
     from scalegrow.operators.experts import MoreExperts
 
     cfg, sd = _trained_looking_moe(family, **moe)
-    op = MoreExperts(cfg, cfg.replace(num_moe_experts=m * cfg.num_moe_experts, moe_router_topk=m * cfg.moe_router_topk))
+    op = MoreExperts(cfg, cfg.replace(num_moe_experts=m * cfg.moe.num_experts, moe_router_topk=m * cfg.moe.topk))
     x = tokens(cfg, seed=4)
     want = logits(cfg, sd, x)
     got = logits(op.dst, apply(op, sd), x)
@@ -288,7 +288,7 @@ def test_more_experts_keeps_the_function(family, moe, m):
 
 def test_more_experts_needs_a_multiple_and_a_matching_top_k(tmp_path, capsys):
     cfg, sd = _trained_looking_moe("llama", num_moe_experts=4, moe_router_topk=2)
-    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    commands.save_model(sd, cfg, tmp_path / "moe")
     for target, message in ((dict(num_moe_experts=6, moe_router_topk=3), "must be a multiple (x2 or more)"),
                             (dict(num_moe_experts=8), "moe_router_topk: must be 4 (2 x the source's 2)")):
         assert cli.main(["grow", "--method", "more-experts", "--src", str(tmp_path / "moe"), "--dst",
@@ -335,16 +335,16 @@ def test_shrink_prune_experts_end_to_end(tmp_path):
     from scalegrow.methods import registry as methods
 
     cfg, sd = _with_dead_expert()
-    pipeline.save_model(sd, cfg, tmp_path / "moe", pp=2)
+    commands.save_model(sd, cfg, tmp_path / "moe", pp=2)
     train_tokenizer(tmp_path / "moe")  # tokenizer.json beside the checkpoint
-    pipeline.shrink(tmp_path / "moe", tmp_path / "pruned", "prune-experts",
-                    write_yaml(tmp_path / "t.yaml", num_moe_experts=3), pipeline.OutputOptions(pp=1),
+    commands.shrink(tmp_path / "moe", tmp_path / "pruned", "prune-experts",
+                    write_yaml(tmp_path / "t.yaml", num_moe_experts=3), commands.OutputOptions(pp=1),
                     methods.options_with("prune-experts", methods.SHRINK, tokens=2048),
-                    pipeline.DataOptions(seq_length=64), progress=False)
+                    commands.DataOptions(seq_length=64), progress=False)
     details = json.loads((tmp_path / "pruned/scalegrow.json").read_text())["details"]
     assert details["kept_experts"] == {"0": [0, 1, 3], "2": [0, 1, 3]} and details["routing_mass"]["0"][2] == 0
     assert (tmp_path / "pruned/tokenizer.json").is_file()
-    result = pipeline.verify(tmp_path / "moe", tmp_path / "pruned")
+    result = commands.verify(tmp_path / "moe", tmp_path / "pruned")
     assert result["max_rel_diff"] <= 1e-5
 
 
@@ -367,12 +367,12 @@ def test_lemon_grows_moe_models_losslessly(family, moe, growth):
     grown = apply(op, sd)
     assert (logits(op.dst, grown, x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     e1 = [k for k in grown if k.endswith("local_experts.1.linear_fc1.weight")][0]
-    assert grown[e1].shape[0] == (2 if family == "llama" else 1) * op.dst.moe_ffn_hidden_size
+    assert grown[e1].shape[0] == (2 if family == "llama" else 1) * op.dst.moe.ffn_hidden_size
 
 
 def test_lemon_keeps_the_experts_and_the_layer_pattern(capsys, tmp_path):
     cfg, sd = _trained_looking_moe("gpt2", num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2)
-    pipeline.save_model(sd, cfg, tmp_path / "moe")
+    commands.save_model(sd, cfg, tmp_path / "moe")
     for target, message in ((dict(num_layers=8), "moe_layer_freq: target layer 1 would copy source layer 0"),
                             (dict(num_moe_experts=6), "num_moe_experts: target 6 differs from source 3")):
         assert cli.main(["grow", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"), "--target",

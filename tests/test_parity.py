@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from scalegrow.config import ModelConfig
-from scalegrow.model import GPT
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import GPT
 
 PRODUCT = list(itertools.product(
     ["LayerNorm", "RMSNorm"], [False, True], ["mha", "gqa"], ["learned_absolute", "rope"],
@@ -13,12 +13,12 @@ PRODUCT = list(itertools.product(
 
 
 def tiny_config(norm, swiglu, attn, pos, untied, bias, **extra) -> ModelConfig:
-    return ModelConfig(
+    return ModelConfig.from_dict(dict(
         num_layers=2, hidden_size=64, num_attention_heads=4,
         num_query_groups=2 if attn == "gqa" else None, ffn_hidden_size=96, padded_vocab_size=128,
         max_position_embeddings=32, normalization=norm, swiglu=swiglu, position_embedding_type=pos,
         untie_embeddings_and_output_weights=untied, add_bias_linear=bias, rotary_percent=0.5 if pos == "rope" else 1.0,
-        **extra)
+        **extra))
 
 
 @pytest.mark.parametrize("norm,swiglu,attn,pos,untied,bias", PRODUCT,

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from scalegrow import arch
+from scalegrow.core import arch
 from scalegrow.cli import main as cli
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.methods import registry as methods
-from scalegrow.model import GPT
-from scalegrow.pipeline import load_model, save_model
-from scalegrow.executor import apply
+from scalegrow.core.model import GPT
+from scalegrow.commands import load_model, save_model
+from scalegrow.write.executor import apply
 from helpers import family_config, random_model, tokens, write_yaml
 
 
@@ -56,11 +56,11 @@ def test_llama_pro_block_expansion_is_exact(family, layers):
                                     "rms-gelu-mha-learned-untied-bias"])
 def test_hypercloning_is_lossless_and_unties(family):
     cfg = family_config(family)
-    groups = {"num_query_groups": 2 * cfg.num_query_groups}
+    groups = {"num_query_groups": 2 * cfg.attention.groups}
     small, big, op = grow("hypercloning", cfg, dict(hidden_size=128, num_attention_heads=8, ffn_hidden_size=192,
                                                     **groups))
     assert logits_diff(small, big, cfg) <= 1e-4
-    assert op.dst.untie_embeddings_and_output_weights and op.dst.norm_epsilon == cfg.norm_epsilon
+    assert not op.dst.embedding.tied and op.dst.norm.eps == cfg.norm.eps
     w = big.decoder.layers[0].mlp.linear_fc2.weight  # W.repeat(2, 2) / 2: the clones are identical
     assert torch.equal(w[:64, :96], w[64:, 96:]) and torch.equal(w[:64, :96], w[:64, 96:])
 

@@ -4,19 +4,20 @@ import resource
 
 import torch
 
+from scalegrow.core.counts import num_parameters
 from scalegrow.formats.megatron import local_key
-from scalegrow.config import ModelConfig
-from scalegrow.output import OutputOptions
-from scalegrow.parallel import Stages
-from scalegrow.pipeline import plan
+from scalegrow.core.config import ModelConfig
+from scalegrow.write.session import OutputOptions
+from scalegrow.core.layout import Stages
+from scalegrow.commands import plan
 
 LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", rotary_base=500000,
              untie_embeddings_and_output_weights=True, add_bias_linear=False, kv_channels=128,
              padded_vocab_size=128256, vocab_size=128256, max_position_embeddings=8192)
-SRC_8B = ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
-                     ffn_hidden_size=14336, **LLAMA)
-DST_70B = ModelConfig(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
-                      ffn_hidden_size=28672, **LLAMA)
+SRC_8B = ModelConfig.from_dict(dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                     ffn_hidden_size=14336, **LLAMA))
+DST_70B = ModelConfig.from_dict(dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                      ffn_hidden_size=28672, **LLAMA))
 TP, PP = 8, 4
 
 
@@ -58,5 +59,5 @@ def test_70b_plan_matches_megatron_shapes(mcore):
             assert got == expected
             total += sum(torch.Size(s).numel() for s in got.values())
     replicated = sum(torch.Size(s).numel() for k, s in full.items() if "layernorm" in k) * (TP - 1)
-    assert total - replicated == dst.num_parameters()
-    assert 69e9 < DST_70B.num_parameters() < 72e9
+    assert total - replicated == num_parameters(dst)
+    assert 69e9 < num_parameters(DST_70B) < 72e9

@@ -11,7 +11,7 @@ import pytest
 from helpers import checkpoint_files, grow_argv, llama_source
 from training import free_port
 
-from scalegrow import ranks
+from scalegrow.write import ranks
 
 RUN_CLI = "import sys\n{prelude}\nfrom scalegrow import cli\nsys.exit(cli.main(sys.argv[1:]))"
 

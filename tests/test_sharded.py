@@ -7,8 +7,8 @@ import torch
 from scalegrow.formats.io import safe_load
 from scalegrow.formats.megatron import FILE_NAME
 from scalegrow.formats.registry import open_checkpoint
-from scalegrow.output import OutputOptions
-from scalegrow.pipeline import convert, grow, load_model, save_model
+from scalegrow.write.session import OutputOptions
+from scalegrow.commands import convert, grow, load_model, save_model
 from helpers import family_config, random_model, tokens, write_yaml
 
 # (tp, pp, first, last): uneven splits included

@@ -6,13 +6,14 @@ import pytest
 import torch
 import yaml
 
+from scalegrow.core.counts import num_parameters
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.cli import main as cli
-from scalegrow.config import ModelConfig
-from scalegrow.model import GPT, init_weights
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import GPT, init_weights
 from scalegrow.methods.subclone import SubcloneOptions
-from scalegrow.output import OutputOptions
-from scalegrow.pipeline import DataOptions, evaluate, load_model, save_model, shrink
+from scalegrow.write.session import OutputOptions
+from scalegrow.commands import DataOptions, evaluate, load_model, save_model, shrink
 from scalegrow.data import (BatchOrder, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer,
                                   train_tokenizer)
 from helpers import write_yaml
@@ -109,7 +110,7 @@ def test_subclone_shrinks_an_upcycled_moe(big, tmp_path):
     routed tokens, the router's columns of the kept dimensions) it beats drop-layers, and the
     fitted rescale of every expert's fc2 lowers the loss further."""
     from scalegrow.methods import registry as methods
-    from scalegrow.pipeline import grow
+    from scalegrow.commands import grow
 
     moe = tmp_path / "moe"
     grow(big / "big", moe, "upcycle", write_yaml(tmp_path / "moe.yaml", num_moe_experts=4, moe_router_topk=2),
@@ -119,7 +120,7 @@ def test_subclone_shrinks_an_upcycled_moe(big, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     target = dict(WIDTH, moe_ffn_hidden_size=176)
     sub = shrunk(big, tmp_path, "sub", target, src=moe)
-    assert load_model(sub).cfg.moe_ffn_hidden_size == 176 and load_model(sub).cfg.num_moe_experts == 4
+    assert load_model(sub).cfg.moe.ffn_hidden_size == 176 and load_model(sub).cfg.moe.num_experts == 4
     plain = loss(big, shrunk(big, tmp_path, "plain", target, rescale=False, src=moe))
     drop = loss(big, shrunk(big, tmp_path, "drop", target, method="drop-layers", src=moe))
     print("moe subclone/plain/drop-layers held-out loss:", loss(big, sub), plain, drop)
@@ -177,10 +178,10 @@ def test_shrink_to_a_parameter_budget(big, tmp_path, capsys):
     out = capsys.readouterr().out
     got = load_model(tmp_path / "half").cfg
     source = open_checkpoint(big / "big").config
-    assert got.num_layers == source.num_layers and got.num_parameters() <= source.num_parameters() // 2
-    assert f"shrink --params 0.5: {got.num_parameters() / 1e6:.2f}M params, num_layers=4 " in out
+    assert got.num_layers == source.num_layers and num_parameters(got) <= num_parameters(source) // 2
+    assert f"shrink --params 0.5: {num_parameters(got) / 1e6:.2f}M params, num_layers=4 " in out
     record = json.loads((tmp_path / "half" / "scalegrow.json").read_text())["details"]["budget"]
-    assert record["chose"]["hidden_size"] == got.hidden_size and record["params"] == source.num_parameters() // 2
+    assert record["chose"]["hidden_size"] == got.hidden_size and record["params"] == num_parameters(source) // 2
     assert loss(big, tmp_path / "half") < random_init_loss(big, tmp_path, record["chose"])
 
 

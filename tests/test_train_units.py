@@ -124,7 +124,7 @@ def test_shipped_run_configs_are_valid():
     """Every configs/runs/*.yaml loads, its model resolves, and each growth pair is one LEMON accepts."""
     from pathlib import Path
 
-    from scalegrow.config import ModelConfig
+    from scalegrow.core.config import ModelConfig
     from scalegrow.methods import registry as methods
 
     root = Path(__file__).resolve().parents[1]

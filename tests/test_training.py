@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.cli import main as cli
 from scalegrow.formats.io import safe_load
 from scalegrow.formats.registry import open_checkpoint
-from scalegrow.pipeline import load_model, verify
+from scalegrow.commands import load_model, verify
 from scalegrow.train.config import ScheduleConfig
 from scalegrow.train.schedule import learning_rate
 from helpers import METADATA_KEYS, tree_sha256
@@ -111,9 +112,9 @@ def test_pretrain_export_loads_in_megatron_core(scratch, mcore):
     meta = json.loads((export / "scalegrow.json").read_text())
     assert meta["method"] == "pretrain" and meta["iteration"] == STEPS
     state = safe_load(export / "iter_0000030/mp_rank_00/model_optim_rng.pt", mmap=False)
-    from scalegrow.config import ModelConfig
+    from scalegrow.core.config import ModelConfig
 
-    cfg = ModelConfig.from_megatron_args(state["args"])
+    cfg = config_from_args(state["args"])
     assert cfg.vocab_size == 512 and state["args"].tokenizer_type == "GPTSentencePieceTokenizer"
     assert_megatron_core_computes_the_export(mcore, cfg, state["model"], export)
 
@@ -254,7 +255,7 @@ def test_upcycled_moe_starts_at_the_dense_loss_and_trains(scratch, tmp_path, mco
     assert sum(loss[s] for s in range(16, 21)) / 5 < sum(loss[s] for s in range(2, 7)) / 5 - 0.1
     export = out / "export"
     ckpt = open_checkpoint(export)
-    assert ckpt.config.num_moe_experts == 4 and json.loads((export / "scalegrow.json").read_text())["method"] == \
+    assert ckpt.config.moe.num_experts == 4 and json.loads((export / "scalegrow.json").read_text())["method"] == \
         "grow_pretrain"
     state = safe_load(next(export.rglob("model_optim_rng.pt")), mmap=False)
     assert_megatron_core_computes_the_export(mcore, ckpt.config, state["model"], export)

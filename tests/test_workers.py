@@ -5,7 +5,8 @@ import os
 import pytest
 from helpers import checkpoint_files, family_config, grow_argv, llama_source, random_model
 
-from scalegrow import cli, pipeline, workers
+from scalegrow import cli, commands
+from scalegrow.write import workers
 from scalegrow.errors import InputError
 from scalegrow.operators.lemon import LemonGrowth
 
@@ -53,7 +54,7 @@ def test_workers_write_what_one_process_writes(src, tmp_path, layout):
 
 def test_expert_parallel_files_with_workers(tmp_path):
     cfg = family_config("llama", num_layers=2, num_moe_experts=4)
-    pipeline.save_model(random_model(cfg, seed=2).state_dict(), cfg, tmp_path / "moe")
+    commands.save_model(random_model(cfg, seed=2).state_dict(), cfg, tmp_path / "moe")
     for n in ("1", "2"):
         assert cli.main(["convert", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / n), "--ep", "2",
                          "--tp", "2", "--workers", n, "--no-progress"]) == 0

@@ -13,15 +13,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
+from tqdm import tqdm
 
-from scalegrow import arch
-from scalegrow.arch import TensorSpec
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch
+from scalegrow.core.arch import TensorSpec
+from scalegrow.core.config import ModelConfig
 from scalegrow.formats.io import file_digest_line
-from scalegrow.parallel import Layout
+from scalegrow.core.layout import Layout
 
 
 @dataclass
@@ -65,10 +66,19 @@ class Reader:
         """Layer `index`'s tensors under their layer-relative names."""
         return {s.name: self.tensor(arch.layer_key(index, s.name), s) for s in arch.layer_specs(self.config, index)}
 
+    def layers(self, progress: bool = False, desc: str = "layers") -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Every layer in order, one at a time (what a prepare step walks, e.g. calibration); the
+        caches are released at the end."""
+        try:
+            for i in tqdm(range(self.config.num_layers), desc=desc, unit="layer", disable=not progress):
+                yield i, self.layer(i)
+        finally:
+            self.release()
+
     def head(self) -> dict[str, torch.Tensor]:
         """Final norm plus the output weight under `output_layer.weight`: the word embeddings if tied."""
         out = {s.name: self.tensor(s.name, s) for s in arch.final_norm_specs(self.config)}
-        out[arch.OUTPUT_LAYER] = self.tensor(arch.WORD_EMBEDDINGS if self.config.tied else arch.OUTPUT_LAYER,
+        out[arch.OUTPUT_LAYER] = self.tensor(arch.WORD_EMBEDDINGS if self.config.embedding.tied else arch.OUTPUT_LAYER,
                                              arch.OUTPUT_SPEC)
         return out
 
@@ -225,7 +235,7 @@ class StateDictWriter:
         pass
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        if not (key == arch.OUTPUT_LAYER and self.cfg.tied):
+        if not (key == arch.OUTPUT_LAYER and self.cfg.embedding.tied):
             self.state[key] = tensor
 
     def close_stage(self) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from scalegrow.arch import TensorSpec
+from scalegrow.core.arch import TensorSpec
 from scalegrow.formats.base import Format, Reader
 from scalegrow.formats.io import BASE_ALLOWED, megatron_allowed, safe_load
-from scalegrow.metadata import read_model
-from scalegrow.parallel import Layout
+from scalegrow.formats.metadata import read_model
+from scalegrow.core.layout import Layout
 
 
 def is_deepspeed(path: Path) -> bool:

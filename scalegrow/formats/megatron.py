@@ -21,18 +21,19 @@ from pathlib import Path
 
 import torch
 
-from scalegrow import arch, parallel
-from scalegrow.arch import TensorSpec
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch, sharding
+from scalegrow.core.arch import TensorSpec
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader
+from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
 from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, FILE_NAME, TRACKER, canonical, checkpoint_bytes,
                                               expert_owner, experts_per_rank, file_bytes, file_specs,
                                               iteration_dir_name, local_key, megatron_args, rank_dir_name,
                                               resolve_iteration_dir, stage_specs, stages_from_args, stored_tensor,
                                               target_config)
-from scalegrow.parallel import Layout, Stages
+from scalegrow.core.layout import Layout, Stages
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
@@ -76,7 +77,7 @@ class MegatronReader(Reader):
         shards = [m[local_key(key, self.layout.stages, experts_per_rank(self.config, self.layout))] for m in models]
         if spec.tp_axis is None:
             shards = shards[:1]  # replicated: rank 0's copy
-        full = parallel.merge(spec, shards)
+        full = sharding.merge(spec, shards)
         full = full.clone() if full.data_ptr() == shards[0].data_ptr() else full
         drop_mapped_pages(shards)
         return full
@@ -97,7 +98,7 @@ def open_megatron(path: str | Path, validate: bool = True) -> MegatronReader:
         raise InputError(f"{iter_dir}: no rank 0 file ({rank_dir_name(0, 0, 1)}/{FILE_NAME})")
     state0 = safe_load(first_file)
     args = require_args(state0, first_file)
-    config = config_from_args(args, first_file)
+    config = read_config(args, first_file)
     tp, pp, ep = (int(getattr(args, f"{k}_model_parallel_size", 1) or 1) for k in ("tensor", "pipeline", "expert"))
     _check_rank_dirs(iter_dir, tp, pp, ep)
     if not validate:
@@ -137,9 +138,9 @@ def require_args(state, file: Path) -> argparse.Namespace:
     return args
 
 
-def config_from_args(args: argparse.Namespace, file: Path) -> ModelConfig:
+def read_config(args: argparse.Namespace, file: Path) -> ModelConfig:
     try:
-        return ModelConfig.from_megatron_args(args)
+        return config_from_args(args)
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"{file}: args: {exc}") from exc
 
@@ -161,9 +162,9 @@ _ARGS_THAT_MUST_AGREE = ("tensor_model_parallel_size", "pipeline_model_parallel_
 
 
 def _check_same_args(file: Path, args: argparse.Namespace, ref_file: Path, ref: argparse.Namespace) -> None:
-    mine = {**ModelConfig.from_megatron_args(args).to_dict(),
+    mine = {**config_from_args(args).to_dict(),
             **{k: getattr(args, k, None) for k in _ARGS_THAT_MUST_AGREE}}
-    theirs = {**ModelConfig.from_megatron_args(ref).to_dict(),
+    theirs = {**config_from_args(ref).to_dict(),
               **{k: getattr(ref, k, None) for k in _ARGS_THAT_MUST_AGREE}}
     for key, value in mine.items():
         if value != theirs[key]:
@@ -185,7 +186,7 @@ def _check_shapes(reader: MegatronReader, shapes: dict[tuple[int, int, int], dic
         for t in range(reader.tp):
             file, model = reader.file(t, stage, r), shapes[t, stage, r]
             for key, spec in expected.items():
-                want = parallel.shard_shape(spec, arch.full_shape(reader.config, spec), reader.tp)
+                want = sharding.shard_shape(spec, arch.full_shape(reader.config, spec), reader.tp)
                 if key not in model:
                     raise InputError(f"{file}: {key}: missing tensor (expected shape {want})")
                 if model[key] != want:
@@ -233,7 +234,7 @@ class MegatronWriter:
     def file_shapes(self, stage: int, ep_rank: int = 0) -> dict[str, tuple[int, ...]]:
         """Local key -> shard shape of every tensor each TP rank of `stage` (and EP rank) holds."""
         return {local_key(key, self.layout.stages, self._per_rank):
-                parallel.shard_shape(spec, arch.full_shape(self.cfg, spec), self.layout.tp)
+                sharding.shard_shape(spec, arch.full_shape(self.cfg, spec), self.layout.tp)
                 for key, spec in file_specs(self.cfg, self.layout, stage, ep_rank)}
 
     def open_stage(self, stage: int) -> None:
@@ -262,7 +263,7 @@ class MegatronWriter:
         spec, full = stored
         lkey = local_key(key, self.layout.stages, self._per_rank)
         owner = expert_owner(self.cfg, self.layout.ep, key)
-        shards = parallel.split(spec, full.to(self.dtype), self.layout.tp)
+        shards = sharding.split(spec, full.to(self.dtype), self.layout.tp)
         for r in [owner[0]] if owner else range(self.layout.ep):
             for f, shard in zip(self._files[r], shards):
                 if f is not None:

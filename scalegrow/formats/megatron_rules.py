@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from scalegrow import arch, parallel
-from scalegrow.arch import TensorSpec
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch, sharding
+from scalegrow.core.arch import TensorSpec
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats.base import nbytes
-from scalegrow.parallel import Layout, Stages
+from scalegrow.formats.megatron_args import config_to_args
+from scalegrow.core.layout import Layout, Stages
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE_NAME = "model_optim_rng.pt"
@@ -38,7 +39,7 @@ def expert_owner(cfg: ModelConfig, ep: int, key: str) -> tuple[int, int] | None:
     expert = arch.expert_of(parsed[1]) if parsed else None
     if expert is None:
         return None
-    return divmod(expert[0], cfg.num_moe_experts // ep)
+    return divmod(expert[0], cfg.moe.num_experts // ep)
 
 
 def file_specs(cfg: ModelConfig, layout: Layout, stage: int, ep_rank: int) -> list[tuple[str, TensorSpec]]:
@@ -55,7 +56,7 @@ def stage_specs(cfg: ModelConfig, stages: Stages, stage: int) -> list[tuple[str,
         out += [(arch.layer_key(i, s.name), s) for s in arch.layer_specs(cfg, i)]
     if stage == stages.pp - 1:
         out += [(s.name, s) for s in arch.final_norm_specs(cfg)]
-        if not cfg.tied or stages.pp > 1:  # tied at PP > 1: the last stage keeps its own copy
+        if not cfg.embedding.tied or stages.pp > 1:  # tied at PP > 1: the last stage keeps its own copy
             out.append((arch.OUTPUT_LAYER, arch.OUTPUT_SPEC))
     return out
 
@@ -73,7 +74,7 @@ def local_key(key: str, stages: Stages, experts_per_rank: int | None = None) -> 
 
 
 def experts_per_rank(cfg: ModelConfig, layout: Layout) -> int | None:
-    return cfg.num_moe_experts // layout.ep if cfg.num_moe_experts else None
+    return cfg.moe.num_experts // layout.ep if cfg.moe else None
 
 
 def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
@@ -84,14 +85,14 @@ def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelCon
     if true_size is not None and true_size > cfg.padded_vocab_size:
         raise InputError(f"--vocab-size: {true_size} exceeds the checkpoint's {cfg.padded_vocab_size} "
                          f"vocabulary rows")
-    padded = parallel.padded_vocab_size(true_size or cfg.padded_vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    padded = sharding.padded_vocab_size(true_size or cfg.padded_vocab_size, cfg.make_vocab_size_divisible_by, tp)
     return cfg.replace(padded_vocab_size=padded, vocab_size=true_size)
 
 
 def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Layout,
                   iteration: int | str) -> argparse.Namespace:
     """The args a written checkpoint carries: `base`'s, with this model, layout and iteration."""
-    args = cfg.to_megatron_args(base, tp=layout.tp, pp=layout.pp)
+    args = config_to_args(cfg, base, tp=layout.tp, pp=layout.pp)
     for key, value in layout.stages.megatron_args().items():
         setattr(args, key, value)
     args.expert_model_parallel_size = layout.ep
@@ -107,10 +108,10 @@ def stored_tensor(cfg: ModelConfig, specs: dict[str, TensorSpec], key: str,
     that is not stored (the word embeddings are it)."""
     spec = specs.get(key)
     if spec is None:
-        assert key == arch.OUTPUT_LAYER and cfg.tied, f"{key}: not a tensor stored here"
+        assert key == arch.OUTPUT_LAYER and cfg.embedding.tied, f"{key}: not a tensor stored here"
         return None
     if spec.packing == arch.VOCAB:
-        full = parallel.pad_vocab(spec, full, cfg.padded_vocab_size)
+        full = sharding.pad_vocab(spec, full, cfg.padded_vocab_size)
     want = arch.full_shape(cfg, spec)
     assert tuple(full.shape) == want, f"{key}: operator produced {tuple(full.shape)}, expected {want}"
     return spec, full
@@ -120,7 +121,7 @@ def file_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> dict[tup
     """(stage, EP rank, TP rank) -> tensor bytes of that rank's file (every TP rank's file is alike)."""
     out = {}
     for stage, r in itertools.product(range(layout.pp), range(layout.ep)):
-        size = sum(nbytes(parallel.shard_shape(spec, arch.full_shape(cfg, spec), layout.tp), dtype)
+        size = sum(nbytes(sharding.shard_shape(spec, arch.full_shape(cfg, spec), layout.tp), dtype)
                    for _, spec in file_specs(cfg, layout, stage, r))
         out.update({(stage, r, t): size for t in range(layout.tp)})
     return out

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scalegrow.core.model import GPT
 from scalegrow.errors import InputError
-from scalegrow.formats import deepspeed, hf, megatron, torch_dist
+from scalegrow.formats import deepspeed, megatron, torch_dist
+from scalegrow.formats.hf import format as hf
 from scalegrow.formats.base import Format, Reader
 
 # In detection order: the first whose `detect` accepts a path reads it.
@@ -40,3 +42,11 @@ def open_checkpoint(path: str | Path, validate: bool = True, quiet: bool = False
     reader = fmt.open(path, validate)
     reader.quiet = quiet
     return reader
+
+
+def load_model(path: str | Path) -> GPT:
+    """The whole checkpoint as a reference GPT in fp32 (merges every TP/PP shard)."""
+    ckpt = open_checkpoint(path)
+    model = GPT(ckpt.config)
+    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict().items()}, strict=True)
+    return model.eval()

@@ -26,16 +26,17 @@ from pathlib import Path
 
 import torch
 
-from scalegrow import arch
-from scalegrow.arch import TensorSpec
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch
+from scalegrow.core.arch import TensorSpec
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader, nbytes
 from scalegrow.formats.dcp import ChunkReader, ChunkWriter
+from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.formats.io import WriteQueue, safe_load
 from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name, megatron_args,
                                               resolve_iteration_dir, stages_from_args, stored_tensor, target_config)
-from scalegrow.parallel import Layout
+from scalegrow.core.layout import Layout
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -48,7 +49,7 @@ EXPERT_STACK = "mlp.experts.experts."  # experts' tensors, stacked over global e
 
 def homogeneous(cfg: ModelConfig) -> bool:
     """Whether every layer holds the same tensors (megatron-core then stacks them over layers)."""
-    return not cfg.num_moe_experts or cfg.moe_layer_freq == 1
+    return cfg.moe is None or cfg.moe.layer_freq == 1
 
 
 def placement(cfg: ModelConfig, index: int, name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
@@ -62,7 +63,7 @@ def placement(cfg: ModelConfig, index: int, name: str) -> tuple[str, tuple[int, 
     else:
         key, offsets, sizes = arch.layer_key(index, local), (), ()
     if expert is not None:
-        offsets, sizes = offsets + (expert[0],), sizes + (cfg.num_moe_experts,)
+        offsets, sizes = offsets + (expert[0],), sizes + (cfg.moe.num_experts,)
     return key, offsets, sizes
 
 
@@ -81,7 +82,7 @@ def stored_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
             key, _, sizes = placement(cfg, i, spec.name)
             out[key] = sizes + arch.full_shape(cfg, spec)
     out.update({s.name: arch.full_shape(cfg, s) for s in arch.final_norm_specs(cfg)})
-    if not cfg.tied:
+    if not cfg.embedding.tied:
         out[arch.OUTPUT_LAYER] = arch.full_shape(cfg, arch.OUTPUT_SPEC)
     return list(out.items())
 
@@ -136,7 +137,7 @@ def open_dist(path: Path, validate: bool = True) -> DistReader:
     if not isinstance(args, argparse.Namespace):
         raise InputError(f"{iter_dir / COMMON}: args: missing Megatron argparse.Namespace")
     try:
-        config = ModelConfig.from_megatron_args(args)
+        config = config_from_args(args)
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"{iter_dir / COMMON}: args: {exc}") from exc
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
@@ -146,7 +147,7 @@ def open_dist(path: Path, validate: bool = True) -> DistReader:
             raise InputError(f"{iter_dir}: {key}: missing tensor (expected shape {want})")
         if chunks.shape(key) != want:
             raise InputError(f"{iter_dir}: {key}: shape {chunks.shape(key)} does not match {want} expected from args")
-    ep = int(getattr(args, "expert_model_parallel_size", 1) or 1) if config.num_moe_experts else 1
+    ep = int(getattr(args, "expert_model_parallel_size", 1) or 1) if config.moe else 1
     return DistReader(root, iteration, args, config, Layout(tp, stages, ep), chunks.dtype(arch.WORD_EMBEDDINGS),
                       iter_dir, chunks)
 

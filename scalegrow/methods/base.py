@@ -12,7 +12,6 @@ from tqdm import tqdm
 
 from scalegrow.data import BatchOrder, TokenStream, batch
 from scalegrow.formats.base import Reader
-from scalegrow.model import GPT
 
 
 class Trainer(Protocol):
@@ -59,13 +58,3 @@ class LocalTrainer:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def load_model(path: str | Path) -> GPT:
-    """The whole checkpoint as a reference GPT in fp32 (merges every TP/PP shard)."""
-    from scalegrow.formats.registry import open_checkpoint
-
-    ckpt = open_checkpoint(path)
-    model = GPT(ckpt.config)
-    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict().items()}, strict=True)
-    return model.eval()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import re
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import num_parameters
 from scalegrow.errors import InputError
 
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
@@ -39,15 +40,16 @@ def _round(value: float, unit: int = ROUND) -> int:
 def narrowed(src: ModelConfig, w: float, tp: int = 1) -> ModelConfig:
     """`src` with its width scaled by `w` (see the module docstring), every layer kept, splittable
     at tensor parallel size `tp` (query groups a multiple of it, the FFN too)."""
-    groups = _round(src.num_query_groups * w, tp)
-    heads = groups * src.heads_per_group
+    groups = _round(src.attention.groups * w, tp)
+    heads = groups * src.attention.per_group
     ffn = math.lcm(ROUND, tp)
     change = {"hidden_size": _round(src.hidden_size * w, math.lcm(ROUND, heads)),  # the heads divide it
-              "ffn_hidden_size": _round(src.ffn_hidden_size * w, ffn), "num_query_groups": groups,
-              "num_attention_heads": heads, "kv_channels": src.kv_channels}
+              "ffn_hidden_size": _round(src.mlp.ffn_hidden_size * w, ffn), "num_query_groups": groups,
+              "num_attention_heads": heads, "kv_channels": src.attention.head_dim}
+    flat = src.to_dict()
     for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
-        if getattr(src, key, None):
-            change[key] = _round(getattr(src, key) * w, ffn)
+        if flat[key]:
+            change[key] = _round(flat[key] * w, ffn)
     return src.replace(**change)
 
 
@@ -55,15 +57,16 @@ def shape_for(src: ModelConfig, params: int, tp: int = 1) -> ModelConfig:
     """The widest `narrowed(src, w, tp)` with at most `params` parameters."""
     for step in range(999, 0, -1):
         cfg = narrowed(src, step / 1000, tp)
-        if cfg.num_parameters() <= params:
+        if num_parameters(cfg) <= params:
             return cfg
     raise InputError(f"--params: {params:,} parameters is below the narrowest model of this depth "
-                     f"({narrowed(src, 0.001, tp).num_parameters():,}); drop layers with --target instead")
+                     f"({num_parameters(narrowed(src, 0.001, tp)):,}); drop layers with --target instead")
 
 
 def rule(src: ModelConfig, dst: ModelConfig, params: int) -> dict:
     """What `scalegrow.json` records about the choice."""
     keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-    return {"params": params, "chose": {k: getattr(dst, k) for k in keys}, "params_chosen": dst.num_parameters(),
+    chose = dst.to_dict()
+    return {"params": params, "chose": {k: chose[k] for k in keys}, "params_chosen": num_parameters(dst),
             "rule": "Minitron (arXiv 2407.14679 §4): width over depth; every layer kept, hidden, FFN and "
                     "query groups narrowed by one factor"}

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from scalegrow import executor
 from scalegrow.data import batch
 from scalegrow.methods.base import Context
 from scalegrow.methods.subclone import embed
-from scalegrow.model import TransformerLayer, route
+from scalegrow.core.model import TransformerLayer, route
 from scalegrow.operators.experts import PruneExperts
 
 
@@ -33,16 +32,16 @@ def routing_mass(source, tokens: torch.Tensor, progress: bool = False) -> dict[i
     cfg = source.config
     x, freqs = embed(source, cfg, tokens)
     mass = {}
-    for i, tensors in executor.source_layers(source, progress, "route"):
+    for i, tensors in source.layers(progress, "route"):
         layer = TransformerLayer(cfg, i)
         layer.load_state_dict({k: v.float() for k, v in tensors.items()})
         if cfg.is_moe_layer(i):
             mid = x + layer.self_attention(layer.input_layernorm(x), freqs)
             flat = layer.pre_mlp_layernorm(mid).flatten(0, 1)
             router = layer.mlp.router
-            weights, index = route(torch.nn.functional.linear(flat, router.weight, router.bias), cfg.moe_router_topk,
-                                   cfg.moe_router_pre_softmax)
-            mass[i] = torch.zeros(cfg.num_moe_experts, dtype=torch.float64).index_add_(
+            weights, index = route(torch.nn.functional.linear(flat, router.weight, router.bias), cfg.moe.topk,
+                                   cfg.moe.pre_softmax)
+            mass[i] = torch.zeros(cfg.moe.num_experts, dtype=torch.float64).index_add_(
                 0, index.flatten(), weights.flatten().double())
         x = layer(x, freqs)
     return mass

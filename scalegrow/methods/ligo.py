@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.methods.base import Context
-from scalegrow.model import GPT
+from scalegrow.core.model import GPT
 from scalegrow.operators.ligo import LigoGrowth, LigoOperator
 
 WIDTH_INITS = ("select", "random")

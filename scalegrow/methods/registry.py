@@ -11,7 +11,7 @@ import contextlib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ContextManager
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.methods import experts, ligo, subclone, upcycle
 from scalegrow.methods.base import Context

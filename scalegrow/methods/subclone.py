@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scalegrow import executor
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.data import batch
 from scalegrow.formats.base import Reader
 from scalegrow.methods.base import Context
-from scalegrow.model import Embedding, MoE, TransformerLayer, rotary_freqs, route
+from scalegrow.core.model import Embedding, MoE, TransformerLayer, rotary_freqs, route
 from scalegrow.operators.subclone import CalibrationStats, NormSite, Selection, Subclone
 
 
@@ -47,7 +46,7 @@ def calibrate(source: Reader, tokens: torch.Tensor, progress: bool = False) -> C
     stats = CalibrationStats(tokens=tokens.numel())
     x, freqs = embed(source, cfg, tokens)
     modules = {}
-    for i, tensors in executor.source_layers(source, progress, "calibrate"):
+    for i, tensors in source.layers(progress, "calibrate"):
         x = _layer_stats(_load_layer(cfg, i, tensors, modules), x, freqs, stats)
     stats.final_norm = NormSite.of(x)
     return stats
@@ -57,7 +56,7 @@ def embed(source: Reader, cfg: ModelConfig, tokens: torch.Tensor) -> tuple[torch
     """The residual stream entering layer 0 [b, s, h], and the rotary table (None without rope)."""
     embedding = Embedding(cfg)
     embedding.load_state_dict({k.removeprefix("embedding."): v.float() for k, v in source.embeddings().items()})
-    freqs = rotary_freqs(cfg, tokens.shape[1]) if cfg.position_embedding_type == "rope" else None
+    freqs = rotary_freqs(cfg, tokens.shape[1]) if cfg.embedding.position == "rope" else None
     return embedding(tokens), freqs
 
 
@@ -101,7 +100,7 @@ def mlp_output_scales(source: Reader, tokens: torch.Tensor, sel: Selection, prog
     cfg = source.config
     x, freqs = embed(source, cfg, tokens)
     scales, modules = {}, {}
-    for i, tensors in executor.source_layers(source, progress, "rescale"):
+    for i, tensors in source.layers(progress, "rescale"):
         big = _load_layer(cfg, i, tensors, modules)
         mid = x + big.self_attention(big.input_layernorm(x), freqs)
         normed = big.pre_mlp_layernorm(mid)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.operators.upcycle import Upcycle
 
 

@@ -11,30 +11,30 @@ from typing import Iterable
 
 import torch
 
-from scalegrow import arch
-from scalegrow.arch import TensorSpec
-from scalegrow.config import ModelConfig
-
-# Settings no width/depth operator changes: the target must match the source in each.
-STRUCTURAL = ("normalization", "swiglu", "openai_gelu", "position_embedding_type", "rotary_base", "rotary_percent",
-              "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
-              "padded_vocab_size", "max_position_embeddings")
-MOE = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_pre_softmax",
-       "moe_aux_loss_coeff", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
-
+from scalegrow.core import arch
+from scalegrow.core.arch import TensorSpec
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.features import FEATURE, MoE
 
 def require_equal(src: ModelConfig, dst: ModelConfig, key: str, why: str = "") -> None:
-    if getattr(src, key) != getattr(dst, key):
+    """`key` (a Megatron-LM name) must be the same in the target as in the source."""
+    mine, theirs = src.to_dict()[key], dst.to_dict()[key]
+    if mine != theirs:
         reason = f" ({why})" if why else ""
-        raise ValueError(f"{key}: target {getattr(dst, key)!r} differs from source "
-                         f"{getattr(src, key)!r}; growth cannot change it{reason}")
+        raise ValueError(f"{key}: target {theirs!r} differs from source {mine!r}; growth cannot change it{reason}")
 
 
 def require_not_smaller(src: ModelConfig, dst: ModelConfig, keys: Iterable[str]) -> None:
+    mine, theirs = src.to_dict(), dst.to_dict()
     for key in keys:
-        if getattr(dst, key) < getattr(src, key):
-            raise ValueError(f"{key}: target {getattr(dst, key)} is smaller than source "
-                             f"{getattr(src, key)}; grow only grows (use `scalegrow shrink`)")
+        if theirs[key] < mine[key]:
+            raise ValueError(f"{key}: target {theirs[key]} is smaller than source {mine[key]}; grow only grows "
+                             f"(use `scalegrow shrink`)")
+
+
+def moe_features() -> tuple[str, ...]:
+    """The MoE record's features (flat names): how a token is routed, which experts an MoE layer has."""
+    return tuple(key for key, (_, role) in MoE.flat_keys().items() if role == FEATURE)
 
 
 class Operator:
@@ -45,7 +45,7 @@ class Operator:
     handles_moe = False  # an operator with rules for MoE layers (router, experts) sets this
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0):
-        if (src.num_moe_experts or dst.num_moe_experts) and not self.handles_moe:
+        if (src.moe or dst.moe) and not self.handles_moe:
             raise ValueError(f"num_moe_experts: {self.name} has no rules for MoE layers yet (lemon, upcycle, "
                              f"more-experts, subclone, drop-layers and prune-experts have)")
         self.src = src
@@ -54,7 +54,9 @@ class Operator:
         self.setup()
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
-        for key in STRUCTURAL:
+        """Every feature (what no width or depth operator changes: the norm, the activation, rope, ...)
+        is the source's."""
+        for key in src.features():
             require_equal(src, dst, key)
 
     def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:

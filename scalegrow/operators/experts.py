@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from scalegrow import arch
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch
+from scalegrow.core.config import ModelConfig
 from scalegrow.operators.base import LayerwiseOperator, require_equal
 
 
@@ -54,15 +54,15 @@ class PruneExperts(ExpertMap):
     name = "prune-experts"
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
-        if not src.num_moe_experts:
+        if not src.moe:
             raise ValueError("num_moe_experts: the source is dense; there are no experts to prune")
-        if not dst.num_moe_experts or dst.num_moe_experts >= src.num_moe_experts:
-            raise ValueError(f"num_moe_experts: target {dst.num_moe_experts} must be below the source's "
-                             f"{src.num_moe_experts}")
+        if not dst.moe or dst.moe.num_experts >= src.moe.num_experts:
+            raise ValueError(f"num_moe_experts: target {dst.moe and dst.moe.num_experts} must be below the source's "
+                             f"{src.moe.num_experts}")
         self.require_only_experts_change(src, dst, "prune-experts removes experts only")
 
     def setup(self) -> None:
-        keep = list(range(self.dst.num_moe_experts))
+        keep = list(range(self.dst.moe.num_experts))
         self.kept = {i: keep for i in range(self.src.num_layers) if self.src.is_moe_layer(i)}
         self.usage: dict[int, list[float]] = {}
 
@@ -70,7 +70,7 @@ class PruneExperts(ExpertMap):
         """Keep, per MoE layer, the experts with the most routing mass (ties: the lower index)."""
         for i, mass in usage.items():
             order = sorted(range(len(mass)), key=lambda e: (-float(mass[e]), e))
-            self.kept[i] = sorted(order[:self.dst.num_moe_experts])
+            self.kept[i] = sorted(order[:self.dst.moe.num_experts])
             self.usage[i] = [round(float(m), 6) for m in mass]
 
     def details(self) -> dict:
@@ -98,20 +98,20 @@ class MoreExperts(ExpertMap):
     name = "more-experts"
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
-        if not src.num_moe_experts:
+        if not src.moe:
             raise ValueError("num_moe_experts: the source is dense; upcycle it into experts first")
-        m, rest = divmod(dst.num_moe_experts or 0, src.num_moe_experts)
+        m, rest = divmod(dst.moe.num_experts if dst.moe else 0, src.moe.num_experts)
         if m < 2 or rest:
-            raise ValueError(f"num_moe_experts: target {dst.num_moe_experts} must be a multiple (x2 or more) of the "
-                             f"source's {src.num_moe_experts}")
-        if dst.moe_router_topk != m * src.moe_router_topk:
-            raise ValueError(f"moe_router_topk: must be {m * src.moe_router_topk} ({m} x the source's "
-                             f"{src.moe_router_topk}) for {m} copies of every expert to keep the function")
+            raise ValueError(f"num_moe_experts: target {dst.moe and dst.moe.num_experts} must be a multiple (x2 or more) of the "
+                             f"source's {src.moe.num_experts}")
+        if dst.moe.topk != m * src.moe.topk:
+            raise ValueError(f"moe_router_topk: must be {m * src.moe.topk} ({m} x the source's "
+                             f"{src.moe.topk}) for {m} copies of every expert to keep the function")
         self.require_only_experts_change(src, dst, "more-experts only copies experts")
 
     def details(self) -> dict:
-        return {"copies": self.dst.num_moe_experts // self.src.num_moe_experts}
+        return {"copies": self.dst.moe.num_experts // self.src.moe.num_experts}
 
     def experts(self, index: int) -> list[int]:
-        m = self.dst.num_moe_experts // self.src.num_moe_experts
-        return [e // m for e in range(self.dst.num_moe_experts)]  # copy c of expert e is expert e·m + c
+        m = self.dst.moe.num_experts // self.src.moe.num_experts
+        return [e // m for e in range(self.dst.moe.num_experts)]  # copy c of expert e is expert e·m + c

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.operators.base import LayerwiseOperator, require_equal
 
 

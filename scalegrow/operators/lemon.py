@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from scalegrow.arch import Role
-from scalegrow.config import ModelConfig
-from scalegrow.operators.base import MOE, Operator, require_equal, require_not_smaller
+from scalegrow.core.arch import Role
+from scalegrow.core.config import ModelConfig
+from scalegrow.operators.base import Operator, moe_features, require_equal, require_not_smaller
 from scalegrow.operators.maps import Noise, ResidualMap, UnitMap, seeded_generator
 
 
@@ -51,19 +51,19 @@ def depth_map(src_layers: int, dst_layers: int) -> list[tuple[int, bool]]:
 def qkv_block_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
     """Map over QKV row blocks [ng, per_g + 2] (each block hn rows): target group g copies source group
     g mod ng_S with all its heads; q slot i copies slot i mod per_S; k and v slots copy k and v."""
-    ps, pt = src.heads_per_group, dst.heads_per_group
-    group = torch.arange(dst.num_query_groups) % src.num_query_groups
+    ps, pt = src.attention.per_group, dst.attention.per_group
+    group = torch.arange(dst.attention.groups) % src.attention.groups
     slot = torch.cat([torch.arange(pt) % ps, torch.tensor([ps, ps + 1])])
     index = group[:, None] * (ps + 2) + slot[None, :]
-    return UnitMap(index.flatten(), src.num_query_groups * (ps + 2))
+    return UnitMap(index.flatten(), src.attention.groups * (ps + 2))
 
 
 def head_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
     """Map over q heads (the proj input blocks), consistent with `qkv_block_map`."""
-    ps, pt = src.heads_per_group, dst.heads_per_group
-    group = torch.arange(dst.num_query_groups) % src.num_query_groups
+    ps, pt = src.attention.per_group, dst.attention.per_group
+    group = torch.arange(dst.attention.groups) % src.attention.groups
     index = group[:, None] * ps + (torch.arange(pt) % ps)[None, :]
-    return UnitMap(index.flatten(), src.num_attention_heads)
+    return UnitMap(index.flatten(), src.attention.heads)
 
 
 class LemonGrowth(Operator):
@@ -71,16 +71,15 @@ class LemonGrowth(Operator):
     handles_moe = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        for key in ("num_moe_experts", "moe_router_topk", *moe_features()):
+            require_equal(src, dst, key, why="LEMON widens experts, it does not add or route them")
         super().check(src, dst)
-        for key in MOE:
-            if key not in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
-                require_equal(src, dst, key, why="LEMON widens experts, it does not add or route them")
-        if src.num_moe_experts:
+        if src.moe:
             require_not_smaller(src, dst, ("moe_ffn_hidden_size",))
-            if bool(src.moe_shared_expert_intermediate_size) != bool(dst.moe_shared_expert_intermediate_size):
+            if bool(src.moe.shared_size) != bool(dst.moe.shared_size):
                 require_equal(src, dst, "moe_shared_expert_intermediate_size", why="LEMON widens a shared expert, "
                               "it does not add or remove one")
-            if src.moe_shared_expert_intermediate_size:
+            if src.moe.shared_size:
                 require_not_smaller(src, dst, ("moe_shared_expert_intermediate_size",))
             for j, (i, _) in enumerate(depth_map(src.num_layers, dst.num_layers)):
                 if dst.is_moe_layer(j) != src.is_moe_layer(i):
@@ -90,28 +89,28 @@ class LemonGrowth(Operator):
         require_equal(src, dst, "kv_channels", why="LEMON keeps the head dimension")
         require_not_smaller(src, dst, ("num_layers", "hidden_size", "ffn_hidden_size",
                                        "num_attention_heads", "num_query_groups"))
-        if dst.heads_per_group < src.heads_per_group:
+        if dst.attention.per_group < src.attention.per_group:
             raise ValueError(
-                f"num_query_groups: target has {dst.heads_per_group} q heads per group, fewer than the "
-                f"source's {src.heads_per_group}; every source head must keep a copy")
+                f"num_query_groups: target has {dst.attention.per_group} q heads per group, fewer than the "
+                f"source's {src.attention.per_group}; every source head must keep a copy")
 
     def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
         """LayerNorm/RMSNorm need eps* = s·eps for the expanded stream to normalise exactly."""
         self.check(src, dst)
         s = ResidualMap(src.hidden_size, dst.hidden_size, True).s
-        return dst.replace(norm_epsilon=src.norm_epsilon * s)
+        return dst.replace(norm_epsilon=src.norm.eps * s)
 
     def setup(self) -> None:
         src, dst = self.src, self.dst
-        self.stream = ResidualMap(src.hidden_size, dst.hidden_size, mean_fill=src.normalization == "LayerNorm")
+        self.stream = ResidualMap(src.hidden_size, dst.hidden_size, mean_fill=src.norm.kind == "LayerNorm")
         self.blocks = qkv_block_map(src, dst)
         self.heads = head_map(src, dst)
-        self.neurons = UnitMap.circular(src.ffn_hidden_size, dst.ffn_hidden_size)
-        if src.num_moe_experts:  # every expert's neurons expand alike
-            self.expert_neurons = UnitMap.circular(src.moe_ffn_hidden_size, dst.moe_ffn_hidden_size)
-        if src.moe_shared_expert_intermediate_size:
-            self.shared_neurons = UnitMap.circular(src.moe_shared_expert_intermediate_size,
-                                                   dst.moe_shared_expert_intermediate_size)
+        self.neurons = UnitMap.circular(src.mlp.ffn_hidden_size, dst.mlp.ffn_hidden_size)
+        if src.moe:  # every expert's neurons expand alike
+            self.expert_neurons = UnitMap.circular(src.moe.ffn_hidden_size, dst.moe.ffn_hidden_size)
+        if src.moe and src.moe.shared_size:
+            self.shared_neurons = UnitMap.circular(src.moe.shared_size,
+                                                   dst.moe.shared_size)
         self.depth_map = depth_map(src.num_layers, dst.num_layers)
         self.std = dst.init_method_std
 
@@ -136,14 +135,14 @@ class LemonGrowth(Operator):
 
     def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
-        tied_scale = 1.0 / self.stream.k if self.src.tied else 1.0
+        tied_scale = 1.0 / self.stream.k if self.src.embedding.tied else 1.0
         for name, t in tensors.items():
             t = t.float()
             if name.endswith("final_layernorm.weight"):
                 out[name] = self._norm_weight(t) * tied_scale
             elif name.endswith("final_layernorm.bias"):
                 out[name] = self._norm_bias(t) * tied_scale
-            elif self.src.tied:  # word embeddings, stored as output_layer on the last stage
+            elif self.src.embedding.tied:  # word embeddings, stored as output_layer on the last stage
                 out[name] = self.stream.expand(t, dim=1)
             else:
                 out[name] = self.stream.split_fanin(t, 1, self._noise("output_layer"))
@@ -162,7 +161,7 @@ class LemonGrowth(Operator):
 
     def _grow(self, role: str, name: str, t: torch.Tensor, index: int) -> torch.Tensor:
         noise = self._noise(index, name)
-        hn = self.src.kv_channels
+        hn = self.src.attention.head_dim
         if role == Role.NORM_WEIGHT:
             return self._norm_weight(t)
         if role == Role.NORM_BIAS:
@@ -182,7 +181,7 @@ class LemonGrowth(Operator):
             return self.heads.split_fanin(heads, 1, noise).flatten(1)
         if role in FC1_ROLES:
             neurons = self._neurons(role)
-            halves = t.reshape(2 if self.src.swiglu else 1, neurons.n_src, *t.shape[1:])
+            halves = t.reshape(2 if self.src.mlp.gated else 1, neurons.n_src, *t.shape[1:])
             rows = neurons.expand(halves, 1).flatten(0, 1)  # gate and up rows move together
             return rows if role in (Role.FC1_BIAS, Role.EXPERT_FC1_BIAS) else self.stream.split_fanin(rows, 1, noise)
         if role in (Role.FC2_WEIGHT, Role.EXPERT_FC2_WEIGHT, Role.SHARED_FC2_WEIGHT):

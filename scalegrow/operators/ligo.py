@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scalegrow import arch
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch
+from scalegrow.core.config import ModelConfig
 from scalegrow.operators.base import Operator, require_equal, require_not_smaller
 
 DEPTH_TYPES = ("input_layernorm", "qkv", "proj", "pre_mlp_layernorm", "fc1", "fc2")
@@ -72,16 +72,16 @@ class LigoOperator(nn.Module):
             return nn.Parameter(_width_init(n_dst, n_src, width_init, width_noise, gen))
 
         self.b_emb = width(dst.hidden_size, src.hidden_size)
-        self.m_groups = width(dst.num_query_groups, src.num_query_groups)
-        self.m_group_heads = width(dst.heads_per_group, src.heads_per_group)
-        self.b_ffn = width(dst.ffn_hidden_size, src.ffn_hidden_size)
+        self.m_groups = width(dst.attention.groups, src.attention.groups)
+        self.m_group_heads = width(dst.attention.per_group, src.attention.per_group)
+        self.b_ffn = width(dst.mlp.ffn_hidden_size, src.mlp.ffn_hidden_size)
         self.depth = nn.ParameterDict({t: nn.Parameter(_depth_init(dst.num_layers, src.num_layers, depth_noise, gen))
                                        for t in DEPTH_TYPES})
 
     @staticmethod
     def expected_parameters(src: ModelConfig, dst: ModelConfig) -> int:
-        return (dst.hidden_size * src.hidden_size + dst.num_query_groups * src.num_query_groups
-                + dst.heads_per_group * src.heads_per_group + dst.ffn_hidden_size * src.ffn_hidden_size
+        return (dst.hidden_size * src.hidden_size + dst.attention.groups * src.attention.groups
+                + dst.attention.per_group * src.attention.per_group + dst.mlp.ffn_hidden_size * src.mlp.ffn_hidden_size
                 + len(DEPTH_TYPES) * dst.num_layers * src.num_layers)
 
     @property
@@ -101,11 +101,11 @@ class LigoOperator(nn.Module):
         if name.startswith("self_attention.linear_qkv."):
             return self._widen_qkv(t, weight=name.endswith("weight"))
         if name == "self_attention.linear_proj.weight":  # B_emb · W · (M_heads ⊗ I)ᵀ
-            heads = t.reshape(t.shape[0], s.hidden_size, s.num_attention_heads, s.kv_channels)
+            heads = t.reshape(t.shape[0], s.hidden_size, s.attention.heads, s.attention.head_dim)
             out = torch.einsum("ts,ldsk->ldtk", self.m_heads, heads).flatten(2)
             return torch.einsum("ed,ldx->lex", e, out)
         if name.startswith("mlp.linear_fc1."):  # gate and up rows share the FFN map
-            halves = t.reshape(t.shape[0], 2 if s.swiglu else 1, s.ffn_hidden_size, *t.shape[2:])
+            halves = t.reshape(t.shape[0], 2 if s.mlp.gated else 1, s.mlp.ffn_hidden_size, *t.shape[2:])
             rows = torch.einsum("ts,lhs...->lht...", self.b_ffn, halves).flatten(1, 2)
             return rows @ e.T if name.endswith("weight") else rows
         if name == "mlp.linear_fc2.weight":  # B_emb · W · B_ffnᵀ
@@ -114,14 +114,14 @@ class LigoOperator(nn.Module):
 
     def _widen_qkv(self, t: torch.Tensor, weight: bool) -> torch.Tensor:
         s, d = self.src, self.dst
-        per_s, per_d, hn = s.heads_per_group, d.heads_per_group, s.kv_channels
+        per_s, per_d, hn = s.attention.per_group, d.attention.per_group, s.attention.head_dim
         # [L, ng*(per+2)*hn, ...] -> [L, ng, per+2, hn, ...]: q heads of each group, then k, then v
-        blocks = t.reshape(t.shape[0], s.num_query_groups, per_s + 2, hn, *t.shape[2:])
+        blocks = t.reshape(t.shape[0], s.attention.groups, per_s + 2, hn, *t.shape[2:])
         q = blocks[:, :, :per_s].flatten(1, 2)  # [L, np_S, hn, ...]
         k, v = blocks[:, :, per_s], blocks[:, :, per_s + 1]  # [L, ng_S, hn, ...]
         q = torch.einsum("ts,ls...->lt...", self.m_heads, q)
         k, v = (torch.einsum("ts,ls...->lt...", self.m_groups, x) for x in (k, v))
-        q = q.reshape(q.shape[0], d.num_query_groups, per_d, *q.shape[2:])
+        q = q.reshape(q.shape[0], d.attention.groups, per_d, *q.shape[2:])
         fused = torch.cat([q, k[:, :, None], v[:, :, None]], dim=2).flatten(1, 3)  # [L, rows_T, ...]
         return fused @ self.b_emb.T if weight else fused
 
@@ -141,7 +141,7 @@ class LigoOperator(nn.Module):
             stacked = torch.stack([small[arch.layer_key(i, spec.name)] for i in range(s.num_layers)])
             grown = self.mix(spec.name, self.widen(spec.name, stacked))
             big.update({arch.layer_key(j, spec.name): grown[j] for j in range(d.num_layers)})
-        head = [spec.name for spec in arch.final_norm_specs(s)] + ([] if s.tied else [arch.OUTPUT_LAYER])
+        head = [spec.name for spec in arch.final_norm_specs(s)] + ([] if s.embedding.tied else [arch.OUTPUT_LAYER])
         for name in head:  # final norm and (untied) output layer: B_emb
             big[name] = small[name] @ self.b_emb.T
         return big

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from scalegrow.arch import Role
-from scalegrow.config import ModelConfig
+from scalegrow.core.arch import Role
+from scalegrow.core.config import ModelConfig
 from scalegrow.operators.base import Operator, require_equal, require_not_smaller
 from scalegrow.operators.lemon import LemonGrowth, head_map, qkv_block_map
 from scalegrow.operators.maps import Noise, UnitMap
@@ -80,18 +80,19 @@ class HyperCloning(LemonGrowth):
     name = "hypercloning"
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
-        super().check(src, dst.replace(untie_embeddings_and_output_weights=src.untie_embeddings_and_output_weights))
+        super().check(src, dst.replace(untie_embeddings_and_output_weights=not src.embedding.tied))
         require_equal(src, dst, "num_layers", why="HyperCloning grows width only")
+        mine, theirs = src.to_dict(), dst.to_dict()
         for key in WIDTH_KEYS:
-            if getattr(dst, key) % getattr(src, key):
-                raise ValueError(f"{key}: target {getattr(dst, key)} is not an integer multiple of source "
-                                 f"{getattr(src, key)} (HyperCloning clones whole copies)")
-        if not dst.untie_embeddings_and_output_weights and dst.hidden_size != src.hidden_size:
+            if theirs[key] % mine[key]:
+                raise ValueError(f"{key}: target {theirs[key]} is not an integer multiple of source "
+                                 f"{mine[key]} (HyperCloning clones whole copies)")
+        if dst.embedding.tied and dst.hidden_size != src.hidden_size:
             raise ValueError("untie_embeddings_and_output_weights: HyperCloning unties the output layer "
                              "(it is divided by n); set it to true")
 
     def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
-        if src.tied and dst.hidden_size != src.hidden_size:
+        if src.embedding.tied and dst.hidden_size != src.hidden_size:
             dst = dst.replace(untie_embeddings_and_output_weights=True)
         self.check(src, dst)
         return dst  # no residue: variance ratio s = 1, norms and eps unchanged
@@ -121,14 +122,14 @@ class Bert2BertAKI(Operator):
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="heads are copied whole")
         require_not_smaller(src, dst, ("num_layers",) + WIDTH_KEYS)
-        if dst.heads_per_group < src.heads_per_group:
+        if dst.attention.per_group < src.attention.per_group:
             raise ValueError("num_query_groups: every source head needs a copy")
 
     def setup(self) -> None:
         s, d = self.src, self.dst
         self.hidden = UnitMap.circular(s.hidden_size, d.hidden_size)
         self.blocks, self.heads = qkv_block_map(s, d), head_map(s, d)
-        self.neurons = UnitMap.circular(s.ffn_hidden_size, d.ffn_hidden_size)
+        self.neurons = UnitMap.circular(s.mlp.ffn_hidden_size, d.mlp.ffn_hidden_size)
         self.equal = Noise(self.seed, torch.Generator(), 0.0)  # FPI: fan-out divided equally
 
     def layer_sources(self, index: int) -> tuple[int, ...]:
@@ -144,7 +145,7 @@ class Bert2BertAKI(Operator):
             t = t.float()
             if "final_layernorm" in name:
                 out[name] = self.hidden.expand(t, 0)
-            elif self.src.tied:
+            elif self.src.embedding.tied:
                 out[name] = self.hidden.expand(t, 1)
             else:
                 out[name] = self.hidden.split_fanin(t, 1, self.equal)
@@ -166,7 +167,7 @@ class Bert2BertAKI(Operator):
         return torch.where(is_new, later, first).movedim(0, dim)
 
     def _grow(self, role: str, t: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        s, hn = self.src, self.src.kv_channels
+        s, hn = self.src, self.src.attention.head_dim
         if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS):
             return self.hidden.expand(t, 0)
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are copied whole
@@ -179,7 +180,7 @@ class Bert2BertAKI(Operator):
             heads = self.hidden.expand(t, 0).reshape(-1, self.heads.n_src, hn)
             return self.heads.split_fanin(heads, 1, self.equal).flatten(1)
         if role in (Role.FC1_WEIGHT, Role.FC1_BIAS):
-            halves = [x.reshape(2 if s.swiglu else 1, self.neurons.n_src, *x.shape[1:]) for x in (t, nxt)]
+            halves = [x.reshape(2 if s.mlp.gated else 1, self.neurons.n_src, *x.shape[1:]) for x in (t, nxt)]
             rows = self._aki(self.neurons, halves[0], halves[1], 1).flatten(0, 1)
             return self.hidden.split_fanin(rows, 1, self.equal) if role == Role.FC1_WEIGHT else rows
         if role == Role.FC2_WEIGHT:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scalegrow import arch
-from scalegrow.arch import Role
-from scalegrow.config import ModelConfig
-from scalegrow.operators.base import Operator, require_equal
+from scalegrow.core import arch
+from scalegrow.core.arch import Role
+from scalegrow.core.config import ModelConfig
+from scalegrow.operators.base import Operator, moe_features, require_equal
 
 SHRINK_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
@@ -96,23 +96,21 @@ class SliceOperator(Operator):
     handles_moe = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
+        for key in ("num_moe_experts", "moe_router_topk", *moe_features()):
+            require_equal(src, dst, key, why="shrink prunes experts with --method prune-experts")
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="heads are kept whole")
-        for key in ("num_moe_experts", "moe_router_topk", "moe_layer_freq", "moe_router_pre_softmax",
-                    "moe_shared_expert_gate"):
-            require_equal(src, dst, key, why="shrink prunes experts with --method prune-experts")
-        if src.moe_layer_freq > 1 and dst.num_layers != src.num_layers:
+        if src.moe and src.moe.layer_freq > 1 and dst.num_layers != src.num_layers:
             raise ValueError(f"num_layers: dropping layers would move the MoE layers of moe_layer_freq "
-                             f"{src.moe_layer_freq}; keep {src.num_layers} layers")
+                             f"{src.moe.layer_freq}; keep {src.num_layers} layers")
+        mine, theirs = src.to_dict(), dst.to_dict()
         for key in SHRINK_KEYS:
-            if getattr(dst, key) is None:
-                continue
-            if getattr(dst, key) > getattr(src, key):
-                raise ValueError(f"{key}: target {getattr(dst, key)} is larger than source {getattr(src, key)}; "
+            if theirs[key] is not None and theirs[key] > mine[key]:
+                raise ValueError(f"{key}: target {theirs[key]} is larger than source {mine[key]}; "
                                  f"shrink only shrinks (use `scalegrow grow`)")
-        if dst.heads_per_group > src.heads_per_group:
-            raise ValueError(f"num_attention_heads: target has {dst.heads_per_group} q heads per group, more "
-                             f"than the source's {src.heads_per_group}")
+        if dst.attention.per_group > src.attention.per_group:
+            raise ValueError(f"num_attention_heads: target has {dst.attention.per_group} q heads per group, more "
+                             f"than the source's {src.attention.per_group}")
 
     sel: Selection | None = None
 
@@ -149,23 +147,23 @@ class SliceOperator(Operator):
             return t[dims]
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are kept whole
             return t
-        per, hn = s.heads_per_group, s.kv_channels
+        per, hn = s.attention.per_group, s.attention.head_dim
         if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             # [ng*(per+2)*hn, ...] -> [ng, per+2, hn, ...]: keep groups, their chosen q heads, k and v
-            blocks = t.reshape(s.num_query_groups, per + 2, hn, *t.shape[1:])[groups]
+            blocks = t.reshape(s.attention.groups, per + 2, hn, *t.shape[1:])[groups]
             slots = torch.cat([heads, torch.tensor([per, per + 1]).expand(len(groups), 2)], dim=1)
             rows = torch.stack([blocks[g, slots[g]] for g in range(len(groups))]).flatten(0, 2)
             return rows[:, dims] if role == Role.QKV_WEIGHT else rows
         if role == Role.PROJ_WEIGHT:
             q_heads = (groups[:, None] * per + heads).flatten()  # global q-head indices, group-major
-            cols = t.reshape(t.shape[0], s.num_attention_heads, hn)[:, q_heads].flatten(1)
+            cols = t.reshape(t.shape[0], s.attention.heads, hn)[:, q_heads].flatten(1)
             return cols[dims]
         if role in FFN_ROLES:  # the dense FFN, a routed expert or the shared expert
             size, kept = self._ffn_neurons(role, name, j)
             if role in FC2_WEIGHTS:
                 return t[dims][:, kept]
             # fc1 rows [gate; up] (SwiGLU) -> [2, F, ...]: keep each half's kept neurons, together
-            halves = t.reshape(2 if s.swiglu else 1, size, *t.shape[1:])[:, kept].flatten(0, 1)
+            halves = t.reshape(2 if s.mlp.gated else 1, size, *t.shape[1:])[:, kept].flatten(0, 1)
             return halves if role in FC1_BIASES else halves[:, dims]
         if role in (Role.ROUTER_WEIGHT, Role.SHARED_GATE_WEIGHT):  # [E or 1, h]: read the kept dimensions
             return t[:, dims]
@@ -177,10 +175,10 @@ class SliceOperator(Operator):
         """(source neuron count, kept neurons) of the FFN a tensor of target layer `j` belongs to."""
         s, sel = self.src, self.sel
         if role in (Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT):
-            return s.moe_ffn_hidden_size, sel.neurons[j][arch.expert_of(name)[0]]  # this expert's own
+            return s.moe.ffn_hidden_size, sel.neurons[j][arch.expert_of(name)[0]]  # this expert's own
         if role in (Role.SHARED_FC1_WEIGHT, Role.SHARED_FC2_WEIGHT):
-            return s.moe_shared_expert_intermediate_size, sel.shared[j]
-        return s.ffn_hidden_size, sel.neurons[j]
+            return s.moe.shared_size, sel.shared[j]
+        return s.mlp.ffn_hidden_size, sel.neurons[j]
 
 
 class DropLayers(SliceOperator):
@@ -191,13 +189,13 @@ class DropLayers(SliceOperator):
     def setup(self) -> None:
         s, d = self.src, self.dst
         layers = [i * s.num_layers // d.num_layers for i in range(d.num_layers)]
-        heads = torch.arange(d.heads_per_group).expand(d.num_query_groups, -1)
-        neurons = [torch.arange(d.moe_ffn_hidden_size).expand(d.num_moe_experts, -1) if d.is_moe_layer(j)
-                   else torch.arange(d.ffn_hidden_size) for j in range(d.num_layers)]
-        self.sel = Selection(layers, torch.arange(d.hidden_size), [torch.arange(d.num_query_groups)] * d.num_layers,
+        heads = torch.arange(d.attention.per_group).expand(d.attention.groups, -1)
+        neurons = [torch.arange(d.moe.ffn_hidden_size).expand(d.moe.num_experts, -1) if d.is_moe_layer(j)
+                   else torch.arange(d.mlp.ffn_hidden_size) for j in range(d.num_layers)]
+        self.sel = Selection(layers, torch.arange(d.hidden_size), [torch.arange(d.attention.groups)] * d.num_layers,
                              [heads] * d.num_layers, neurons)
-        if d.moe_shared_expert_intermediate_size:
-            self.sel.shared = {j: torch.arange(d.moe_shared_expert_intermediate_size)
+        if d.moe and d.moe.shared_size:
+            self.sel.shared = {j: torch.arange(d.moe.shared_size)
                                for j in range(d.num_layers) if d.is_moe_layer(j)}
 
 
@@ -213,16 +211,16 @@ class Subclone(SliceOperator):
         dims = top(st.residual_importance(), d.hidden_size)
         groups, heads, neurons = [], [], []
         for i in layers:
-            per_head = st.heads[i].reshape(s.num_query_groups, s.heads_per_group)
-            g = top(per_head.sum(1), d.num_query_groups)
+            per_head = st.heads[i].reshape(s.attention.groups, s.attention.per_group)
+            g = top(per_head.sum(1), d.attention.groups)
             groups.append(g)
-            heads.append(torch.stack([top(per_head[k], d.heads_per_group) for k in g.tolist()]))
+            heads.append(torch.stack([top(per_head[k], d.attention.per_group) for k in g.tolist()]))
             if s.is_moe_layer(i):  # [E, F]: each expert keeps its own most active neurons
-                neurons.append(torch.stack([top(row, d.moe_ffn_hidden_size) for row in st.neurons[i]]))
+                neurons.append(torch.stack([top(row, d.moe.ffn_hidden_size) for row in st.neurons[i]]))
             else:
-                neurons.append(top(st.neurons[i], d.ffn_hidden_size))
+                neurons.append(top(st.neurons[i], d.mlp.ffn_hidden_size))
         self.sel = Selection(layers, dims, groups, heads, neurons)
-        self.sel.shared = {j: top(st.shared[i], d.moe_shared_expert_intermediate_size)
+        self.sel.shared = {j: top(st.shared[i], d.moe.shared_size)
                            for j, i in enumerate(layers) if i in st.shared}
 
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from scalegrow import arch
-from scalegrow.config import ModelConfig
-from scalegrow.operators.base import MOE, LayerwiseOperator, require_equal
+from scalegrow.core import arch
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.features import MoE
+from scalegrow.operators.base import LayerwiseOperator, require_equal
 
 
 class Upcycle(LayerwiseOperator):
@@ -43,37 +44,39 @@ class Upcycle(LayerwiseOperator):
     def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
         """The experts' FFN size follows from the granularity: ffn_hidden_size / G."""
         g = self.granularity
-        if g < 1 or src.ffn_hidden_size % g:
-            raise ValueError(f"granularity: {g} must be >= 1 and divide ffn_hidden_size {src.ffn_hidden_size}")
-        if dst.num_moe_experts and dst.moe_ffn_hidden_size == dst.ffn_hidden_size:
-            dst = dst.replace(moe_ffn_hidden_size=src.ffn_hidden_size // g)
+        if g < 1 or src.mlp.ffn_hidden_size % g:
+            raise ValueError(f"granularity: {g} must be >= 1 and divide ffn_hidden_size {src.mlp.ffn_hidden_size}")
+        if dst.moe and dst.moe.ffn_hidden_size == dst.mlp.ffn_hidden_size:
+            dst = dst.replace(moe_ffn_hidden_size=src.mlp.ffn_hidden_size // g)
         return super().resolve(src, dst)
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
-        if src.num_moe_experts:
-            raise ValueError(f"num_moe_experts: the source is already an MoE ({src.num_moe_experts} experts); "
+        if src.moe:
+            raise ValueError(f"num_moe_experts: the source is already an MoE ({src.moe.num_experts} experts); "
                              f"upcycle turns a dense model into one")
-        if not dst.num_moe_experts:
+        if not dst.moe:
             raise ValueError("num_moe_experts: the target must set it (e.g. 8) to upcycle into experts")
-        if dst.moe_shared_expert_intermediate_size:
+        if dst.moe.shared_size:
             raise ValueError("moe_shared_expert_intermediate_size: upcycling makes routed experts only; "
                              "leave the shared expert out")
         for key in src.to_dict():
-            if key not in MOE:
+            if key not in MoE.flat_keys():
                 require_equal(src, dst, key, why="upcycling changes only the FFNs into experts")
         g = self.granularity
-        require_equal(src.replace(moe_ffn_hidden_size=src.ffn_hidden_size // g), dst, "moe_ffn_hidden_size",
-                      why=f"each expert is a copy of 1/{g} of the dense FFN (granularity {g})")
-        for key in ("num_moe_experts", "moe_router_topk"):
-            if getattr(dst, key) % g:
-                raise ValueError(f"{key}: {getattr(dst, key)} is not a multiple of granularity {g} "
+        if dst.moe.ffn_hidden_size != src.mlp.ffn_hidden_size // g:
+            raise ValueError(f"moe_ffn_hidden_size: target {dst.moe.ffn_hidden_size!r} differs from source "
+                             f"{src.mlp.ffn_hidden_size // g!r}; growth cannot change it (each expert is a copy of "
+                             f"1/{g} of the dense FFN (granularity {g}))")
+        for key, value in (("num_moe_experts", dst.moe.num_experts), ("moe_router_topk", dst.moe.topk)):
+            if value % g:
+                raise ValueError(f"{key}: {value} is not a multiple of granularity {g} "
                                  f"(E copies of G segments, top k copies of G segments)")
-        if g > 1 and dst.moe_router_pre_softmax:
+        if g > 1 and dst.moe.pre_softmax:
             raise ValueError(f"moe_router_pre_softmax: granularity {g} keeps the function only with the softmax "
                              f"after top-k (the chosen weights of a pre-softmax router do not sum to a constant)")
 
     def details(self) -> dict:
-        return {"num_moe_experts": self.dst.num_moe_experts, "moe_router_topk": self.dst.moe_router_topk,
+        return {"num_moe_experts": self.dst.moe.num_experts, "moe_router_topk": self.dst.moe.topk,
                 "granularity": self.granularity, "noise": self.noise, "seed": self.seed}
 
     def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -95,7 +98,7 @@ class Upcycle(LayerwiseOperator):
 
     def _router(self, shape, dense, role: str, gen: torch.Generator) -> torch.Tensor:
         like = dense["input_layernorm.weight"]
-        if role == arch.Role.ROUTER_BIAS or self.dst.moe_router_pre_softmax:
+        if role == arch.Role.ROUTER_BIAS or self.dst.moe.pre_softmax:
             return torch.zeros(shape, dtype=like.dtype)
         g = self.granularity  # one row per copy, repeated for its G segments: [E·G, h]
         rows = torch.randn((shape[0] // g, *shape[1:]), generator=gen) * self.dst.init_method_std
@@ -108,7 +111,7 @@ class Upcycle(LayerwiseOperator):
         if G == 1:
             return t
         if name.startswith("linear_fc1"):
-            halves = t.chunk(2 if self.src.swiglu else 1, dim=0)  # [2·ffn, h] -> 2 x [ffn, h] (gate, up)
+            halves = t.chunk(2 if self.src.mlp.gated else 1, dim=0)  # [2·ffn, h] -> 2 x [ffn, h] (gate, up)
             return torch.cat([half.chunk(G, dim=0)[g] for half in halves], dim=0)  # [2·ffn/G, h]
         if name == "linear_fc2.weight":
             return t.chunk(G, dim=1)[g] * G  # [h, ffn] -> [h, ffn/G]
@@ -116,8 +119,8 @@ class Upcycle(LayerwiseOperator):
 
     def _expert(self, t: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
         d = self.dst
-        if d.moe_router_pre_softmax and name.startswith("linear_fc2"):
-            t = t * (d.num_moe_experts / d.moe_router_topk)  # the k chosen weights sum to k/E
+        if d.moe.pre_softmax and name.startswith("linear_fc2"):
+            t = t * (d.moe.num_experts / d.moe.topk)  # the k chosen weights sum to k/E
         if self.noise and t.device.type != "meta":
             t = t + torch.randn(t.shape, generator=gen).to(t.dtype) * (self.noise * t.float().std().item())
         return t.clone()

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from scalegrow import output
-from scalegrow.config import ModelConfig, coerce, load_yaml_mapping
+from scalegrow.write import session
+from scalegrow.core.config import ModelConfig, coerce, load_yaml_mapping
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
 from scalegrow.methods import registry as methods
@@ -207,7 +207,7 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise InputError(f"{key}: {message}")
     cfg.distill.check()
-    relation = output.overlap(cfg.init.from_, cfg.output.dir) if cfg.init.from_ else None
+    relation = session.overlap(cfg.init.from_, cfg.output.dir) if cfg.init.from_ else None
     if relation:
         raise InputError(f"init.from: {cfg.init.from_} {relation} output.dir {cfg.output.dir}, which this run "
                          f"writes; a source is only ever read, so train into another output.dir")

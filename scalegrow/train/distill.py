@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
-from scalegrow.methods.base import load_model
-from scalegrow.model import GPT
+from scalegrow.formats.registry import load_model
+from scalegrow.core.model import GPT
 
 
 @dataclass
@@ -124,7 +124,7 @@ class DistilledGPT(GPT):
         aux = self.moe_aux_loss()
         if aux is not None:
             self.last_losses["moe_aux"] = aux.item()
-            loss = loss + self.cfg.moe_aux_loss_coeff * aux
+            loss = loss + self.cfg.moe.aux_loss_coeff * aux
         return loss
 
 

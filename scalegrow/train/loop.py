@@ -16,13 +16,16 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from scalegrow import metadata, output
-from scalegrow.config import ModelConfig
+from scalegrow.core.counts import num_parameters, flops_per_token
+from scalegrow.formats import metadata
+from scalegrow.write import session
+from scalegrow.core.config import ModelConfig
 from scalegrow.data import BatchOrder, TokenStream, batch, tokenizer_bundle
 from scalegrow.formats.base import MemoryReader
-from scalegrow.model import GPT, init_weights
+from scalegrow.formats.megatron_args import config_to_args
+from scalegrow.core.model import GPT, init_weights
 from scalegrow.operators.identity import Identity
-from scalegrow.parallel import Layout
+from scalegrow.core.layout import Layout
 from scalegrow.train import engine as ds
 from scalegrow.train.config import RunConfig, save_run_config
 from scalegrow.train.distill import student
@@ -174,7 +177,7 @@ def step_flops(cfg: ModelConfig, model: GPT, seq_length: int) -> float:
     """Training FLOPs per token of a step: the student's forward and backward, and the teacher's
     forward when there is one."""
     teacher = getattr(model, "teacher", None)
-    return cfg.flops_per_token(seq_length) + (teacher.cfg.flops_per_token(seq_length, training=False)
+    return flops_per_token(cfg, seq_length) + (flops_per_token(teacher.cfg, seq_length, training=False)
                                               if teacher is not None else 0.0)
 
 
@@ -208,7 +211,7 @@ def finish(cfg: RunConfig, dist: ds.Dist, engine, start: Start, data: PreparedDa
     if torch_dist.is_initialized():
         torch_dist.barrier()
     summary = {"steps": cfg.train.steps, "seconds": round(seconds, 1), "flops": flops,
-               "params": start.config.num_parameters(), "export": str(out / "export"),
+               "params": num_parameters(start.config), "export": str(out / "export"),
                "val_loss": history["val_loss"], "final_train_loss": history["train_loss"].get(cfg.train.steps)}
     if dist.is_main:
         state = ds.full_state_dict(engine, out / "checkpoints", cfg.deepspeed.zero_stage)
@@ -226,14 +229,14 @@ def export(cfg: RunConfig, start: Start, state: dict, data: PreparedData, kind: 
     """The trained model as a checkpoint at `export.tp`/`export.pp` in `export.format`, written in this
     process through the format's writer, with the tokenizer beside it."""
     out = Path(cfg.output.dir)
-    args = start.config.to_megatron_args()
+    args = config_to_args(start.config)
     hf = data.tokenizer.suffix == ".json"  # Megatron-LM reads an HF tokenizer from the checkpoint directory
     args.tokenizer_type = "HuggingFaceTokenizer" if hf else "GPTSentencePieceTokenizer"
     args.tokenizer_model = "." if hf else "tokenizer.model"
     args.seq_length = cfg.data.seq_length
     model = MemoryReader.of(state, start.config, iteration=cfg.train.steps, args=args, origin=start.hf_origin)
     training = {**summary, "run_config": cfg.to_dict()}
-    output.write(model, Identity(start.config, start.config), out / "export",
-                 output.OutputOptions(tp=cfg.export.tp, pp=cfg.export.pp, format=cfg.export.format), method=kind,
+    session.write(model, Identity(start.config, start.config), out / "export",
+                 session.OutputOptions(tp=cfg.export.tp, pp=cfg.export.pp, format=cfg.export.format), method=kind,
                  source_record=start.source, training=training, files=tokenizer_bundle(data.tokenizer),
                  overwrite=True, progress=False)

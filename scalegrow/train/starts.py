@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scalegrow import executor, metadata
+from scalegrow.write import executor
+from scalegrow.formats import metadata
 from scalegrow.errors import InputError
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.methods import registry as methods
 from scalegrow.methods.base import Context
-from scalegrow.parallel import padded_vocab_size
+from scalegrow.core.sharding import padded_vocab_size
 from scalegrow.train.config import RunConfig
 from scalegrow.train.engine import latest_tag
 from scalegrow.train.loop import Start

@@ -49,7 +49,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: list[str]) -> dict:
-    startup, _ = run_measured([sys.executable, "-c", "import scalegrow.cli, scalegrow.pipeline"])
+    startup, _ = run_measured([sys.executable, "-c", "import scalegrow.cli, scalegrow.commands"])
     os.sync()
     seconds, peak = run_measured(["sh", "-c", " ".join(exe + command[:1] + [
         "--src", str(work / src), "--dst", str(work / dst), "--no-progress"] + command[1:]) + " > /dev/null && sync"])

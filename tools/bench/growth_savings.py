@@ -36,13 +36,14 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import savings_report as report  # noqa: E402
 
-from scalegrow.config import ModelConfig  # noqa: E402
+from scalegrow.core.counts import num_parameters, flops_per_token
+from scalegrow.core.config import ModelConfig  # noqa: E402
 from scalegrow.data import (BatchOrder, TokenStream, batch, build_indexed, load_documents,  # noqa: E402
                             load_tokenizer, train_tokenizer)
 from scalegrow.methods import registry as methods  # noqa: E402
-from scalegrow.model import GPT, init_weights  # noqa: E402
-from scalegrow.parallel import padded_vocab_size  # noqa: E402
-from scalegrow.pipeline import DataOptions, grow, load_model, save_model, shrink  # noqa: E402
+from scalegrow.core.model import GPT, init_weights  # noqa: E402
+from scalegrow.core.sharding import padded_vocab_size  # noqa: E402
+from scalegrow.commands import DataOptions, grow, load_model, save_model, shrink  # noqa: E402
 from scalegrow.train.config import ScheduleConfig  # noqa: E402
 from scalegrow.train.distill import DistillConfig, DistilledGPT  # noqa: E402
 from scalegrow.train.schedule import learning_rate  # noqa: E402
@@ -96,8 +97,8 @@ QUICK = Budget(small=dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_
 
 def model_config(shape: dict, b: Budget, vocab: int) -> ModelConfig:
     """`vocab`: the tokenizer's size, padded by Megatron's rule."""
-    return ModelConfig(**shape, **FAMILY, padded_vocab_size=padded_vocab_size(vocab, 128, 1), vocab_size=vocab,
-                       max_position_embeddings=max(256, b.seq_length))
+    return ModelConfig.from_dict(dict(**shape, **FAMILY, padded_vocab_size=padded_vocab_size(vocab, 128, 1), vocab_size=vocab,
+                       max_position_embeddings=max(256, b.seq_length)))
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ class Seed:
 # ---- report -----------------------------------------------------------------------------------------
 def summarise(results: dict[int, dict], b: Budget, small: ModelConfig, large: ModelConfig) -> dict:
     tokens = b.micro_batch_size * b.seq_length
-    large_f, small_f = large.flops_per_token(b.seq_length), small.flops_per_token(b.seq_length)
+    large_f, small_f = flops_per_token(large, b.seq_length), flops_per_token(small, b.seq_length)
     small_total = b.small_steps * tokens * small_f
     growth, shrunk = [], []
     for seed, res in results.items():
@@ -279,10 +280,10 @@ def summarise(results: dict[int, dict], b: Budget, small: ModelConfig, large: Mo
         shrunk.append(report.shrink_rows(res["shrink"]))
     return {
         "budget": asdict(b), "seeds": list(results),
-        "small": {"params": small.num_parameters(), "flops_per_token": small_f, "pretrain_flops": small_total,
+        "small": {"params": num_parameters(small), "flops_per_token": small_f, "pretrain_flops": small_total,
                   "final_val": [report.final_val(r["small"]) for r in results.values()]},
-        "large": {"params": large.num_parameters(), "flops_per_token": large_f,
-                  "params_ratio": large.num_parameters() / small.num_parameters(),
+        "large": {"params": num_parameters(large), "flops_per_token": large_f,
+                  "params_ratio": num_parameters(large) / num_parameters(small),
                   "scratch_flops": b.large_steps * tokens * large_f},
         "growth": growth, "shrink": shrunk,
         "growth_saved": report.aggregate(growth, "saved"),

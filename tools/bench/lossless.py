@@ -12,9 +12,9 @@ import json
 
 import torch
 
-from scalegrow.config import ModelConfig
-from scalegrow.executor import apply
-from scalegrow.model import GPT, init_weights
+from scalegrow.core.config import ModelConfig
+from scalegrow.write.executor import apply
+from scalegrow.core.model import GPT, init_weights
 from scalegrow.operators.lemon import LemonGrowth
 
 BASE = dict(num_layers=4, hidden_size=128, num_attention_heads=8, ffn_hidden_size=384,
@@ -38,7 +38,7 @@ SHAPES = {
 
 
 def measure(family: dict, shape: dict, seed: int) -> float:
-    src = ModelConfig(**BASE, **family)
+    src = ModelConfig.from_dict(dict(**BASE, **family))
     groups = {"num_query_groups": shape.get("num_attention_heads", 8) // 2} if "num_query_groups" in family else {}
     dst = ModelConfig.from_dict({**shape, **groups}, base=src)
     small = GPT(src)

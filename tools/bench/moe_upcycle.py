@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import growth_savings as gs  # noqa: E402
 import savings_report as report  # noqa: E402
 
+from scalegrow.core.counts import num_parameters, num_active_parameters, flops_per_token
 from scalegrow.methods import registry as methods  # noqa: E402
-from scalegrow.pipeline import grow, load_model  # noqa: E402
+from scalegrow.commands import grow, load_model  # noqa: E402
 
 AUX = 0.01
 # name -> (MoE fields, upcycling granularity)
@@ -42,7 +43,7 @@ class Seed(gs.Seed):
 
     def moe_config(self, shape: str):
         fields, g = SHAPES[shape]
-        return self.small.replace(**fields, moe_ffn_hidden_size=self.small.ffn_hidden_size // g,
+        return self.small.replace(**fields, moe_ffn_hidden_size=self.small.mlp.ffn_hidden_size // g,
                                   moe_aux_loss_coeff=AUX)
 
     def continued(self, name: str, cfg, state: dict) -> dict:
@@ -81,10 +82,10 @@ def summarise(results: dict[int, dict], run: Seed) -> dict:
     tokens = b.micro_batch_size * b.seq_length
     configs = {"dense-continued": run.small, **{f"{k}-{s}": run.moe_config(s) for s in SHAPES
                                                 for k in ("upcycle", "scratch")}}
-    dense_flops = b.small_steps * tokens * run.small.flops_per_token(b.seq_length)
+    dense_flops = b.small_steps * tokens * flops_per_token(run.small, b.seq_length)
     rows = []
     for name, cfg in configs.items():
-        per_token = cfg.flops_per_token(b.seq_length)
+        per_token = flops_per_token(cfg, b.seq_length)
         pre = 0.0 if name.startswith("scratch") else dense_flops
         finals, reach = [], []
         for runs in results.values():
@@ -94,13 +95,13 @@ def summarise(results: dict[int, dict], run: Seed) -> dict:
             reach.append(None if steps is None else pre + steps * tokens * per_token)
         got = [r for r in reach if r is not None]
         steps = b.large_steps if pre else b.small_steps + b.large_steps
-        rows.append({"run": name, "params": cfg.num_parameters(), "active_params": cfg.num_active_parameters(),
+        rows.append({"run": name, "params": num_parameters(cfg), "active_params": num_active_parameters(cfg),
                      "flops_per_token": per_token, "final_val": sum(finals) / len(finals),
                      "final_val_per_seed": finals, "total_flops": pre + steps * tokens * per_token,
                      "flops_to_dense_continued_final": sum(got) / len(got) if len(got) == len(reach) else None})
     return {"budget": {"dense_steps": b.small_steps, "more_steps": b.large_steps, "tokens_per_step": tokens,
                        "aux_loss_coeff": AUX, "seeds": sorted(results)},
-            "dense": {"params": run.small.num_parameters(), "pretrain_flops": dense_flops,
+            "dense": {"params": num_parameters(run.small), "pretrain_flops": dense_flops,
                       "final_val": [report.final_val(r["dense"]) for r in results.values()]},
             "rows": rows}
 
@@ -114,7 +115,7 @@ def plot(results: dict[int, dict], summary: dict, run: Seed, path: Path) -> None
     import matplotlib.pyplot as plt
 
     tokens = run.b.micro_batch_size * run.b.seq_length
-    dense = ("dense (pretraining)", 0.0, run.small.flops_per_token(run.b.seq_length), "dense")
+    dense = ("dense (pretraining)", 0.0, flops_per_token(run.small, run.b.seq_length), "dense")
     lines = [dense] + [(r["run"], 0.0 if r["run"].startswith("scratch") else summary["dense"]["pretrain_flops"],
                         r["flops_per_token"], r["run"]) for r in summary["rows"]]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -126,7 +127,7 @@ def plot(results: dict[int, dict], summary: dict, run: Seed, path: Path) -> None
                     label=label if j == 0 else None)
     ax.set_xlabel("training compute, active-parameter TFLOPs (dense pretraining included)")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Dense {run.small.num_parameters() / 1e6:.2f}M upcycled to MoE vs continued vs MoE from scratch")
+    ax.set_title(f"Dense {num_parameters(run.small) / 1e6:.2f}M upcycled to MoE vs continued vs MoE from scratch")
     low = min(r["final_val"] for r in summary["rows"])
     ax.set_ylim(low - 0.1, low + 1.5)
     ax.grid(alpha=0.3)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.data import BatchOrder, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer, \
     train_tokenizer
 from scalegrow.methods.subclone import SubcloneOptions
-from scalegrow.model import GPT, init_weights
-from scalegrow.output import OutputOptions
-from scalegrow.pipeline import DataOptions, evaluate, save_model, shrink
+from scalegrow.core.model import GPT, init_weights
+from scalegrow.write.session import OutputOptions
+from scalegrow.commands import DataOptions, evaluate, save_model, shrink
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {

@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import growth_savings as gs  # noqa: E402
 import savings_report as report  # noqa: E402
 
-from scalegrow.config import ModelConfig  # noqa: E402
+from scalegrow.core.counts import num_parameters, flops_per_token
+from scalegrow.core.config import ModelConfig  # noqa: E402
 from scalegrow.methods import budget, registry as methods  # noqa: E402
-from scalegrow.pipeline import DataOptions, load_model, shrink  # noqa: E402
+from scalegrow.commands import DataOptions, load_model, shrink  # noqa: E402
 from scalegrow.train.distill import DistillConfig  # noqa: E402
 
 # large_steps: the parent's; random_steps: the target run's; shrunk_steps: every student's
@@ -62,7 +63,7 @@ class Seed(gs.Seed):
     def shape(self, init: str) -> ModelConfig:
         """A student's shape: the small model's, or for `subclone-width` the one `shrink --params`
         picks at the small model's parameter count (every layer kept, the width narrowed)."""
-        return budget.shape_for(self.large, self.small.num_parameters()) if init == "subclone-width" else self.small
+        return budget.shape_for(self.large, num_parameters(self.small)) if init == "subclone-width" else self.small
 
     def initial_state(self, init: str) -> dict | None:
         """A student's starting weights: shrunk from the parent, or None (random init)."""
@@ -127,15 +128,15 @@ def parent_row(runs: dict, b, flops: dict) -> dict:
 def summarise(results: dict[int, dict], run: Seed) -> dict:
     b = run.b
     shapes = {init: run.shape(init) for init in INITS}
-    flops = {"students": {init: cfg.flops_per_token(b.seq_length) for init, cfg in shapes.items()},
-             "parent": run.large.flops_per_token(b.seq_length),
-             "teacher_forward": run.large.flops_per_token(b.seq_length, training=False)}
+    flops = {"students": {init: flops_per_token(cfg, b.seq_length) for init, cfg in shapes.items()},
+             "parent": flops_per_token(run.large, b.seq_length),
+             "teacher_forward": flops_per_token(run.large, b.seq_length, training=False)}
     students = [student_rows(r, b, flops) for r in results.values()]
     return {"budget": asdict(b), "distill": asdict(KD), "seeds": list(results), "flops_per_token": flops,
-            "small_params": run.small.num_parameters(), "large_params": run.large.num_parameters(),
-            "shapes": {init: {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
+            "small_params": num_parameters(run.small), "large_params": num_parameters(run.large),
+            "shapes": {init: {k: cfg.to_dict()[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                            "num_attention_heads", "num_query_groups")}
-                       | {"params": cfg.num_parameters()} for init, cfg in shapes.items()},
+                       | {"params": num_parameters(cfg)} for init, cfg in shapes.items()},
             "random_flops": b.random_steps * b.micro_batch_size * b.seq_length * flops["students"]["random"],
             "parent": [parent_row(r, b, flops) for r in results.values()], "students": students,
             "speedup": report.aggregate(students, "speedup"),

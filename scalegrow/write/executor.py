@@ -8,12 +8,12 @@ layers. The same loop serves every command (grow, shrink, convert, save) and in-
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from scalegrow import arch
+from scalegrow.core import arch
 from scalegrow.formats.base import MemoryReader, Reader, StateDictWriter, Writer
 from scalegrow.operators.base import Operator
 
@@ -71,16 +71,6 @@ def _stream(source: Reader, op: Operator, writer: Writer, progress: bool, desc: 
 def _write(writer: Writer, tensors: dict[str, torch.Tensor]) -> None:
     for key, tensor in tensors.items():
         writer.write(key, tensor)
-
-
-def source_layers(source: Reader, progress: bool = False, desc: str = "layers") -> Iterator[tuple[int, dict]]:
-    """Every source layer in order, one at a time (what a prepare step walks, e.g. calibration);
-    the reader's caches are released at the end."""
-    try:
-        for i in tqdm(range(source.config.num_layers), desc=desc, unit="layer", disable=not progress):
-            yield i, source.layer(i)
-    finally:
-        source.release()
 
 
 def materialise(source: Reader, op: Operator) -> dict[str, torch.Tensor]:

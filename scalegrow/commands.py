@@ -13,18 +13,20 @@ from typing import ContextManager, Iterator
 import torch
 import torch.nn.functional as F
 
-from scalegrow import output
-from scalegrow.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow.write import session
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.data import batch, corpus_streams, source_tokenizer, companion_files
 from scalegrow.formats.base import MemoryReader, MetaReader
 from scalegrow.formats.registry import FORMATS, open_checkpoint
 from scalegrow.methods import budget
 from scalegrow.methods import registry as methods
-from scalegrow.methods.base import Context, LocalTrainer, load_model  # noqa: F401 (load_model: API)
-from scalegrow.model import GPT, init_weights
+from scalegrow.methods.base import Context, LocalTrainer
+from scalegrow.formats.registry import load_model  # noqa: F401 (load_model: API)
+from scalegrow.core.model import GPT, init_weights
 from scalegrow.operators.identity import Identity
-from scalegrow.output import OutputOptions, Summary
+from scalegrow.write.session import OutputOptions, Summary
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def init_checkpoint(cfg: ModelConfig, dst: str | Path, out: OutputOptions = Outp
     start = time.time()
     model = GPT(cfg)
     init_weights(model, seed)
-    return output.write(MemoryReader.of(model.state_dict(), cfg, dtype=dtype), Identity(cfg, cfg), dst, out,
+    return session.write(MemoryReader.of(model.state_dict(), cfg, dtype=dtype), Identity(cfg, cfg), dst, out,
                         method="init", details={"seed": seed}, overwrite=overwrite, progress=False, start=start)
 
 
@@ -53,7 +55,7 @@ def save_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path, *
                overwrite: bool = False, iteration: int | str = "release", base_args=None) -> Summary:
     """Write an in-memory reference-model state dict as a Megatron checkpoint at TP/PP."""
     model = MemoryReader.of(sd, cfg, iteration=iteration, args=base_args, dtype=dtype)
-    return output.write(model, Identity(cfg, cfg), dst, OutputOptions(tp, pp, first, last), method="export",
+    return session.write(model, Identity(cfg, cfg), dst, OutputOptions(tp, pp, first, last), method="export",
                         overwrite=overwrite, progress=False)
 
 
@@ -85,7 +87,7 @@ def budget_shape(src_path: str | Path, params: str, tp: int | None = None) -> tu
     splittable at the output's TP (`tp`, default: the source's)."""
     reader = open_checkpoint(src_path, validate=False, quiet=True)
     src = reader.config
-    n = budget.parse(params, src.num_parameters())
+    n = budget.parse(params, num_parameters(src))
     cfg = budget.shape_for(src, n, tp or reader.tp)
     return cfg, budget.rule(src, cfg, n)
 
@@ -93,7 +95,7 @@ def budget_shape(src_path: str | Path, params: str, tp: int | None = None) -> tu
 def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions, seed: int, overwrite: bool,
                progress: bool, dry_run: bool, options, data: DataOptions, record: dict | None = None) -> Summary | dict:
     start = time.time()
-    output.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
+    session.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
     src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
     if isinstance(target, ModelConfig):  # a shape chosen for a budget (`budget_shape`)
         dst_cfg, where = target, "--params"
@@ -102,7 +104,7 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
         where = str(target or "--target")
 
     def context(m: methods.Method, op) -> ContextManager[Context]:
-        output.preflight(src, op.dst, out, dst)  # layout and room first: preparing is the heavy part
+        session.preflight(src, op.dst, out, dst)  # layout and room first: preparing is the heavy part
         if out.ranks:  # each rank would train or calibrate on its own, and might not agree to the bit
             raise InputError(f"--method {method} prepares its operator on data, which is not shared between "
                              f"ranks ({out.ranks}): run it on one node (--workers uses its cores), then "
@@ -112,8 +114,8 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
     op, details = methods.build_operator(method, kind, src.config, dst_cfg, seed=seed, options=options,
                                          context=None if dry_run else context, where=where)
     if dry_run:
-        return output.plan(src, op, out)
-    return output.write(src, op, dst, out, details={**details, **(record or {})},
+        return session.plan(src, op, out)
+    return session.write(src, op, dst, out, details={**details, **(record or {})},
                         files=companion_files(src.root, data.tokenizer),
                         overwrite=overwrite, progress=progress, desc=f"{kind}/{method}", start=start)
 
@@ -132,12 +134,12 @@ def convert(src_path: str | Path, dst: str | Path, out: OutputOptions = OutputOp
             overwrite: bool = False, progress: bool = True, dry_run: bool = False) -> Summary | dict:
     """Re-partition (TP/PP) and/or change format; the tensors themselves are untouched."""
     start = time.time()
-    output.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
+    session.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
     src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
     op = Identity(src.config, src.config)
     if dry_run:
-        return output.plan(src, op, out)
-    return output.write(src, op, dst, out, files=companion_files(src.root), overwrite=overwrite, progress=progress,
+        return session.plan(src, op, out)
+    return session.write(src, op, dst, out, files=companion_files(src.root), overwrite=overwrite, progress=progress,
                         desc="convert", start=start)
 
 
@@ -146,7 +148,7 @@ def plan(src_cfg: ModelConfig, dst_cfg: ModelConfig, method: str = "lemon", out:
     """The output plan {file: {key: shard shape}} of growing a model of `src_cfg`'s shape with
     `method`; the operator really runs, on meta tensors, and nothing is allocated or written."""
     op, _ = methods.build_operator(method, methods.GROW, src_cfg, dst_cfg)
-    return output.plan(MetaReader.of(src_cfg, src_tp, dtype), op, out)
+    return session.plan(MetaReader.of(src_cfg, src_tp, dtype), op, out)
 
 
 def evaluate(path: str | Path, data: str = "embedded", tokenizer: str | None = None, tokens: int = 32768,
@@ -191,6 +193,6 @@ def inspect(path: str | Path) -> dict:
         "path": str(ckpt.root), "format": ckpt.format, "description": FORMATS[ckpt.format].description,
         "iteration": ckpt.iteration, "tensor_model_parallel_size": ckpt.tp, "pipeline_model_parallel_size": ckpt.pp,
         "layers_per_stage": list(ckpt.layout.stages.layers_per_stage), "dtype": str(ckpt.dtype).replace("torch.", ""),
-        "num_parameters": ckpt.config.num_parameters(), "model": ckpt.config.to_dict(), "shards": shards,
+        "num_parameters": num_parameters(ckpt.config), "model": ckpt.config.to_dict(), "shards": shards,
         "total_bytes": sum(s["bytes"] for s in shards),
     }

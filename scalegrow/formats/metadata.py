@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import scalegrow
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
-from scalegrow.parallel import Layout
+from scalegrow.core.layout import Layout
 
 METADATA = "scalegrow.json"
 
@@ -56,7 +56,7 @@ def read_model(out_dir: Path) -> ModelConfig:
     """The model config recorded beside a checkpoint."""
     path = out_dir / METADATA
     try:
-        return ModelConfig(**json.loads(path.read_text())["model"])
+        return ModelConfig.from_dict(json.loads(path.read_text())["model"])
     except FileNotFoundError:
         raise InputError(f"{path}: missing (a DeepSpeed checkpoint needs the model config scalegrow "
                          f"training writes beside it)") from None

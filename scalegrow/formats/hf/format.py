@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from scalegrow import arch, parallel
-from scalegrow.arch import TensorSpec
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch, sharding
+from scalegrow.core.arch import TensorSpec
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
-from scalegrow.formats import hf_families as families
+from scalegrow.formats.hf import families
 from scalegrow.formats.base import Format, OutputOptions, Reader, nbytes
-from scalegrow.formats.hf_families import Rule
-from scalegrow.formats.shards import INDEX, ShardWriter, plan_shards
-from scalegrow.parallel import Layout
+from scalegrow.formats.hf.families import Rule
+from scalegrow.formats.hf.shards import INDEX, ShardWriter, plan_shards
+from scalegrow.core.layout import Layout
 
 CONFIG = "config.json"
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -49,7 +49,7 @@ def tensor_rules(cfg: ModelConfig, model_type: str) -> dict[str, tuple[Rule, dic
             else:  # one rule for every expert: `mlp.experts.local_experts.{e}.linear_fc1.weight`
                 out[arch.layer_key(i, spec.name)] = (by_name[families.EXPERT + expert[1]], {"i": i, "e": expert[0]})
     wanted = [s.name for s in arch.embedding_specs(cfg) + arch.final_norm_specs(cfg)]
-    wanted += [] if cfg.tied else [arch.OUTPUT_LAYER]
+    wanted += [] if cfg.embedding.tied else [arch.OUTPUT_LAYER]
     by_key = {r.megatron: r for r in global_rules}
     out.update({key: (by_key[key], {}) for key in wanted})
     return out
@@ -197,7 +197,7 @@ def _check_tensors(root: Path, model_type: str, cfg: ModelConfig, entries: dict[
             raise InputError(f"{entries[name].file}: {name}: shape {entries[name].shape} does not match {shape} "
                              f"expected from {CONFIG}")
     for name, entry in entries.items():
-        tied_head = cfg.tied and name == "lm_head.weight"
+        tied_head = cfg.embedding.tied and name == "lm_head.weight"
         if name not in expected and not tied_head and not name.endswith(families.IGNORED):
             raise InputError(f"{entry.file}: {name}: unexpected tensor for this {CONFIG}")
 
@@ -209,7 +209,7 @@ def model_type_for(cfg: ModelConfig, source: Reader, opts: OutputOptions) -> tup
     model's structure implies."""
     origin = source.hf_origin() or {}
     family = origin.get("model_type")
-    if cfg.num_moe_experts and family in families.MOE_OF:  # an upcycled dense model: its MoE sibling
+    if cfg.moe and family in families.MOE_OF:  # an upcycled dense model: its MoE sibling
         family = families.MOE_OF[family]
     model_type = opts.hf_model_type or family or families.infer_model_type(cfg)
     if model_type not in families.ARCHITECTURES:
@@ -245,12 +245,12 @@ class HFWriter:
 
     def write(self, key: str, full: torch.Tensor) -> None:
         if key not in self.rules:
-            assert key == arch.OUTPUT_LAYER and self.cfg.tied, f"{key}: not a tensor of this model"
+            assert key == arch.OUTPUT_LAYER and self.cfg.embedding.tied, f"{key}: not a tensor of this model"
             return
         rule, where = self.rules[key]
         spec = spec_of(self.cfg, key)
         if spec.packing == arch.VOCAB:  # Megatron's padded rows are no tokens
-            full = parallel.pad_vocab(spec, full, self.cfg.padded_vocab_size)
+            full = sharding.pad_vocab(spec, full, self.cfg.padded_vocab_size)
         for name, part in zip(rule.hf, families.to_hf(rule.kind, full.to(self.dtype), self.cfg)):
             name = name.format(**where)
             want = self._todo.pop(name)

@@ -14,16 +14,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalegrow import executor, metadata, workers
-from scalegrow.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow.write import executor, workers
+from scalegrow.formats import metadata
+from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry
 from scalegrow.formats.base import MetaReader, OutputOptions, Reader
 from scalegrow.formats.io import WriteError, atomic_output_dir, tree_bytes
 from scalegrow.formats.plan import PlanWriter
 from scalegrow.operators.base import Operator
-from scalegrow.parallel import Layout, Stages
-from scalegrow.ranks import Ranks
+from scalegrow.core.layout import Layout, Stages
+from scalegrow.write.ranks import Ranks
 
 
 @dataclass
@@ -91,7 +93,7 @@ def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[Mode
         cfg.check_tp(tp)
     except ValueError as exc:
         raise InputError(f"--tp: {exc}") from exc
-    ep = _expert_parallel(cfg, opts.ep or (source.layout.ep if cfg.num_moe_experts else 1))
+    ep = _expert_parallel(cfg, opts.ep or (source.layout.ep if cfg.moe else 1))
     keep_split = opts.pp is None and opts.first is None and opts.last is None
     if keep_split and cfg.num_layers == source.layout.stages.num_layers:
         return cfg, Layout(tp, source.layout.stages, ep)
@@ -102,10 +104,10 @@ def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[Mode
 
 
 def _expert_parallel(cfg: ModelConfig, ep: int) -> int:
-    if ep > 1 and not cfg.num_moe_experts:
+    if ep > 1 and not cfg.moe:
         raise InputError(f"--ep: {ep} expert-parallel ranks, but this model is dense (no num_moe_experts)")
-    if cfg.num_moe_experts and cfg.num_moe_experts % ep:
-        raise InputError(f"--ep: num_moe_experts {cfg.num_moe_experts} is not divisible by expert parallel size {ep}")
+    if cfg.moe and cfg.moe.num_experts % ep:
+        raise InputError(f"--ep: num_moe_experts {cfg.moe.num_experts} is not divisible by expert parallel size {ep}")
     return ep
 
 
@@ -153,15 +155,15 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
             _explain_full_device(exc, out, dst)
             raise
         if group and not group.leader:  # its files are there; rank 0 records, copies and renames
-            return Summary(Path(dst), None, cfg.num_parameters(), time.time() - start, sum(mine.values()),
+            return Summary(Path(dst), None, num_parameters(cfg), time.time() - start, sum(mine.values()),
                            layout.tp, layout.pp, rank=str(group))
         metadata.write(out, metadata.record(fmt.name, cfg, layout, source.iteration, method or op.name,
                                             source_record, details, training))
         for name, path in (files or {}).items():
             shutil.copyfile(path, out / name)
         nbytes = tree_bytes(out)
-    params_src = source.config.num_parameters() if source.on_disk else None
-    return Summary(Path(dst), params_src, cfg.num_parameters(), time.time() - start, nbytes, layout.tp, layout.pp)
+    params_src = num_parameters(source.config) if source.on_disk else None
+    return Summary(Path(dst), params_src, num_parameters(cfg), time.time() - start, nbytes, layout.tp, layout.pp)
 
 
 def _stream(source: Reader, op: Operator, make_writer, sizes: dict, mine: dict, n: int, out: Path,

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Mapping
 
 from scalegrow.errors import InputError
 from scalegrow.formats.io import atomic_output_dir
-from scalegrow.workers import divide
+from scalegrow.write.workers import divide
 
 CONNECT_TIMEOUT = timedelta(minutes=10)  # for every rank to reach the store
 POLL = 0.2  # seconds between looks at the store

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
 
 LAYER_PREFIX = "decoder.layers."
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -67,21 +67,21 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.NORM_WEIGHT: lambda c: (c.hidden_size,),
     Role.NORM_BIAS: lambda c: (c.hidden_size,),
     Role.OUT_BIAS: lambda c: (c.hidden_size,),
-    Role.QKV_WEIGHT: lambda c: (c.qkv_rows, c.hidden_size),
-    Role.QKV_BIAS: lambda c: (c.qkv_rows,),
-    Role.QK_NORM_WEIGHT: lambda c: (c.kv_channels,),
-    Role.QK_NORM_BIAS: lambda c: (c.kv_channels,),
-    Role.PROJ_WEIGHT: lambda c: (c.hidden_size, c.num_attention_heads * c.kv_channels),
-    Role.FC1_WEIGHT: lambda c: (c.fc1_rows, c.hidden_size),
-    Role.FC1_BIAS: lambda c: (c.fc1_rows,),
-    Role.FC2_WEIGHT: lambda c: (c.hidden_size, c.ffn_hidden_size),
-    Role.ROUTER_WEIGHT: lambda c: (c.num_moe_experts, c.hidden_size),
-    Role.ROUTER_BIAS: lambda c: (c.num_moe_experts,),
-    Role.EXPERT_FC1_WEIGHT: lambda c: (c.expert_fc1_rows, c.hidden_size),
-    Role.EXPERT_FC1_BIAS: lambda c: (c.expert_fc1_rows,),
-    Role.EXPERT_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe_ffn_hidden_size),
-    Role.SHARED_FC1_WEIGHT: lambda c: (c.shared_fc1_rows, c.hidden_size),
-    Role.SHARED_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe_shared_expert_intermediate_size),
+    Role.QKV_WEIGHT: lambda c: (c.attention.qkv_rows, c.hidden_size),
+    Role.QKV_BIAS: lambda c: (c.attention.qkv_rows,),
+    Role.QK_NORM_WEIGHT: lambda c: (c.attention.head_dim,),
+    Role.QK_NORM_BIAS: lambda c: (c.attention.head_dim,),
+    Role.PROJ_WEIGHT: lambda c: (c.hidden_size, c.attention.proj_in),
+    Role.FC1_WEIGHT: lambda c: (c.mlp.fc1_rows, c.hidden_size),
+    Role.FC1_BIAS: lambda c: (c.mlp.fc1_rows,),
+    Role.FC2_WEIGHT: lambda c: (c.hidden_size, c.mlp.ffn_hidden_size),
+    Role.ROUTER_WEIGHT: lambda c: (c.moe.num_experts, c.hidden_size),
+    Role.ROUTER_BIAS: lambda c: (c.moe.num_experts,),
+    Role.EXPERT_FC1_WEIGHT: lambda c: (c.mlp.rows(c.moe.ffn_hidden_size), c.hidden_size),
+    Role.EXPERT_FC1_BIAS: lambda c: (c.mlp.rows(c.moe.ffn_hidden_size),),
+    Role.EXPERT_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe.ffn_hidden_size),
+    Role.SHARED_FC1_WEIGHT: lambda c: (c.mlp.rows(c.moe.shared_size), c.hidden_size),
+    Role.SHARED_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe.shared_size),
     Role.SHARED_GATE_WEIGHT: lambda c: (1, c.hidden_size),
     Role.WORD_EMBEDDINGS: lambda c: (c.padded_vocab_size, c.hidden_size),
     Role.POSITION_EMBEDDINGS: lambda c: (c.max_position_embeddings, c.hidden_size),
@@ -106,13 +106,13 @@ def moe_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """An MoE layer (megatron-core's SequentialMLP experts): the router, then every expert's FFN
     under its global index (files on expert-parallel rank r number theirs from 0)."""
     specs = attention_specs(cfg) + [TensorSpec("mlp.router.weight", Role.ROUTER_WEIGHT, None)]
-    if cfg.has_linear_bias:
+    if cfg.add_bias_linear:
         specs.append(TensorSpec("mlp.router.bias", Role.ROUTER_BIAS, None))
-    for e in range(cfg.num_moe_experts):
+    for e in range(cfg.moe.num_experts):
         specs += mlp_specs(cfg, f"{EXPERTS}{e}.", Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT)
-    if cfg.moe_shared_expert_intermediate_size:  # no biases (megatron-core refuses them)
+    if cfg.moe.shared_size:  # no biases (megatron-core refuses them)
         specs += mlp_specs(cfg, SHARED, Role.SHARED_FC1_WEIGHT, "", Role.SHARED_FC2_WEIGHT)
-        if cfg.moe_shared_expert_gate:
+        if cfg.moe.shared_gate:
             specs.append(TensorSpec(f"{SHARED}gate_weight", Role.SHARED_GATE_WEIGHT, None))
     return specs
 
@@ -130,12 +130,12 @@ def expert_of(name: str) -> tuple[int, str] | None:
 
 
 def mlp_specs(cfg: ModelConfig, prefix: str, fc1_role: str, fc1_bias: str, fc2_role: str) -> list[TensorSpec]:
-    fc1 = SWIGLU if cfg.swiglu else PLAIN
+    fc1 = SWIGLU if cfg.mlp.gated else PLAIN
     specs = [TensorSpec(f"{prefix}linear_fc1.weight", fc1_role, 0, fc1)]
-    if cfg.has_linear_bias:
+    if cfg.add_bias_linear:
         specs.append(TensorSpec(f"{prefix}linear_fc1.bias", fc1_bias, 0, fc1))
     specs.append(TensorSpec(f"{prefix}linear_fc2.weight", fc2_role, 1))
-    if cfg.has_linear_bias:
+    if cfg.add_bias_linear:
         specs.append(TensorSpec(f"{prefix}linear_fc2.bias", Role.OUT_BIAS, None))
     return specs
 
@@ -143,28 +143,28 @@ def mlp_specs(cfg: ModelConfig, prefix: str, fc1_role: str, fc1_bias: str, fc2_r
 def attention_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """A layer's norms and attention: everything before its MLP."""
     specs = [TensorSpec("input_layernorm.weight", Role.NORM_WEIGHT, None)]
-    if cfg.has_norm_bias:
+    if cfg.norm.has_bias:
         specs.append(TensorSpec("input_layernorm.bias", Role.NORM_BIAS, None))
     specs.append(TensorSpec("self_attention.linear_proj.weight", Role.PROJ_WEIGHT, 1))
-    if cfg.has_linear_bias:
+    if cfg.add_bias_linear:
         specs.append(TensorSpec("self_attention.linear_proj.bias", Role.OUT_BIAS, None))
     specs.append(TensorSpec("self_attention.linear_qkv.weight", Role.QKV_WEIGHT, 0, QKV))
     if cfg.has_qkv_bias:
         specs.append(TensorSpec("self_attention.linear_qkv.bias", Role.QKV_BIAS, 0, QKV))
-    if cfg.qk_layernorm:
+    if cfg.attention.qk_norm:
         for which in ("q", "k"):
             specs.append(TensorSpec(f"self_attention.{which}_layernorm.weight", Role.QK_NORM_WEIGHT, None))
-            if cfg.has_norm_bias:
+            if cfg.norm.has_bias:
                 specs.append(TensorSpec(f"self_attention.{which}_layernorm.bias", Role.QK_NORM_BIAS, None))
     specs.append(TensorSpec("pre_mlp_layernorm.weight", Role.NORM_WEIGHT, None))
-    if cfg.has_norm_bias:
+    if cfg.norm.has_bias:
         specs.append(TensorSpec("pre_mlp_layernorm.bias", Role.NORM_BIAS, None))
     return specs
 
 
 def gpt_embedding_specs(cfg: ModelConfig) -> list[TensorSpec]:
     specs = [TensorSpec(WORD_EMBEDDINGS, Role.WORD_EMBEDDINGS, 0, VOCAB)]
-    if cfg.position_embedding_type == "learned_absolute":
+    if cfg.embedding.learned_positions:
         specs.append(TensorSpec(POSITION_EMBEDDINGS, Role.POSITION_EMBEDDINGS, None))
     return specs
 
@@ -174,7 +174,7 @@ OUTPUT_SPEC = TensorSpec(OUTPUT_LAYER, Role.OUTPUT_LAYER, 0, VOCAB)
 
 def gpt_final_norm_specs(cfg: ModelConfig) -> list[TensorSpec]:
     specs = [TensorSpec("decoder.final_layernorm.weight", Role.FINAL_NORM_WEIGHT, None)]
-    if cfg.has_norm_bias:
+    if cfg.norm.has_bias:
         specs.append(TensorSpec("decoder.final_layernorm.bias", Role.FINAL_NORM_BIAS, None))
     return specs
 
@@ -226,7 +226,7 @@ def model_specs(cfg: ModelConfig) -> list[tuple[str, TensorSpec]]:
     for i in range(cfg.num_layers):
         out += [(layer_key(i, s.name), s) for s in layer_specs(cfg, i)]
     out += [(s.name, s) for s in final_norm_specs(cfg)]
-    if not cfg.tied:
+    if not cfg.embedding.tied:
         out.append((OUTPUT_LAYER, OUTPUT_SPEC))
     return out
 
@@ -268,9 +268,9 @@ def layer_extra_state(cfg: ModelConfig, index: int, experts: range | None = None
     global indices a file holds, numbered from 0 in it)."""
     if not cfg.is_moe_layer(index):
         return LAYER_EXTRA_STATE
-    experts = experts if experts else range(cfg.num_moe_experts)
+    experts = experts if experts else range(cfg.moe.num_experts)
     shared = (f"{SHARED}linear_fc1._extra_state", f"{SHARED}linear_fc2._extra_state") \
-        if cfg.moe_shared_expert_intermediate_size else ()
+        if cfg.moe.shared_size else ()
     return LAYER_EXTRA_STATE[:2] + tuple(f"{EXPERTS}{local}.{m}._extra_state" for local in range(len(experts))
                                          for m in ("linear_fc1", "linear_fc2")) + shared
 OUTPUT_EXTRA_STATE = "output_layer._extra_state"

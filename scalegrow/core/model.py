@@ -12,15 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalegrow.config import ModelConfig
+from scalegrow.core.config import ModelConfig
+
+
+# Megatron-LM's activations: --swiglu gates SiLU, --openai-gelu is GELU's tanh approximation
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 
 def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
     """The model's norm over `size` features (default: the hidden size)."""
     size = cfg.hidden_size if size is None else size
-    if cfg.normalization == "RMSNorm":
-        return nn.RMSNorm(size, eps=cfg.norm_epsilon)
-    return nn.LayerNorm(size, eps=cfg.norm_epsilon)
+    if cfg.norm.kind == "RMSNorm":
+        return nn.RMSNorm(size, eps=cfg.norm.eps)
+    return nn.LayerNorm(size, eps=cfg.norm.eps)
 
 
 class Embedding(nn.Module):
@@ -28,7 +32,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
         self.position_embeddings = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-                                    if cfg.position_embedding_type == "learned_absolute" else None)
+                                    if cfg.embedding.learned_positions else None)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
@@ -39,8 +43,8 @@ class Embedding(nn.Module):
 
 def rotary_freqs(cfg: ModelConfig, seq_len: int, device=None) -> torch.Tensor:
     """Megatron's RotaryEmbedding (non-interleaved): [seq, rot_dim] angles, cat(freqs, freqs)."""
-    dim = cfg.kv_channels if cfg.rotary_percent >= 1.0 else int(cfg.kv_channels * cfg.rotary_percent)
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    dim = cfg.rope.dim(cfg.attention.head_dim)
+    inv_freq = 1.0 / (cfg.rope.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return torch.cat((freqs, freqs), dim=-1)
 
@@ -59,12 +63,12 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        h, proj_in = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
-        self.linear_qkv = nn.Linear(h, cfg.qkv_rows, bias=cfg.has_qkv_bias)
-        self.linear_proj = nn.Linear(proj_in, h, bias=cfg.has_linear_bias)
+        h, attn = cfg.hidden_size, cfg.attention
+        self.linear_qkv = nn.Linear(h, attn.qkv_rows, bias=cfg.has_qkv_bias)
+        self.linear_proj = nn.Linear(attn.proj_in, h, bias=cfg.add_bias_linear)
         # megatron-core's qk_layernorm: one norm over each head's dimension, shared by all heads
-        self.q_layernorm = make_norm(cfg, cfg.kv_channels) if cfg.qk_layernorm else None
-        self.k_layernorm = make_norm(cfg, cfg.kv_channels) if cfg.qk_layernorm else None
+        self.q_layernorm = make_norm(cfg, attn.head_dim) if attn.qk_norm else None
+        self.k_layernorm = make_norm(cfg, attn.head_dim) if attn.qk_norm else None
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
         return self.linear_proj(self.heads(x, freqs).flatten(2))
@@ -73,7 +77,7 @@ class SelfAttention(nn.Module):
         """Each q head's attention output, [b, s, np, hn] (what linear_proj reads)."""
         cfg = self.cfg
         b, s, _ = x.shape
-        ng, per_g, hn = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
+        ng, per_g, hn = cfg.attention.groups, cfg.attention.per_group, cfg.attention.head_dim
         # [b, s, ng*(per_g+2)*hn] -> [b, s, ng, per_g+2, hn]: each group's q heads, then k, then v
         qkv = self.linear_qkv(x).view(b, s, ng, per_g + 2, hn)
         q = qkv[:, :, :, :per_g].reshape(b, s, ng * per_g, hn).transpose(1, 2)  # [b, np, s, hn]
@@ -93,11 +97,10 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn_hidden_size: int | None = None):
         super().__init__()
-        ffn = ffn_hidden_size or cfg.ffn_hidden_size  # an MoE expert's is moe_ffn_hidden_size
-        self.swiglu = cfg.swiglu
-        self.gelu = "tanh" if cfg.openai_gelu else "none"  # Megatron's --openai-gelu: the tanh approximation
-        self.linear_fc1 = nn.Linear(cfg.hidden_size, ffn * (2 if cfg.swiglu else 1), bias=cfg.has_linear_bias)
-        self.linear_fc2 = nn.Linear(ffn, cfg.hidden_size, bias=cfg.has_linear_bias)
+        ffn = ffn_hidden_size or cfg.mlp.ffn_hidden_size  # an MoE expert's is moe_ffn_hidden_size
+        self.gated, self.act = cfg.mlp.gated, ACTIVATIONS[cfg.mlp.activation]
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.mlp.rows(ffn), bias=cfg.add_bias_linear)
+        self.linear_fc2 = nn.Linear(ffn, cfg.hidden_size, bias=cfg.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(self.hidden(x))
@@ -105,10 +108,10 @@ class MLP(nn.Module):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN neurons' activations, [b, s, ffn_hidden_size] (what linear_fc2 reads)."""
         h = self.linear_fc1(x)
-        if self.swiglu:
+        if self.gated:
             gate, up = torch.chunk(h, 2, dim=-1)  # fc1 rows are [gate; up]
-            return F.silu(gate) * up
-        return F.gelu(h, approximate=self.gelu)
+            return self.act(gate) * up
+        return self.act(h)
 
 
 def route(logits: torch.Tensor, topk: int, pre_softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,14 +136,14 @@ def load_balancing_loss(logits: torch.Tensor, index: torch.Tensor) -> torch.Tens
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.num_moe_experts, cfg.hidden_size))
-        self.bias = nn.Parameter(torch.empty(cfg.num_moe_experts)) if cfg.has_linear_bias else None
+        self.weight = nn.Parameter(torch.empty(cfg.moe.num_experts, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.empty(cfg.moe.num_experts)) if cfg.add_bias_linear else None
 
 
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.local_experts = nn.ModuleList(MLP(cfg, cfg.moe_ffn_hidden_size) for _ in range(cfg.num_moe_experts))
+        self.local_experts = nn.ModuleList(MLP(cfg, cfg.moe.ffn_hidden_size) for _ in range(cfg.moe.num_experts))
 
 
 class SharedExpert(MLP):
@@ -148,8 +151,8 @@ class SharedExpert(MLP):
     times sigmoid(x · gate_weight)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, cfg.moe_shared_expert_intermediate_size)
-        self.gate_weight = nn.Parameter(torch.empty(1, cfg.hidden_size)) if cfg.moe_shared_expert_gate else None
+        super().__init__(cfg, cfg.moe.shared_size)
+        self.gate_weight = nn.Parameter(torch.empty(1, cfg.hidden_size)) if cfg.moe.shared_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
@@ -162,10 +165,10 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.topk, self.pre_softmax = cfg.moe_router_topk, cfg.moe_router_pre_softmax
+        self.topk, self.pre_softmax = cfg.moe.topk, cfg.moe.pre_softmax
         self.router = Router(cfg)
         self.experts = Experts(cfg)
-        self.shared_experts = SharedExpert(cfg) if cfg.moe_shared_expert_intermediate_size else None
+        self.shared_experts = SharedExpert(cfg) if cfg.moe.shared_size else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [b*s, h]
@@ -209,7 +212,7 @@ class GPT(nn.Module):
         self.embedding = Embedding(cfg)
         self.decoder = Decoder(cfg)
         self.output_layer = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
-                             if cfg.untie_embeddings_and_output_weights else None)
+                             if not cfg.embedding.tied else None)
 
     def output_weight(self) -> torch.Tensor:
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
@@ -218,7 +221,7 @@ class GPT(nn.Module):
         """Final-norm output [b, s, hidden] for token ids [b, s]."""
         x = self.embedding(tokens)
         freqs = (rotary_freqs(self.cfg, tokens.shape[1], tokens.device)
-                 if self.cfg.position_embedding_type == "rope" else None)
+                 if self.cfg.embedding.position == "rope" else None)
         for layer in self.decoder.layers:
             x = layer(x, freqs)
         return self.decoder.final_layernorm(x)
@@ -235,7 +238,7 @@ class GPT(nn.Module):
         if aux is None:
             return lm
         self.last_losses = {"lm": lm.item(), "moe_aux": aux.item()}
-        return lm + self.cfg.moe_aux_loss_coeff * aux if self.training else lm
+        return lm + self.cfg.moe.aux_loss_coeff * aux if self.training else lm
 
     def moe_aux_loss(self) -> torch.Tensor | None:
         """The MoE layers' load-balancing losses of the last forward, summed (None: dense)."""

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scalegrow import arch
-from scalegrow.config import ModelConfig
+from scalegrow.core import arch
+from scalegrow.core.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def to_megatron(kind: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch
     if kind == "conv1d_qkv":  # c_attn: [h, 3h] (Conv1D), columns [q | k | v]; its bias [3h]
         parts = list((parts[0].t() if parts[0].dim() == 2 else parts[0]).chunk(3, dim=0))
     q, k, v = parts  # q [np*hn, ...], k and v [ng*hn, ...]
-    ng, per, hn = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
+    ng, per, hn = cfg.attention.groups, cfg.attention.per_group, cfg.attention.head_dim
     rest = q.shape[1:]
     # -> [ng, per + 2, hn, ...]: each group's q heads, then its k, then its v
     fused = torch.cat([q.reshape(ng, per, hn, *rest), k.reshape(ng, 1, hn, *rest), v.reshape(ng, 1, hn, *rest)], 1)
@@ -143,7 +143,7 @@ def to_hf(kind: str, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
         return [t.t()]
     if kind == "gate_up":
         return list(t.chunk(2, dim=0))
-    ng, per, hn = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
+    ng, per, hn = cfg.attention.groups, cfg.attention.per_group, cfg.attention.head_dim
     blocks = t.reshape(ng, per + 2, hn, *t.shape[1:])  # [ng*(per+2)*hn, ...] -> [ng, per + 2, hn, ...]
     q, k, v = (blocks[:, :per].flatten(0, 2), blocks[:, per].flatten(0, 1), blocks[:, per + 1].flatten(0, 1))
     if kind == "conv1d_qkv":
@@ -167,7 +167,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     _check_llama_like(hf, model_type)
     heads = hf["num_attention_heads"]
     moe = _moe_config(hf, model_type) if model_type in MOE_FAMILIES else {}
-    return ModelConfig(
+    return ModelConfig.from_flat(dict(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_hidden_size=hf["intermediate_size"],
@@ -177,7 +177,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         rotary_base=int(_rope(hf).get("rope_theta", 10000.0)),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False), add_bias_linear=False,
         add_qkv_bias=model_type in ("qwen2", "qwen2_moe"), qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
-        init_method_std=float(hf.get("initializer_range", 0.02)), **moe)
+        init_method_std=float(hf.get("initializer_range", 0.02)), **moe))
 
 
 def _moe_config(hf: dict, model_type: str) -> dict:
@@ -237,27 +237,27 @@ def _gpt2_config(hf: dict) -> ModelConfig:
         if not ok:
             raise Unsupported(f"{key}: {hf.get(key)!r} is not supported (megatron-core would not reproduce it)")
     h = hf["n_embd"]
-    return ModelConfig(
+    return ModelConfig.from_flat(dict(
         num_layers=hf["n_layer"], hidden_size=h, num_attention_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner")
         or 4 * h, padded_vocab_size=hf["vocab_size"], vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["n_positions"], normalization="LayerNorm",
         norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), openai_gelu=hf.get("activation_function",
                                                                                     "gelu_new") == "gelu_new",
         position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=False,
-        add_bias_linear=True, init_method_std=float(hf.get("initializer_range", 0.02)))
+        add_bias_linear=True, init_method_std=float(hf.get("initializer_range", 0.02))))
 
 
 def infer_model_type(cfg: ModelConfig) -> str | None:
     """The HF family a config can only be (None when several or none fit)."""
-    if cfg.normalization == "LayerNorm" and cfg.position_embedding_type == "learned_absolute":
+    if cfg.norm.kind == "LayerNorm" and cfg.embedding.position == "learned_absolute":
         return "gpt2"
-    if cfg.num_moe_experts:
-        if cfg.moe_shared_expert_intermediate_size:
+    if cfg.moe:
+        if cfg.moe.shared_size:
             return "qwen2_moe"
-        return "qwen3_moe" if cfg.qk_layernorm else "mixtral"
-    if cfg.qk_layernorm:
+        return "qwen3_moe" if cfg.attention.qk_norm else "mixtral"
+    if cfg.attention.qk_norm:
         return "qwen3"
-    return "qwen2" if cfg.add_qkv_bias else "llama"
+    return "qwen2" if cfg.attention.qkv_bias else "llama"
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str, base: dict | None, dtype: torch.dtype) -> dict:
@@ -269,18 +269,18 @@ def config_to_hf(cfg: ModelConfig, model_type: str, base: dict | None, dtype: to
     sibling = base.get("model_type") != model_type  # a dense source's config.json for its upcycled MoE
     out = {k: v for k, v in base.items() if not (sibling and k in DENSE_ONLY)}
     out.update(model_type=model_type, architectures=[ARCHITECTURES[model_type]], vocab_size=cfg.vocab_size
-               or cfg.padded_vocab_size, tie_word_embeddings=cfg.tied, initializer_range=cfg.init_method_std,
+               or cfg.padded_vocab_size, tie_word_embeddings=cfg.embedding.tied, initializer_range=cfg.init_method_std,
                dtype=str(dtype).removeprefix("torch."))
     if model_type == "gpt2":
-        out.update(n_layer=cfg.num_layers, n_embd=cfg.hidden_size, n_head=cfg.num_attention_heads,
-                   n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size else cfg.ffn_hidden_size, n_positions=cfg.max_position_embeddings,
-                   layer_norm_epsilon=cfg.norm_epsilon, activation_function="gelu_new" if cfg.openai_gelu else "gelu")
+        out.update(n_layer=cfg.num_layers, n_embd=cfg.hidden_size, n_head=cfg.attention.heads,
+                   n_inner=None if cfg.mlp.ffn_hidden_size == 4 * cfg.hidden_size else cfg.mlp.ffn_hidden_size, n_positions=cfg.max_position_embeddings,
+                   layer_norm_epsilon=cfg.norm.eps, activation_function="gelu_new" if cfg.mlp.activation == "gelu_tanh" else "gelu")
         return out
-    out.update(num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-               num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
+    out.update(num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp.ffn_hidden_size,
+               num_attention_heads=cfg.attention.heads, num_key_value_heads=cfg.attention.groups,
                head_dim=_head_dim(cfg, out), max_position_embeddings=cfg.max_position_embeddings,
-               rms_norm_eps=cfg.norm_epsilon, hidden_act="silu",
-               rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"})
+               rms_norm_eps=cfg.norm.eps, hidden_act="silu",
+               rope_parameters={"rope_theta": float(cfg.rope.base), "rope_type": "default"})
     out.pop("rope_theta", None), out.pop("rope_scaling", None)
     if "layer_types" in out:  # one entry a layer; only full attention is read (see _check_llama_like)
         out["layer_types"] = ["full_attention"] * cfg.num_layers
@@ -293,23 +293,23 @@ def config_to_hf(cfg: ModelConfig, model_type: str, base: dict | None, dtype: to
 
 def _head_dim(cfg: ModelConfig, base: dict) -> int | None:
     """kv_channels, or None where the source left it implied (Mixtral's config: hidden / heads)."""
-    implied = cfg.kv_channels == cfg.hidden_size // cfg.num_attention_heads
-    return None if implied and "head_dim" in base and base["head_dim"] is None else cfg.kv_channels
+    implied = cfg.attention.head_dim == cfg.hidden_size // cfg.attention.heads
+    return None if implied and "head_dim" in base and base["head_dim"] is None else cfg.attention.head_dim
 
 
 def _moe_to_hf(cfg: ModelConfig, model_type: str, out: dict) -> dict:
     experts = "num_experts" if "num_experts" in out or (model_type == "qwen3_moe" and "num_local_experts" not in out) \
         else "num_local_experts"  # the source's spelling; the Hub's for each family otherwise
-    moe = {experts: cfg.num_moe_experts, "num_experts_per_tok": cfg.moe_router_topk}
+    moe = {experts: cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.topk}
     if model_type == "mixtral":
-        moe["intermediate_size"] = cfg.moe_ffn_hidden_size
+        moe["intermediate_size"] = cfg.moe.ffn_hidden_size
     else:
-        moe.update(moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=not cfg.moe_router_pre_softmax,
+        moe.update(moe_intermediate_size=cfg.moe.ffn_hidden_size, norm_topk_prob=not cfg.moe.pre_softmax,
                    decoder_sparse_step=1, mlp_only_layers=[])
     if model_type == "qwen2_moe":
-        moe.update(shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size)
-    if cfg.moe_aux_loss_coeff:
-        moe.update(router_aux_loss_coef=cfg.moe_aux_loss_coeff, output_router_logits=True)
+        moe.update(shared_expert_intermediate_size=cfg.moe.shared_size)
+    if cfg.moe.aux_loss_coeff:
+        moe.update(router_aux_loss_coef=cfg.moe.aux_loss_coeff, output_router_logits=True)
     return moe
 
 
@@ -325,11 +325,12 @@ def _cannot_write(cfg: ModelConfig, model_type: str) -> str:
             wanted.update(moe_shared_expert_intermediate_size=None)
         if model_type == "mixtral":
             wanted.update(moe_router_pre_softmax=False)
-        if not cfg.num_moe_experts:
+        if not cfg.moe:
             return "num_moe_experts=None: a dense model"
     else:
         wanted.update(num_moe_experts=None)
     if model_type == "gpt2":
-        wanted.update(untie_embeddings_and_output_weights=False, num_query_groups=cfg.num_attention_heads,
-                      kv_channels=cfg.hidden_size // cfg.num_attention_heads)
-    return ", ".join(f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v)
+        wanted.update(untie_embeddings_and_output_weights=False, num_query_groups=cfg.attention.heads,
+                      kv_channels=cfg.hidden_size // cfg.attention.heads)
+    flat = {**cfg.to_dict(), "has_qkv_bias": cfg.has_qkv_bias}
+    return ", ".join(f"{k}={flat[k]!r}" for k, v in wanted.items() if flat[k] != v)

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from scalegrow import executor
+from scalegrow.write import executor
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Reader, Writer
 from scalegrow.formats.io import tree_bytes

@@ -1,0 +1,156 @@
+"""`ModelConfig`: the one description of a GPT model that every other module reads.
+
+Its sizes sit at the top (layers, hidden size, vocabulary); each feature is a typed record of its own
+(`core/features.py`: attention, rope, norm, MLP, embedding, MoE). At the boundary it is spelled in
+Megatron-LM's flat argument names: YAML targets (`from_yaml`, keys left out keep a base config's
+values), `to_dict`/`from_dict` (what `scalegrow.json` records), and Megatron `args`
+(`formats/megatron_args.py`). Parameter and FLOP counts come from the tensor table (`core/counts.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from scalegrow.core.features import (FEATURE, FREE, SIZE, MLP, Attention, Embedding, MoE, Norm, Record, Rope,
+                                     megatron, positive)
+from scalegrow.core.typed import coerce, load_yaml_mapping
+from scalegrow.errors import InputError
+
+RECORDS = {"attention": Attention, "mlp": MLP, "norm": Norm, "embedding": Embedding, "rope": Rope, "moe": MoE}
+
+
+@dataclass(frozen=True)
+class ModelConfig(Record):
+    num_layers: int = megatron("num_layers", role=SIZE)
+    hidden_size: int = megatron("hidden_size", role=SIZE)
+    padded_vocab_size: int = megatron("padded_vocab_size")  # the embedding's rows (Megatron pads the vocabulary)
+    attention: Attention = field(default=None)  # required: its heads
+    mlp: MLP = field(default_factory=MLP)
+    norm: Norm = field(default_factory=Norm)
+    embedding: Embedding = field(default_factory=Embedding)
+    rope: Rope = field(default_factory=Rope)
+    moe: MoE | None = None  # None: a dense FFN in every layer
+    add_bias_linear: bool = megatron("add_bias_linear", True)  # biases on every linear layer
+    max_position_embeddings: int = megatron("max_position_embeddings", 2048)
+    init_method_std: float = megatron("init_method_std", 0.02, FREE)
+    make_vocab_size_divisible_by: int = megatron("make_vocab_size_divisible_by", 128, FREE)
+    vocab_size: int | None = megatron("vocab_size", None, FREE)  # the tokenizer's, when known
+
+    def __post_init__(self) -> None:
+        # Resolve the Megatron "None means derived" defaults so every reader sees concrete numbers.
+        if self.attention is None:
+            raise ValueError("num_attention_heads: required key missing")
+        resolve = {"attention": self.attention.resolved(self.hidden_size)}
+        if self.mlp.ffn_hidden_size is None:
+            resolve["mlp"] = dataclasses.replace(self.mlp, ffn_hidden_size=4 * self.hidden_size)
+        if self.moe is not None and self.moe.ffn_hidden_size is None:
+            ffn = resolve.get("mlp", self.mlp).ffn_hidden_size
+            resolve["moe"] = dataclasses.replace(self.moe, ffn_hidden_size=ffn)
+        for name, value in resolve.items():
+            object.__setattr__(self, name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "padded_vocab_size", "max_position_embeddings"):
+            positive(name, getattr(self, name))
+        self.mlp.validate()
+        self.attention.validate(self.hidden_size)
+        self.norm.validate()
+        self.embedding.validate()
+        self.rope.validate(self.attention.head_dim, used=self.embedding.position == "rope")
+        if self.moe is not None:
+            self.moe.validate(self.add_bias_linear)
+        if self.vocab_size is not None and self.vocab_size > self.padded_vocab_size:
+            raise ValueError(f"vocab_size: {self.vocab_size} exceeds padded_vocab_size {self.padded_vocab_size}")
+
+    # ---- what the records say together ------------------------------------------------------
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.add_bias_linear or self.attention.qkv_bias
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe is not None and index % self.moe.layer_freq == 0
+
+    def features(self) -> dict[str, Any]:
+        """The settings no width or depth operator changes (flat names): a target keeps its source's."""
+        roles = flat_keys()
+        return {key: value for key, value in self.to_dict().items() if roles[key][1] == FEATURE}
+
+    def check_tp(self, tp: int) -> None:
+        """Raise if this model cannot be split over `tp` tensor-parallel ranks."""
+        flat = self.to_dict()
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size",
+                     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if flat[name] is not None and flat[name] % tp:
+                raise ValueError(f"{name}: {flat[name]} is not divisible by tensor parallel size {tp}")
+        if self.moe and self.add_bias_linear and tp > 1:  # megatron-core's rule, as it asserts
+            raise ValueError(f"add_bias_linear: megatron-core supports MoE biases only without tensor "
+                             f"parallel experts; write this model at tensor parallel size 1, not {tp}")
+
+    # ---- the flat boundary (Megatron-LM names) ----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = self.to_flat()
+        for name, record in RECORDS.items():
+            value = getattr(self, name)
+            out.update(MoE.dense_flat() if value is None else value.to_flat())
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "ModelConfig":
+        """From Megatron-named values (checked and typed already); missing ones take defaults."""
+        records = {name: record.from_flat(flat) for name, record in RECORDS.items() if name != "moe"}
+        moe = MoE.from_flat(flat) if flat.get("num_moe_experts") is not None else None
+        return cls(**cls.flat_kwargs(flat), **records, moe=moe)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some Megatron-named values changed (`replace(hidden_size=128, swiglu=True)`)."""
+        unknown = set(changes) - set(flat_keys())
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown model config key")
+        return ModelConfig.from_flat({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: "ModelConfig | None" = None) -> "ModelConfig":
+        """Build from Megatron-named keys; keys left out keep `base`'s value. Unknown keys raise."""
+        known = flat_keys()
+        for key in data:
+            if key not in known:
+                raise ValueError(f"{key}: unknown model config key (known: {', '.join(sorted(known))})")
+        values = base.to_dict() if base is not None else {}
+        if base is not None:
+            _drop_derived(values, base, data)
+        values.update({k: coerce(known[k][0], v, k) for k, v in data.items()})
+        for key in REQUIRED:
+            if values.get(key) is None:
+                raise ValueError(f"{key}: required key missing")
+        return cls.from_flat(values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, base: "ModelConfig | None" = None) -> "ModelConfig":
+        data = load_yaml_mapping(path)
+        try:
+            return cls.from_dict(data, base=base)
+        except ValueError as exc:
+            raise InputError(f"{path}: {exc}") from exc
+
+
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
+
+
+@cache
+def flat_keys() -> dict[str, tuple[Any, str]]:
+    """Every flat (Megatron-LM) name a model config is spelled in -> (type hint, role)."""
+    return {**ModelConfig.flat_keys(), **{k: v for record in RECORDS.values() for k, v in record.flat_keys().items()}}
+
+
+def _drop_derived(values: dict[str, Any], base: ModelConfig, overrides: Mapping[str, Any]) -> None:
+    """Re-derive defaults that followed a changed size, unless the source set them explicitly.
+
+    A key left out keeps its source value, except the query groups of an MHA source:
+    MHA stays MHA when the number of heads grows.
+    """
+    if base.attention.groups == base.attention.heads and "num_query_groups" not in overrides:
+        values["num_query_groups"] = None

@@ -1,0 +1,237 @@
+"""A model's features as typed records: attention, rope, norm, MLP, embedding and MoE.
+
+Each record holds one feature's settings under short names (`cfg.norm.kind`, `cfg.attention.groups`)
+and spells each of them in Megatron-LM's flat argument name at the boundary (`normalization`,
+`num_query_groups`): YAML targets, Megatron `args`, `scalegrow.json`. A field's role says what
+operators may do with it:
+- `SIZE`: what growth and shrinking change (layers, widths, heads, experts);
+- `FEATURE`: what they keep, so a target must match its source (the norm, the activation, rope);
+- `FREE`: bookkeeping that follows neither rule (norm eps, init std, a training coefficient).
+A new feature is a field here (its flat name and role), the reference model's use of it, and the
+operator rules it needs; nothing else lists field names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Mapping
+
+SIZE, FEATURE, FREE = "size", "feature", "free"
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_TYPES = ("learned_absolute", "rope")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+
+
+def megatron(name: str, default: Any = MISSING, role: str = FEATURE, invert: bool = False):
+    """A record field spelled `name` in Megatron-LM's arguments (`invert`: a flag of the opposite sense)."""
+    return dataclasses.field(default=default, metadata={"megatron": name, "role": role, "invert": invert})
+
+
+def positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+class Record:
+    """A record whose fields carry their Megatron-LM names (`megatron(...)`), read and written flat."""
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, tuple[Any, str]]:
+        """Flat name -> (type hint, role) of every field spelled in Megatron's arguments."""
+        hints = typing.get_type_hints(cls)
+        return {f.metadata["megatron"]: (hints[f.name], f.metadata["role"])
+                for f in fields(cls) if "megatron" in f.metadata}
+
+    @classmethod
+    def flat_kwargs(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor arguments `flat` names (fields it leaves out keep their defaults)."""
+        out = {}
+        for f in fields(cls):
+            key = f.metadata.get("megatron")
+            if key in flat:
+                out[f.name] = (not flat[key]) if f.metadata["invert"] else flat[key]
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]):
+        return cls(**cls.flat_kwargs(flat))
+
+    def to_flat(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            if "megatron" in f.metadata:
+                value = getattr(self, f.name)
+                out[f.metadata["megatron"]] = (not value) if f.metadata["invert"] else value
+        return out
+
+
+@dataclass(frozen=True)
+class Attention(Record):
+    """Self-attention: heads in query groups (GQA; MHA when every head is its own group)."""
+
+    heads: int = megatron("num_attention_heads", role=SIZE)
+    groups: int | None = megatron("num_query_groups", None, SIZE)  # None: one per head (MHA)
+    head_dim: int | None = megatron("kv_channels", None, SIZE)  # None: hidden_size / heads
+    qk_norm: bool = megatron("qk_layernorm", False)  # a norm over each head's q and k, before rope (Qwen3)
+    qkv_bias: bool = megatron("add_qkv_bias", False)  # q/k/v biases without the other linear ones (Qwen2)
+
+    def resolved(self, hidden_size: int) -> "Attention":
+        """Megatron's "None means derived" defaults made concrete."""
+        groups = self.heads if self.groups is None else self.groups
+        head_dim = hidden_size // self.heads if self.head_dim is None and self.heads else self.head_dim
+        return dataclasses.replace(self, groups=groups, head_dim=head_dim)
+
+    @property
+    def per_group(self) -> int:
+        return self.heads // self.groups
+
+    @property
+    def qkv_rows(self) -> int:
+        """Rows of the fused QKV weight: [ng, (np/ng + 2), hn] flattened."""
+        return self.groups * (self.per_group + 2) * self.head_dim
+
+    @property
+    def proj_in(self) -> int:
+        """Columns of linear_proj: every q head's output."""
+        return self.heads * self.head_dim
+
+    def validate(self, hidden_size: int) -> None:
+        for name, value in (("num_attention_heads", self.heads), ("num_query_groups", self.groups),
+                            ("kv_channels", self.head_dim)):
+            positive(name, value)
+        if hidden_size % self.heads:
+            raise ValueError(f"num_attention_heads: {self.heads} does not divide hidden_size {hidden_size}")
+        if self.heads % self.groups:
+            raise ValueError(f"num_query_groups: {self.groups} does not divide num_attention_heads {self.heads}")
+
+
+@dataclass(frozen=True)
+class Rope(Record):
+    """Rotary position embeddings (read where `embedding.position` is 'rope')."""
+
+    base: int = megatron("rotary_base", 10000)
+    percent: float = megatron("rotary_percent", 1.0)  # the share of each head's channels rotated
+
+    def dim(self, head_dim: int) -> int:
+        """Channels rotated per head."""
+        return head_dim if self.percent >= 1.0 else int(head_dim * self.percent)
+
+    def validate(self, head_dim: int, used: bool) -> None:
+        if not 0.0 < self.percent <= 1.0:
+            raise ValueError(f"rotary_percent: must be in (0, 1], got {self.percent}")
+        if used and int(head_dim * self.percent) % 2:
+            raise ValueError(f"rotary_percent: kv_channels * rotary_percent must be even, got "
+                             f"{head_dim} * {self.percent}")
+
+
+@dataclass(frozen=True)
+class Norm(Record):
+    """The model's norms: before attention, before the MLP, at the end (and q/k norms)."""
+
+    kind: str = megatron("normalization", "LayerNorm")
+    eps: float = megatron("norm_epsilon", 1e-5, FREE)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.kind == "LayerNorm"
+
+    def validate(self) -> None:
+        if self.kind not in NORMALIZATIONS:
+            raise ValueError(f"normalization: {self.kind!r} is not one of {NORMALIZATIONS}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"norm_epsilon: must be positive, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class MLP(Record):
+    """The FFN: fc1 (two halves, [gate; up], when gated), an activation, fc2.
+
+    Megatron-LM spells it with two flags: `swiglu` (gated, SiLU) and `openai_gelu` (GELU's tanh
+    approximation); neither is plain GELU."""
+
+    ffn_hidden_size: int | None = megatron("ffn_hidden_size", None, SIZE)  # None: 4 * hidden_size
+    activation: str = "gelu"  # one of ACTIVATIONS
+    gated: bool = False  # fc1 rows [gate; up]: act(gate) * up
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, tuple[Any, str]]:
+        return {"ffn_hidden_size": (int | None, SIZE), "swiglu": (bool, FEATURE), "openai_gelu": (bool, FEATURE)}
+
+    @classmethod
+    def flat_kwargs(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
+        swiglu, tanh = bool(flat.get("swiglu", False)), bool(flat.get("openai_gelu", False))
+        if swiglu and tanh:
+            raise ValueError("openai_gelu: SwiGLU's activation is SiLU; the GELU approximation does not apply")
+        return dict(ffn_hidden_size=flat.get("ffn_hidden_size"), gated=swiglu,
+                    activation="silu" if swiglu else "gelu_tanh" if tanh else "gelu")
+
+    def to_flat(self) -> dict[str, Any]:
+        return {"ffn_hidden_size": self.ffn_hidden_size, "swiglu": self.gated and self.activation == "silu",
+                "openai_gelu": self.activation == "gelu_tanh"}
+
+    def rows(self, size: int) -> int:
+        """fc1 rows of an FFN of `size` neurons (each neuron a gate and an up row when gated)."""
+        return size * (2 if self.gated else 1)
+
+    @property
+    def fc1_rows(self) -> int:
+        return self.rows(self.ffn_hidden_size)
+
+    def validate(self) -> None:
+        positive("ffn_hidden_size", self.ffn_hidden_size)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: {self.activation!r} is not one of {ACTIVATIONS}")
+
+
+@dataclass(frozen=True)
+class Embedding(Record):
+    """Token (and learned position) embeddings, and whether the output layer is the token embedding."""
+
+    position: str = megatron("position_embedding_type", "learned_absolute")
+    tied: bool = megatron("untie_embeddings_and_output_weights", True, invert=True)
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.position == "learned_absolute"
+
+    def validate(self) -> None:
+        if self.position not in POSITION_TYPES:
+            raise ValueError(f"position_embedding_type: {self.position!r} is not one of {POSITION_TYPES}")
+
+
+@dataclass(frozen=True)
+class MoE(Record):
+    """Mixture-of-Experts layers (Megatron-LM's --num-experts etc.): a top-k router, SequentialMLP
+    experts, an optional shared expert. `ModelConfig.moe` is None for a dense model."""
+
+    num_experts: int = megatron("num_moe_experts", role=SIZE)
+    topk: int = megatron("moe_router_topk", 2, SIZE)
+    ffn_hidden_size: int | None = megatron("moe_ffn_hidden_size", None, SIZE)  # None: the dense FFN's
+    layer_freq: int = megatron("moe_layer_freq", 1)  # layer i is MoE when i % layer_freq == 0
+    pre_softmax: bool = megatron("moe_router_pre_softmax", False)  # softmax over all experts, then top-k
+    aux_loss_coeff: float = megatron("moe_aux_loss_coeff", 0.0, FREE)  # the load-balancing loss's weight
+    shared_size: int | None = megatron("moe_shared_expert_intermediate_size", None, SIZE)  # always-on FFN
+    shared_gate: bool = megatron("moe_shared_expert_gate", False)  # its output times sigmoid(x · gate)
+
+    @classmethod
+    def dense_flat(cls) -> dict[str, Any]:
+        """What a dense model spells for these keys: no experts, every other field at its default."""
+        return {f.metadata["megatron"]: None if f.default is MISSING else f.default for f in fields(cls)}
+
+    def validate(self, add_bias_linear: bool) -> None:
+        for name, value in (("num_moe_experts", self.num_experts), ("moe_router_topk", self.topk),
+                            ("moe_ffn_hidden_size", self.ffn_hidden_size), ("moe_layer_freq", self.layer_freq)):
+            positive(name, value)
+        if self.topk > self.num_experts:
+            raise ValueError(f"moe_router_topk: {self.topk} exceeds num_moe_experts {self.num_experts}")
+        if self.topk == 1 and not self.pre_softmax:  # megatron-core's rule: a softmax of one is 1
+            raise ValueError("moe_router_pre_softmax: must be true when moe_router_topk is 1")
+        if self.shared_size is not None:
+            positive("moe_shared_expert_intermediate_size", self.shared_size)
+        if self.shared_size and add_bias_linear:  # megatron-core asserts it
+            raise ValueError("moe_shared_expert_intermediate_size: megatron-core's shared experts have no "
+                             "biases (add_bias_linear must be false)")
+        if self.shared_gate and not self.shared_size:
+            raise ValueError("moe_shared_expert_gate: needs moe_shared_expert_intermediate_size")

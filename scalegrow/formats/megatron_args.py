@@ -1,0 +1,81 @@
+"""Megatron-LM's `args` Namespace <-> `ModelConfig`: what a Megatron checkpoint says its model is
+(`args` in every legacy rank file and in torch_dist's `common.pt`), and the args a written one carries."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from scalegrow.core.config import ModelConfig
+
+
+def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The model Megatron-LM's args describe (their defaults where a key is absent)."""
+    a = vars(args)
+    gqa = bool(a.get("group_query_attention"))
+    flat = dict(
+        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=a["num_attention_heads"],
+        padded_vocab_size=a["padded_vocab_size"], ffn_hidden_size=a.get("ffn_hidden_size"),
+        num_query_groups=a.get("num_query_groups") if gqa else None, kv_channels=a.get("kv_channels"),
+        max_position_embeddings=a.get("max_position_embeddings") or a.get("seq_length") or 2048,
+        normalization=a.get("normalization", "LayerNorm"),
+        norm_epsilon=float(a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5))),
+        swiglu=bool(a.get("swiglu", False)), openai_gelu=bool(a.get("openai_gelu", False)),
+        position_embedding_type=a.get("position_embedding_type", "learned_absolute"),
+        rotary_base=int(a.get("rotary_base", 10000)), rotary_percent=float(a.get("rotary_percent", 1.0)),
+        untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights", False)),
+        add_bias_linear=bool(a.get("add_bias_linear", True)), add_qkv_bias=bool(a.get("add_qkv_bias", False)),
+        qk_layernorm=bool(a.get("qk_layernorm", False)), init_method_std=float(a.get("init_method_std", 0.02)),
+        make_vocab_size_divisible_by=int(a.get("make_vocab_size_divisible_by", 128)), vocab_size=a.get("vocab_size"),
+        **_moe_from_args(a))
+    return ModelConfig.from_flat(flat)
+
+
+def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields from Megatron-LM args (`num_experts`, `moe_*`); a layer pattern list is not read."""
+    if not a.get("num_experts"):
+        return {}
+    freq = a.get("moe_layer_freq", 1)
+    if not isinstance(freq, int):
+        raise ValueError(f"moe_layer_freq: only an every-Nth-layer integer is supported, got {freq!r}")
+    return dict(num_moe_experts=int(a["num_experts"]), moe_router_topk=int(a.get("moe_router_topk", 2)),
+                moe_ffn_hidden_size=a.get("moe_ffn_hidden_size"), moe_layer_freq=freq,
+                moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax", False)),
+                moe_aux_loss_coeff=float(a.get("moe_aux_loss_coeff", 0.0) or 0.0),
+                moe_shared_expert_intermediate_size=a.get("moe_shared_expert_intermediate_size"),
+                moe_shared_expert_gate=bool(a.get("moe_shared_expert_gate", False)))
+
+
+def config_to_args(cfg: ModelConfig, base: argparse.Namespace | None = None, *, tp: int = 1,
+                   pp: int = 1) -> argparse.Namespace:
+    """A copy of `base` (or fresh Megatron-style args) describing `cfg` at TP/PP."""
+    args = argparse.Namespace(**vars(base)) if base is not None else _default_args()
+    updates = cfg.to_dict()
+    updates.update(group_query_attention=cfg.attention.groups != cfg.attention.heads,
+                   layernorm_epsilon=cfg.norm.eps, tensor_model_parallel_size=tp,
+                   pipeline_model_parallel_size=pp, gated_linear_unit=cfg.mlp.gated)
+    if base is not None and not hasattr(base, "layernorm_epsilon"):
+        updates.pop("layernorm_epsilon")
+    if base is not None and not hasattr(base, "gated_linear_unit"):
+        updates.pop("gated_linear_unit")
+    if cfg.vocab_size is None:
+        updates.pop("vocab_size")
+    updates["num_experts"] = updates.pop("num_moe_experts")  # Megatron-LM's name
+    if getattr(args, "seq_length", None) is None:
+        updates["seq_length"] = cfg.max_position_embeddings
+    for key, value in updates.items():
+        setattr(args, key, value)
+    return args
+
+
+def _default_args() -> argparse.Namespace:
+    """The Megatron-LM arguments a fresh checkpoint carries besides the model shape."""
+    return argparse.Namespace(
+        iteration=0, params_dtype=torch.float32, fp16=False, bf16=False,
+        tokenizer_type="NullTokenizer", consumed_train_samples=0, consumed_valid_samples=0,
+        attention_dropout=0.0, hidden_dropout=0.0, apply_residual_connection_post_layernorm=False,
+        transformer_impl="local", use_legacy_models=False, rotary_interleaved=False,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
+        decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+    )

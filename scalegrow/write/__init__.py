@@ -1,0 +1,1 @@
+"""The write engine: the executor, the write session, workers and ranks."""
