@@ -12,17 +12,15 @@ import traceback
 import torch
 
 from scalegrow import __version__, commands
+from scalegrow.commands import DataOptions
 from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
-from scalegrow.formats.hf.families import ARCHITECTURES as HF_FAMILIES
+from scalegrow.formats.hf.registry import FAMILIES as HF_FAMILIES
+from scalegrow.formats.options import HFOptions, LayoutOptions, OutputOptions
 from scalegrow.methods import registry as methods
-from scalegrow.methods.ligo import LigoOptions
-from scalegrow.methods.subclone import SubcloneOptions
-from scalegrow.methods.upcycle import UpcycleOptions
-from scalegrow.write.session import OutputOptions
-from scalegrow.commands import DataOptions
 from scalegrow.write.ranks import Ranks
+from scalegrow.write.session import Topology
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokens", type=int, default=512, help="tokens in the random test batch (default: 512)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random test batch (default: 0)")
     v.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogits| still the same (default: 1e-4)")
+    _device_arg(v, "the forward passes")
     e = sub.add_parser("eval", help="held-out next-token loss of a checkpoint")
     e.add_argument("path", help="checkpoint directory")
     e.add_argument("--data", default=DataOptions.data, help="corpus whose held-out split is used: a text/json/"
@@ -55,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", default=None, help="sentencepiece model or HF tokenizer.json (default: the checkpoint's)")
     e.add_argument("--tokens", type=int, default=32768, help="held-out tokens (default: 32768)")
     e.add_argument("--seq-length", type=int, default=256, help="tokens per window (default: 256)")
+    _device_arg(e, "the forward passes")
     i = sub.add_parser("inspect", help="describe a checkpoint")
     i.add_argument("path", help="checkpoint directory")
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -69,39 +69,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _grow_parser(g: argparse.ArgumentParser) -> None:
     _paths(g, "source checkpoint directory (Megatron torch/torch_dist, DeepSpeed or Hugging Face)")
-    g.add_argument("--method", default="lemon",
-                   help=f"growth method: {', '.join(methods.names(methods.GROW))} (default: lemon)")
+    _method_arg(g, methods.GROW)
     g.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
     _output_args(g, "the source's")
     g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise (default: 0)")
-    g.add_argument("--steps", type=int, default=LigoOptions.steps,
-                   help=f"ligo: operator training steps (default: {LigoOptions.steps})")
-    g.add_argument("--lr", type=float, default=LigoOptions.lr,
-                   help=f"ligo: operator learning rate (default: {LigoOptions.lr})")
-    g.add_argument("--noise", type=float, default=UpcycleOptions.noise,
-                   help=f"upcycle: relative noise on the expert copies; 0 keeps the function exactly "
-                   f"(default: {UpcycleOptions.noise})")
-    g.add_argument("--granularity", type=int, default=UpcycleOptions.granularity, metavar="G",
-                   help="upcycle: split the FFN into G segments, each copied into E experts of ffn/G neurons; "
-                   f"--target counts all E·G experts and top-k·G (default: {UpcycleOptions.granularity})")
-    _data_args(g, "--data", "ligo: training corpus")
+    _method_options(g, methods.GROW)
 
 
 def _shrink_parser(k: argparse.ArgumentParser) -> None:
     _paths(k, "source checkpoint directory (Megatron torch/torch_dist, DeepSpeed or Hugging Face)")
-    k.add_argument("--method", default="subclone",
-                   help=f"shrink method: {', '.join(methods.names(methods.SHRINK))} (default: subclone)")
+    _method_arg(k, methods.SHRINK)
     k.add_argument("--target", default=None, help="YAML of Megatron model args; keys left out keep the source's "
                    "(default: none; give --target or --params)")
     k.add_argument("--params", default=None, metavar="N", help="instead of --target: a parameter budget (1.5B, "
                    "350M, or a fraction of the source's like 0.5); the shape is chosen by Minitron's rule (every "
                    "layer kept, hidden, FFN and query groups narrowed alike), printed and recorded (default: none)")
-    _data_args(k, "--calib-data", "subclone: calibration corpus")
-    k.add_argument("--calib-tokens", type=int, default=SubcloneOptions.tokens,
-                   help=f"subclone: calibration tokens (default: {SubcloneOptions.tokens})")
-    k.add_argument("--no-rescale", action="store_true",
-                   help="subclone: do not rescale the kept MLP outputs (linear_fc2) after dropping neurons")
+    _method_options(k, methods.SHRINK)
     _output_args(k, "the source's")
+
+
+def _method_arg(p: argparse.ArgumentParser, kind: str) -> None:
+    default = methods.DEFAULT[kind]
+    p.add_argument("--method", default=default, help=f"{kind} method: {', '.join(methods.names(kind))} "
+                   f"(default: {default})")
+
+
+def _method_options(p: argparse.ArgumentParser, kind: str) -> None:
+    """The flags of `kind`'s methods, as each method's options declare them (given flags only reach
+    the namespace), and the corpus and device of their prepare steps."""
+    for flag, owners in methods.command_flags(kind).values():
+        what = f"{', '.join(owners)}: {flag.help}"
+        if flag.switch:
+            p.add_argument(flag.name, dest=flag.dest, action="store_true", default=argparse.SUPPRESS,
+                           help=f"{what}: turn it off" if flag.default else what)
+            continue
+        p.add_argument(flag.name, dest=flag.dest, type=flag.type, default=argparse.SUPPRESS, choices=flag.choices,
+                       metavar=flag.metavar, help=what if flag.default is None else f"{what} (default: {flag.default})")
+    for name, what in methods.corpora(kind).items():
+        _data_args(p, name, what)
+    _device_arg(p, "the method's prepare step (its calibration or training)")
+
+
+def _device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default=None, metavar="DEVICE", help=f"where {what} computes: cpu, cuda or cuda:N "
+                   "(default: cuda when a GPU is available, else cpu)")
 
 
 def _paths(p: argparse.ArgumentParser, src_help: str) -> None:
@@ -111,8 +122,8 @@ def _paths(p: argparse.ArgumentParser, src_help: str) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
-    p.add_argument(flag, default=DataOptions.data, help=f"{what}: a text/json/parquet file, a preprocessed "
-                   ".bin/.idx prefix, or 'embedded' (default: embedded)")
+    p.add_argument(flag, dest="data", default=DataOptions.data, help=f"{what}: a text/json/parquet file, a "
+                   "preprocessed .bin/.idx prefix, or 'embedded' (default: embedded)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model or HF tokenizer.json (default: the one shipped with --src)")
 
 
@@ -131,7 +142,7 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
                                                           for name in formats.writable()) + " (default: torch)")
         p.add_argument("--vocab-size", type=int, default=None, help="the tokenizer's true vocabulary size, to "
                        "re-pad for the target TP (default: the source's args, else its padded rows)")
-        p.add_argument("--max-shard-size", type=_size, default=OutputOptions.max_shard_size, metavar="SIZE",
+        p.add_argument("--max-shard-size", type=_size, default=HFOptions.max_shard_size, metavar="SIZE",
                        help="hf: largest safetensors file, e.g. 5GB, 500MB, 2GiB or bytes (default: 5GB)")
         p.add_argument("--hf-model-type", default=None, metavar="TYPE",
                        help="hf: the family to write: " + ", ".join(HF_FAMILIES) + " (default: the source's, "
@@ -164,14 +175,17 @@ def _print_plan(plan: dict) -> int:
     return EXIT_OK
 
 
-def _output_options(a):
+def _output_options(a) -> OutputOptions:
     for name in ("tp", "pp", "ep", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
                  "vocab_size"):
         _positive(name.replace("_", "-"), getattr(a, name, None))
-    extra = {k: getattr(a, k) for k in ("max_shard_size", "hf_model_type", "ep", "workers") if hasattr(a, k)}
-    return OutputOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
-                         getattr(a, "format", "torch"), getattr(a, "vocab_size", None),
-                         ranks=getattr(a, "ranks", None), **extra)
+    layout = LayoutOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers, a.ep)
+    hf = HFOptions(getattr(a, "max_shard_size", HFOptions.max_shard_size), getattr(a, "hf_model_type", None))
+    return OutputOptions(getattr(a, "format", "torch"), layout, getattr(a, "vocab_size", None), hf)
+
+
+def _topology(a) -> Topology:
+    return Topology(a.workers, a.ranks)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -180,12 +194,10 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def cmd_grow(a) -> int:
-    _positive("steps", a.steps)
-    options = methods.options_with(a.method, methods.GROW, steps=a.steps, lr=a.lr, noise=a.noise,
-                                   granularity=a.granularity)
+    options = methods.options_from_flags(a.method, methods.GROW, vars(a))
     summary = commands.grow(a.src, a.dst, a.method, a.target, _output_options(a), seed=a.seed,
                             overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, options=options,
-                            data=DataOptions(a.data, a.tokenizer))
+                            data=DataOptions(a.data, a.tokenizer), topology=_topology(a), device=a.device)
     if a.dry_run:
         return _print_plan(summary)
     print(f"grew {a.src} with {a.method}: {summary}")
@@ -193,7 +205,7 @@ def cmd_grow(a) -> int:
 
 
 def cmd_shrink(a) -> int:
-    _positive("calib-tokens", a.calib_tokens)
+    options = methods.options_from_flags(a.method, methods.SHRINK, vars(a))
     if (a.target is None) == (a.params is None):
         raise InputError("shrink: give the target shape, --target T.yaml, or a budget, --params N (one of them)")
     target, budget = a.target, None
@@ -206,23 +218,22 @@ def cmd_shrink(a) -> int:
         cfg = target if budget else commands.target_config(a.src, target)
         print(json.dumps({"target": cfg.to_dict(), **({"budget": budget} if budget else {})}))
         return EXIT_OK
-    options = methods.options_with(a.method, methods.SHRINK, tokens=a.calib_tokens, rescale=not a.no_rescale)
     summary = commands.shrink(a.src, a.dst, a.method, target, _output_options(a), options,
-                              DataOptions(a.calib_data, a.tokenizer), overwrite=a.overwrite,
-                              progress=not a.no_progress, budget=budget)
+                              DataOptions(a.data, a.tokenizer), overwrite=a.overwrite, progress=not a.no_progress,
+                              budget=budget, topology=_topology(a), device=a.device)
     print(f"shrank {a.src} with {a.method}: {summary}")
     return EXIT_OK
 
 
 def cmd_eval(a) -> int:
     _positive("tokens", a.tokens), _positive("seq-length", a.seq_length)
-    print(json.dumps(commands.evaluate(a.path, a.data, a.tokenizer, a.tokens, a.seq_length)))
+    print(json.dumps(commands.evaluate(a.path, a.data, a.tokenizer, a.tokens, a.seq_length, a.device)))
     return EXIT_OK
 
 
 def cmd_convert(a) -> int:
     summary = commands.convert(a.src, a.dst, _output_options(a), overwrite=a.overwrite,
-                               progress=not a.no_progress, dry_run=a.dry_run)
+                               progress=not a.no_progress, dry_run=a.dry_run, topology=_topology(a))
     if a.dry_run:
         return _print_plan(summary)
     print(f"converted {a.src}: {summary}")
@@ -230,7 +241,7 @@ def cmd_convert(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    result = commands.verify(a.src, a.dst, tokens=a.tokens, seed=a.seed)
+    result = commands.verify(a.src, a.dst, tokens=a.tokens, seed=a.seed, device=a.device)
     same = result["max_abs_diff"] <= a.atol
     result = {"verdict": "same" if same else "different", **result}
     print(json.dumps(result))
@@ -263,7 +274,7 @@ def cmd_inspect(a) -> int:
 def cmd_init(a) -> int:
     cfg = ModelConfig.from_yaml(a.target)
     summary = commands.init_checkpoint(cfg, a.dst, _output_options(a), seed=a.seed, dtype=DTYPES[a.dtype],
-                                       overwrite=a.overwrite)
+                                       overwrite=a.overwrite, topology=_topology(a))
     print(f"initialised: {summary}")
     return EXIT_OK
 

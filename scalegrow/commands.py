@@ -13,20 +13,22 @@ from typing import ContextManager, Iterator
 import torch
 import torch.nn.functional as F
 
-from scalegrow.core.counts import num_parameters
-from scalegrow.write import session
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow.core.device import resolve as resolve_device
+from scalegrow.core.model import GPT, init_weights
+from scalegrow.data import batch, companion_files, corpus_streams, source_tokenizer
 from scalegrow.errors import InputError
-from scalegrow.data import batch, corpus_streams, source_tokenizer, companion_files
 from scalegrow.formats.base import MemoryReader, MetaReader
-from scalegrow.formats.registry import FORMATS, open_checkpoint
+from scalegrow.formats.options import LayoutOptions, OutputOptions
+from scalegrow.formats.registry import FORMATS, load_model, open_checkpoint
 from scalegrow.methods import budget
 from scalegrow.methods import registry as methods
 from scalegrow.methods.base import Context, LocalTrainer
-from scalegrow.formats.registry import load_model  # noqa: F401 (load_model: API)
-from scalegrow.core.model import GPT, init_weights
 from scalegrow.operators.identity import Identity
-from scalegrow.write.session import OutputOptions, Summary
+from scalegrow.write import session
+from scalegrow.write.destination import check_destination
+from scalegrow.write.session import Summary, Topology
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,15 @@ class DataOptions:
 
 
 def init_checkpoint(cfg: ModelConfig, dst: str | Path, out: OutputOptions = OutputOptions(), seed: int = 0,
-                    dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Summary:
+                    dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                    topology: Topology = Topology()) -> Summary:
     """A randomly initialised (Megatron init) checkpoint: a stand-in for a pretrained one."""
     start = time.time()
     model = GPT(cfg)
     init_weights(model, seed)
     return session.write(MemoryReader.of(model.state_dict(), cfg, dtype=dtype), Identity(cfg, cfg), dst, out,
-                        method="init", details={"seed": seed}, overwrite=overwrite, progress=False, start=start)
+                         topology=topology, method="init", details={"seed": seed}, overwrite=overwrite,
+                         progress=False, start=start)
 
 
 def save_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path, *, tp: int = 1, pp: int = 1,
@@ -55,26 +59,30 @@ def save_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path, *
                overwrite: bool = False, iteration: int | str = "release", base_args=None) -> Summary:
     """Write an in-memory reference-model state dict as a Megatron checkpoint at TP/PP."""
     model = MemoryReader.of(sd, cfg, iteration=iteration, args=base_args, dtype=dtype)
-    return session.write(model, Identity(cfg, cfg), dst, OutputOptions(tp, pp, first, last), method="export",
-                        overwrite=overwrite, progress=False)
+    return session.write(model, Identity(cfg, cfg), dst, OutputOptions(layout=LayoutOptions(tp, pp, first, last)),
+                         method="export", overwrite=overwrite, progress=False)
 
 
 def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path | None,
          out: OutputOptions = OutputOptions(), seed: int = 0, overwrite: bool = False, progress: bool = True,
-         dry_run: bool = False, options=None, data: DataOptions = DataOptions()) -> Summary | dict:
-    """Grow `src_path` with `method` to the model in the `target` YAML, written at `out`. With
-    `dry_run`, nothing is read or written: the output plan (file -> key -> shape) is returned."""
-    return _transform(methods.GROW, src_path, dst, method, target, out, seed, overwrite, progress, dry_run,
-                      options, data)
+         dry_run: bool = False, options=None, data: DataOptions = DataOptions(), topology: Topology = Topology(),
+         device: str | None = None) -> Summary | dict:
+    """Grow `src_path` with `method` to the model in the `target` YAML, written at `out`; a prepare
+    step (LiGO's training) runs on `device` (`core/device.py`). With `dry_run`, nothing is read or
+    written: the output plan (file -> key -> shape) is returned."""
+    job = Job(methods.GROW, method, out, topology, seed, overwrite, progress, data, device)
+    return _transform(job, src_path, dst, target, dry_run, options)
 
 
 def shrink(src_path: str | Path, dst: str | Path, method: str, target: str | Path | ModelConfig | None,
            out: OutputOptions = OutputOptions(), options=None, data: DataOptions = DataOptions(),
-           overwrite: bool = False, progress: bool = True, budget: dict | None = None) -> Summary:
-    """Initialise a smaller model from `src_path` (weight subcloning or the drop-layers baseline);
-    `target` a YAML or a shape from `budget_shape` (whose `budget` record goes into scalegrow.json)."""
-    return _transform(methods.SHRINK, src_path, dst, method, target, out, 0, overwrite, progress, False,
-                      options, data, {"budget": budget} if budget else {})
+           overwrite: bool = False, progress: bool = True, budget: dict | None = None,
+           topology: Topology = Topology(), device: str | None = None) -> Summary:
+    """Initialise a smaller model from `src_path` (weight subcloning or the drop-layers baseline),
+    calibrating on `device`; `target` a YAML or a shape from `budget_shape` (whose `budget` record
+    goes into scalegrow.json)."""
+    job = Job(methods.SHRINK, method, out, topology, 0, overwrite, progress, data, device)
+    return _transform(job, src_path, dst, target, False, options, {"budget": budget} if budget else {})
 
 
 def target_config(src_path: str | Path, target: str | Path) -> ModelConfig:
@@ -92,11 +100,25 @@ def budget_shape(src_path: str | Path, params: str, tp: int | None = None) -> tu
     return cfg, budget.rule(src, cfg, n)
 
 
-def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions, seed: int, overwrite: bool,
-               progress: bool, dry_run: bool, options, data: DataOptions, record: dict | None = None) -> Summary | dict:
+@dataclass(frozen=True)
+class Job:
+    """What a grow or shrink is asked to do besides its source, target and method's options."""
+
+    kind: str  # methods.GROW or methods.SHRINK
+    method: str
+    out: OutputOptions
+    topology: Topology
+    seed: int
+    overwrite: bool
+    progress: bool
+    data: DataOptions
+    device: str | None
+
+
+def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: dict | None = None) -> Summary | dict:
     start = time.time()
-    session.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
-    src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
+    check_destination(dst, job.overwrite or dry_run, None if dry_run else src_path)
+    src = open_checkpoint(src_path, validate=not dry_run, quiet=not job.progress)
     if isinstance(target, ModelConfig):  # a shape chosen for a budget (`budget_shape`)
         dst_cfg, where = target, "--params"
     else:
@@ -104,43 +126,47 @@ def _transform(kind: str, src_path, dst, method: str, target, out: OutputOptions
         where = str(target or "--target")
 
     def context(m: methods.Method, op) -> ContextManager[Context]:
-        session.preflight(src, op.dst, out, dst)  # layout and room first: preparing is the heavy part
-        if out.ranks:  # each rank would train or calibrate on its own, and might not agree to the bit
-            raise InputError(f"--method {method} prepares its operator on data, which is not shared between "
-                             f"ranks ({out.ranks}): run it on one node (--workers uses its cores), then "
+        session.preflight(src, op.dst, job.out, dst)  # layout and room first: preparing is the heavy part
+        ranks = job.topology.ranks
+        if ranks:  # each rank would train or calibrate on its own, and might not agree to the bit
+            raise InputError(f"--method {job.method} prepares its operator on data, which is not shared between "
+                             f"ranks ({ranks}): run it on one node (--workers uses its cores), then "
                              f"convert across nodes")
-        return _context(m, src, data, seed, progress)
+        return _context(m, src, job)
 
-    op, details = methods.build_operator(method, kind, src.config, dst_cfg, seed=seed, options=options,
+    op, details = methods.build_operator(job.method, job.kind, src.config, dst_cfg, seed=job.seed, options=options,
                                          context=None if dry_run else context, where=where)
     if dry_run:
-        return session.plan(src, op, out)
-    return session.write(src, op, dst, out, details={**details, **(record or {})},
-                        files=companion_files(src.root, data.tokenizer),
-                        overwrite=overwrite, progress=progress, desc=f"{kind}/{method}", start=start)
+        return session.plan(src, op, job.out)
+    return session.write(src, op, dst, job.out, topology=job.topology, details={**details, **(record or {})},
+                         files=companion_files(src.root, job.data.tokenizer), overwrite=job.overwrite,
+                         progress=job.progress, desc=f"{job.kind}/{job.method}", start=start)
 
 
 @contextlib.contextmanager
-def _context(method: methods.Method, src, data: DataOptions, seed: int, progress: bool) -> Iterator[Context]:
-    """A prepare step's context on this process: `data` tokenized with the source's tokenizer."""
+def _context(method: methods.Method, src, job: Job) -> Iterator[Context]:
+    """A prepare step's context on this process: `data` tokenized with the source's tokenizer, its
+    computing on the job's device."""
+    data, where = job.data, resolve_device(job.device)
     seq = min(data.seq_length or method.seq_length, src.config.max_position_embeddings)
-    trainer = LocalTrainer(seed=seed, progress=progress, **({"micro_batch_size": data.micro_batch_size}
-                                                             if data.micro_batch_size else {}))
+    batch_size = {"micro_batch_size": data.micro_batch_size} if data.micro_batch_size else {}
+    trainer = LocalTrainer(seed=job.seed, progress=job.progress, device=where, **batch_size)
     with corpus_streams(data.data, source_tokenizer(src.root, data.tokenizer), seq) as (train, _):
-        yield Context(src, train, data.data, trainer, progress)
+        yield Context(src, train, data.data, trainer, job.progress, device=where)
 
 
 def convert(src_path: str | Path, dst: str | Path, out: OutputOptions = OutputOptions(),
-            overwrite: bool = False, progress: bool = True, dry_run: bool = False) -> Summary | dict:
+            overwrite: bool = False, progress: bool = True, dry_run: bool = False,
+            topology: Topology = Topology()) -> Summary | dict:
     """Re-partition (TP/PP) and/or change format; the tensors themselves are untouched."""
     start = time.time()
-    session.check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
+    check_destination(dst, overwrite or dry_run, None if dry_run else src_path)
     src = open_checkpoint(src_path, validate=not dry_run, quiet=not progress)
     op = Identity(src.config, src.config)
     if dry_run:
         return session.plan(src, op, out)
-    return session.write(src, op, dst, out, files=companion_files(src.root), overwrite=overwrite, progress=progress,
-                        desc="convert", start=start)
+    return session.write(src, op, dst, out, topology=topology, files=companion_files(src.root), overwrite=overwrite,
+                         progress=progress, desc="convert", start=start)
 
 
 def plan(src_cfg: ModelConfig, dst_cfg: ModelConfig, method: str = "lemon", out: OutputOptions = OutputOptions(),
@@ -152,28 +178,31 @@ def plan(src_cfg: ModelConfig, dst_cfg: ModelConfig, method: str = "lemon", out:
 
 
 def evaluate(path: str | Path, data: str = "embedded", tokenizer: str | None = None, tokens: int = 32768,
-             seq_length: int = 256) -> dict:
-    """Mean next-token loss of a checkpoint on the held-out split of `data`."""
-    model = load_model(path)
+             seq_length: int = 256, device: str | None = None) -> dict:
+    """Mean next-token loss of a checkpoint on the held-out split of `data`, computed on `device`."""
+    where = resolve_device(device)
+    model = load_model(path).to(where)
     seq = min(seq_length, model.cfg.max_position_embeddings)
     with corpus_streams(data, source_tokenizer(path, tokenizer), seq) as (_, valid):
         n = max(1, min(valid.num_samples, tokens // seq))
         total = 0.0
         with torch.no_grad():
             for first in range(0, n, 8):
-                windows = batch(valid, list(range(first, min(n, first + 8))))
+                windows = batch(valid, list(range(first, min(n, first + 8)))).to(where)
                 total += model.loss(windows).item() * len(windows)
     loss = total / n
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n * seq, "data": data}
 
 
-def verify(src_path: str | Path, dst_path: str | Path, tokens: int = 512, seed: int = 0) -> dict:
-    """Run the same random token batch through both models; compare logits and losses."""
-    a, b = load_model(src_path), load_model(dst_path)
+def verify(src_path: str | Path, dst_path: str | Path, tokens: int = 512, seed: int = 0,
+           device: str | None = None) -> dict:
+    """Run the same random token batch through both models on `device`; compare logits and losses."""
+    where = resolve_device(device)
+    a, b = load_model(src_path).to(where), load_model(dst_path).to(where)
     vocab = min(a.cfg.vocab_size or a.cfg.padded_vocab_size, b.cfg.vocab_size or b.cfg.padded_vocab_size)
     seq = min(tokens, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
     batch_ = torch.randint(0, vocab, (max(1, math.ceil(tokens / seq)), seq),
-                           generator=torch.Generator().manual_seed(seed))
+                           generator=torch.Generator().manual_seed(seed)).to(where)
     with torch.no_grad():
         la, lb = a(batch_)[..., :vocab], b(batch_)[..., :vocab]  # re-padded rows are not part of the function
     diff = (la - lb).abs().max().item()

@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
-from scalegrow.formats.io import safe_load
 from scalegrow.cli import main
-from scalegrow.write.session import OutputOptions
 from scalegrow.commands import convert, save_model
+from scalegrow.formats.io import safe_load
+from scalegrow.formats.options import OutputOptions
+
 from helpers import family_config, random_model, tree_sha256, write_yaml
 
 RANK = "iter_0000007/mp_rank_01_000/model_optim_rng.pt"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scalegrow.core.counts import flops_per_token
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "bench"))

@@ -3,13 +3,14 @@ budget's spellings, and the dry run that shows the choice without reading a weig
 import json
 
 import pytest
-from helpers import family_config, random_model
 
-from scalegrow.core.counts import num_parameters
 from scalegrow import cli, commands
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import num_parameters
 from scalegrow.errors import InputError
 from scalegrow.methods import budget
+
+from helpers import family_config, random_model
 
 LLAMA_70B = ModelConfig.from_dict(dict(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
                         num_query_groups=8, kv_channels=128, padded_vocab_size=128256, vocab_size=128256,

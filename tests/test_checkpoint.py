@@ -6,11 +6,12 @@ import zipfile
 import pytest
 import torch
 
-from scalegrow.formats.registry import open_checkpoint
+from scalegrow.commands import save_model
+from scalegrow.errors import InputError
 from scalegrow.formats.io import atomic_output_dir, safe_load
 from scalegrow.formats.megatron import FILE_NAME
-from scalegrow.errors import InputError
-from scalegrow.commands import save_model
+from scalegrow.formats.registry import open_checkpoint
+
 from helpers import family_config, random_model
 
 

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from scalegrow.core.counts import num_parameters
 from scalegrow.cli import main
-from helpers import METADATA_KEYS, family_config, tree_sha256, write_yaml
 from scalegrow.commands import save_model
-from helpers import random_model
+from scalegrow.core.counts import num_parameters
+
+from helpers import METADATA_KEYS, family_config, random_model, tree_sha256, write_yaml
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_grow_verify_inspect(small, tmp_path, capsys):
     src_params = num_parameters(family_config("llama", num_layers=2))
     assert code == 0 and f"({src_params / 1e6:.2f}M -> " in out and str(tmp_path / "big") in out
     assert tree_sha256(src) == before  # the source is never written
-    code, out, _ = run(capsys, "verify", "--src", src, "--dst", tmp_path / "big")
+    code, out, _ = run(capsys, "verify", "--src", src, "--dst", tmp_path / "big", "--device", "cpu")
     result = json.loads(out)
     assert code == 0 and result["max_abs_diff"] <= 1e-4
     assert abs(result["loss_src"] - result["loss_dst"]) <= 1e-4

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cluster import NODES, Cluster, on
 from helpers import checkpoint_files, grow_argv, llama_source
 from training import ENV, ROOT, free_port, scalars

@@ -2,11 +2,12 @@ import argparse
 
 import pytest
 
-from scalegrow.formats.megatron_args import config_from_args, config_to_args
-from scalegrow.core.counts import num_parameters
 from scalegrow.core.config import ModelConfig
-from scalegrow.errors import InputError
+from scalegrow.core.counts import num_parameters
 from scalegrow.core.model import GPT
+from scalegrow.errors import InputError
+from scalegrow.formats.megatron_args import config_from_args, config_to_args
+
 from helpers import family_config, write_yaml
 
 

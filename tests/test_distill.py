@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+
+from scalegrow import cli
+from scalegrow.commands import load_model, save_model
+from scalegrow.core.counts import flops_per_token
+from scalegrow.errors import InputError
+from scalegrow.train.distill import DistillConfig, DistilledGPT, distill_loss
+
 from helpers import family_config, random_model
 from training import scalars, train
-
-from scalegrow.core.counts import flops_per_token
-from scalegrow import cli
-from scalegrow.errors import InputError
-from scalegrow.commands import load_model, save_model
-from scalegrow.train.distill import DistillConfig, DistilledGPT, distill_loss
 
 
 def reference(hidden, weight, t_hidden, t_weight, labels, opts: DistillConfig):

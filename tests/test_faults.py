@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from scalegrow.write import session
 from scalegrow.cli import build_parser, main
 from scalegrow.commands import save_model
+from scalegrow.write import session
+
 from helpers import family_config, random_model, tree_sha256, write_yaml
 
 
@@ -181,3 +182,21 @@ def test_every_option_has_help_with_its_default():
     method = next(a for a in commands["grow"]._actions if a.dest == "method")
     assert "lemon, ligo, llama-pro" in method.help
 
+
+
+# ---- 6. what the rest of the group may read --------------------------------------------------------
+@pytest.mark.parametrize("fmt, umask", [("torch", 0o002), ("torch_dist", 0o022), ("hf", 0o002)])
+def test_output_gets_the_modes_plain_mkdir_and_open_give(src, tmp_path, capsys, fmt, umask):
+    """A shared cluster filesystem: the group reads (umask 022) or writes (002) what a teammate grew,
+    the directory as `mkdir` would make it, the files as `open` would (a temporary directory's 0700
+    would lock them out)."""
+    old = os.umask(umask)
+    try:
+        code, _, err = run(capsys, "grow", "--src", src, "--dst", tmp_path / "out", "--target", tmp_path / "t.yaml",
+                           "--format", fmt, "--no-progress")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
+    want = {p: oct((0o777 if (tmp_path / p).is_dir() else 0o666) & ~umask) for p in modes}
+    assert modes == want and len(modes) >= 4  # the directory, weights, scalegrow.json, the tokenizer

@@ -6,15 +6,16 @@ import json
 
 import pytest
 import torch
-from hf_models import FAMILIES, VOCAB, build, logits, train_tokenizer
-from helpers import tree_sha256, write_yaml
 
 from scalegrow import cli, commands
+from scalegrow.formats.options import HFOptions, LayoutOptions, OutputOptions
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.methods import registry as methods
-from scalegrow.write.session import OutputOptions
 
-HF = OutputOptions(format="hf", max_shard_size=200_000)
+from helpers import tree_sha256, write_yaml
+from hf_models import FAMILIES, VOCAB, build, logits, train_tokenizer
+
+HF = OutputOptions(format="hf", hf=HFOptions(max_shard_size=200_000))
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
 
@@ -53,7 +54,7 @@ def test_megatron_core_at_tp2_pp2_equals_transformers(hf, tmp_path):
     torch.save(TOKENS, tmp_path / "tokens.pt")
     jobs = []
     for family in FAMILIES:
-        commands.convert(hf[family], tmp_path / family, OutputOptions(tp=2, pp=2), progress=False)
+        commands.convert(hf[family], tmp_path / family, OutputOptions(layout=LayoutOptions(tp=2, pp=2)), progress=False)
         jobs.append({"config": open_checkpoint(tmp_path / family).config.to_dict(), "path": str(tmp_path / family),
                      "format": "torch", "tokens": str(tmp_path / "tokens.pt")})
     for family, got in zip(FAMILIES, mcore.run_megatron_check(2, 2, jobs, tmp_path)):
@@ -84,7 +85,7 @@ def test_lemon_growth_hf_to_hf_is_lossless_in_transformers(hf, tmp_path, family)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_to_megatron_to_hf_is_tensor_for_tensor_identical(hf, tmp_path, family):
     """(c) HF -> Megatron (TP2/PP2, vocabulary padded) -> HF: the same tensors, the same config."""
-    commands.convert(hf[family], tmp_path / "meg", OutputOptions(tp=2, pp=2), progress=False)
+    commands.convert(hf[family], tmp_path / "meg", OutputOptions(layout=LayoutOptions(tp=2, pp=2)), progress=False)
     commands.convert(tmp_path / "meg", tmp_path / "back", HF, progress=False)
     a, b = safetensors_state(hf[family]), safetensors_state(tmp_path / "back")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -162,7 +163,7 @@ def test_megatron_without_hf_origin_converts_by_its_structure(tmp_path, capsys):
     from helpers import family_config
 
     cfg = family_config("llama", num_layers=2)  # padded 128, true vocab 100
-    commands.init_checkpoint(cfg, tmp_path / "meg", OutputOptions(tp=2))
+    commands.init_checkpoint(cfg, tmp_path / "meg", OutputOptions(layout=LayoutOptions(tp=2)))
     for family in ("llama", "mistral"):
         assert cli.main(["convert", "--src", str(tmp_path / "meg"), "--dst", str(tmp_path / family), "--format",
                          "hf", "--hf-model-type", family, "--no-progress"]) == 0

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
+from test_parity import PRODUCT, tiny_config
 
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import GPT
+from scalegrow.errors import InputError
 from scalegrow.methods import registry as methods
 from scalegrow.operators.lemon import LemonGrowth, depth_map
-from scalegrow.errors import InputError
-from scalegrow.core.model import GPT
 from scalegrow.write.executor import apply
+
 from helpers import FAMILIES, family_config, random_model, tokens
-from test_parity import PRODUCT, tiny_config
 
 ATOL = 1e-4
 

@@ -7,18 +7,26 @@ import shutil
 import pytest
 import torch
 
-from scalegrow.formats.megatron_args import config_from_args
-from scalegrow.core.counts import num_parameters
-from scalegrow.formats.io import safe_load
 from scalegrow.cli import main as cli
+from scalegrow.commands import load_model, save_model
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow.core.model import GPT, init_weights
+from scalegrow.data import (
+    BatchOrder,
+    TokenStream,
+    batch,
+    build_indexed,
+    embedded_documents,
+    load_tokenizer,
+    train_tokenizer,
+)
+from scalegrow.formats.io import safe_load
+from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.methods.ligo import LigoModel
 from scalegrow.operators.ligo import LigoGrowth, LigoOperator, identity_like
-from scalegrow.core.model import GPT, init_weights
-from scalegrow.commands import load_model, save_model
 from scalegrow.write.executor import apply
-from scalegrow.data import BatchOrder, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer, \
-    train_tokenizer
+
 from helpers import family_config, random_model, tokens, write_yaml
 
 TARGETS = {"llama": dict(hidden_size=96, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=144, num_layers=5),
@@ -100,7 +108,7 @@ def test_cli_ligo_loss_falls_and_megatron_core_loads_it(trained_small, tmp_path,
     target = write_yaml(tmp_path / "t.yaml", **TARGETS["llama"])
     assert cli(["grow", "--method", "ligo", "--src", str(trained_small / "small"), "--dst", str(tmp_path / "big"),
                 "--target", str(target), "--steps", "25", "--lr", "3e-3", "--data", str(trained_small / "corpus"),
-                "--no-progress"]) == 0
+                "--device", "cpu", "--no-progress"]) == 0
     meta = json.loads((tmp_path / "big/scalegrow.json").read_text())
     ligo = meta["details"]["ligo"]
     assert meta["method"] == "ligo" and ligo["steps"] == 25

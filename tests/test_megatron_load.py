@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from scalegrow.formats.megatron_args import config_from_args
-from scalegrow.formats.io import safe_load
 from scalegrow.cli import main
 from scalegrow.commands import save_model
+from scalegrow.formats.io import safe_load
+from scalegrow.formats.megatron_args import config_from_args
+
 from helpers import family_config, random_model, tokens, write_yaml
 
 
@@ -21,7 +22,6 @@ def test_megatron_core_loads_grown_checkpoint(mcore, tmp_path, family):
     assert main(["grow", "--src", str(tmp_path / "small"), "--dst", str(tmp_path / "big"),
                  "--target", str(target), "--no-progress"]) == 0
     state = safe_load(tmp_path / "big/release/mp_rank_00/model_optim_rng.pt", mmap=False)
-    from scalegrow.core.config import ModelConfig
 
     grown_cfg = config_from_args(state["args"])
     theirs = mcore.build_gpt(grown_cfg).eval()

@@ -6,13 +6,15 @@ import json
 
 import pytest
 import torch
-from helpers import family_config, random_model, tokens, write_yaml
 
 from scalegrow import cli, commands
-from scalegrow.write.executor import apply
-from scalegrow.formats.registry import open_checkpoint
 from scalegrow.core.model import GPT
+from scalegrow.formats.options import LayoutOptions, OutputOptions
+from scalegrow.formats.registry import open_checkpoint
 from scalegrow.operators.upcycle import Upcycle
+from scalegrow.write.executor import apply
+
+from helpers import family_config, random_model, tokens, write_yaml
 
 UPCYCLES = {  # name: (dense family, MoE settings)
     "llama-top2-of-4": ("llama", dict(num_moe_experts=4, moe_router_topk=2)),
@@ -130,7 +132,7 @@ def test_moe_checkpoints_round_trip_any_layout(tmp_path):
     moe = src.replace(num_moe_experts=4)
     sd = apply(Upcycle(src, moe, seed=1, noise=0.02), random_model(src, seed=3).state_dict())
     commands.save_model(sd, moe, tmp_path / "a", tp=2, pp=2)
-    commands.convert(tmp_path / "a", tmp_path / "b", commands.OutputOptions(tp=1, pp=4), progress=False)
+    commands.convert(tmp_path / "a", tmp_path / "b", OutputOptions(layout=LayoutOptions(tp=1, pp=4)), progress=False)
     back = open_checkpoint(tmp_path / "b")
     assert back.config == moe.replace(vocab_size=moe.vocab_size) and back.pp == 4
     got = back.state_dict()
@@ -330,15 +332,15 @@ def test_pruning_experts_the_router_never_uses_is_exact():
 def test_shrink_prune_experts_end_to_end(tmp_path):
     """`shrink --method prune-experts` calibrates on real text (an HF tokenizer shipped with the
     checkpoint), drops the unused expert, records its choice, and the result is the same function."""
-    from hf_models import train_tokenizer
-
     from scalegrow.methods import registry as methods
+
+    from hf_models import train_tokenizer
 
     cfg, sd = _with_dead_expert()
     commands.save_model(sd, cfg, tmp_path / "moe", pp=2)
     train_tokenizer(tmp_path / "moe")  # tokenizer.json beside the checkpoint
     commands.shrink(tmp_path / "moe", tmp_path / "pruned", "prune-experts",
-                    write_yaml(tmp_path / "t.yaml", num_moe_experts=3), commands.OutputOptions(pp=1),
+                    write_yaml(tmp_path / "t.yaml", num_moe_experts=3), OutputOptions(layout=LayoutOptions(pp=1)),
                     methods.options_with("prune-experts", methods.SHRINK, tokens=2048),
                     commands.DataOptions(seq_length=64), progress=False)
     details = json.loads((tmp_path / "pruned/scalegrow.json").read_text())["details"]

@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from scalegrow.core import arch
 from scalegrow.cli import main as cli
+from scalegrow.commands import load_model, save_model
+from scalegrow.core import arch
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import GPT
 from scalegrow.errors import InputError
 from scalegrow.methods import registry as methods
-from scalegrow.core.model import GPT
-from scalegrow.commands import load_model, save_model
 from scalegrow.write.executor import apply
+
 from helpers import family_config, random_model, tokens, write_yaml
 
 

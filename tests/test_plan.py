@@ -4,12 +4,12 @@ import resource
 
 import torch
 
-from scalegrow.core.counts import num_parameters
-from scalegrow.formats.megatron import local_key
-from scalegrow.core.config import ModelConfig
-from scalegrow.write.session import OutputOptions
-from scalegrow.core.layout import Stages
 from scalegrow.commands import plan
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow.core.layout import Stages
+from scalegrow.formats.megatron import local_key
+from scalegrow.formats.options import LayoutOptions, OutputOptions
 
 LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", rotary_base=500000,
              untie_embeddings_and_output_weights=True, add_bias_linear=False, kv_channels=128,
@@ -23,7 +23,7 @@ TP, PP = 8, 4
 
 def test_70b_plan_matches_megatron_shapes(mcore):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    files = plan(SRC_8B, DST_70B, "lemon", OutputOptions(tp=TP, pp=PP))
+    files = plan(SRC_8B, DST_70B, "lemon", OutputOptions(layout=LayoutOptions(tp=TP, pp=PP)))
     # Megatron-LM pads the 128256-token vocabulary to a multiple of 128 x TP8 = 1024: 129024 rows
     dst = DST_70B.replace(padded_vocab_size=129024)
     with torch.device("meta"):  # megatron-core's own model at the target size, unsharded

@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
-from helpers import checkpoint_files, grow_argv, llama_source
-from training import free_port
 
 from scalegrow.write import ranks
+
+from helpers import checkpoint_files, grow_argv, llama_source
+from training import free_port
 
 RUN_CLI = "import sys\n{prelude}\nfrom scalegrow import cli\nsys.exit(cli.main(sys.argv[1:]))"
 

@@ -4,11 +4,12 @@ import itertools
 import pytest
 import torch
 
+from scalegrow.commands import convert, grow, load_model, save_model
 from scalegrow.formats.io import safe_load
 from scalegrow.formats.megatron import FILE_NAME
+from scalegrow.formats.options import LayoutOptions, OutputOptions
 from scalegrow.formats.registry import open_checkpoint
-from scalegrow.write.session import OutputOptions
-from scalegrow.commands import convert, grow, load_model, save_model
+
 from helpers import family_config, random_model, tokens, write_yaml
 
 # (tp, pp, first, last): uneven splits included
@@ -70,7 +71,7 @@ def test_grow_any_layout_to_any_layout(tmp_path, family, src_layout):
     for dst_layout in DST_LAYOUTS:
         tp, pp, first, last = dst_layout
         dst = tmp_path / f"dst-{layout_id(dst_layout)}"
-        grow(src, dst, "lemon", target, OutputOptions(tp, pp, first, last), progress=False)
+        grow(src, dst, "lemon", target, OutputOptions(layout=LayoutOptions(tp, pp, first, last)), progress=False)
         ckpt = open_checkpoint(dst)
         assert (ckpt.tp, ckpt.pp) == (tp, pp)
         if first:
@@ -93,9 +94,9 @@ def test_grow_any_layout_to_any_layout(tmp_path, family, src_layout):
 def test_round_trip_is_bit_identical(tmp_path, family, a, b):
     src, _ = make_source(tmp_path, family, a)
     tp, pp, first, last = b
-    convert(src, tmp_path / "b", OutputOptions(tp, pp, first, last), progress=False)
+    convert(src, tmp_path / "b", OutputOptions(layout=LayoutOptions(tp, pp, first, last)), progress=False)
     tp, pp, first, last = a
-    convert(tmp_path / "b", tmp_path / "a", OutputOptions(tp, pp, first, last), progress=False)
+    convert(tmp_path / "b", tmp_path / "a", OutputOptions(layout=LayoutOptions(tp, pp, first, last)), progress=False)
     assert_bit_identical(src, tmp_path / "a")
 
 
@@ -161,7 +162,7 @@ def test_megatron_core_loads_every_rank(mcore, tmp_path, dst_layout):
     for family, src_layout in itertools.product(sorted(FAMILIES), [SRC_LAYOUTS[0], SRC_LAYOUTS[2]]):
         src, small = make_source(tmp_path, family, src_layout)
         dst = tmp_path / f"dst-{family}-{layout_id(src_layout)}"
-        grow(src, dst, "lemon", make_target(tmp_path, family), OutputOptions(tp, pp, first, last), progress=False)
+        grow(src, dst, "lemon", make_target(tmp_path, family), OutputOptions(layout=LayoutOptions(tp, pp, first, last)), progress=False)
         x = tokens(small.cfg, seq=16, seed=len(jobs))
         torch.save(x, tmp_path / f"tokens{len(jobs)}.pt")
         jobs.append(dict(path=str(dst), format="torch", config=open_checkpoint(dst).config.to_dict(),

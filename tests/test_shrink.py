@@ -6,16 +6,24 @@ import pytest
 import torch
 import yaml
 
-from scalegrow.core.counts import num_parameters
-from scalegrow.formats.registry import open_checkpoint
 from scalegrow.cli import main as cli
-from scalegrow.core.config import ModelConfig
-from scalegrow.core.model import GPT, init_weights
-from scalegrow.methods.subclone import SubcloneOptions
-from scalegrow.write.session import OutputOptions
 from scalegrow.commands import DataOptions, evaluate, load_model, save_model, shrink
-from scalegrow.data import (BatchOrder, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer,
-                                  train_tokenizer)
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow.core.model import GPT, init_weights
+from scalegrow.data import (
+    BatchOrder,
+    TokenStream,
+    batch,
+    build_indexed,
+    embedded_documents,
+    load_tokenizer,
+    train_tokenizer,
+)
+from scalegrow.formats.options import LayoutOptions, OutputOptions
+from scalegrow.formats.registry import open_checkpoint
+from scalegrow.methods.subclone import SubcloneOptions
+
 from helpers import write_yaml
 
 WIDTH_AND_DEPTH = dict(num_layers=2, hidden_size=64, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=176)
@@ -49,7 +57,7 @@ def big(tmp_path_factory):
     return root
 
 
-def shrunk(big, tmp_path, name, target, method="subclone", rescale=True, layout=OutputOptions(tp=1, pp=1), src=None):
+def shrunk(big, tmp_path, name, target, method="subclone", rescale=True, layout=OutputOptions(layout=LayoutOptions(tp=1, pp=1)), src=None):
     out, src = tmp_path / name, src or big / "big"
     options = SubcloneOptions(tokens=8192, rescale=rescale) if method == "subclone" else None
     shrink(src, out, method, write_yaml(tmp_path / f"{name}.yaml", **target), layout, options,
@@ -109,12 +117,12 @@ def test_subclone_shrinks_an_upcycled_moe(big, tmp_path):
     same shape is exact; at half width (every expert's neurons 352 -> 176, ranked per expert over its
     routed tokens, the router's columns of the kept dimensions) it beats drop-layers, and the
     fitted rescale of every expert's fc2 lowers the loss further."""
-    from scalegrow.methods import registry as methods
     from scalegrow.commands import grow
+    from scalegrow.methods import registry as methods
 
     moe = tmp_path / "moe"
     grow(big / "big", moe, "upcycle", write_yaml(tmp_path / "moe.yaml", num_moe_experts=4, moe_router_topk=2),
-         OutputOptions(tp=1, pp=1), progress=False, options=methods.options_with("upcycle", methods.GROW, noise=0.02))
+         OutputOptions(layout=LayoutOptions(tp=1, pp=1)), progress=False, options=methods.options_with("upcycle", methods.GROW, noise=0.02))
     same = shrunk(big, tmp_path, "same", dict(num_layers=4), src=moe)
     a, b = load_model(moe).state_dict(), load_model(same).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -130,7 +138,7 @@ def test_subclone_shrinks_an_upcycled_moe(big, tmp_path):
 @pytest.mark.slow
 def test_megatron_core_loads_the_shrunk_model_at_tp2(big, tmp_path, mcore):
     two_groups = dict(WIDTH_AND_DEPTH, num_query_groups=2)  # whole KV groups per TP rank
-    out = shrunk(big, tmp_path, "tp2", two_groups, layout=OutputOptions(tp=2, pp=1))
+    out = shrunk(big, tmp_path, "tp2", two_groups, layout=OutputOptions(layout=LayoutOptions(tp=2, pp=1)))
     ckpt = open_checkpoint(out)
     assert (ckpt.tp, ckpt.pp) == (2, 1)
     x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -145,7 +153,7 @@ def test_megatron_core_loads_the_shrunk_model_at_tp2(big, tmp_path, mcore):
 def test_cli_shrink_and_bad_targets(big, tmp_path, capsys):
     target = write_yaml(tmp_path / "t.yaml", **WIDTH_AND_DEPTH)
     base = ["shrink", "--src", str(big / "big"), "--calib-data", str(big / "corpus"), "--calib-tokens", "4096",
-            "--no-progress"]
+            "--device", "cpu", "--no-progress"]
     assert cli(base + ["--dst", str(tmp_path / "ok"), "--target", str(target), "--tp", "1", "--pp", "2"]) == 0
     assert open_checkpoint(tmp_path / "ok").pp == 2
     capsys.readouterr()
@@ -186,7 +194,7 @@ def test_shrink_to_a_parameter_budget(big, tmp_path, capsys):
 
 
 def test_cli_eval(big, capsys):
-    assert cli(["eval", str(big / "big"), "--data", str(big / "corpus"), "--tokens", "2048"]) == 0
+    assert cli(["eval", str(big / "big"), "--data", str(big / "corpus"), "--tokens", "2048", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 2048 and 2.0 < result["loss"] < 5.0  # 16 windows of 128 (max positions)
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)

@@ -9,27 +9,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "scalegrow"
 
-# part -> the parts it may import (every part may import itself, `errors`, `config` and `deps`)
+# part -> the parts it may import (every part may import itself, `errors`, `deps` and the model config:
+# core.config, core.features, core.typed). The core's modules are parts of their own.
+CORE = {"core.arch", "core.sharding", "core.layout", "core.model", "core.counts", "core.device"}
 ALLOWED = {
-    "arch": set(),
-    "parallel": {"arch"},
-    "model": set(),
+    "core.arch": set(),
+    "core.sharding": {"core.arch"},
+    "core.layout": set(),
+    "core.model": set(),
+    "core.counts": {"core.arch"},
+    "core.device": set(),
     "data": set(),
-    "metadata": {"parallel"},
-    "operators": {"arch"},
-    "formats": {"arch", "parallel", "metadata"},
-    "executor": {"arch", "formats", "operators"},
-    "workers": {"formats", "operators", "executor"},
-    "ranks": {"formats", "workers"},
-    "output": {"arch", "parallel", "metadata", "formats", "operators", "executor", "workers", "ranks"},
-    "methods": {"arch", "parallel", "model", "data", "formats", "operators", "executor"},
-    "train": {"arch", "parallel", "model", "data", "metadata", "formats", "operators", "executor", "output",
-              "methods"},
-    "pipeline": {"arch", "parallel", "model", "data", "metadata", "formats", "operators", "executor", "output",
-                 "methods"},
-    "cli": {"pipeline", "output", "formats", "methods", "ranks"},
+    "operators": {"core.arch"},
+    "formats": {"core.arch", "core.sharding", "core.layout", "core.model"},
+    "write": CORE | {"formats", "operators"},
+    "methods": CORE | {"data", "formats", "operators"},
+    "train": CORE | {"data", "formats", "operators", "write", "methods"},
+    "commands": CORE | {"data", "formats", "operators", "write", "methods"},
+    "cli": CORE | {"commands", "formats", "methods", "write"},
 }
-BASE = {"errors", "config", "deps", "__init__"}
+BASE = {"errors", "deps", "__init__", "core", "core.config", "core.features", "core.typed"}
+ROOT_MODULES = 7  # at most, __init__ included: the root shows the parts, not their pieces
 
 
 def modules() -> dict[str, Path]:
@@ -52,6 +52,8 @@ def imports(path: Path, known: set[str]) -> set[str]:
 
 def part(module: str) -> str:
     parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "core":
+        return f"core.{parts[2]}"
     return parts[1] if len(parts) > 1 else "__init__"
 
 
@@ -91,6 +93,33 @@ def test_no_import_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_the_package_root_shows_its_parts():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(modules) <= ROOT_MODULES, modules
+    assert set(ALLOWED) - CORE <= {p.stem for p in PACKAGE.iterdir() if p.name != "__pycache__"}
+
+
+def test_formats_dispatch_on_model_type_in_few_places():
+    """A Hugging Face family is a record; only the lookup of a record compares `model_type`."""
+    comparisons = []
+    for path in (PACKAGE / "formats").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and "model_type" in ast.unparse(node):
+                comparisons.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert len(comparisons) <= 3, comparisons
+
+
+def test_the_cli_names_no_method_or_method_option():
+    """Method flags derive from the methods' options dataclasses; the CLI spells none itself."""
+    from scalegrow.methods import registry as methods
+    from scalegrow.methods.options import flags
+
+    text = (PACKAGE / "cli.py").read_text()
+    spelled = {f.name for m in methods.METHODS.values() if m.options for f in flags(m.options)}
+    found = [word for word in spelled | set(methods.METHODS) if f'"{word}"' in text or f"'{word}'" in text]
+    assert not found, found
 
 
 def test_training_starts_no_cli_subprocess():

@@ -12,9 +12,11 @@ import torch
 from scalegrow.formats.base import MemoryReader
 from scalegrow.formats.dcp import read_metadata
 from scalegrow.formats.io import safe_load
+from scalegrow.formats.options import OutputOptions
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.operators.identity import Identity
-from scalegrow.write.session import OutputOptions, write
+from scalegrow.write.session import write
+
 from helpers import FAMILIES, family_config, random_model
 
 CASES = sorted(FAMILIES) + ["swiglu-with-biases", "moe-qwen3", "moe-mixed-layers", "moe-gpt2-biases",

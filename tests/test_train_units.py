@@ -5,10 +5,18 @@ import numpy as np
 import pytest
 import torch
 
+from scalegrow.data import (
+    BatchOrder,
+    TokenStream,
+    build_indexed,
+    embedded_documents,
+    is_valid_document,
+    load_documents,
+    load_tokenizer,
+    train_tokenizer,
+)
 from scalegrow.errors import InputError
 from scalegrow.train.config import ScheduleConfig, load_run_config
-from scalegrow.data import (BatchOrder, TokenStream, build_indexed, embedded_documents, is_valid_document,
-                                  load_documents, load_tokenizer, train_tokenizer)
 from scalegrow.train.engine import deepspeed_config
 from scalegrow.train.schedule import learning_rate
 

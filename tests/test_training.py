@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.cli import main as cli
-from scalegrow.formats.io import safe_load
-from scalegrow.formats.registry import open_checkpoint
 from scalegrow.commands import load_model, verify
+from scalegrow.formats.io import safe_load
+from scalegrow.formats.megatron_args import config_from_args
+from scalegrow.formats.registry import open_checkpoint
 from scalegrow.train.config import ScheduleConfig
 from scalegrow.train.schedule import learning_rate
+
 from helpers import METADATA_KEYS, tree_sha256
 from training import scalars, start_and_kill_after, train
 
@@ -112,7 +113,6 @@ def test_pretrain_export_loads_in_megatron_core(scratch, mcore):
     meta = json.loads((export / "scalegrow.json").read_text())
     assert meta["method"] == "pretrain" and meta["iteration"] == STEPS
     state = safe_load(export / "iter_0000030/mp_rank_00/model_optim_rng.pt", mmap=False)
-    from scalegrow.core.config import ModelConfig
 
     cfg = config_from_args(state["args"])
     assert cfg.vocab_size == 512 and state["args"].tokenizer_type == "GPTSentencePieceTokenizer"

@@ -3,12 +3,13 @@ worker's failure fails the command with its error and leaves nothing; memory bou
 import os
 
 import pytest
-from helpers import checkpoint_files, family_config, grow_argv, llama_source, random_model
 
 from scalegrow import cli, commands
-from scalegrow.write import workers
 from scalegrow.errors import InputError
 from scalegrow.operators.lemon import LemonGrowth
+from scalegrow.write import workers
+
+from helpers import checkpoint_files, family_config, grow_argv, llama_source, random_model
 
 GiB = 2**30
 

@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from scalegrow.errors import InputError
 from scalegrow.data import build_indexed, load_documents, load_tokenizer
+from scalegrow.errors import InputError
 
 
 def main() -> int:

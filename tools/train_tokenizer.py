@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from scalegrow.errors import InputError
 from scalegrow.data import load_documents, train_tokenizer
+from scalegrow.errors import InputError
 
 
 def main() -> int:

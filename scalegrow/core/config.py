@@ -14,8 +14,20 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from scalegrow.core.features import (FEATURE, FREE, SIZE, MLP, Attention, Embedding, MoE, Norm, Record, Rope,
-                                     megatron, positive)
+from scalegrow.core.features import (
+    FEATURE,
+    FREE,
+    MLP,
+    SIZE,
+    Attention,
+    Embedding,
+    MoE,
+    Norm,
+    Record,
+    Rope,
+    megatron,
+    positive,
+)
 from scalegrow.core.typed import coerce, load_yaml_mapping
 from scalegrow.errors import InputError
 

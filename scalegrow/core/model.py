@@ -14,7 +14,6 @@ from torch import nn
 
 from scalegrow.core.config import ModelConfig
 
-
 # Megatron-LM's activations: --swiglu gates SiLU, --openai-gelu is GELU's tanh approximation
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from tqdm import tqdm
@@ -21,8 +21,8 @@ from tqdm import tqdm
 from scalegrow.core import arch
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
-from scalegrow.formats.io import file_digest_line
 from scalegrow.core.layout import Layout
+from scalegrow.formats.io import file_digest_line
 
 
 @dataclass
@@ -123,25 +123,6 @@ class Writer(Protocol):
 
     def abort(self) -> None:
         """After a failure: release files and threads (what was written is discarded)."""
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """Where and how to write: TP/PP (None: the source's), an uneven first/last stage, the format,
-    the tokenizer's true vocabulary size for re-padding (None: from args, else keep the rows), and
-    for the HF format the largest safetensors file and the model family (None: the source's)."""
-
-    tp: int | None = None
-    pp: int | None = None
-    first: int | None = None
-    last: int | None = None
-    format: str = "torch"
-    vocab_size: int | None = None
-    max_shard_size: int = 5 * 10**9  # as transformers' save_pretrained ("5GB")
-    hf_model_type: str | None = None
-    ep: int | None = None  # expert-parallel size (MoE); None: the source's
-    workers: int | None = 1  # processes writing the output files (None: from cores and memory)
-    ranks: Any = None  # scalegrow.ranks.Ranks: this is one of several ranks writing the files; None: alone
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from scalegrow.core.arch import TensorSpec
+from scalegrow.core.layout import Layout
 from scalegrow.formats.base import Format, Reader
 from scalegrow.formats.io import BASE_ALLOWED, megatron_allowed, safe_load
 from scalegrow.formats.metadata import read_model
-from scalegrow.core.layout import Layout
 
 
 def is_deepspeed(path: Path) -> bool:

@@ -11,9 +11,9 @@ import pathlib
 import pickle
 import queue
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 import threading
 import types
 import zipfile
@@ -27,7 +27,6 @@ import torch
 from scalegrow import deps
 from scalegrow.errors import InputError
 from scalegrow.formats import zipcrc
-
 
 # What a Megatron checkpoint may pickle besides tensors and plain containers: its `args` Namespace
 # and the few path/namespace types Megatron puts in args. Nothing else is ever unpickled.
@@ -80,25 +79,38 @@ def safe_load(path: str | Path, mmap: bool = True, allowed: list[Any] | None = N
 def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh `DST.partial-*` sibling; rename it to `dst` on success, delete it on failure.
 
-    A killed run leaves at most a `.partial-*` directory, never a half-written `dst`.
+    A killed run leaves at most a `.partial-*` directory, never a half-written `dst`. The directory
+    gets what a plain `mkdir` gives under the user's umask (a temporary directory's 0700 would hide
+    the checkpoint from the rest of a cluster's group).
     """
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise InputError(f"{dst}: destination exists (pass --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{dst.name}.partial-", dir=dst.parent))
+    partial = fresh_dir(dst.parent, f"{dst.name}.partial-")
     try:
         yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{dst.name}.old-", dir=dst.parent))
+        old = fresh_dir(dst.parent, f"{dst.name}.old-")
         os.replace(dst, old / dst.name)
         os.replace(partial, dst)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, dst)
+
+
+def fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new directory `parent/prefix<random>`, made by `mkdir` (mode 0777 less the umask)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 @dataclass(eq=False)

@@ -24,16 +24,31 @@ import torch
 from scalegrow.core import arch, sharding
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.layout import Layout, Stages
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader
-from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
-from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, FILE_NAME, TRACKER, canonical, checkpoint_bytes,
-                                              expert_owner, experts_per_rank, file_bytes, file_specs,
-                                              iteration_dir_name, local_key, megatron_args, rank_dir_name,
-                                              resolve_iteration_dir, stage_specs, stages_from_args, stored_tensor,
-                                              target_config)
-from scalegrow.core.layout import Layout, Stages
+from scalegrow.formats.megatron_args import config_from_args
+from scalegrow.formats.megatron_rules import (
+    CHECKPOINT_VERSION,
+    FILE_NAME,
+    TRACKER,
+    canonical,
+    checkpoint_bytes,
+    expert_owner,
+    experts_per_rank,
+    file_bytes,
+    file_specs,
+    iteration_dir_name,
+    local_key,
+    megatron_args,
+    rank_dir_name,
+    resolve_iteration_dir,
+    stage_specs,
+    stages_from_args,
+    stored_tensor,
+    target_config,
+)
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 

@@ -13,10 +13,10 @@ import torch
 from scalegrow.core import arch, sharding
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.layout import Layout, Stages
 from scalegrow.errors import InputError
 from scalegrow.formats.base import nbytes
 from scalegrow.formats.megatron_args import config_to_args
-from scalegrow.core.layout import Layout, Stages
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE_NAME = "model_optim_rng.pt"

@@ -18,8 +18,8 @@ from typing import Any
 
 import scalegrow
 from scalegrow.core.config import ModelConfig
-from scalegrow.errors import InputError
 from scalegrow.core.layout import Layout
+from scalegrow.errors import InputError
 
 METADATA = "scalegrow.json"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from scalegrow.core.model import GPT
 from scalegrow.errors import InputError
 from scalegrow.formats import deepspeed, megatron, torch_dist
-from scalegrow.formats.hf import format as hf
 from scalegrow.formats.base import Format, Reader
+from scalegrow.formats.hf import format as hf
 
 # In detection order: the first whose `detect` accepts a path reads it.
 FORMATS: dict[str, Format] = {f.name: f for f in (

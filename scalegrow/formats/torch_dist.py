@@ -29,14 +29,22 @@ import torch
 from scalegrow.core import arch
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.layout import Layout
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader, nbytes
 from scalegrow.formats.dcp import ChunkReader, ChunkWriter
-from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.formats.io import WriteQueue, safe_load
-from scalegrow.formats.megatron_rules import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name, megatron_args,
-                                              resolve_iteration_dir, stages_from_args, stored_tensor, target_config)
-from scalegrow.core.layout import Layout
+from scalegrow.formats.megatron_args import config_from_args
+from scalegrow.formats.megatron_rules import (
+    CHECKPOINT_VERSION,
+    TRACKER,
+    iteration_dir_name,
+    megatron_args,
+    resolve_iteration_dir,
+    stages_from_args,
+    stored_tensor,
+    target_config,
+)
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"

@@ -25,7 +25,8 @@ class Trainer(Protocol):
 @dataclass
 class Context:
     """What a prepare step may use: the source checkpoint, token data (its training split and what it
-    is, for the record), a trainer, and a directory for what it learns (None: keep nothing)."""
+    is, for the record), a trainer, the device it computes on, and a directory for what it learns
+    (None: keep nothing)."""
 
     source: Reader
     stream: TokenStream
@@ -33,15 +34,19 @@ class Context:
     trainer: Trainer
     progress: bool = True
     artifacts: Path | None = None
+    device: torch.device = torch.device("cpu")
 
 
 class LocalTrainer:
-    """AdamW without weight decay on this process (CPU or one GPU), micro-batches drawn by `BatchOrder`."""
+    """AdamW without weight decay on this process, on its `device` (the CPU or one GPU), micro-batches
+    drawn by `BatchOrder`. The trained state comes back on the CPU."""
 
-    def __init__(self, micro_batch_size: int = 8, seed: int = 0, progress: bool = True):
-        self.micro_batch_size, self.seed, self.progress = micro_batch_size, seed, progress
+    def __init__(self, micro_batch_size: int = 8, seed: int = 0, progress: bool = True,
+                 device: torch.device = torch.device("cpu")):
+        self.micro_batch_size, self.seed, self.progress, self.device = micro_batch_size, seed, progress, device
 
     def fit(self, module, stream, steps, lr_at, name):
+        module.to(self.device)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr_at(0),
                                       weight_decay=0.0)
         order = BatchOrder(stream.num_samples, self.micro_batch_size, 1, 1, self.seed)
@@ -50,11 +55,11 @@ class LocalTrainer:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            tokens = batch(stream, order.samples(step, 0, 0))
+            tokens = batch(stream, order.samples(step, 0, 0)).to(self.device)
             loss = module(tokens[:, :-1], tokens[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return losses, {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.methods.base import Context
 from scalegrow.core.model import GPT
+from scalegrow.methods.base import Context
+from scalegrow.methods.options import option
 from scalegrow.operators.ligo import LigoGrowth, LigoOperator
 
 WIDTH_INITS = ("select", "random")
@@ -24,19 +25,19 @@ WIDTH_INITS = ("select", "random")
 
 @dataclass(frozen=True)
 class LigoOptions:
-    """LiGO's settings; these defaults serve `scalegrow grow --method ligo` and `growth.ligo` in a run."""
+    """LiGO's settings: `scalegrow grow --method ligo` flags and `growth.ligo` in a run."""
 
-    steps: int = 100  # operator training steps
-    lr: float = 2e-4  # operator peak learning rate
-    warmup_steps: int | None = None  # None: a tenth of the steps
-    width_init: str = "select"  # "select" (one-hot, Net2Net-like) or "random" (rows normalised to 1)
-    width_noise: float = 0.01  # added to "select" to break the symmetry between copies
-    depth_noise: float = 0.03  # StackBERT-noisy: one-hot + U(0, depth_noise), rows normalised
+    steps: int = option(100, "operator training steps", minimum=1)
+    lr: float = option(2e-4, "operator peak learning rate", minimum=0)
+    warmup_steps: int | None = option(None, "operator warmup steps (default: a tenth of the steps)", minimum=0)
+    width_init: str = option("select", "width maps start as one-hot copies with noise (select, Net2Net-like) "
+                             "or as random rows of norm 1 (random)", choices=WIDTH_INITS)
+    width_noise: float = option(0.01, "noise added to select width maps, to break the symmetry between copies",
+                                minimum=0)
+    depth_noise: float = option(0.03, "noise on the depth maps (StackBERT-noisy: one-hot + U(0, noise))", minimum=0)
 
 
 def make_operator(src: ModelConfig, dst: ModelConfig, seed: int, opts: LigoOptions) -> LigoGrowth:
-    if opts.width_init not in WIDTH_INITS:
-        raise ValueError(f"width_init: {opts.width_init!r} is not one of {WIDTH_INITS}")
     return LigoGrowth(src, dst, seed=seed, width_init=opts.width_init, width_noise=opts.width_noise,
                       depth_noise=opts.depth_noise)
 

@@ -1,9 +1,11 @@
 """The methods scalegrow grows and shrinks with, by name (`--method`, `growth.method`).
 
 A `Method` says how to build its operator and, where the operator needs something learned from the
-source first, the prepare step that learns it: LiGO trains its operator, subcloning calibrates. Its
-options dataclass is the one place its defaults are written. Adding a method: an operator in
-`scalegrow/operators/`, a prepare step here if it needs one, and one line in `METHODS`.
+source first, the prepare step that learns it (LiGO trains its operator, subcloning calibrates) and
+the corpus it reads. Its options dataclass (`methods/options.py`) is the one place its options are
+written: the CLI's flags and the run config's `growth.<method>` sections derive from it. Adding a
+method: an operator in `scalegrow/operators/`, a prepare step here if it needs one, and one line in
+`METHODS`.
 """
 from __future__ import annotations
 
@@ -15,15 +17,25 @@ from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.methods import experts, ligo, subclone, upcycle
 from scalegrow.methods.base import Context
+from scalegrow.methods.options import Flag, check, flags, from_flags
 from scalegrow.operators.base import Operator
+from scalegrow.operators.experts import MoreExperts, PruneExperts
 from scalegrow.operators.identity import Identity
 from scalegrow.operators.lemon import LemonGrowth
 from scalegrow.operators.ligo import LigoGrowth
 from scalegrow.operators.peers import Bert2BertAKI, HyperCloning, LlamaPro, Stack
 from scalegrow.operators.subclone import DropLayers, Subclone
-from scalegrow.operators.experts import MoreExperts, PruneExperts
 
 GROW, SHRINK = "grow", "shrink"
+DEFAULT = {GROW: "lemon", SHRINK: "subclone"}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The data a prepare step reads, as the command line asks for it."""
+
+    flag: str  # --data, --calib-data
+    what: str  # its use, for the help
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class Method:
     prepare: Callable[[Operator, Any, Context], dict] | None = None  # returns details to record
     make: Callable[[ModelConfig, ModelConfig, int, Any], Operator] | None = None  # default: operator(src, dst, seed)
     seq_length: int = 128  # token windows of the prepare data, when scalegrow tokenizes it itself
+    corpus: Corpus | None = None  # the prepare step's data
 
     def default_options(self):
         return self.options() if self.options is not None else None
@@ -45,9 +58,11 @@ class Method:
         return self.operator(src, dst, seed=seed)
 
 
+CALIBRATION = Corpus("--calib-data", "calibration corpus")
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lemon", GROW, LemonGrowth),
-    Method("ligo", GROW, LigoGrowth, ligo.LigoOptions, ligo.train_operator, ligo.make_operator),
+    Method("ligo", GROW, LigoGrowth, ligo.LigoOptions, ligo.train_operator, ligo.make_operator,
+           corpus=Corpus("--data", "training corpus")),
     Method("identity", GROW, Identity),
     Method("stack", GROW, Stack),
     Method("llama-pro", GROW, LlamaPro),
@@ -55,9 +70,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bert2bert-aki", GROW, Bert2BertAKI),
     Method("upcycle", GROW, upcycle.Upcycle, upcycle.UpcycleOptions, make=upcycle.make_operator),
     Method("more-experts", GROW, MoreExperts),
-    Method("subclone", SHRINK, Subclone, subclone.SubcloneOptions, subclone.fit_selection, seq_length=256),
+    Method("subclone", SHRINK, Subclone, subclone.SubcloneOptions, subclone.fit_selection, seq_length=256,
+           corpus=CALIBRATION),
     Method("drop-layers", SHRINK, DropLayers),
-    Method("prune-experts", SHRINK, PruneExperts, experts.PruneExpertsOptions, experts.fit_experts),
+    Method("prune-experts", SHRINK, PruneExperts, experts.PruneExpertsOptions, experts.fit_experts,
+           corpus=CALIBRATION),
 )}
 
 
@@ -73,14 +90,45 @@ def get(name: str, kind: str) -> Method:
     return method
 
 
+def command_flags(kind: str) -> dict[str, tuple[Flag, list[str]]]:
+    """Every method option of `kind`'s methods as a CLI flag -> (the flag, the methods that take it).
+    Methods that share a flag (`--calib-tokens`) must spell the same option alike."""
+    out: dict[str, tuple[Flag, list[str]]] = {}
+    for name in names(kind):
+        for flag in flags(METHODS[name].options) if METHODS[name].options else []:
+            seen = out.setdefault(flag.name, (flag, []))
+            assert seen[0].type == flag.type and seen[0].field == flag.field, f"{flag.name}: two meanings"
+            seen[1].append(name)
+    return out
+
+
+def corpora(kind: str) -> dict[str, str]:
+    """The corpus flags of `kind`'s prepare steps -> what each is, for whom ("subclone: calibration corpus")."""
+    uses: dict[str, dict[str, list[str]]] = {}
+    for name in names(kind):
+        corpus = METHODS[name].corpus
+        if corpus is not None:
+            uses.setdefault(corpus.flag, {}).setdefault(corpus.what, []).append(name)
+    return {flag: "; ".join(f"{', '.join(who)}: {what}" for what, who in whats.items()) for flag, whats in uses.items()}
+
+
+def options_from_flags(name: str, kind: str, given: dict[str, Any]):
+    """Method `name`'s options from the command line's flags (argparse dests of those given); flags of
+    other methods are not its business. None for a method that takes none."""
+    method = get(name, kind)
+    return from_flags(method.options, given) if method.options else None
+
+
 def options_with(name: str, kind: str, **values):
-    """Method `name`'s options with `values` for the fields it has (CLI flags name options of several
-    methods: --steps is LiGO's, --calib-tokens subcloning's); None for a method that takes none."""
+    """Method `name`'s options with `values` for the fields it has (other methods' are ignored);
+    None for a method that takes none."""
     method = get(name, kind)
     if method.options is None:
         return None
     known = {f.name for f in fields(method.options)}
-    return method.options(**{k: v for k, v in values.items() if k in known})
+    options = method.options(**{k: v for k, v in values.items() if k in known})
+    check(options)
+    return options
 
 
 def build_operator(name: str, kind: str, src: ModelConfig, dst: ModelConfig, *, seed: int = 0, options=None,

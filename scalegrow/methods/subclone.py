@@ -1,146 +1,151 @@
 """Weight subcloning's prepare step: calibration (arXiv 2312.09299 §3), one layer at a time.
 
-The large model runs on calibration tokens layer by layer, walking the source through the executor's
-layer iterator: only one layer's weights and the calibration batch's activations are in memory at once.
-A first pass gathers the statistics `Subclone.select` ranks by; a second measures the FFN-output
-rescale of the kept neurons (§3.4, our rule; see `scalegrow.operators.subclone`).
+The large model runs on calibration tokens layer by layer (`methods/calibration.py`): only one
+layer's weights and the calibration stream are in memory at once, on the prepare step's device. A
+first pass gathers the statistics `Subclone.select` ranks by; a second measures the FFN-output rescale
+of the kept neurons (§3.4, our rule; see `scalegrow.operators.subclone`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import MoE, TransformerLayer, route
 from scalegrow.data import batch
 from scalegrow.formats.base import Reader
 from scalegrow.methods.base import Context
-from scalegrow.core.model import Embedding, MoE, TransformerLayer, rotary_freqs, route
-from scalegrow.operators.subclone import CalibrationStats, NormSite, Selection, Subclone
+from scalegrow.methods.calibration import Mean, Moments, spans, walk
+from scalegrow.methods.options import option
+from scalegrow.operators.subclone import CalibrationStats, Selection, Subclone
 
 
 @dataclass(frozen=True)
 class SubcloneOptions:
-    """Subcloning's settings; these defaults serve `scalegrow shrink`."""
+    """Subcloning's settings: `scalegrow shrink` flags."""
 
-    tokens: int = 16384  # calibration tokens
-    rescale: bool = True  # rescale each kept linear_fc2 for the neurons dropped beside it
+    tokens: int = option(16384, "calibration tokens", flag="--calib-tokens", minimum=1)
+    rescale: bool = option(True, "rescale the kept MLP outputs (linear_fc2) for the neurons dropped beside them")
+
+
+def calibration_tokens(ctx: Context, tokens: int) -> torch.Tensor:
+    """The first `tokens` tokens of the prepare data, as windows [n, s] (at least one window)."""
+    n = max(1, min(ctx.stream.num_samples, tokens // ctx.stream.seq_length))
+    return batch(ctx.stream, list(range(n)))[:, :-1]
 
 
 def fit_selection(op: Subclone, opts: SubcloneOptions, ctx: Context) -> dict:
     """Calibrate on the first `opts.tokens` tokens of `ctx`'s data, select, and measure the rescale."""
-    seq = ctx.stream.seq_length
-    n = max(1, min(ctx.stream.num_samples, opts.tokens // seq))
-    tokens = batch(ctx.stream, list(range(n)))[:, :-1]
-    op.select(calibrate(ctx.source, tokens, ctx.progress))
+    tokens = calibration_tokens(ctx, opts.tokens)
+    op.select(calibrate(ctx.source, tokens, ctx.device, ctx.progress))
     if opts.rescale:
-        op.sel.scales = mlp_output_scales(ctx.source, tokens, op.sel, ctx.progress)
+        op.sel.scales = mlp_output_scales(ctx.source, tokens, op.sel, ctx.device, ctx.progress)
     return {"calibration": {"data": ctx.data, "tokens": tokens.numel(), "rescale": opts.rescale}}
 
 
+@dataclass
+class LayerMeans:
+    """One layer's statistics, summed over micro-batches (see `CalibrationStats`)."""
+
+    input: Moments = field(default_factory=Moments)
+    mlp: Moments = field(default_factory=Moments)
+    heads: Mean = field(default_factory=Mean)
+    neurons: Mean = field(default_factory=Mean)  # an MoE layer's: per expert, over its routed tokens
+    shared: Mean | None = None
+    change: Mean = field(default_factory=Mean)
+
+
 @torch.no_grad()
-def calibrate(source: Reader, tokens: torch.Tensor, progress: bool = False) -> CalibrationStats:
+def calibrate(source: Reader, tokens: torch.Tensor, device: torch.device = torch.device("cpu"),
+              progress: bool = False) -> CalibrationStats:
     """Run `tokens` [b, s] through the checkpoint layer by layer, collecting statistics."""
-    cfg = source.config
-    stats = CalibrationStats(tokens=tokens.numel())
-    x, freqs = embed(source, cfg, tokens)
-    modules = {}
-    for i, tensors in source.layers(progress, "calibrate"):
-        x = _layer_stats(_load_layer(cfg, i, tensors, modules), x, freqs, stats)
-    stats.final_norm = NormSite.of(x)
-    return stats
+    layers = [LayerMeans() for _ in range(source.config.num_layers)]
+    x = walk(source, tokens, lambda i, layer, x, freqs: _layer_stats(layer, x, freqs, layers[i]), device, progress)
+    final = Moments()
+    for span in spans(x):
+        final.add(x[span])
+    return CalibrationStats(
+        input_norms=[m.input.site() for m in layers], mlp_norms=[m.mlp.site() for m in layers], final_norm=final.site(),
+        heads=[m.heads.value for m in layers], neurons=[m.neurons.value for m in layers],
+        block_change=[float(m.change.value) for m in layers],
+        shared={i: m.shared.value for i, m in enumerate(layers) if m.shared is not None}, tokens=tokens.numel())
 
 
-def embed(source: Reader, cfg: ModelConfig, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The residual stream entering layer 0 [b, s, h], and the rotary table (None without rope)."""
-    embedding = Embedding(cfg)
-    embedding.load_state_dict({k.removeprefix("embedding."): v.float() for k, v in source.embeddings().items()})
-    freqs = rotary_freqs(cfg, tokens.shape[1]) if cfg.embedding.position == "rope" else None
-    return embedding(tokens), freqs
-
-
-def _load_layer(cfg: ModelConfig, index: int, tensors: dict[str, torch.Tensor],
-                modules: dict[bool, TransformerLayer]) -> TransformerLayer:
-    """Layer `index` with its weights, in a module reused for every layer of its kind (dense or MoE)."""
-    moe = cfg.is_moe_layer(index)
-    if moe not in modules:
-        modules[moe] = TransformerLayer(cfg, index)
-    modules[moe].load_state_dict({k: v.float() for k, v in tensors.items()})
-    return modules[moe]
-
-
-def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, stats: CalibrationStats) -> torch.Tensor:
-    stats.input_norms.append(NormSite.of(x))
+def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, means: LayerMeans) -> torch.Tensor:
+    """One micro-batch x [b, s, h] through one layer, its statistics added to `means`; the output."""
+    tokens = x.shape[0] * x.shape[1]
+    means.input.add(x)
     heads = layer.self_attention.heads(layer.input_layernorm(x), freqs)  # [b, s, np, hn]
-    stats.heads.append(heads.abs().mean(dim=(0, 1, 3)).double())
+    means.heads.add(heads.abs().sum(dim=(0, 1, 3)), tokens * heads.shape[-1])
     mid = x + layer.self_attention.linear_proj(heads.flatten(2))
-    stats.mlp_norms.append(NormSite.of(mid))
+    means.mlp.add(mid)
     normed = layer.pre_mlp_layernorm(mid)
     if isinstance(layer.mlp, MoE):
-        _, _, activity = _expert_passes(layer.mlp, normed)
-        stats.neurons.append(activity)
+        _, _, activity, routed = _expert_passes(layer.mlp, normed)
+        means.neurons.add(activity, routed[:, None])  # each expert's over the tokens routed to it
         if layer.mlp.shared_experts is not None:
-            shared = layer.mlp.shared_experts.hidden(normed)
-            stats.shared[len(stats.neurons) - 1] = shared.abs().mean(dim=(0, 1)).double()
+            means.shared = means.shared or Mean()
+            means.shared.add(layer.mlp.shared_experts.hidden(normed).abs().sum(dim=(0, 1)), tokens)
         out = mid + layer.mlp(normed)
     else:
         hidden = layer.mlp.hidden(normed)
-        stats.neurons.append(hidden.abs().mean(dim=(0, 1)).double())
+        means.neurons.add(hidden.abs().sum(dim=(0, 1)), tokens)
         out = mid + layer.mlp.linear_fc2(hidden)
-    change = (out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
-    stats.block_change.append(change.mean().item())
+    means.change.add(((out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)).sum(), tokens)
     return out
 
 
 @torch.no_grad()
-def mlp_output_scales(source: Reader, tokens: torch.Tensor, sel: Selection, progress: bool = False) -> dict[int, float]:
+def mlp_output_scales(source: Reader, tokens: torch.Tensor, sel: Selection,
+                      device: torch.device = torch.device("cpu"), progress: bool = False) -> dict[int, float]:
     """For every kept block, the least-squares scalar that best maps the MLP without its dropped
-    neurons onto the full MLP, both fed the same stream. One layer at a time, like `calibrate`."""
-    cfg = source.config
-    x, freqs = embed(source, cfg, tokens)
-    scales, modules = {}, {}
-    for i, tensors in source.layers(progress, "rescale"):
-        big = _load_layer(cfg, i, tensors, modules)
-        mid = x + big.self_attention(big.input_layernorm(x), freqs)
-        normed = big.pre_mlp_layernorm(mid)
-        mlp = big.mlp(normed)
+    neurons onto the full MLP, both fed the same stream: s = <full, kept> / <kept, kept>, its two
+    inner products summed over micro-batches. One layer at a time, like `calibrate`."""
+    products = {j: [0.0, 0.0] for j in range(len(sel.layers))}
+
+    def visit(i, layer, x, freqs):
+        mid = x + layer.self_attention(layer.input_layernorm(x), freqs)
+        normed = layer.pre_mlp_layernorm(mid)
+        mlp = layer.mlp(normed)
         if i in sel.layers:
             j = sel.layers.index(i)
-            if isinstance(big.mlp, MoE):  # one scale for every expert's fc2: fitted on the routed sum
-                full, kept, _ = _expert_passes(big.mlp, normed, sel.neurons[j])
-                scales[j] = _fit(full, kept)
-            else:
-                hidden = big.mlp.hidden(normed)[..., sel.neurons[j]]
-                kept = F.linear(hidden, big.mlp.linear_fc2.weight[:, sel.neurons[j]])  # the dropped terms missing
-                scales[j] = _fit(mlp - _bias(big.mlp.linear_fc2), kept)
-        x = mid + mlp
-    return scales
+            full, kept = _with_kept_neurons(layer, normed, mlp, sel.neurons[j])
+            products[j][0] += float((full.double() * kept.double()).sum())
+            products[j][1] += float((kept.double() ** 2).sum())
+        return mid + mlp
+
+    walk(source, tokens, visit, device, progress, "rescale")
+    return {j: num / den if den > 0 else 1.0 for j, (num, den) in products.items()}
+
+
+def _with_kept_neurons(layer: TransformerLayer, normed: torch.Tensor, mlp: torch.Tensor,
+                       neurons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the MLP's output without fc2's bias, the same from the kept `neurons` only: the dropped
+    terms missing). An MoE layer's: the routed sum, each expert with its own kept neurons [E, F_T]."""
+    if isinstance(layer.mlp, MoE):
+        full, kept, _, _ = _expert_passes(layer.mlp, normed, neurons)
+        return full, kept
+    fc2 = layer.mlp.linear_fc2
+    hidden = layer.mlp.hidden(normed)[..., neurons]
+    bias = fc2.bias if fc2.bias is not None else 0.0
+    return mlp - bias, F.linear(hidden, fc2.weight[:, neurons])
 
 
 def _expert_passes(moe: MoE, x: torch.Tensor, neurons: torch.Tensor | None = None):
     """An MoE layer's routed output without fc2 biases, the same from only the `neurons` [E, F_T]
-    each expert keeps (None: all), and E|activation| of each expert's neurons over the tokens routed
-    to it [E, F] (zero for an expert no token reaches)."""
+    each expert keeps (None: all), and, per expert, the sum of |activation| of its neurons over the
+    tokens routed to it [E, F] and how many those were [E]."""
     flat = x.reshape(-1, x.shape[-1])
     weights, index = route(F.linear(flat, moe.router.weight, moe.router.bias), moe.topk, moe.pre_softmax)
-    full, kept, activity = torch.zeros_like(flat), torch.zeros_like(flat), []
+    full, kept, activity, routed = torch.zeros_like(flat), torch.zeros_like(flat), [], []
     for e, expert in enumerate(moe.experts.local_experts):
         token, slot = (index == e).nonzero(as_tuple=True)
         hidden = expert.hidden(flat[token])  # [tokens routed to e, F]
-        activity.append(hidden.abs().mean(0) if token.numel() else hidden.new_zeros(hidden.shape[-1]))
+        activity.append(hidden.abs().sum(0))
+        routed.append(token.numel())
         w, fc2 = weights[token, slot, None], expert.linear_fc2.weight
         full.index_add_(0, token, F.linear(hidden, fc2) * w)
         if neurons is not None:
             kept.index_add_(0, token, F.linear(hidden[:, neurons[e]], fc2[:, neurons[e]]) * w)
-    return full, kept, torch.stack(activity).double()
-
-
-def _bias(linear) -> torch.Tensor | float:
-    return linear.bias if linear.bias is not None else 0.0
-
-
-def _fit(target: torch.Tensor, approx: torch.Tensor) -> float:
-    """The scalar s minimising ‖target − s·approx‖² (least squares): <target, approx> / <approx, approx>."""
-    denom = float((approx.double() ** 2).sum())
-    return float((target.double() * approx.double()).sum()) / denom if denom > 0 else 1.0
+    return full, kept, torch.stack(activity), torch.tensor(routed)

@@ -16,6 +16,7 @@ from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.features import FEATURE, MoE
 
+
 def require_equal(src: ModelConfig, dst: ModelConfig, key: str, why: str = "") -> None:
     """`key` (a Megatron-LM name) must be the same in the target as in the source."""
     mine, theirs = src.to_dict()[key], dst.to_dict()[key]

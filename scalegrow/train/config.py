@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from scalegrow.write import session
-from scalegrow.core.config import ModelConfig, coerce, load_yaml_mapping
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.typed import coerce, load_yaml_mapping
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
 from scalegrow.methods import registry as methods
-from scalegrow.methods.ligo import LigoOptions
-from scalegrow.methods.upcycle import UpcycleOptions
+from scalegrow.methods.options import check as check_options
 from scalegrow.train.distill import DistillConfig
+from scalegrow.write.destination import overlap
 
 
 @dataclass
@@ -77,17 +77,21 @@ class InitConfig:
     from_: str | None = None
 
 
-@dataclass
-class GrowthConfig:
-    method: str = "lemon"
-    target: Any = None  # YAML path or mapping of Megatron names (keys left out keep the source's)
-    seed: int = 0
-    ligo: LigoOptions = field(default_factory=LigoOptions)  # a section per method that takes options
-    upcycle: UpcycleOptions = field(default_factory=UpcycleOptions)
+def _growth_config() -> type:
+    """The `growth` section: method, target and seed, and a section per growth method that takes
+    options (`growth.ligo.steps`), made from the method's own options dataclass."""
+    sections = [(name.replace("-", "_"), m.options, field(default_factory=m.options))
+                for name, m in methods.METHODS.items() if m.kind == methods.GROW and m.options is not None]
+    return make_dataclass("GrowthConfig", [
+        ("method", str, field(default=methods.DEFAULT[methods.GROW])),
+        ("target", Any, field(default=None)),  # YAML path or mapping of Megatron names (keys left out keep the source's)
+        ("seed", int, field(default=0)),
+        *sections,
+    ], namespace={"options": lambda self, method: getattr(self, method.replace("-", "_"), None),
+                  "sections": tuple(name for name, _, _ in sections)})
 
-    def options(self, method: str):
-        """The options section of `method` (None: the method takes none, or it has no section here)."""
-        return getattr(self, method.replace("-", "_"), None)
+
+GrowthConfig = _growth_config()
 
 
 @dataclass
@@ -207,7 +211,9 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise InputError(f"{key}: {message}")
     cfg.distill.check()
-    relation = session.overlap(cfg.init.from_, cfg.output.dir) if cfg.init.from_ else None
+    for name in cfg.growth.sections:
+        check_options(getattr(cfg.growth, name), lambda key: f"growth.{name}.{key}")
+    relation = overlap(cfg.init.from_, cfg.output.dir) if cfg.init.from_ else None
     if relation:
         raise InputError(f"init.from: {cfg.init.from_} {relation} output.dir {cfg.output.dir}, which this run "
                          f"writes; a source is only ever read, so train into another output.dir")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import GPT
 from scalegrow.errors import InputError
 from scalegrow.formats.registry import load_model
-from scalegrow.core.model import GPT
 
 
 @dataclass

@@ -16,21 +16,22 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from scalegrow.core.counts import num_parameters, flops_per_token
-from scalegrow.formats import metadata
-from scalegrow.write import session
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import flops_per_token, num_parameters
+from scalegrow.core.layout import Layout
+from scalegrow.core.model import GPT, init_weights
 from scalegrow.data import BatchOrder, TokenStream, batch, tokenizer_bundle
+from scalegrow.formats import metadata
 from scalegrow.formats.base import MemoryReader
 from scalegrow.formats.megatron_args import config_to_args
-from scalegrow.core.model import GPT, init_weights
+from scalegrow.formats.options import LayoutOptions, OutputOptions
 from scalegrow.operators.identity import Identity
-from scalegrow.core.layout import Layout
 from scalegrow.train import engine as ds
 from scalegrow.train.config import RunConfig, save_run_config
 from scalegrow.train.distill import student
 from scalegrow.train.prepare import PreparedData, prepare_data
 from scalegrow.train.schedule import learning_rate
+from scalegrow.write import session
 
 
 @dataclass
@@ -237,6 +238,6 @@ def export(cfg: RunConfig, start: Start, state: dict, data: PreparedData, kind: 
     model = MemoryReader.of(state, start.config, iteration=cfg.train.steps, args=args, origin=start.hf_origin)
     training = {**summary, "run_config": cfg.to_dict()}
     session.write(model, Identity(start.config, start.config), out / "export",
-                 session.OutputOptions(tp=cfg.export.tp, pp=cfg.export.pp, format=cfg.export.format), method=kind,
+                 OutputOptions(cfg.export.format, LayoutOptions(tp=cfg.export.tp, pp=cfg.export.pp)), method=kind,
                  source_record=start.source, training=training, files=tokenizer_bundle(data.tokenizer),
                  overwrite=True, progress=False)

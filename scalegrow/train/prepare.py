@@ -10,8 +10,15 @@ from pathlib import Path
 
 import torch.distributed as torch_dist
 
-from scalegrow.data import (EMBEDDED, TokenStream, build_indexed, load_documents, load_tokenizer, tokenizer_near,
-                            train_tokenizer)
+from scalegrow.data import (
+    EMBEDDED,
+    TokenStream,
+    build_indexed,
+    load_documents,
+    load_tokenizer,
+    tokenizer_near,
+    train_tokenizer,
+)
 from scalegrow.errors import InputError
 from scalegrow.train.config import RunConfig
 

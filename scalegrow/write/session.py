@@ -1,31 +1,39 @@
-"""Writing a checkpoint: check the destination and resolve the output layout before any heavy work,
-stream an operator's result into the format's writer inside an atomic `DST.partial-*` directory
-(one process, forked workers, or several ranks each writing a share of the files), record
+"""The write session: resolve the output layout and check for room before any heavy work, stream an
+operator's result into the format's writer inside an atomic `DST.partial-*` directory (one process,
+forked workers, or several ranks each writing a share of the files: the `Topology`), record
 `scalegrow.json` and the tokenizer, rename into place.
 
 Every command that writes (grow, shrink, convert, init) and every training export ends here.
 """
 from __future__ import annotations
 
-import errno
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalegrow.core.counts import num_parameters
-from scalegrow.write import executor, workers
-from scalegrow.formats import metadata
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.counts import num_parameters
+from scalegrow.core.layout import Layout, Stages
 from scalegrow.errors import InputError
-from scalegrow.formats import registry
-from scalegrow.formats.base import MetaReader, OutputOptions, Reader
+from scalegrow.formats import metadata, registry
+from scalegrow.formats.base import MetaReader, Reader
 from scalegrow.formats.io import WriteError, atomic_output_dir, tree_bytes
+from scalegrow.formats.options import LayoutOptions, OutputOptions
 from scalegrow.formats.plan import PlanWriter
 from scalegrow.operators.base import Operator
-from scalegrow.core.layout import Layout, Stages
+from scalegrow.write import executor, workers
+from scalegrow.write.destination import check_room, explain_full_device
 from scalegrow.write.ranks import Ranks
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which processes write one checkpoint: forked workers on this node, among several ranks."""
+
+    workers: int | None = 1  # processes writing the output files (None: as cores and memory allow)
+    ranks: Ranks | None = None  # this is one of several ranks writing the files (None: alone)
 
 
 @dataclass
@@ -48,57 +56,24 @@ class Summary:
                 f"{self.bytes_written / 2**20:.1f} MiB) in {self.seconds:.1f}s")
 
 
-def overlap(path: str | Path, other: str | Path) -> str | None:
-    """How `path` relates to `other` once symlinks are resolved: 'is', 'lies inside', 'contains', or
-    None when neither holds the other."""
-    a, b = Path(path).resolve(), Path(other).resolve()
-    return "is" if a == b else "lies inside" if b in a.parents else "contains" if a in b.parents else None
-
-
-def check_destination(dst: str | Path, overwrite: bool, source: str | Path | None = None) -> None:
-    """Fail before any work when the output exists (atomic_output_dir checks again at the end), or
-    when it would overlap the source: equal to it, inside it, or containing it."""
-    relation = overlap(dst, source) if source is not None else None
-    if relation:
-        raise InputError(f"{dst}: the destination {relation} the source {source}; the source is only ever read, "
-                         f"so write somewhere else")
-    if Path(dst).exists() and not overwrite:
-        raise InputError(f"{dst}: destination exists (pass --overwrite to replace it)")
-
-
-def human(nbytes: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
-
-
-def free_bytes(path: Path) -> int:
-    """Free space on the device that `path` (or its nearest existing ancestor) lives on."""
-    path = Path(path).resolve()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
 def resolve(source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig, Layout]:
     """The target config as the output format stores it (its vocabulary padding) and the layout:
     the source's own stage split (uneven too) when neither PP nor the layer count changes."""
-    fmt = registry.get(opts.format)
+    fmt, asked = registry.get(opts.format), opts.layout
     if not fmt.parallel:
-        return _unparallel(fmt, source, cfg, opts)
-    tp = opts.tp or source.tp
+        return _unparallel(fmt, cfg, opts)
+    tp = asked.tp or source.tp
     cfg = fmt.target_config(cfg, tp, opts.vocab_size)
     try:
         cfg.check_tp(tp)
     except ValueError as exc:
         raise InputError(f"--tp: {exc}") from exc
-    ep = _expert_parallel(cfg, opts.ep or (source.layout.ep if cfg.moe else 1))
-    keep_split = opts.pp is None and opts.first is None and opts.last is None
+    ep = _expert_parallel(cfg, asked.ep or (source.layout.ep if cfg.moe else 1))
+    keep_split = asked.pp is None and asked.first is None and asked.last is None
     if keep_split and cfg.num_layers == source.layout.stages.num_layers:
         return cfg, Layout(tp, source.layout.stages, ep)
     try:
-        return cfg, Layout(tp, Stages.build(cfg.num_layers, opts.pp or source.pp, opts.first, opts.last), ep)
+        return cfg, Layout(tp, Stages.build(cfg.num_layers, asked.pp or source.pp, asked.first, asked.last), ep)
     except ValueError as exc:
         raise InputError(f"--pp: {exc}") from exc
 
@@ -111,12 +86,13 @@ def _expert_parallel(cfg: ModelConfig, ep: int) -> int:
     return ep
 
 
-def _unparallel(fmt, source: Reader, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig, Layout]:
+def _unparallel(fmt, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig, Layout]:
     """A format without model parallelism (HF): one pipeline stage at TP 1, whatever the source's."""
-    for flag, value in (("--tp", opts.tp), ("--pp", opts.pp), ("--ep", opts.ep)):
+    asked: LayoutOptions = opts.layout
+    for flag, value in (("--tp", asked.tp), ("--pp", asked.pp), ("--ep", asked.ep)):
         if value not in (None, 1):
             raise InputError(f"{flag}: the {fmt.name} format has no model parallelism (got {value})")
-    if opts.first is not None or opts.last is not None:
+    if asked.first is not None or asked.last is not None:
         raise InputError(f"--decoder-first/last-pipeline-num-layers: the {fmt.name} format has no pipeline stages")
     return fmt.target_config(cfg, 1, opts.vocab_size), Layout.single(cfg.num_layers)
 
@@ -125,34 +101,32 @@ def preflight(source: Reader, cfg: ModelConfig, opts: OutputOptions, dst: str | 
     """Every check that needs no tensor data: the output layout (`resolve`), and room for the output
     on the destination's device. Callers run it before any heavy work (calibration, training)."""
     cfg, layout = resolve(source, cfg, opts)
-    need, free = registry.get(opts.format).size(cfg, layout, source.dtype), free_bytes(Path(dst).parent)
-    if need > free:
-        raise InputError(f"{dst}: the output needs {human(need)} but its device has {human(free)} free")
+    check_room(registry.get(opts.format).size(cfg, layout, source.dtype), dst)
     return cfg, layout
 
 
 def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = OutputOptions(), *,
-          method: str | None = None, details: dict | None = None, source_record: dict | None = None,
-          training: dict | None = None, files: dict[str, Path] | None = None, overwrite: bool = False,
-          progress: bool = True, desc: str | None = None, start: float | None = None) -> Summary:
+          topology: Topology = Topology(), method: str | None = None, details: dict | None = None,
+          source_record: dict | None = None, training: dict | None = None, files: dict[str, Path] | None = None,
+          overwrite: bool = False, progress: bool = True, desc: str | None = None,
+          start: float | None = None) -> Summary:
     """Stream `op` applied to `source` into a new checkpoint at `dst`, with `files` (name -> path, e.g.
     the tokenizer) copied beside it. `source_record` is the provenance to record (default: `source`
     itself, unless it lives in memory); `desc` names the progress bar."""
     start = time.time() if start is None else start
     cfg, layout = preflight(source, op.dst, opts, dst)
-    fmt = registry.get(opts.format)
+    fmt, group = registry.get(opts.format), topology.ranks
     if source_record is None and source.on_disk:
         source_record = metadata.source_record(source)
     origin = source.hf_origin()  # an HF family travels, so the model can go back to HF as it was
     details = {**({"hf": origin} if origin else {}), **(details or {}), **op.details()}
-    n, sizes, mine = _workers(fmt, cfg, layout, source.dtype, opts)
-    group = opts.ranks
+    n, sizes, mine = _workers(fmt, cfg, layout, source.dtype, topology)
     with group.output_dir(dst, overwrite) if group else atomic_output_dir(dst, overwrite) as out:
         try:
             _stream(source, op, lambda: fmt.writer(out, cfg, layout, source, opts), sizes, mine, n, out, group,
                     progress, desc or op.name)
         except (WriteError, OSError, RuntimeError) as exc:
-            _explain_full_device(exc, out, dst)
+            explain_full_device(exc, out, dst)
             raise
         if group and not group.leader:  # its files are there; rank 0 records, copies and renames
             return Summary(Path(dst), None, num_parameters(cfg), time.time() - start, sum(mine.values()),
@@ -182,34 +156,21 @@ def _stream(source: Reader, op: Operator, make_writer, sizes: dict, mine: dict, 
         make_writer().finish()
 
 
-def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, opts: OutputOptions) -> tuple[int, dict, dict]:
+def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, topology: Topology) -> tuple[int, dict, dict]:
     """How many processes write this rank's files (--workers, or with None what cores and memory
     allow), the bytes of every output file, and of the files this rank writes (all, when alone)."""
+    ranks = topology.ranks
     if fmt.file_sizes is None:
-        if opts.workers not in (None, 1) or opts.ranks:
+        if topology.workers not in (None, 1) or ranks:
             raise InputError(f"--workers: the {fmt.name} format is written by one process for now"
-                             + (f" (this is {opts.ranks}: run it without torchrun or srun)" if opts.ranks else ""))
+                             + (f" (this is {ranks}: run it without torchrun or srun)" if ranks else ""))
         return 1, {}, {}
     sizes = fmt.file_sizes(cfg, layout, dtype)
-    mine = opts.ranks.share(sizes) if opts.ranks else sizes
-    n, note = workers.count(opts.workers, mine)
+    mine = ranks.share(sizes) if ranks else sizes
+    n, note = workers.count(topology.workers, mine)
     if note:
         print(f"scalegrow: {note}", file=sys.stderr)
     return n, sizes, mine
-
-
-def _explain_full_device(exc: BaseException, out: Path, dst: str | Path) -> None:
-    """A write that failed because the device is full becomes one line naming the file; anything
-    else is left as it is. (torch's zip writer reports ENOSPC only as 'iostream error'.)"""
-    cause = exc.__cause__ if isinstance(exc, WriteError) else exc
-    if getattr(cause, "errno", None) != errno.ENOSPC and free_bytes(out) > 2**20:
-        return
-    if isinstance(exc, WriteError):
-        file = exc.path
-    else:  # failed in this thread, opening a file: the newest one
-        file = max((p for p in out.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime, default=out)
-    raise InputError(f"no space left on the device of {dst} while writing "
-                     f"{Path(dst) / file.relative_to(out)}") from None
 
 
 def plan(source: Reader, op: Operator, opts: OutputOptions = OutputOptions(), progress: bool = False) -> dict:

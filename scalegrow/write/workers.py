@@ -25,11 +25,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from scalegrow.write import executor
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Reader, Writer
 from scalegrow.formats.io import tree_bytes
 from scalegrow.operators.base import Operator
+from scalegrow.write import executor
 
 GiB = 2**30
 File = tuple[int, int, int]  # (stage, EP rank, TP rank)

@@ -34,19 +34,26 @@ import yaml
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import savings_report as report  # noqa: E402
-
-from scalegrow.core.counts import num_parameters, flops_per_token
+from scalegrow.commands import DataOptions, grow, load_model, save_model, shrink  # noqa: E402
 from scalegrow.core.config import ModelConfig  # noqa: E402
-from scalegrow.data import (BatchOrder, TokenStream, batch, build_indexed, load_documents,  # noqa: E402
-                            load_tokenizer, train_tokenizer)
-from scalegrow.methods import registry as methods  # noqa: E402
+from scalegrow.core.counts import flops_per_token, num_parameters
 from scalegrow.core.model import GPT, init_weights  # noqa: E402
 from scalegrow.core.sharding import padded_vocab_size  # noqa: E402
-from scalegrow.commands import DataOptions, grow, load_model, save_model, shrink  # noqa: E402
+from scalegrow.data import (  # noqa: E402
+    BatchOrder,
+    TokenStream,
+    batch,
+    build_indexed,
+    load_documents,
+    load_tokenizer,
+    train_tokenizer,
+)
+from scalegrow.methods import registry as methods  # noqa: E402
 from scalegrow.train.config import ScheduleConfig  # noqa: E402
 from scalegrow.train.distill import DistillConfig, DistilledGPT  # noqa: E402
 from scalegrow.train.schedule import learning_rate  # noqa: E402
+
+import savings_report as report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILY = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",

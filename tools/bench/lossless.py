@@ -13,9 +13,9 @@ import json
 import torch
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.write.executor import apply
 from scalegrow.core.model import GPT, init_weights
 from scalegrow.operators.lemon import LemonGrowth
+from scalegrow.write.executor import apply
 
 BASE = dict(num_layers=4, hidden_size=128, num_attention_heads=8, ffn_hidden_size=384,
             padded_vocab_size=512, max_position_embeddings=128)

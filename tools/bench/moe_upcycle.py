@@ -23,12 +23,12 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scalegrow.commands import grow, load_model  # noqa: E402
+from scalegrow.core.counts import flops_per_token, num_active_parameters, num_parameters
+from scalegrow.methods import registry as methods  # noqa: E402
+
 import growth_savings as gs  # noqa: E402
 import savings_report as report  # noqa: E402
-
-from scalegrow.core.counts import num_parameters, num_active_parameters, flops_per_token
-from scalegrow.methods import registry as methods  # noqa: E402
-from scalegrow.commands import grow, load_model  # noqa: E402
 
 AUX = 0.01
 # name -> (MoE fields, upcycling granularity)

@@ -14,7 +14,6 @@ import statistics
 from pathlib import Path
 
 
-
 def start_val(history: dict) -> float:
     """A run's val loss at its first evaluation (JSON keys are strings, so steps sort as ints)."""
     return history["val"][min(history["val"], key=int)]

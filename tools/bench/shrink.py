@@ -17,13 +17,20 @@ from pathlib import Path
 
 import torch
 
-from scalegrow.core.config import ModelConfig
-from scalegrow.data import BatchOrder, TokenStream, batch, build_indexed, embedded_documents, load_tokenizer, \
-    train_tokenizer
-from scalegrow.methods.subclone import SubcloneOptions
-from scalegrow.core.model import GPT, init_weights
-from scalegrow.write.session import OutputOptions
 from scalegrow.commands import DataOptions, evaluate, save_model, shrink
+from scalegrow.core.config import ModelConfig
+from scalegrow.core.model import GPT, init_weights
+from scalegrow.data import (
+    BatchOrder,
+    TokenStream,
+    batch,
+    build_indexed,
+    embedded_documents,
+    load_tokenizer,
+    train_tokenizer,
+)
+from scalegrow.formats.options import LayoutOptions, OutputOptions
+from scalegrow.methods.subclone import SubcloneOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {
@@ -73,7 +80,7 @@ def measure(work: Path, big: ModelConfig, name: str, target: dict) -> dict:
     for case, (method, rescale) in CASES.items():
         out = work / "out"
         options = SubcloneOptions(tokens=8192, rescale=rescale) if method == "subclone" else None
-        shrink(work / "big", out, method, work / "t.yaml", OutputOptions(tp=1, pp=1), options,
+        shrink(work / "big", out, method, work / "t.yaml", OutputOptions(layout=LayoutOptions(tp=1, pp=1)), options,
                DataOptions(str(work / "corpus")), overwrite=True, progress=False)
         row[case] = held_out(work, out)
     model = GPT(ModelConfig.from_dict(target, base=big))

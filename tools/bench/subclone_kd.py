@@ -35,14 +35,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scalegrow.commands import DataOptions, load_model, shrink  # noqa: E402
+from scalegrow.core.config import ModelConfig  # noqa: E402
+from scalegrow.core.counts import flops_per_token, num_parameters
+from scalegrow.methods import budget  # noqa: E402
+from scalegrow.methods import registry as methods
+from scalegrow.train.distill import DistillConfig  # noqa: E402
+
 import growth_savings as gs  # noqa: E402
 import savings_report as report  # noqa: E402
-
-from scalegrow.core.counts import num_parameters, flops_per_token
-from scalegrow.core.config import ModelConfig  # noqa: E402
-from scalegrow.methods import budget, registry as methods  # noqa: E402
-from scalegrow.commands import DataOptions, load_model, shrink  # noqa: E402
-from scalegrow.train.distill import DistillConfig  # noqa: E402
 
 # large_steps: the parent's; random_steps: the target run's; shrunk_steps: every student's
 FULL = replace(gs.FULL, small_steps=0, large_steps=3200, random_steps=1600, shrunk_steps=800, ligo_steps=0)

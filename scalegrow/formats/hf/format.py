@@ -8,14 +8,13 @@
 `HFReader` serves full tensors under megatron-core names, built from the HF tensors one at a time
 (each read by its byte range; nothing else is held). `HFWriter` turns them back into HF tensors and
 writes each straight to its place in planned safetensors shards. Which HF tensors make which
-megatron-core tensor, and how config.json maps, is data in `hf_families.py`. HF has no tensor or
+megatron-core tensor, and how config.json maps, is one record per family (`families/`). HF has no tensor or
 pipeline parallelism and no vocabulary padding: the reader's vocabulary is the true one, the writer
 trims Megatron's padded rows.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,22 +23,23 @@ import torch
 from scalegrow.core import arch, sharding
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
-from scalegrow.errors import InputError
-from scalegrow.formats.hf import families
-from scalegrow.formats.base import Format, OutputOptions, Reader, nbytes
-from scalegrow.formats.hf.families import Rule
-from scalegrow.formats.hf.shards import INDEX, ShardWriter, plan_shards
 from scalegrow.core.layout import Layout
+from scalegrow.errors import InputError
+from scalegrow.formats.base import Format, Reader, nbytes
+from scalegrow.formats.hf import registry as families
+from scalegrow.formats.hf.families.moe import EXPERT
+from scalegrow.formats.hf.family import IGNORED, HFFamily, Rule, Unsupported, to_hf, to_megatron
+from scalegrow.formats.hf.shards import INDEX, ShardWriter, plan_shards
+from scalegrow.formats.options import HFOptions, OutputOptions
 
 CONFIG = "config.json"
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def tensor_rules(cfg: ModelConfig, model_type: str) -> dict[str, tuple[Rule, dict]]:
+def tensor_rules(cfg: ModelConfig, family: HFFamily) -> dict[str, tuple[Rule, dict]]:
     """Global megatron-core key -> (its rule, the indices its HF names take: {i: layer, e: expert})
     for every tensor `cfg` has. A tied model has no output layer of its own (HF omits `lm_head.weight`)."""
-    layer_rules, global_rules = families.rules(model_type)
-    by_name = {r.megatron: r for r in layer_rules}
+    by_name = {r.megatron: r for r in family.layer}
     out: dict[str, tuple[Rule, dict]] = {}
     for i in range(cfg.num_layers):
         for spec in arch.layer_specs(cfg, i):
@@ -47,10 +47,10 @@ def tensor_rules(cfg: ModelConfig, model_type: str) -> dict[str, tuple[Rule, dic
             if expert is None:
                 out[arch.layer_key(i, spec.name)] = (by_name[spec.name], {"i": i})
             else:  # one rule for every expert: `mlp.experts.local_experts.{e}.linear_fc1.weight`
-                out[arch.layer_key(i, spec.name)] = (by_name[families.EXPERT + expert[1]], {"i": i, "e": expert[0]})
+                out[arch.layer_key(i, spec.name)] = (by_name[EXPERT + expert[1]], {"i": i, "e": expert[0]})
     wanted = [s.name for s in arch.embedding_specs(cfg) + arch.final_norm_specs(cfg)]
     wanted += [] if cfg.embedding.tied else [arch.OUTPUT_LAYER]
-    by_key = {r.megatron: r for r in global_rules}
+    by_key = {r.megatron: r for r in family.globals}
     out.update({key: (by_key[key], {}) for key in wanted})
     return out
 
@@ -63,13 +63,13 @@ def spec_of(cfg: ModelConfig, key: str) -> TensorSpec:
     return next(s for s in arch.layer_specs(cfg, parsed[0]) if s.name == parsed[1])
 
 
-def hf_tensors(cfg: ModelConfig, model_type: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, shape) of every tensor a `cfg`-shaped model of `model_type` stores, in model order
+def hf_tensors(cfg: ModelConfig, family: HFFamily) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor a `cfg`-shaped model of `family` stores, in model order
     (the shapes come from running the layout transform on meta tensors)."""
     out = []
-    for key, (rule, where) in tensor_rules(cfg, model_type).items():
+    for key, (rule, where) in tensor_rules(cfg, family).items():
         meta = torch.empty(arch.full_shape(cfg, spec_of(cfg, key)), device="meta")
-        parts = families.to_hf(rule.kind, meta, cfg)
+        parts = to_hf(rule.kind, meta, cfg)
         out += [(name.format(**where), tuple(p.shape)) for name, p in zip(rule.hf, parts)]
     return out
 
@@ -86,11 +86,11 @@ class HFReader(Reader):
     format = "hf"
 
     @property
-    def model_type(self) -> str:
-        return self.hf_config["model_type"]
+    def family(self) -> HFFamily:
+        return families.get(self.hf_config["model_type"])
 
     def hf_origin(self) -> dict:
-        return {"model_type": self.model_type, "config": self.hf_config}
+        return {"model_type": self.family.model_type, "config": self.hf_config}
 
     def files(self) -> list[Path]:
         return sorted({e.file for e in self.entries.values()})
@@ -110,12 +110,10 @@ class HFReader(Reader):
         return torch.frombuffer(data, dtype=DTYPES[entry.dtype]).reshape(entry.shape)
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
-        self._rules = self._rules or tensor_rules(self.config, self.model_type)
+        self._rules = self._rules or tensor_rules(self.config, self.family)
         rule, where = self._rules[key]
         parts = [self._get(name.format(**where)) for name in rule.hf]
-        return families.to_megatron(rule.kind, parts, self.config).contiguous()
-
-
+        return to_megatron(rule.kind, parts, self.config).contiguous()
 
 @dataclass(frozen=True)
 class Entry:
@@ -142,7 +140,7 @@ def open_hf(path: str | Path, validate: bool = True) -> HFReader:
     try:
         hf_config = json.loads((root / CONFIG).read_text())
         config = families.config_from_hf(hf_config)
-    except families.Unsupported as exc:
+    except Unsupported as exc:
         raise InputError(f"{root / CONFIG}: {exc}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{root / CONFIG}: unreadable model config ({type(exc).__name__}: {exc})") from None
@@ -150,7 +148,7 @@ def open_hf(path: str | Path, validate: bool = True) -> HFReader:
     dtypes = {e.dtype for e in entries.values()}
     if len(dtypes) > 1:
         raise InputError(f"{root}: mixed tensor dtypes {sorted(dtypes)}")
-    _check_tensors(root, hf_config["model_type"], config, entries)
+    _check_tensors(root, families.get(hf_config["model_type"]), config, entries)
     return HFReader(root, "release", None, config, Layout.single(config.num_layers),
                     DTYPES[dtypes.pop()] if dtypes else torch.float32, hf_config, entries)
 
@@ -188,8 +186,8 @@ def _read_header(file: Path) -> tuple[int, dict]:
     return 8 + size, header
 
 
-def _check_tensors(root: Path, model_type: str, cfg: ModelConfig, entries: dict[str, Entry]) -> None:
-    expected = dict(hf_tensors(cfg, model_type))
+def _check_tensors(root: Path, family: HFFamily, cfg: ModelConfig, entries: dict[str, Entry]) -> None:
+    expected = dict(hf_tensors(cfg, family))
     for name, shape in expected.items():
         if name not in entries:
             raise InputError(f"{root}: {name}: missing tensor (expected shape {shape} from {CONFIG})")
@@ -198,25 +196,23 @@ def _check_tensors(root: Path, model_type: str, cfg: ModelConfig, entries: dict[
                              f"expected from {CONFIG}")
     for name, entry in entries.items():
         tied_head = cfg.embedding.tied and name == "lm_head.weight"
-        if name not in expected and not tied_head and not name.endswith(families.IGNORED):
+        if name not in expected and not tied_head and not name.endswith(IGNORED):
             raise InputError(f"{entry.file}: {name}: unexpected tensor for this {CONFIG}")
 
 
 # ---- writing --------------------------------------------------------------------------------------------
-def model_type_for(cfg: ModelConfig, source: Reader, opts: OutputOptions) -> tuple[str, dict | None]:
+def family_for(cfg: ModelConfig, source: Reader, opts: HFOptions) -> tuple[HFFamily, dict | None]:
     """The HF family to write and the config.json to start from: --hf-model-type, else the family
     the source (or what it was converted from) had (its MoE sibling once upcycled), else the one the
     model's structure implies."""
     origin = source.hf_origin() or {}
-    family = origin.get("model_type")
-    if cfg.moe and family in families.MOE_OF:  # an upcycled dense model: its MoE sibling
-        family = families.MOE_OF[family]
-    model_type = opts.hf_model_type or family or families.infer_model_type(cfg)
-    if model_type not in families.ARCHITECTURES:
-        raise InputError(f"--hf-model-type: unknown family {model_type!r} "
-                         f"(valid: {', '.join(families.ARCHITECTURES)})")
-    base = origin.get("config") if model_type in (origin.get("model_type"), family) else None
-    return model_type, base
+    was = families.FAMILIES.get(origin.get("model_type"))
+    had = families.FAMILIES[was.moe_sibling] if was and cfg.moe and not was.moe and was.moe_sibling else was
+    try:
+        family = families.get(opts.model_type, "--hf-model-type") if opts.model_type else had or families.infer(cfg)
+    except Unsupported as exc:
+        raise InputError(str(exc)) from None
+    return family, origin.get("config") if family in (was, had) else None
 
 
 class HFWriter:
@@ -226,13 +222,13 @@ class HFWriter:
                  opts: OutputOptions = OutputOptions(), plan_only: bool = False):
         assert layout.tp == 1 and layout.pp == 1 and layout.ep == 1, "HF checkpoints have no model parallelism"
         self.out_dir, self.cfg, self.layout, self.dtype = out_dir, cfg, layout, source.dtype
-        self.model_type, base = model_type_for(cfg, source, opts)
+        self.family, base = family_for(cfg, source, opts.hf)
         try:
-            self.hf_config = families.config_to_hf(cfg, self.model_type, base, source.dtype)
-        except families.Unsupported as exc:
+            self.hf_config = self.family.to_hf_config(cfg, base, source.dtype)
+        except Unsupported as exc:
             raise InputError(f"--hf-model-type: {exc}") from None
-        self.rules = tensor_rules(cfg, self.model_type)
-        self.shards = plan_shards(hf_tensors(cfg, self.model_type), self.dtype, opts.max_shard_size)
+        self.rules = tensor_rules(cfg, self.family)
+        self.shards = plan_shards(hf_tensors(cfg, self.family), self.dtype, opts.hf.max_shard_size)
         self._todo = {name: shape for tensors in self.shards.values() for name, shape in tensors}
         self._files = None if plan_only else ShardWriter(out_dir, self.shards, self.dtype)
 
@@ -251,7 +247,7 @@ class HFWriter:
         spec = spec_of(self.cfg, key)
         if spec.packing == arch.VOCAB:  # Megatron's padded rows are no tokens
             full = sharding.pad_vocab(spec, full, self.cfg.padded_vocab_size)
-        for name, part in zip(rule.hf, families.to_hf(rule.kind, full.to(self.dtype), self.cfg)):
+        for name, part in zip(rule.hf, to_hf(rule.kind, full.to(self.dtype), self.cfg)):
             name = name.format(**where)
             want = self._todo.pop(name)
             assert tuple(part.shape) == want, f"{name}: operator produced {tuple(part.shape)}, expected {want}"
@@ -282,17 +278,11 @@ def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelCon
 
 
 def checkpoint_bytes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
-    return sum(nbytes(shape, dtype) for _, shape in hf_tensors(cfg, families.infer_model_type(cfg)))
+    return sum(nbytes(shape, dtype) for _, shape in hf_tensors(cfg, families.infer(cfg)))
 
 
 def plan_writer(out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts: OutputOptions) -> HFWriter:
     return HFWriter(out_dir, cfg, layout, source, opts, plan_only=True)
-
-
-def largest_shard(cfg: ModelConfig, dtype: torch.dtype, max_shard_size: int) -> int:
-    """Bytes of the largest safetensors file a `cfg`-shaped model is written into."""
-    shards = plan_shards(hf_tensors(cfg, families.infer_model_type(cfg)), dtype, max_shard_size)
-    return max(sum(math.prod(s) for _, s in tensors) * dtype.itemsize for tensors in shards.values())
 
 
 FORMAT = Format("hf", "Hugging Face safetensors", is_hf, open_hf, HFWriter, target_config, checkpoint_bytes,

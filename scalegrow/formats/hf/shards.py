@@ -65,7 +65,7 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         start = 8 + len(raw)
-        fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
         os.write(fd, struct.pack("<Q", len(raw)) + raw)
         os.ftruncate(fd, start + at)
         self._fds[file] = fd

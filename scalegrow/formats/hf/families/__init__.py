@@ -1,0 +1,12 @@
+"""The Hugging Face families scalegrow reads and writes, one record each (`family.HFFamily`):
+
+    llama, mistral   RMSNorm, SwiGLU, GQA, rope          q/k/v and gate/up fused the megatron-core way
+    qwen2            + q/k/v biases
+    qwen3            + per-head q/k norms (megatron-core's qk_layernorm)
+    gpt2             LayerNorm, GELU (tanh approximation), MHA, learned positions, biases, tied
+    mixtral          llama + MoE in every layer
+    qwen3_moe        qwen3 + MoE in every layer
+    qwen2_moe        qwen2 + MoE in every layer + a gated shared expert
+
+Adding a family: a module with its record, and one entry in `formats/hf/registry.py`.
+"""

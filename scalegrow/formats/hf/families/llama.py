@@ -1,0 +1,97 @@
+"""Llama (`LlamaForCausalLM`): RMSNorm, SwiGLU, GQA, rope, no biases. The other llama-like families
+(mistral, qwen2/3 and their MoE kin) are this record with a few changes (`llama_like`)."""
+from __future__ import annotations
+
+import dataclasses
+
+from scalegrow.core.config import ModelConfig
+from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, Rule, layer_rules, must_be
+
+LAYER = layer_rules(
+    "model.layers.{i}.",
+    ("input_layernorm.weight", ("input_layernorm.weight",)),
+    ("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight"), "qkv"),
+    ("self_attention.linear_qkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+     "qkv"),
+    ("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",)),
+    ("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",)),
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",)),
+)
+ATTENTION = tuple(r for r in LAYER if not r.megatron.startswith("mlp."))  # what the MoE kin keep
+GLOBAL = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+          Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+          Rule("output_layer.weight", ("lm_head.weight",)))
+
+FEATURES = {"normalization": "RMSNorm", "swiglu": True, "openai_gelu": False, "position_embedding_type": "rope",
+            "rotary_percent": 1.0, "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False,
+            "num_moe_experts": None}
+
+
+def rope_parameters(hf: dict) -> dict:
+    """transformers 5 keeps rope settings in `rope_parameters`; earlier ones in `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+REFUSALS = (
+    must_be("hidden_act", "silu", "SwiGLU with SiLU only"),
+    must_be("attention_bias", False, "no bias on o_proj alone"),
+    must_be("mlp_bias", False, "no MLP biases without attention biases"),
+    Refusal("rope_type", "plain rope, no scaling", lambda v, hf: v == "default",
+            lambda hf: rope_parameters(hf).get("rope_type", "default")),
+    Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
+            lambda hf: rope_parameters(hf)["rope_theta"]),
+    must_be("partial_rotary_factor", 1.0, "rope over the whole head"),
+    Refusal("layer_types", "full attention in every layer", lambda v, hf: v == ["full_attention"],
+            lambda hf: sorted(set(hf.get("layer_types") or ["full_attention"]))),
+)
+
+
+def config_in(hf: dict) -> dict:
+    heads = hf["num_attention_heads"]
+    return dict(
+        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_hidden_size=hf["intermediate_size"],
+        padded_vocab_size=hf["vocab_size"], vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048), norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        rotary_base=int(rope_parameters(hf)["rope_theta"]),
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        init_method_std=float(hf.get("initializer_range", 0.02)))
+
+
+def config_out(cfg: ModelConfig, base: dict) -> dict:
+    """The llama keys; rope's in transformers 5's `rope_parameters` (the older spellings dropped)."""
+    out = dict(rope_theta=DROP, rope_scaling=DROP, num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp.ffn_hidden_size,
+               num_attention_heads=cfg.attention.heads, num_key_value_heads=cfg.attention.groups,
+               head_dim=_head_dim(cfg, base), max_position_embeddings=cfg.max_position_embeddings,
+               rms_norm_eps=cfg.norm.eps, hidden_act="silu",
+               rope_parameters={"rope_theta": float(cfg.rope.base), "rope_type": "default"})
+    if "layer_types" in base:  # one entry a layer; only full attention is read (see REFUSALS)
+        out["layer_types"] = ["full_attention"] * cfg.num_layers
+    return out
+
+
+def _head_dim(cfg: ModelConfig, base: dict) -> int | None:
+    """kv_channels, or None where the source left it implied (Mixtral's config: hidden / heads)."""
+    implied = cfg.attention.head_dim == cfg.hidden_size // cfg.attention.heads
+    return None if implied and "head_dim" in base and base["head_dim"] is None else cfg.attention.head_dim
+
+
+def without_attention_bias(out):
+    """A `config_out` that also says `attention_bias: false` (the families whose config has the key)."""
+    return lambda cfg, base: {**out(cfg, base), "attention_bias": False}
+
+
+FAMILY = HFFamily("llama", "LlamaForCausalLM", LAYER, GLOBAL, FEATURES, config_in,
+                  without_attention_bias(config_out), REFUSALS, moe_sibling="mixtral")
+
+
+def llama_like(model_type: str, architecture: str, **changes) -> HFFamily:
+    """Llama's record with other names, features, refusals or rules."""
+    return dataclasses.replace(FAMILY, model_type=model_type, architecture=architecture, **changes)

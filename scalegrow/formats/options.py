@@ -1,0 +1,33 @@
+"""What a write is asked for, split by what it concerns: the output's format, its partition
+(`LayoutOptions`), the tokenizer's vocabulary, and each format's own options (`HFOptions`). How many
+processes write it is the write engine's (`write.session.Topology`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    """The output's partition as asked for (Megatron-LM's names); None keeps the source's."""
+
+    tp: int | None = None  # tensor parallel size
+    pp: int | None = None  # pipeline parallel size
+    first: int | None = None  # decoder_first_pipeline_num_layers: an uneven first stage
+    last: int | None = None  # decoder_last_pipeline_num_layers: an uneven last stage
+    ep: int | None = None  # expert parallel size (MoE)
+
+
+@dataclass(frozen=True)
+class HFOptions:
+    """The Hugging Face format's own options."""
+
+    max_shard_size: int = 5 * 10**9  # the largest safetensors file, as transformers' save_pretrained ("5GB")
+    model_type: str | None = None  # the family to write (None: the source's, else its structure's)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    format: str = "torch"
+    layout: LayoutOptions = field(default_factory=LayoutOptions)
+    vocab_size: int | None = None  # the tokenizer's true size, to re-pad the vocabulary (None: from args)
+    hf: HFOptions = field(default_factory=HFOptions)
