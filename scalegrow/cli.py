@@ -288,7 +288,7 @@ WRITERS = ("grow", "shrink", "convert", "init")  # the commands several ranks ca
 
 def _run(args) -> int:
     """The command; under torchrun or srun, as one of the ranks that write its output together
-    (scalegrow.ranks): a failure here, at any point, stops the others."""
+    (`write/ranks.py`): a failure here, at any point, stops the others."""
     args.ranks = Ranks.connect() if args.command in WRITERS and not getattr(args, "dry_run", False) else None
     try:
         return COMMANDS[args.command](args)

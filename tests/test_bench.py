@@ -163,3 +163,13 @@ def test_moe_upcycle_quick_mode_compares_every_run(tmp_path):
     assert rows["upcycle-8x2"]["active_params"] < rows["upcycle-8x2"]["params"]
     assert rows["upcycle-granular"]["active_params"] - rows["dense-continued"]["params"] == 2 * 8 * 32  # routers
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibration_bench_quick_mode_measures_against_a_forward_pass():
+    result = subprocess.run([sys.executable, str(ROOT / "tools/bench/calibration.py"), "--quick", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["tokens"] == 512 and rows[0]["device"] == "cpu"
+    assert all(rows[0][k] > 0 for k in ("forward_s_per_1k", "calibrate_s_per_1k", "rescale_s_per_1k"))
+    assert rows[0]["calibrate_over_forward"] == pytest.approx(rows[0]["calibrate_s_per_1k"] / rows[0]["forward_s_per_1k"])

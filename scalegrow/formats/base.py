@@ -134,7 +134,7 @@ class Format:
     `parallel` is False for formats without TP/PP (one file set for the whole model); `planner` makes
     a writer that records the output files' tensors and writes nothing (None: Megatron's plan).
     `file_sizes` (formats whose writers can `restrict` themselves to some files) lets several worker
-    processes write one checkpoint (`scalegrow.workers`)."""
+    processes write one checkpoint (`write/workers.py`)."""
 
     name: str
     description: str

@@ -235,7 +235,7 @@ class MegatronWriter:
         self.owned: set[tuple[int, int, int]] | None = None  # (stage, EP, TP) files to write; None: all
 
     def restrict(self, files: set[tuple[int, int, int]]) -> None:
-        """Write only `files` (a worker's share, `scalegrow.workers`); the tracker is left to the
+        """Write only `files` (a worker's share, `write/workers.py`); the tracker is left to the
         writer that owns every file."""
         self.owned = set(files)
 

@@ -1,7 +1,7 @@
 """`scalegrow.json`: the record beside every checkpoint scalegrow writes, one schema for all of them.
 
     scalegrow_version    the package version that wrote it
-    format               torch | torch_dist | deepspeed
+    format               torch | torch_dist | hf | deepspeed
     method               what made it: a method (lemon, subclone, identity, ...), init, pretrain, grow_pretrain
     model                the resolved model config (Megatron names)
     tensor_model_parallel_size, pipeline_model_parallel_size, layers_per_stage, iteration

@@ -2,7 +2,7 @@
 
 An operator (growth, shrink, or identity) maps full (unsharded) tensors under megatron-core names,
 one part of the model at a time: the embeddings, each target layer from the source layers it names,
-and the head. It never sees TP/PP, files or data; the executor (`scalegrow.executor`) feeds it and
+and the head. It never sees TP/PP, files or data; the executor (`write/executor.py`) feeds it and
 hands its results to a format's writer.
 """
 from __future__ import annotations

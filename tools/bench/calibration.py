@@ -5,7 +5,8 @@ the same layers over the same tokens on the same device (the baseline, in the sa
 
 Each model is a random llama-like checkpoint written to disk (TP1/PP1): the calibration reads it one
 layer at a time, as `scalegrow shrink` does. Figures: seconds per 1k tokens of the statistics pass
-(`calibrate`) and of the rescale pass (`mlp_output_scales`), and each as a multiple of the forward pass.
+(`calibrate`, in micro-batches of `BATCH_TOKENS`, and once more with every token at once) and of the
+rescale pass (`mlp_output_scales`), and each as a multiple of the forward pass.
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def measure(name: str, shape: dict, tokens: int, seq: int, device: torch.device,
         gpt.hidden_states(windows[:1].to(device))  # warm up
         forward, _ = timed(lambda: [gpt.hidden_states(windows[s].to(device)) for s in calibration.spans(windows)])
     stats_s, stats = timed(lambda: calibrate(reader, windows, device))
+    default, calibration.BATCH_TOKENS = calibration.BATCH_TOKENS, 10**9  # the same pass, every token at once
+    whole_s, _ = timed(lambda: calibrate(reader, windows, device))
+    calibration.BATCH_TOKENS = default
     half = cfg.replace(hidden_size=cfg.hidden_size // 2, ffn_hidden_size=cfg.mlp.ffn_hidden_size // 2)
     op = Subclone(cfg, half)
     op.select(stats)
@@ -68,7 +72,8 @@ def measure(name: str, shape: dict, tokens: int, seq: int, device: torch.device,
     n = windows.numel()
     return {"model": name, "params": num_parameters(cfg), "device": str(device), "tokens": n,
             "forward_s_per_1k": 1000 * forward / n, "calibrate_s_per_1k": 1000 * stats_s / n,
-            "rescale_s_per_1k": 1000 * rescale_s / n, "calibrate_over_forward": stats_s / forward,
+            "rescale_s_per_1k": 1000 * rescale_s / n, "calibrate_whole_batch_s_per_1k": 1000 * whole_s / n,
+            "micro_batch_tokens": calibration.BATCH_TOKENS, "calibrate_over_forward": stats_s / forward,
             "rescale_over_forward": rescale_s / forward}
 
 
