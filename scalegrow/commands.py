@@ -116,7 +116,7 @@ class Job:
 
 
 def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: dict | None = None) -> Summary | dict:
-    start = time.time()
+    start, where = time.time(), resolve_device(job.device)  # a device this machine lacks: refused first
     check_destination(dst, job.overwrite or dry_run, None if dry_run else src_path)
     src = open_checkpoint(src_path, validate=not dry_run, quiet=not job.progress)
     if isinstance(target, ModelConfig):  # a shape chosen for a budget (`budget_shape`)
@@ -132,7 +132,7 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
             raise InputError(f"--method {job.method} prepares its operator on data, which is not shared between "
                              f"ranks ({ranks}): run it on one node (--workers uses its cores), then "
                              f"convert across nodes")
-        return _context(m, src, job)
+        return _context(m, src, job, where)
 
     op, details = methods.build_operator(job.method, job.kind, src.config, dst_cfg, seed=job.seed, options=options,
                                          context=None if dry_run else context, where=where)
@@ -144,10 +144,10 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
 
 
 @contextlib.contextmanager
-def _context(method: methods.Method, src, job: Job) -> Iterator[Context]:
+def _context(method: methods.Method, src, job: Job, where: torch.device) -> Iterator[Context]:
     """A prepare step's context on this process: `data` tokenized with the source's tokenizer, its
-    computing on the job's device."""
-    data, where = job.data, resolve_device(job.device)
+    computing on `where`."""
+    data = job.data
     seq = min(data.seq_length or method.seq_length, src.config.max_position_embeddings)
     batch_size = {"micro_batch_size": data.micro_batch_size} if data.micro_batch_size else {}
     trainer = LocalTrainer(seed=job.seed, progress=job.progress, device=where, **batch_size)

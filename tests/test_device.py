@@ -82,3 +82,12 @@ def test_rescale_does_not_depend_on_the_micro_batches(source, monkeypatch):
     monkeypatch.setattr(calibration, "BATCH_TOKENS", 16)  # one window at a time
     assert mlp_output_scales(reader, tokens, op.sel, CPU) == pytest.approx(whole, rel=1e-5)
     assert all(0.5 < s < 3 and s != 1.0 for s in whole.values())  # neurons were dropped in every layer
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_grow_refuses_a_missing_gpu_before_it_reads_anything(tmp_path, capsys):
+    """Even a method with no prepare step: --device names where the command computes, and is checked first."""
+    assert main(["grow", "--src", str(tmp_path / "absent"), "--dst", str(tmp_path / "out"), "--target", "t.yaml",
+                 "--device", "cuda"]) == 2
+    assert "--device: cuda: no CUDA GPU is available here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ Layout is [batch, seq, hidden]; megatron runs [seq, batch, hidden], which is the
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from scalegrow.core.config import ModelConfig
 
 # Megatron-LM's activations: --swiglu gates SiLU, --openai-gelu is GELU's tanh approximation
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}
 
 
 def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
