@@ -106,7 +106,10 @@ def _method_options(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument(flag.name, dest=flag.dest, type=flag.type, default=argparse.SUPPRESS, choices=flag.choices,
                        metavar=flag.metavar, help=what if flag.default is None else f"{what} (default: {flag.default})")
     for name, what in methods.corpora(kind).items():
-        _data_args(p, name, what)
+        p.add_argument(name, dest="data", default=DataOptions.data, help=f"{what}: a text/json/parquet file, "
+                       "a preprocessed .bin/.idx prefix, or 'embedded' (default: embedded)")
+    p.add_argument("--tokenizer", default=None, help="the prepare step's tokenizer: a sentencepiece model or an HF "
+                   "tokenizer.json (default: the one shipped with --src)")
     _device_arg(p, "the method's prepare step (its calibration or training)")
 
 
@@ -119,12 +122,6 @@ def _paths(p: argparse.ArgumentParser, src_help: str) -> None:
     p.add_argument("--src", required=True, help=src_help)
     p.add_argument("--dst", required=True, help="output directory: must not exist (see --overwrite) and must "
                    "not overlap --src")
-
-
-def _data_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
-    p.add_argument(flag, dest="data", default=DataOptions.data, help=f"{what}: a text/json/parquet file, a "
-                   "preprocessed .bin/.idx prefix, or 'embedded' (default: embedded)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model or HF tokenizer.json (default: the one shipped with --src)")
 
 
 def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bool = True) -> None:

@@ -116,7 +116,7 @@ class Job:
 
 
 def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: dict | None = None) -> Summary | dict:
-    start, where = time.time(), resolve_device(job.device)  # a device this machine lacks: refused first
+    start, compute = time.time(), resolve_device(job.device)  # a device this machine lacks: refused first
     check_destination(dst, job.overwrite or dry_run, None if dry_run else src_path)
     src = open_checkpoint(src_path, validate=not dry_run, quiet=not job.progress)
     if isinstance(target, ModelConfig):  # a shape chosen for a budget (`budget_shape`)
@@ -132,7 +132,7 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
             raise InputError(f"--method {job.method} prepares its operator on data, which is not shared between "
                              f"ranks ({ranks}): run it on one node (--workers uses its cores), then "
                              f"convert across nodes")
-        return _context(m, src, job, where)
+        return _context(m, src, job, compute)
 
     op, details = methods.build_operator(job.method, job.kind, src.config, dst_cfg, seed=job.seed, options=options,
                                          context=None if dry_run else context, where=where)
@@ -144,15 +144,15 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
 
 
 @contextlib.contextmanager
-def _context(method: methods.Method, src, job: Job, where: torch.device) -> Iterator[Context]:
+def _context(method: methods.Method, src, job: Job, compute: torch.device) -> Iterator[Context]:
     """A prepare step's context on this process: `data` tokenized with the source's tokenizer, its
-    computing on `where`."""
+    computing on `compute`."""
     data = job.data
     seq = min(data.seq_length or method.seq_length, src.config.max_position_embeddings)
     batch_size = {"micro_batch_size": data.micro_batch_size} if data.micro_batch_size else {}
-    trainer = LocalTrainer(seed=job.seed, progress=job.progress, device=where, **batch_size)
+    trainer = LocalTrainer(seed=job.seed, progress=job.progress, device=compute, **batch_size)
     with corpus_streams(data.data, source_tokenizer(src.root, data.tokenizer), seq) as (train, _):
-        yield Context(src, train, data.data, trainer, job.progress, device=where)
+        yield Context(src, train, data.data, trainer, job.progress, device=compute)
 
 
 def convert(src_path: str | Path, dst: str | Path, out: OutputOptions = OutputOptions(),
@@ -180,15 +180,15 @@ def plan(src_cfg: ModelConfig, dst_cfg: ModelConfig, method: str = "lemon", out:
 def evaluate(path: str | Path, data: str = "embedded", tokenizer: str | None = None, tokens: int = 32768,
              seq_length: int = 256, device: str | None = None) -> dict:
     """Mean next-token loss of a checkpoint on the held-out split of `data`, computed on `device`."""
-    where = resolve_device(device)
-    model = load_model(path).to(where)
+    compute = resolve_device(device)
+    model = load_model(path).to(compute)
     seq = min(seq_length, model.cfg.max_position_embeddings)
     with corpus_streams(data, source_tokenizer(path, tokenizer), seq) as (_, valid):
         n = max(1, min(valid.num_samples, tokens // seq))
         total = 0.0
         with torch.no_grad():
             for first in range(0, n, 8):
-                windows = batch(valid, list(range(first, min(n, first + 8)))).to(where)
+                windows = batch(valid, list(range(first, min(n, first + 8)))).to(compute)
                 total += model.loss(windows).item() * len(windows)
     loss = total / n
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n * seq, "data": data}
@@ -197,12 +197,12 @@ def evaluate(path: str | Path, data: str = "embedded", tokenizer: str | None = N
 def verify(src_path: str | Path, dst_path: str | Path, tokens: int = 512, seed: int = 0,
            device: str | None = None) -> dict:
     """Run the same random token batch through both models on `device`; compare logits and losses."""
-    where = resolve_device(device)
-    a, b = load_model(src_path).to(where), load_model(dst_path).to(where)
+    compute = resolve_device(device)
+    a, b = load_model(src_path).to(compute), load_model(dst_path).to(compute)
     vocab = min(a.cfg.vocab_size or a.cfg.padded_vocab_size, b.cfg.vocab_size or b.cfg.padded_vocab_size)
     seq = min(tokens, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
     batch_ = torch.randint(0, vocab, (max(1, math.ceil(tokens / seq)), seq),
-                           generator=torch.Generator().manual_seed(seed)).to(where)
+                           generator=torch.Generator().manual_seed(seed)).to(compute)
     with torch.no_grad():
         la, lb = a(batch_)[..., :vocab], b(batch_)[..., :vocab]  # re-padded rows are not part of the function
     diff = (la - lb).abs().max().item()

@@ -36,6 +36,8 @@ RECORDS = {"attention": Attention, "mlp": MLP, "norm": Norm, "embedding": Embedd
 
 @dataclass(frozen=True)
 class ModelConfig(Record):
+    """A GPT model: its sizes, and a record per feature (see the module docstring)."""
+
     num_layers: int = megatron("num_layers", role=SIZE)
     hidden_size: int = megatron("hidden_size", role=SIZE)
     padded_vocab_size: int = megatron("padded_vocab_size")  # the embedding's rows (Megatron pads the vocabulary)
