@@ -172,4 +172,5 @@ def test_calibration_bench_quick_mode_measures_against_a_forward_pass():
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["tokens"] == 512 and rows[0]["device"] == "cpu"
     assert all(rows[0][k] > 0 for k in ("forward_s_per_1k", "calibrate_s_per_1k", "rescale_s_per_1k"))
-    assert rows[0]["calibrate_over_forward"] == pytest.approx(rows[0]["calibrate_s_per_1k"] / rows[0]["forward_s_per_1k"])
+    row = rows[0]
+    assert row["calibrate_over_forward"] == pytest.approx(row["calibrate_s_per_1k"] / row["forward_s_per_1k"])

@@ -48,7 +48,9 @@ class Moments:
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).double()
         n = flat.shape[0]
-        self.mean.add(flat.sum(0), n), self.mean_sq.add((flat ** 2).sum(0), n), self.mean_abs.add(flat.abs().sum(0), n)
+        self.mean.add(flat.sum(0), n)
+        self.mean_sq.add((flat ** 2).sum(0), n)
+        self.mean_abs.add(flat.abs().sum(0), n)
 
     def site(self) -> NormSite:
         return NormSite(self.mean.value, self.mean_sq.value, self.mean_abs.value)

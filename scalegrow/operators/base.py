@@ -19,7 +19,10 @@ from scalegrow.core.features import FEATURE, MoE
 
 def require_equal(src: ModelConfig, dst: ModelConfig, key: str, why: str = "") -> None:
     """`key` (a Megatron-LM name) must be the same in the target as in the source."""
-    mine, theirs = src.to_dict()[key], dst.to_dict()[key]
+    require_same(key, src.to_dict()[key], dst.to_dict()[key], why)
+
+
+def require_same(key: str, mine, theirs, why: str = "") -> None:
     if mine != theirs:
         reason = f" ({why})" if why else ""
         raise ValueError(f"{key}: target {theirs!r} differs from source {mine!r}; growth cannot change it{reason}")
@@ -57,8 +60,9 @@ class Operator:
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         """Every feature (what no width or depth operator changes: the norm, the activation, rope, ...)
         is the source's."""
-        for key in src.features():
-            require_equal(src, dst, key)
+        theirs = dst.features()
+        for key, mine in src.features().items():
+            require_same(key, mine, theirs[key])
 
     def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
         """Validate the pair (ValueError naming the key) and return the final target config."""

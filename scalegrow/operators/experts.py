@@ -100,10 +100,11 @@ class MoreExperts(ExpertMap):
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         if not src.moe:
             raise ValueError("num_moe_experts: the source is dense; upcycle it into experts first")
-        m, rest = divmod(dst.moe.num_experts if dst.moe else 0, src.moe.num_experts)
+        target = dst.moe.num_experts if dst.moe else None
+        m, rest = divmod(target or 0, src.moe.num_experts)
         if m < 2 or rest:
-            raise ValueError(f"num_moe_experts: target {dst.moe and dst.moe.num_experts} must be a multiple (x2 or more) of the "
-                             f"source's {src.moe.num_experts}")
+            raise ValueError(f"num_moe_experts: target {target} must be a multiple (x2 or more) of the source's "
+                             f"{src.moe.num_experts}")
         if dst.moe.topk != m * src.moe.topk:
             raise ValueError(f"moe_router_topk: must be {m * src.moe.topk} ({m} x the source's "
                              f"{src.moe.topk}) for {m} copies of every expert to keep the function")

@@ -84,7 +84,7 @@ def _growth_config() -> type:
                 for name, m in methods.METHODS.items() if m.kind == methods.GROW and m.options is not None]
     return make_dataclass("GrowthConfig", [
         ("method", str, field(default=methods.DEFAULT[methods.GROW])),
-        ("target", Any, field(default=None)),  # YAML path or mapping of Megatron names (keys left out keep the source's)
+        ("target", Any, field(default=None)),  # YAML path or mapping of Megatron names (left out: the source's)
         ("seed", int, field(default=0)),
         *sections,
     ], namespace={"options": lambda self, method: getattr(self, method.replace("-", "_"), None),

@@ -59,7 +59,8 @@ def config_in(hf: dict) -> dict:
         num_query_groups=hf.get("num_key_value_heads") or heads,
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_hidden_size=hf["intermediate_size"],
         padded_vocab_size=hf["vocab_size"], vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 2048), norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         rotary_base=int(rope_parameters(hf)["rope_theta"]),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         init_method_std=float(hf.get("initializer_range", 0.02)))
@@ -67,9 +68,10 @@ def config_in(hf: dict) -> dict:
 
 def config_out(cfg: ModelConfig, base: dict) -> dict:
     """The llama keys; rope's in transformers 5's `rope_parameters` (the older spellings dropped)."""
-    out = dict(rope_theta=DROP, rope_scaling=DROP, num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp.ffn_hidden_size,
-               num_attention_heads=cfg.attention.heads, num_key_value_heads=cfg.attention.groups,
-               head_dim=_head_dim(cfg, base), max_position_embeddings=cfg.max_position_embeddings,
+    out = dict(rope_theta=DROP, rope_scaling=DROP, num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+               intermediate_size=cfg.mlp.ffn_hidden_size, num_attention_heads=cfg.attention.heads,
+               num_key_value_heads=cfg.attention.groups, head_dim=_head_dim(cfg, base),
+               max_position_embeddings=cfg.max_position_embeddings,
                rms_norm_eps=cfg.norm.eps, hidden_act="silu",
                rope_parameters={"rope_theta": float(cfg.rope.base), "rope_type": "default"})
     if "layer_types" in base:  # one entry a layer; only full attention is read (see REFUSALS)

@@ -43,10 +43,10 @@ def top1_refusal(renormalised: Callable[[dict], bool]) -> Refusal:
 
 def config_in(hf: dict, renormalised: bool, ffn_key: str) -> dict:
     """The MoE keys; the load-balancing coefficient counts only where HF would add the loss."""
+    balancing = hf.get("router_aux_loss_coef", 0.0) if hf.get("output_router_logits") else 0.0
     return dict(num_moe_experts=hf.get("num_local_experts") or hf.get("num_experts"),
                 moe_router_topk=hf.get("num_experts_per_tok", 2), moe_router_pre_softmax=not renormalised,
-                moe_ffn_hidden_size=hf[ffn_key],
-                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0)
+                moe_ffn_hidden_size=hf[ffn_key], moe_aux_loss_coeff=float(balancing))
 
 
 def config_out(cfg: ModelConfig, base: dict, experts_key: str) -> dict:
