@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="checkpoint directory")
     e.add_argument("--data", default=DataOptions.data, help="corpus whose held-out split is used: a text/json/"
                    "parquet file, a .bin/.idx prefix, or 'embedded' (default: embedded)")
-    e.add_argument("--tokenizer", default=None, help="sentencepiece model or HF tokenizer.json (default: the checkpoint's)")
+    e.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model or HF tokenizer.json (default: the checkpoint's)")
     e.add_argument("--tokens", type=int, default=32768, help="held-out tokens (default: 32768)")
     e.add_argument("--seq-length", type=int, default=256, help="tokens per window (default: 256)")
     _device_arg(e, "the forward passes")
