@@ -90,8 +90,15 @@ class ModelConfig(Record):
 
     def features(self) -> dict[str, Any]:
         """The settings no width or depth operator changes (flat names): a target keeps its source's."""
+        return self._with_role(FEATURE)
+
+    def sizes(self) -> dict[str, Any]:
+        """What growth and shrinking change (flat names): layers, widths, heads, experts."""
+        return self._with_role(SIZE)
+
+    def _with_role(self, role: str) -> dict[str, Any]:
         roles = flat_keys()
-        return {key: value for key, value in self.to_dict().items() if roles[key][1] == FEATURE}
+        return {key: value for key, value in self.to_dict().items() if roles[key][1] == role}
 
     def check_tp(self, tp: int) -> None:
         """Raise if this model cannot be split over `tp` tensor-parallel ranks."""

@@ -28,12 +28,27 @@ def require_same(key: str, mine, theirs, why: str = "") -> None:
         raise ValueError(f"{key}: target {theirs!r} differs from source {mine!r}; growth cannot change it{reason}")
 
 
-def require_not_smaller(src: ModelConfig, dst: ModelConfig, keys: Iterable[str]) -> None:
-    mine, theirs = src.to_dict(), dst.to_dict()
-    for key in keys:
-        if theirs[key] < mine[key]:
-            raise ValueError(f"{key}: target {theirs[key]} is smaller than source {mine[key]}; grow only grows "
+def require_not_smaller(src: ModelConfig, dst: ModelConfig, keys: Iterable[str] | None = None) -> None:
+    """Every size in `keys` (default: every size both models have) at least the source's."""
+    for key, mine, theirs in both_sizes(src, dst, keys):
+        if theirs < mine:
+            raise ValueError(f"{key}: target {theirs} is smaller than source {mine}; grow only grows "
                              f"(use `scalegrow shrink`)")
+
+
+def require_not_larger(src: ModelConfig, dst: ModelConfig) -> None:
+    """Every size both models have at most the source's."""
+    for key, mine, theirs in both_sizes(src, dst):
+        if theirs > mine:
+            raise ValueError(f"{key}: target {theirs} is larger than source {mine}; shrink only shrinks "
+                             f"(use `scalegrow grow`)")
+
+
+def both_sizes(src: ModelConfig, dst: ModelConfig, keys: Iterable[str] | None = None):
+    """(key, source's, target's) of the sizes in `keys` (default: all) that both models have."""
+    mine, theirs = src.sizes(), dst.sizes()
+    return [(key, mine[key], theirs[key]) for key in (keys if keys is not None else mine)
+            if mine[key] is not None and theirs[key] is not None]
 
 
 def moe_features() -> tuple[str, ...]:

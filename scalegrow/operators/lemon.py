@@ -75,20 +75,16 @@ class LemonGrowth(Operator):
             require_equal(src, dst, key, why="LEMON widens experts, it does not add or route them")
         super().check(src, dst)
         if src.moe:
-            require_not_smaller(src, dst, ("moe_ffn_hidden_size",))
             if bool(src.moe.shared_size) != bool(dst.moe.shared_size):
                 require_equal(src, dst, "moe_shared_expert_intermediate_size", why="LEMON widens a shared expert, "
                               "it does not add or remove one")
-            if src.moe.shared_size:
-                require_not_smaller(src, dst, ("moe_shared_expert_intermediate_size",))
             for j, (i, _) in enumerate(depth_map(src.num_layers, dst.num_layers)):
                 if dst.is_moe_layer(j) != src.is_moe_layer(i):
                     raise ValueError(f"moe_layer_freq: target layer {j} would copy source layer {i} of the other "
                                      f"type (dense vs MoE); grow depth with moe_layer_freq 1, or to a layer count "
                                      f"that keeps the pattern")
         require_equal(src, dst, "kv_channels", why="LEMON keeps the head dimension")
-        require_not_smaller(src, dst, ("num_layers", "hidden_size", "ffn_hidden_size",
-                                       "num_attention_heads", "num_query_groups"))
+        require_not_smaller(src, dst)
         if dst.attention.per_group < src.attention.per_group:
             raise ValueError(
                 f"num_query_groups: target has {dst.attention.per_group} q heads per group, fewer than the "

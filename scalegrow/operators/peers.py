@@ -19,19 +19,19 @@ import torch
 
 from scalegrow.core.arch import Role
 from scalegrow.core.config import ModelConfig
-from scalegrow.operators.base import Operator, require_equal, require_not_smaller
+from scalegrow.operators.base import Operator, both_sizes, require_equal, require_not_smaller
 from scalegrow.operators.lemon import LemonGrowth, head_map, qkv_block_map
 from scalegrow.operators.maps import Noise, UnitMap
 
-WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 OUTPUT_PROJECTIONS = ("self_attention.linear_proj.", "mlp.linear_fc2.")
 
 
 class _DepthOnly(Operator):
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
-        for key in WIDTH_KEYS + ("kv_channels",):
-            require_equal(src, dst, key, why=f"{self.name} grows depth only")
+        for key in src.sizes():
+            if key != "num_layers":
+                require_equal(src, dst, key, why=f"{self.name} grows depth only")
         require_not_smaller(src, dst, ("num_layers",))
 
     def map_embeddings(self, tensors):
@@ -82,11 +82,10 @@ class HyperCloning(LemonGrowth):
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst.replace(untie_embeddings_and_output_weights=not src.embedding.tied))
         require_equal(src, dst, "num_layers", why="HyperCloning grows width only")
-        mine, theirs = src.to_dict(), dst.to_dict()
-        for key in WIDTH_KEYS:
-            if theirs[key] % mine[key]:
-                raise ValueError(f"{key}: target {theirs[key]} is not an integer multiple of source "
-                                 f"{mine[key]} (HyperCloning clones whole copies)")
+        for key, mine, theirs in both_sizes(src, dst):
+            if theirs % mine:
+                raise ValueError(f"{key}: target {theirs} is not an integer multiple of source {mine} (HyperCloning "
+                                 f"clones whole copies)")
         if dst.embedding.tied and dst.hidden_size != src.hidden_size:
             raise ValueError("untie_embeddings_and_output_weights: HyperCloning unties the output layer "
                              "(it is divided by n); set it to true")
@@ -121,7 +120,7 @@ class Bert2BertAKI(Operator):
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="heads are copied whole")
-        require_not_smaller(src, dst, ("num_layers",) + WIDTH_KEYS)
+        require_not_smaller(src, dst)
         if dst.attention.per_group < src.attention.per_group:
             raise ValueError("num_query_groups: every source head needs a copy")
 

@@ -29,10 +29,7 @@ import torch
 from scalegrow.core import arch
 from scalegrow.core.arch import Role
 from scalegrow.core.config import ModelConfig
-from scalegrow.operators.base import Operator, moe_features, require_equal
-
-SHRINK_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+from scalegrow.operators.base import Operator, moe_features, require_equal, require_not_larger
 
 
 @dataclass
@@ -103,11 +100,7 @@ class SliceOperator(Operator):
         if src.moe and src.moe.layer_freq > 1 and dst.num_layers != src.num_layers:
             raise ValueError(f"num_layers: dropping layers would move the MoE layers of moe_layer_freq "
                              f"{src.moe.layer_freq}; keep {src.num_layers} layers")
-        mine, theirs = src.to_dict(), dst.to_dict()
-        for key in SHRINK_KEYS:
-            if theirs[key] is not None and theirs[key] > mine[key]:
-                raise ValueError(f"{key}: target {theirs[key]} is larger than source {mine[key]}; "
-                                 f"shrink only shrinks (use `scalegrow grow`)")
+        require_not_larger(src, dst)
         if dst.attention.per_group > src.attention.per_group:
             raise ValueError(f"num_attention_heads: target has {dst.attention.per_group} q heads per group, more "
                              f"than the source's {src.attention.per_group}")
