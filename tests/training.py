@@ -21,17 +21,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(kind: str, config: str, overrides: list[str], ranks: int = 2) -> list[str]:
+def launch_cmd(kind: str, config: str, overrides: list[str], ranks: int = 2, port: int | None = None) -> list[str]:
     """The README's command: the launcher at --log_level error (its INFO lines are noise)."""
-    return [str(DEEPSPEED), "--log_level", "error", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    return [str(DEEPSPEED), "--log_level", "error", "--num_gpus", str(ranks), "--master_port", str(port or free_port()),
             str(ROOT / "launch" / f"{kind}.py"), "--config", str(ROOT / config), *overrides]
 
 
 def train(kind: str, config: str, overrides: list[str], ranks: int = 2, check: bool = True):
-    result = subprocess.run(launch_cmd(kind, config, overrides, ranks), cwd=ROOT, env=ENV,
+    """Run the launcher; a run that ends well leaves none of its ranks' DeepSpeed shared-memory
+    buffers behind in /dev/shm."""
+    port = free_port()
+    result = subprocess.run(launch_cmd(kind, config, overrides, ranks, port), cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{kind} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert result.returncode != 0 or not left, f"{kind} left shared memory behind: {left}"
     return result
 
 

@@ -70,4 +70,16 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch_dist.destroy_process_group()
+        if cpu:
+            release_shared_memory(dist.rank)
     return 0
+
+
+def release_shared_memory(rank: int, root: Path = Path("/dev/shm")) -> None:
+    """DeepSpeed's CPU all-reduce (shm.cpp) gives every rank a 66 MB buffer in /dev/shm named after
+    the uid, MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: each run would leave its ranks'
+    buffers in memory until the node reboots. Every rank unlinks its own once the process group is
+    gone (a rank still mapping another's keeps it until it exits)."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    (root / name).unlink(missing_ok=True)
