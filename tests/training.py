@@ -28,22 +28,27 @@ def launch_cmd(kind: str, config: str, overrides: list[str], ranks: int = 2, por
 
 
 def train(kind: str, config: str, overrides: list[str], ranks: int = 2, check: bool = True):
-    """Run the launcher; a run that ends well leaves none of its ranks' DeepSpeed shared-memory
-    buffers behind in /dev/shm."""
     port = free_port()
     result = subprocess.run(launch_cmd(kind, config, overrides, ranks, port), cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{kind} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert result.returncode != 0 or not left, f"{kind} left shared memory behind: {left}"
+    assert_no_shared_memory_left(kind, port)
     return result
+
+
+def assert_no_shared_memory_left(kind: str, port: int) -> None:
+    """However a run ended (well, with an error, killed), none of its ranks' DeepSpeed shared-memory
+    buffers stays behind in /dev/shm."""
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"{kind} left shared memory behind: {left}"
 
 
 def start_and_kill_after(kind: str, config: str, overrides: list[str], ckpt_dir: Path, tag: str) -> int:
     """Start a run, SIGKILL its whole process group once `tag` is the latest checkpoint."""
-    proc = subprocess.Popen(launch_cmd(kind, config, overrides), cwd=ROOT, env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = subprocess.Popen(launch_cmd(kind, config, overrides, port=port), cwd=ROOT, env=ENV,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     latest = ckpt_dir / "latest"
     while time.time() < deadline and proc.poll() is None:
@@ -51,7 +56,9 @@ def start_and_kill_after(kind: str, config: str, overrides: list[str], ckpt_dir:
             break
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
-    return proc.wait()
+    code = proc.wait()
+    assert_no_shared_memory_left(kind, port)
+    return code
 
 
 def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:

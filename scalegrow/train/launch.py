@@ -53,10 +53,14 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         return 2
     if extensions_dir() is not None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+        # the venv's ninja, which tools/venv.sh built the op with: another version (a system one first
+        # on PATH) hashes the same command line differently and would compile the op again
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     quiet_known_warnings()
     cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
     if cpu:  # one core's worth of threads per rank, no oversubscription
+        release_shared_memory(torch_dist.get_rank())
         local = int(os.environ.get("LOCAL_WORLD_SIZE", torch_dist.get_world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     else:
@@ -70,16 +74,18 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch_dist.destroy_process_group()
-        if cpu:
-            release_shared_memory(dist.rank)
     return 0
 
 
 def release_shared_memory(rank: int, root: Path = Path("/dev/shm")) -> None:
     """DeepSpeed's CPU all-reduce (shm.cpp) gives every rank a 66 MB buffer in /dev/shm named after
     the uid, MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: each run would leave its ranks'
-    buffers in memory until the node reboots. Every rank unlinks its own once the process group is
-    gone (a rank still mapping another's keeps it until it exits)."""
+    buffers in memory until the node reboots. Every rank maps every other's by name while the process
+    group starts; after a barrier (all of them mapped) each unlinks its own name, and the memory goes
+    when the last rank exits, however it exits (a kill too)."""
+    import torch.distributed as torch_dist
+
+    torch_dist.barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
             f"{os.environ.get('MASTER_PORT')}_{rank}")
     (root / name).unlink(missing_ok=True)
