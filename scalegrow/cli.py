@@ -17,7 +17,7 @@ from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
 from scalegrow.formats.hf.registry import FAMILIES as HF_FAMILIES
-from scalegrow.formats.options import HFOptions, LayoutOptions, OutputOptions
+from scalegrow.formats.options import TORCH_DIST_COMMON, HFOptions, LayoutOptions, OutputOptions, TorchDistOptions
 from scalegrow.methods import registry as methods
 from scalegrow.write.ranks import Ranks
 from scalegrow.write.session import Topology
@@ -145,6 +145,10 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
         p.add_argument("--hf-model-type", default=None, metavar="TYPE",
                        help="hf: the family to write: " + ", ".join(HF_FAMILIES) + " (default: the source's, "
                        "as recorded in its config.json or scalegrow.json, else the one its structure implies)")
+        p.add_argument("--torch-dist-common", choices=TORCH_DIST_COMMON, default=TorchDistOptions.common,
+                       help="torch_dist: where the common state (args, iteration) goes: common.pt, which megatron-core "
+                       "0.16 to 0.19 all read (0.19 logs that it is deprecated), or inline, inside the .distcp files "
+                       "as megatron-core 0.19 saves it (0.16 to 0.18 cannot read that) (default: common.pt)")
         p.add_argument("--dry-run", action="store_true", help="print every output file's tensors and shapes as "
                        "JSON; reads only the source's args (no tensor data) and writes nothing")
     p.add_argument("--workers", type=int, default=None, metavar="N",
@@ -179,7 +183,8 @@ def _output_options(a) -> OutputOptions:
         _positive(name.replace("_", "-"), getattr(a, name, None))
     layout = LayoutOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers, a.ep)
     hf = HFOptions(getattr(a, "max_shard_size", HFOptions.max_shard_size), getattr(a, "hf_model_type", None))
-    return OutputOptions(getattr(a, "format", "torch"), layout, getattr(a, "vocab_size", None), hf)
+    torch_dist = TorchDistOptions(getattr(a, "torch_dist_common", TorchDistOptions.common))
+    return OutputOptions(getattr(a, "format", "torch"), layout, getattr(a, "vocab_size", None), hf, torch_dist)
 
 
 def _topology(a) -> Topology:
@@ -264,6 +269,8 @@ def cmd_inspect(a) -> int:
     print(f"           {m['normalization']}, {'SwiGLU' if m['swiglu'] else 'GELU'}, "
           f"{m['position_embedding_type']}, {'untied' if m['untie_embeddings_and_output_weights'] else 'tied'}, "
           f"bias={m['add_bias_linear']}")
+    if "common_state" in info:
+        print(f"  common   {info['common_state']}")
     for shard in info["shards"]:
         print(f"  shard    {shard['file']}  {shard['bytes'] / 2**20:.2f} MiB")
     return EXIT_OK

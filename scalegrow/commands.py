@@ -222,6 +222,6 @@ def inspect(path: str | Path) -> dict:
         "path": str(ckpt.root), "format": ckpt.format, "description": FORMATS[ckpt.format].description,
         "iteration": ckpt.iteration, "tensor_model_parallel_size": ckpt.tp, "pipeline_model_parallel_size": ckpt.pp,
         "layers_per_stage": list(ckpt.layout.stages.layers_per_stage), "dtype": str(ckpt.dtype).replace("torch.", ""),
-        "num_parameters": num_parameters(ckpt.config), "model": ckpt.config.to_dict(), "shards": shards,
+        "num_parameters": num_parameters(ckpt.config), "model": ckpt.config.to_dict(), "shards": shards, **ckpt.notes(),
         "total_bytes": sum(s["bytes"] for s in shards),
     }

@@ -2,14 +2,14 @@
 dataset (`.bin/.idx`) per split, and deterministic batches that are a pure function of the step.
 Training, calibration, LiGO's operator training and `scalegrow eval` all read tokens through here.
 
-The embedded default corpus is the Python standard library's own source files: every machine with
-Python has it, so the quickstart and the tests need no download.
+The embedded default corpus is the Python standard library's own source files, shipped inside the
+package (`scalegrow/corpus`) so that every Python reads the same text: the quickstart and the tests
+need no download and give the same tokens on 3.10 to 3.13.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import sysconfig
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from scalegrow import deps
+from scalegrow import corpus, deps
 from scalegrow.errors import InputError
 
 EMBEDDED = "embedded"
@@ -28,23 +28,12 @@ SPLITS = ("train", "valid")
 
 # ---- documents -------------------------------------------------------------------------------------
 def embedded_documents(max_bytes: int) -> Iterator[str]:
-    """Python standard-library modules, sorted by path, up to `max_bytes` (tests excluded)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    total = 0
-    for path in sorted(root.rglob("*.py")):
-        parts = set(path.relative_to(root).parts)
-        if parts & {"test", "tests", "idlelib", "site-packages", "lib2to3"}:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not text.strip():
-            continue
-        total += len(text)
-        yield text
-        if total >= max_bytes:
-            return
+    """The embedded corpus (`scalegrow/corpus`: CPython 3.11.7's standard library modules, the same
+    on every Python), up to `max_bytes` characters."""
+    try:
+        yield from corpus.documents(max_bytes)
+    except corpus.CorpusError as exc:
+        raise InputError(str(exc)) from None
 
 
 def load_documents(corpus: str, max_bytes: int) -> Iterable[str]:

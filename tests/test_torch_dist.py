@@ -114,3 +114,45 @@ def test_metadata_unpickler_admits_enum_members_and_nothing_else(tmp_path):
     with pytest.raises(InputError, match="refused to unpickle GLOBAL builtins.getattr of Size.__class__"):
         read_metadata(escape)
     assert pickle.loads(member.read_bytes()) is _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+
+
+def test_common_state_inside_the_distcp_files_as_megatron_core_0_19_saves_it(tmp_path, capsys):
+    """megatron-core 0.19 saves no common.pt: the common state is the byte item
+    `common_state/shard_0_1` (a one-element list) of the DCP files. scalegrow writes that layout on
+    request, reads it, and says which layout a checkpoint has."""
+    from scalegrow import cli
+    from scalegrow.formats.options import TorchDistOptions
+
+    cfg = family_config("llama", num_layers=2)
+    sd = random_model(cfg).state_dict()
+    write(MemoryReader.of(sd, cfg, iteration=5), Identity(cfg, cfg), tmp_path / "inline",
+          OutputOptions("torch_dist", torch_dist=TorchDistOptions("inline")), progress=False)
+    iter_dir = tmp_path / "inline/iter_0000005"
+    assert not (iter_dir / "common.pt").exists()
+    meta = read_metadata(iter_dir / ".metadata")
+    item = next(info for index, info in meta.storage_data.items() if index.fqn == "common_state/shard_0_1")
+    with open(iter_dir / item.relative_path, "rb") as f:
+        f.seek(item.offset)
+        saved = torch.load(io.BytesIO(f.read(item.length)), weights_only=False)
+    assert isinstance(saved, list) and len(saved) == 1 and saved[0]["iteration"] == 5
+    assert saved[0]["args"].hidden_size == cfg.hidden_size
+    reader = open_checkpoint(tmp_path / "inline")
+    assert reader.config == cfg and reader.iteration == 5 and reader.common == "inline"
+    assert all(torch.equal(reader.state_dict()[k], v) for k, v in sd.items())
+    assert cli.main(["inspect", str(tmp_path / "inline"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["common_state"] == "inline"
+    assert cli.main(["convert", "--src", str(tmp_path / "inline"), "--dst", str(tmp_path / "file"), "--format",
+                     "torch_dist", "--no-progress"]) == 0
+    assert (tmp_path / "file/iter_0000005/common.pt").is_file()
+    assert open_checkpoint(tmp_path / "file").common == "common.pt"
+
+
+def test_no_common_state_at_all_is_refused_by_name(tmp_path, capsys):
+    from scalegrow import cli
+
+    cfg = family_config("llama", num_layers=2)
+    write(MemoryReader.of(random_model(cfg).state_dict(), cfg, iteration=5), Identity(cfg, cfg), tmp_path / "d",
+          OutputOptions("torch_dist"), progress=False)
+    (tmp_path / "d/iter_0000005/common.pt").unlink()
+    assert cli.main(["inspect", str(tmp_path / "d")]) == 2
+    assert "no common state: neither common.pt nor a 'common_state/shard_0_1' item" in capsys.readouterr().err

@@ -77,6 +77,28 @@ def test_first_run_compiles_nothing(scratch_run):
         pytest.skip("only a CPU venv made by tools/venv.sh has the prebuilt op")
     built = Path(sys.prefix) / "torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so"
     assert built.is_file() and built.stat().st_mtime < scratch_run[2]
+    assert "built successfully" not in scratch_run[1]  # and says nothing about loading it
+
+
+def test_deepspeeds_cpu_notice_is_dropped_from_training_processes():
+    """"Setting accelerator to CPU" is what DeepSpeed logs on every CPU run: no news here."""
+    import logging
+
+    from scalegrow.train.launch import quiet_deepspeed_notices
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("DeepSpeed")
+    logger.addHandler(handler)
+    try:
+        quiet_deepspeed_notices()
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
+                       "detect it.")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["something else"]
 
 
 def test_rerunning_a_finished_run_changes_nothing(scratch):

@@ -90,6 +90,11 @@ class Reader:
         self.release()
         return sd
 
+    def notes(self) -> dict:
+        """What `inspect` should say about how this format stored the checkpoint (e.g. torch_dist's
+        common state); nothing by default."""
+        return {}
+
     def hf_origin(self) -> dict | None:
         """The Hugging Face family and config.json this checkpoint came from ({"model_type", "config"}),
         as the `details.hf` of its scalegrow.json records it; None when it never was HF."""

@@ -82,7 +82,8 @@ class ChunkReader:
         self.root = root
         self.meta = read_metadata(root / METADATA)
         stored = {(i.fqn, tuple(i.offset)): info for i, info in self.meta.storage_data.items()
-                  if i.offset is not None}  # byte items (`_extra_state`) have no offset
+                  if i.offset is not None}  # byte items (`_extra_state`, the common state) have no offset
+        self._objects = {i.fqn: info for i, info in self.meta.storage_data.items() if i.offset is None}
         self._chunks: dict[str, list] = {}  # key -> [(offsets, sizes, storage info)]
         for key, md in self.meta.state_dict_metadata.items():
             for chunk in getattr(md, "chunks", ()):
@@ -91,6 +92,15 @@ class ChunkReader:
 
     def has(self, key: str) -> bool:
         return key in self.meta.state_dict_metadata
+
+    def object_bytes(self, key: str) -> bytes | None:
+        """A byte item's bytes (DCP stores a non-tensor object as its `torch.save`); None if absent."""
+        info = self._objects.get(key)
+        if info is None:
+            return None
+        with open(self.root / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.length)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.meta.state_dict_metadata[key].size)

@@ -42,7 +42,7 @@ def megatron_allowed() -> list[Any]:
         return []
 
 
-def _torch_load(path: Path, mmap: bool, allowed: list[Any]) -> Any:
+def _torch_load(path: Path | io.BytesIO, mmap: bool, allowed: list[Any]) -> Any:
     # `safe_globals` removes what it was given on exit, even entries registered before it, so
     # give it only what is not already allowed process-wide (e.g. by Megatron-LM at start-up).
     present = set(map(id, torch.serialization.get_safe_globals()))
@@ -50,22 +50,28 @@ def _torch_load(path: Path, mmap: bool, allowed: list[Any]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def safe_load(path: str | Path, mmap: bool = True, allowed: list[Any] | None = None) -> Any:
+def safe_load(path: str | Path, mmap: bool = True, allowed: list[Any] | None = None,
+              data: bytes | None = None) -> Any:
     """`torch.load(weights_only=True)` with an explicit allow-list; every failure is an InputError.
 
     With `mmap=True` tensor data stays on disk until touched, so opening a shard costs only its pickle.
     The default list is BASE_ALLOWED, widened to megatron-core's own list only if a file needs it.
+    `data`: the bytes to load when they lie inside another file (a DCP byte item); `path` names them.
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
+
+    def load(allow: list[Any]) -> Any:
+        return _torch_load(path, mmap, allow) if data is None else _torch_load(io.BytesIO(data), False, allow)
+
     try:
         try:
-            return _torch_load(path, mmap, allowed or BASE_ALLOWED)
+            return load(allowed or BASE_ALLOWED)
         except pickle.UnpicklingError:
             if allowed is not None:
                 raise
-            return _torch_load(path, mmap, BASE_ALLOWED + megatron_allowed())
+            return load(BASE_ALLOWED + megatron_allowed())
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = found.group(1) if found else "an object"

@@ -25,9 +25,23 @@ class HFOptions:
     model_type: str | None = None  # the family to write (None: the source's, else its structure's)
 
 
+TORCH_DIST_COMMON = ("common.pt", "inline")
+
+
+@dataclass(frozen=True)
+class TorchDistOptions:
+    """megatron-core's torch_dist format's own options."""
+
+    # where the common state (args, iteration) goes: common.pt, which megatron-core 0.16 to 0.19 all
+    # read (0.19 logs that it is deprecated), or inline, inside the .distcp files, as 0.19 saves it
+    # (0.16 to 0.18 cannot read that)
+    common: str = "common.pt"
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     format: str = "torch"
     layout: LayoutOptions = field(default_factory=LayoutOptions)
     vocab_size: int | None = None  # the tokenizer's true size, to re-pad the vocabulary (None: from args)
     hf: HFOptions = field(default_factory=HFOptions)
+    torch_dist: TorchDistOptions = field(default_factory=TorchDistOptions)

@@ -3,6 +3,11 @@
     DIR/latest_checkpointed_iteration.txt
     DIR/iter_0001000/{metadata.json, common.pt, .metadata, __0_0.distcp}
 
+The common state (args, iteration) is `common.pt`, as megatron-core 0.16 to 0.18 write and read it;
+megatron-core 0.19 saves it inside the `.distcp` files instead, as the byte item `common_state/shard_0_1`
+(a one-element list), and still reads `common.pt` (logging that it is deprecated). Both are read here;
+`TorchDistOptions.common` chooses which is written (default: `common.pt`, which every one of them loads).
+
 The format is layout-free: Megatron-LM re-shards it on load for any TP/PP, and the args in
 `common.pt` only record the layout it was trained at. Its tensors are DCP chunks (`dcp.py`) under
 the names megatron-core's `GPTModel.sharded_state_dict()` gives them:
@@ -45,9 +50,11 @@ from scalegrow.formats.megatron_rules import (
     stored_tensor,
     target_config,
 )
+from scalegrow.formats.options import OutputOptions
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
+COMMON_STATE = "common_state/shard_0_1"  # megatron-core >= 0.19: the common state inside the .distcp files
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
            "common_backend_version": 1}
 
@@ -110,8 +117,12 @@ class DistReader(Reader):
 
     iter_dir: Path = None
     _chunks: ChunkReader = field(repr=False, default=None)
+    common: str = COMMON  # where its common state is: "common.pt" or "inline" (megatron-core >= 0.19)
 
     format = "torch_dist"
+
+    def notes(self) -> dict:
+        return {"common_state": self.common}
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.iter_dir.iterdir() if p.is_file())
@@ -140,14 +151,14 @@ def open_dist(path: Path, validate: bool = True) -> DistReader:
         raise InputError(f"{iter_dir / METADATA_JSON}: sharded_backend {backend.get('sharded_backend')!r} "
                          f"is not supported (only torch_dist)")
     chunks = ChunkReader(iter_dir)
-    common = safe_load(iter_dir / COMMON, mmap=False)
+    common, where, layout = read_common(iter_dir, chunks)
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, argparse.Namespace):
-        raise InputError(f"{iter_dir / COMMON}: args: missing Megatron argparse.Namespace")
+        raise InputError(f"{where}: args: missing Megatron argparse.Namespace")
     try:
         config = config_from_args(args)
     except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"{iter_dir / COMMON}: args: {exc}") from exc
+        raise InputError(f"{where}: args: {exc}") from exc
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
     stages = stages_from_args(args, config)
     for key, want in stored_tensors(config):  # every tensor the args imply, with the shape they imply
@@ -157,7 +168,21 @@ def open_dist(path: Path, validate: bool = True) -> DistReader:
             raise InputError(f"{iter_dir}: {key}: shape {chunks.shape(key)} does not match {want} expected from args")
     ep = int(getattr(args, "expert_model_parallel_size", 1) or 1) if config.moe else 1
     return DistReader(root, iteration, args, config, Layout(tp, stages, ep), chunks.dtype(arch.WORD_EMBEDDINGS),
-                      iter_dir, chunks)
+                      iter_dir, chunks, layout)
+
+
+def read_common(iter_dir: Path, chunks: ChunkReader) -> tuple[object, str, str]:
+    """(the common state, where it was read, its layout): `common.pt`, else the byte item inside
+    the `.distcp` files (megatron-core >= 0.19)."""
+    if (iter_dir / COMMON).is_file():
+        return safe_load(iter_dir / COMMON, mmap=False), str(iter_dir / COMMON), COMMON
+    data = chunks.object_bytes(COMMON_STATE)
+    if data is None:
+        raise InputError(f"{iter_dir}: no common state: neither {COMMON} nor a {COMMON_STATE!r} item in its "
+                         f".distcp files")
+    where = f"{iter_dir}: {COMMON_STATE}"
+    state = safe_load(where, data=data)
+    return (state[0] if isinstance(state, list) and state else state), where, "inline"
 
 
 # ---- writing --------------------------------------------------------------------------------------------
@@ -166,9 +191,10 @@ class DistWriter:
     `finish` writes the index (`.metadata`), `common.pt` (args, iteration) and `metadata.json`.
     The args record `layout`; the tensors themselves are stored whole (layout-free)."""
 
-    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts=None):
+    def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
+                 opts: OutputOptions = OutputOptions()):
         cfg.check_tp(layout.tp)
-        self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
+        self.out_dir, self.cfg, self.layout, self.common = out_dir, cfg, layout, opts.torch_dist.common
         self.iteration, self.dtype = source.iteration, source.dtype
         self.args = megatron_args(cfg, source.args, layout, source.iteration)
         self.iter_dir = out_dir / iteration_dir_name(source.iteration)
@@ -216,10 +242,13 @@ class DistWriter:
         for i in range(self.cfg.num_layers):  # megatron-core saves each module's (empty) extra state as a list
             for module_state in arch.layer_extra_state(self.cfg, i):
                 self._chunks.add_object(extra_state_key(self.cfg, i, module_state), [None])
-        self._chunks.finish()
         common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
                   "iteration": 0 if self.iteration == "release" else int(self.iteration)}
-        torch.save(common, self.iter_dir / COMMON)
+        if self.common == "inline":  # as megatron-core 0.19's save: a one-element list, no common.pt
+            self._chunks.add_object(COMMON_STATE, [common])
+        self._chunks.finish()
+        if self.common == COMMON:
+            torch.save(common, self.iter_dir / COMMON)
         (self.iter_dir / METADATA_JSON).write_text(json.dumps(BACKEND))
         (self.out_dir / TRACKER).write_text(str(self.iteration))
 

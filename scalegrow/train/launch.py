@@ -3,10 +3,15 @@ the distributed job (DeepSpeed; gloo on CPU), run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from scalegrow.errors import InputError
 from scalegrow.train import loop, starts
@@ -39,8 +44,29 @@ def quiet_known_warnings() -> None:
                             category=FutureWarning)
 
 
+def quiet_deepspeed_notices() -> None:
+    """What DeepSpeed says on every CPU run that is no news, dropped before it is imported: its
+    accelerator auto-detection's "Setting accelerator to CPU" (scalegrow trains on CPU by design when
+    there is no GPU), and the "deepspeed_shm_comm_op built successfully" it prints whenever it loads
+    the op that tools/venv.sh built (`init_distributed` runs under `without_build_notice`)."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+
+@contextlib.contextmanager
+def without_build_notice() -> Iterator[None]:
+    """Whatever the body prints on stdout, but DeepSpeed's op-loaded notices."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if not re.fullmatch(r"DeepSpeed \S+ built successfully\s*", line)))
+
+
 def main(kind: str, argv: list[str] | None = None) -> int:
     """Entry for launch/*.py: set up distributed (DeepSpeed), then run."""
+    quiet_deepspeed_notices()
     import deepspeed
     import torch
     import torch.distributed as torch_dist
@@ -58,7 +84,8 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     quiet_known_warnings()
     cpu = get_accelerator().device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    with without_build_notice():
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
     if cpu:  # one core's worth of threads per rank, no oversubscription
         release_shared_memory(torch_dist.get_rank())
         local = int(os.environ.get("LOCAL_WORLD_SIZE", torch_dist.get_world_size()))
