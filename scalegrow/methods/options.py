@@ -54,12 +54,10 @@ def flags(options: type) -> list[Flag]:
 
 def from_flags(options: type, given: dict[str, Any]) -> Any:
     """The options made from the flags given (argparse dests; a flag left out keeps its default)."""
-    values = {}
-    for flag in flags(options):
-        if flag.dest in given:
-            values[flag.field] = (not flag.default) if flag.switch else given[flag.dest]
-    made = options(**values)
-    check(made, lambda name: next(f.name for f in flags(options) if f.field == name))
+    spelled = {flag.field: flag for flag in flags(options)}
+    made = options(**{field: (not flag.default) if flag.switch else given[flag.dest]
+                      for field, flag in spelled.items() if flag.dest in given})
+    check(made, lambda field: spelled[field].name)
     return made
 
 
