@@ -21,6 +21,19 @@ from scalegrow.core.config import ModelConfig
 warnings.filterwarnings("ignore", module="megatron")
 
 
+def version() -> tuple[int, int]:
+    """The installed megatron-core's (major, minor)."""
+    from importlib import metadata
+
+    return tuple(int(part) for part in metadata.version("megatron-core").split(".")[:2])
+
+
+def saves_common() -> str:
+    """Where the installed megatron-core's own `dist_checkpointing.save` puts the common state: in
+    `common.pt` up to 0.18, inside the `.distcp` files from 0.19 on (scalegrow's `inline`)."""
+    return "inline" if version() >= (0, 19) else "common.pt"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

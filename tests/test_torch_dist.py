@@ -12,8 +12,9 @@ import torch
 from scalegrow.formats.base import MemoryReader
 from scalegrow.formats.dcp import read_metadata
 from scalegrow.formats.io import safe_load
-from scalegrow.formats.options import OutputOptions
+from scalegrow.formats.options import OutputOptions, TorchDistOptions
 from scalegrow.formats.registry import open_checkpoint
+from scalegrow.formats.torch_dist import read_common
 from scalegrow.operators.identity import Identity
 from scalegrow.write.session import write
 
@@ -51,6 +52,13 @@ def megatron_save(mcore, cfg, state_dict, out_dir, args):
                                 sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
 
 
+def common_state(iter_dir):
+    """The common state (args, iteration) of a torch_dist directory, wherever its layout keeps it."""
+    from scalegrow.formats.dcp import ChunkReader
+
+    return read_common(iter_dir, ChunkReader(iter_dir))[0]
+
+
 def chunks(iter_dir):
     """{(key, offsets): loaded chunk} and {key: (kind, size, dtype)} of a DCP directory."""
     meta = read_metadata(iter_dir / ".metadata")
@@ -70,10 +78,10 @@ def chunks(iter_dir):
 def test_writer_matches_megatron_core_save(mcore, tmp_path, case):
     cfg = case_config(case)
     sd = random_model(cfg, seed=4).state_dict()
-    ours = tmp_path / "ours"
-    write(MemoryReader.of(sd, cfg, iteration=5), Identity(cfg, cfg), ours, OutputOptions(format="torch_dist"),
-          progress=False)
-    ours_common = safe_load(ours / "iter_0000005/common.pt", mmap=False)
+    ours = tmp_path / "ours"  # in the layout the installed megatron-core saves (common.pt, or inline from 0.19)
+    write(MemoryReader.of(sd, cfg, iteration=5), Identity(cfg, cfg), ours,
+          OutputOptions(format="torch_dist", torch_dist=TorchDistOptions(mcore.saves_common())), progress=False)
+    ours_common = common_state(ours / "iter_0000005")
     theirs = tmp_path / "theirs" / "iter_0000005"
     megatron_save(mcore, cfg, sd, theirs, ours_common["args"])
 
@@ -86,7 +94,7 @@ def test_writer_matches_megatron_core_save(mcore, tmp_path, case):
             assert torch.equal(our_data[key], value), key
         else:
             assert our_data[key] == value, key
-    theirs_common = safe_load(theirs / "common.pt", mmap=False)
+    theirs_common = common_state(theirs)
     assert ours_common.keys() == theirs_common.keys()
     assert (ours_common["iteration"], ours_common["checkpoint_version"]) == (5, 3.0)
     assert json.loads((ours / "iter_0000005/metadata.json").read_text()) == \
@@ -156,3 +164,40 @@ def test_no_common_state_at_all_is_refused_by_name(tmp_path, capsys):
     (tmp_path / "d/iter_0000005/common.pt").unlink()
     assert cli.main(["inspect", str(tmp_path / "d")]) == 2
     assert "no common state: neither common.pt nor a 'common_state/shard_0_1' item" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["torch_dist", "torch_dist-inline", "torch"])
+def test_megatron_core_save_grows_into_what_megatron_core_loads_with_the_source_logits(mcore, tmp_path, out):
+    """The installed megatron-core's own save (0.19: common state inside the .distcp files) of a model,
+    grown by LEMON into torch_dist (either layout) and legacy files: megatron-core loads each strictly
+    and computes the source's logits."""
+    from megatron.core import dist_checkpointing
+
+    from scalegrow.cli import main
+    from scalegrow.formats.megatron_args import config_from_args, config_to_args
+
+    from helpers import tokens, write_yaml
+
+    cfg = family_config("llama", num_layers=2)
+    small = random_model(cfg, seed=7)
+    megatron_save(mcore, cfg, small.state_dict(), tmp_path / "src/iter_0000005", config_to_args(cfg))
+    (tmp_path / "src/latest_checkpointed_iteration.txt").write_text("5")
+    target = write_yaml(tmp_path / "t.yaml", hidden_size=96, num_attention_heads=6, ffn_hidden_size=150,
+                        num_layers=3)
+    fmt, *layout = out.split("-")
+    if layout and mcore.version() < (0, 19):
+        pytest.skip("megatron-core < 0.19 reads the common state from common.pt only")
+    extra = ["--torch-dist-common", "inline"] if layout else []
+    assert main(["grow", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "big"), "--target", str(target),
+                 "--format", fmt, *extra, "--no-progress"]) == 0
+    grown = open_checkpoint(tmp_path / "big").config
+    model = mcore.build_gpt(grown).eval()
+    if fmt == "torch":
+        state = safe_load(tmp_path / "big/iter_0000005/mp_rank_00/model_optim_rng.pt", mmap=False)
+    else:
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(tmp_path / "big/iter_0000005"))
+    assert state["iteration"] == 5 and config_from_args(state["args"]) == grown
+    mcore.load_strict(model, state["model"])
+    x = tokens(cfg, seq=24)
+    with torch.no_grad():
+        assert (mcore.forward(model, x) - small(x)).abs().max().item() <= 1e-4

@@ -55,8 +55,8 @@ from scalegrow.formats.options import OutputOptions
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 COMMON_STATE = "common_state/shard_0_1"  # megatron-core >= 0.19: the common state inside the .distcp files
-BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
-           "common_backend_version": 1}
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+COMMON_BACKEND = {"common_backend": "torch", "common_backend_version": 1}  # metadata.json's, with common.pt
 
 
 EXPERT_STACK = "mlp.experts.experts."  # experts' tensors, stacked over global expert indices
@@ -249,7 +249,8 @@ class DistWriter:
         self._chunks.finish()
         if self.common == COMMON:
             torch.save(common, self.iter_dir / COMMON)
-        (self.iter_dir / METADATA_JSON).write_text(json.dumps(BACKEND))
+        backend = BACKEND if self.common == "inline" else {**BACKEND, **COMMON_BACKEND}  # as 0.19 / as 0.16
+        (self.iter_dir / METADATA_JSON).write_text(json.dumps(backend))
         (self.out_dir / TRACKER).write_text(str(self.iteration))
 
 
