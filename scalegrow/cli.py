@@ -17,7 +17,7 @@ from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
 from scalegrow.formats.hf.registry import FAMILIES as HF_FAMILIES
-from scalegrow.formats.options import TORCH_DIST_COMMON, HFOptions, LayoutOptions, OutputOptions, TorchDistOptions
+from scalegrow.formats.options import TORCH_DIST_COMMON, TORCH_DIST_MODELS, HFOptions, LayoutOptions, OutputOptions, TorchDistOptions
 from scalegrow.methods import registry as methods
 from scalegrow.write.ranks import Ranks
 from scalegrow.write.session import Topology
@@ -149,6 +149,10 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
                        help="torch_dist: where the common state (args, iteration) goes: common.pt, which megatron-core "
                        "0.16 to 0.19 all read (0.19 logs that it is deprecated), or inline, inside the .distcp files "
                        "as megatron-core 0.19 saves it (0.16 to 0.18 cannot read that) (default: common.pt)")
+        p.add_argument("--torch-dist-model", choices=TORCH_DIST_MODELS, default=None,
+                       help="torch_dist: the megatron-core model whose keys it has: gpt (GPTModel's; megatron-core "
+                       "0.19's HybridModel runs load it too) or hybrid (HybridModel's, --hybrid-layer-pattern of "
+                       "'*-' pairs; only HybridModel runs load it) (default: the source's, else gpt)")
         p.add_argument("--dry-run", action="store_true", help="print every output file's tensors and shapes as "
                        "JSON; reads only the source's args (no tensor data) and writes nothing")
     p.add_argument("--workers", type=int, default=None, metavar="N",
@@ -183,7 +187,8 @@ def _output_options(a) -> OutputOptions:
         _positive(name.replace("_", "-"), getattr(a, name, None))
     layout = LayoutOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers, a.ep)
     hf = HFOptions(getattr(a, "max_shard_size", HFOptions.max_shard_size), getattr(a, "hf_model_type", None))
-    torch_dist = TorchDistOptions(getattr(a, "torch_dist_common", TorchDistOptions.common))
+    torch_dist = TorchDistOptions(getattr(a, "torch_dist_common", TorchDistOptions.common),
+                                  getattr(a, "torch_dist_model", None))
     return OutputOptions(getattr(a, "format", "torch"), layout, getattr(a, "vocab_size", None), hf, torch_dist)
 
 

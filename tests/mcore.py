@@ -138,6 +138,52 @@ def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = Tr
         )
 
 
+def hybrid_spec(cfg: ModelConfig):
+    """A CPU layer spec for megatron-core's HybridModel (0.19's `hybrid_stack_spec` is built of
+    Transformer Engine modules): GPTModel's local layer spec, split into an attention-only layer ('*')
+    and an MLP-only `MLPLayer` ('-'/'E'). Their checkpoint keys are the TE spec's (the local spec maps
+    its norms to `linear_qkv.layer_norm_weight` and `linear_fc1.layer_norm_weight`)."""
+    import copy
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm  # the final norm is a TENorm by name; same keys, same function
+    layer = get_gpt_layer_local_spec(normalization=cfg.norm.kind, qk_layernorm=cfg.attention.qk_norm,
+                                     num_experts=cfg.moe and cfg.moe.num_experts, moe_grouped_gemm=False)
+    attention, mlp = copy.deepcopy(layer), copy.deepcopy(layer)
+    attention.submodules.mlp = attention.submodules.pre_mlp_layernorm = IdentityOp
+    attention.submodules.mlp_bda = IdentityFuncOp
+    mlp.module, mlp.submodules.self_attention, mlp.submodules.input_layernorm = MLPLayer, IdentityOp, IdentityOp
+    mlp.submodules.self_attn_bda = IdentityFuncOp
+    subs = HybridStackSubmodules(attention_layer=attention, **{"moe_layer" if cfg.moe else "mlp_layer": mlp})
+    return ModuleSpec(module=HybridStack, submodules=subs)
+
+
+def build_hybrid(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True,
+                 post_process: bool = True, parallel_output: bool = True, pattern: str | None = None):
+    """megatron-core's `HybridModel` of a GPT model: layer i is hybrid layers 2i ('*') and 2i+1."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+        config = transformer_config(cfg, tp, pp)
+        config.num_layers = 2 * cfg.num_layers
+        return HybridModel(
+            config=config, hybrid_stack_spec=hybrid_spec(cfg), vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=cfg.max_position_embeddings,
+            hybrid_layer_pattern=pattern or ("*E" if cfg.moe else "*-") * cfg.num_layers,
+            pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=cfg.embedding.tied, position_embedding_type=cfg.embedding.position,
+            rotary_percent=cfg.rope.percent, rotary_base=cfg.rope.base,
+        )
+
+
 def causal_inputs(tokens: torch.Tensor):
     """Position ids and the explicit boolean causal mask (True = masked) megatron's local spec wants."""
     s = tokens.shape[1]

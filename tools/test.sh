@@ -10,7 +10,8 @@ bash tools/system_deps.sh
 # the oracle tests: megatron-core parity and loads, torch_dist, Hugging Face, MoE, training's export,
 # the install, and the corpus
 ORACLE=(tests/test_parity.py tests/test_megatron_load.py tests/test_torch_dist.py tests/test_hf.py
-        tests/test_moe.py tests/test_training.py tests/test_install.py tests/test_corpus.py)
+        tests/test_moe.py tests/test_training.py tests/test_install.py tests/test_corpus.py
+        tests/test_hybrid.py)
 (
   source tools/venv.sh
   python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"

@@ -28,6 +28,7 @@ from scalegrow.core.layout import Layout, Stages
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader
 from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
+from scalegrow.formats import hybrid
 from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.formats.megatron_rules import (
     CHECKPOINT_VERSION,
@@ -113,6 +114,9 @@ def open_megatron(path: str | Path, validate: bool = True) -> MegatronReader:
         raise InputError(f"{iter_dir}: no rank 0 file ({rank_dir_name(0, 0, 1)}/{FILE_NAME})")
     state0 = safe_load(first_file)
     args = require_args(state0, first_file)
+    if hybrid.pattern_of(args):  # as Megatron-LM's own gpt_hybrid_conversion: torch_dist only
+        raise InputError(f"{first_file}: args.hybrid_layer_pattern {hybrid.pattern_of(args)!r}: a legacy checkpoint "
+                         f"of a HybridModel run is not supported (save it as torch_dist)")
     config = read_config(args, first_file)
     tp, pp, ep = (int(getattr(args, f"{k}_model_parallel_size", 1) or 1) for k in ("tensor", "pipeline", "expert"))
     _check_rank_dirs(iter_dir, tp, pp, ep)

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 
 from scalegrow.core.config import ModelConfig
+from scalegrow.formats import hybrid
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """The model Megatron-LM's args describe (their defaults where a key is absent)."""
-    a = vars(args)
+    """The model Megatron-LM's args describe (their defaults where a key is absent); a HybridModel
+    run's (`hybrid_layer_pattern`) as the GPT model its `*-` pairs are."""
+    a = _gpt_view(vars(args))
     gqa = bool(a.get("group_query_attention"))
     flat = dict(
         num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=a["num_attention_heads"],
@@ -30,6 +32,18 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         make_vocab_size_divisible_by=int(a.get("make_vocab_size_divisible_by", 128)), vocab_size=a.get("vocab_size"),
         **_moe_from_args(a))
     return ModelConfig.from_flat(flat)
+
+
+def _gpt_view(a: dict[str, Any]) -> dict[str, Any]:
+    """A HybridModel run's args as a GPTModel run's: one layer per `*-` pair, MoE where they are `*E`."""
+    pattern = hybrid.pattern_of(argparse.Namespace(**a))
+    if pattern is None:
+        return a
+    moe = hybrid.MOE in pattern
+    if moe and not a.get("num_experts"):
+        raise ValueError(f"hybrid_layer_pattern {pattern!r} has MoE layers ('E') but num_experts is not set")
+    return {**a, "num_layers": hybrid.gpt_layers(pattern), "num_experts": a.get("num_experts") if moe else None,
+            "moe_layer_freq": 1}
 
 
 def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:

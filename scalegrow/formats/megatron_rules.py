@@ -15,6 +15,7 @@ from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.layout import Layout, Stages
 from scalegrow.errors import InputError
+from scalegrow.formats import hybrid
 from scalegrow.formats.base import nbytes
 from scalegrow.formats.megatron_args import config_to_args
 
@@ -91,8 +92,9 @@ def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelCon
 
 def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Layout,
                   iteration: int | str) -> argparse.Namespace:
-    """The args a written checkpoint carries: `base`'s, with this model, layout and iteration."""
-    args = config_to_args(cfg, base, tp=layout.tp, pp=layout.pp)
+    """The args a written checkpoint carries: `base`'s, with this model, layout and iteration (a
+    GPTModel run's: a HybridModel source's pattern is dropped)."""
+    args = hybrid.gpt_args(config_to_args(cfg, base, tp=layout.tp, pp=layout.pp))
     for key, value in layout.stages.megatron_args().items():
         setattr(args, key, value)
     args.expert_model_parallel_size = layout.ep
@@ -166,7 +168,11 @@ def resolve_iteration_dir(path: Path) -> tuple[Path, Path, int | str]:
 
 
 def stages_from_args(args: argparse.Namespace, config: ModelConfig) -> Stages:
-    """The pipeline split Megatron-LM derives from its args (even, or an uneven first/last stage)."""
+    """The pipeline split Megatron-LM derives from its args (even, or an uneven first/last stage; a
+    HybridModel run's by its pattern's '|' segments)."""
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    if (pattern := hybrid.pattern_of(args)) is not None:
+        return hybrid.stages_of(pattern, pp)
     return Stages.build(config.num_layers, int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
                         getattr(args, "decoder_first_pipeline_num_layers", None),
                         getattr(args, "decoder_last_pipeline_num_layers", None))

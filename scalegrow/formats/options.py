@@ -26,6 +26,7 @@ class HFOptions:
 
 
 TORCH_DIST_COMMON = ("common.pt", "inline")
+TORCH_DIST_MODELS = ("gpt", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class TorchDistOptions:
     # read (0.19 logs that it is deprecated), or inline, inside the .distcp files, as 0.19 saves it
     # (0.16 to 0.18 cannot read that)
     common: str = "common.pt"
+    # the megatron-core model whose keys it has: gpt (GPTModel's, which HybridModel runs of megatron-core
+    # 0.19 also load) or hybrid (HybridModel's `*-` layers, which only they load); None: the source's
+    model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ the names megatron-core's `GPTModel.sharded_state_dict()` gives them:
 - each linear module's `_extra_state` is a byte item `decoder.layers.{module}._extra_state/shard_{i}_{L}`;
 - a tied model stores no `output_layer.weight`.
 tests/test_torch_dist.py holds this layout to megatron-core's own `dist_checkpointing.save`.
+megatron-core 0.19's HybridModel names the same tensors otherwise (`hybrid.py`): read when the args
+carry a `hybrid_layer_pattern`, written on request or from such a source (`TorchDistOptions.model`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.layout import Layout
 from scalegrow.errors import InputError
+from scalegrow.formats import hybrid
 from scalegrow.formats.base import Format, Reader, nbytes
 from scalegrow.formats.dcp import ChunkReader, ChunkWriter
 from scalegrow.formats.io import WriteQueue, safe_load
@@ -67,13 +70,17 @@ def homogeneous(cfg: ModelConfig) -> bool:
     return cfg.moe is None or cfg.moe.layer_freq == 1
 
 
-def placement(cfg: ModelConfig, index: int, name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+def placement(cfg: ModelConfig, index: int, name: str,
+              hybrid_model: bool = False) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """(stored key, offsets, sizes of the leading axes) of layer `index`'s tensor `name`. Homogeneous
     models stack every layer tensor over layers, [L, ...] at (index,); mixed dense/MoE layers keep one
-    key per layer. An expert's tensor is stacked over the experts too: [(L,) E, ...] at ((index,) e)."""
+    key per layer, as HybridModel's layout does (at its own layer index, `hybrid.py`). An expert's
+    tensor is stacked over the experts too: [(L,) E, ...] at ((index,) e)."""
     expert = arch.expert_of(name)
     local = arch.TE_NAMES.get(name, name) if expert is None else EXPERT_STACK + expert[1]
-    if homogeneous(cfg):
+    if hybrid_model:
+        key, offsets, sizes = arch.layer_key(hybrid.layer_index(index, name), local), (), ()
+    elif homogeneous(cfg):
         key, offsets, sizes = arch.LAYER_PREFIX + local, (index,), (cfg.num_layers,)
     else:
         key, offsets, sizes = arch.layer_key(index, local), (), ()
@@ -82,24 +89,29 @@ def placement(cfg: ModelConfig, index: int, name: str) -> tuple[str, tuple[int, 
     return key, offsets, sizes
 
 
-def extra_state_key(cfg: ModelConfig, index: int, module_state: str) -> str:
+def extra_state_key(cfg: ModelConfig, index: int, module_state: str, hybrid_model: bool = False) -> str:
     """`decoder.layers.mlp.linear_fc1._extra_state/shard_3_8`; an expert's: `shard_3.5_8.16`
     (layer and expert offsets, then sizes); `shard_0_1` where nothing is stacked."""
-    key, offsets, sizes = placement(cfg, index, module_state)
+    key, offsets, sizes = placement(cfg, index, module_state, hybrid_model)
     return f"{key}/shard_{'.'.join(map(str, offsets)) or 0}_{'.'.join(map(str, sizes)) or 1}"
 
 
-def stored_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+def stored_tensors(cfg: ModelConfig, hybrid_model: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """(key, global shape) of every tensor a torch_dist checkpoint of `cfg` stores."""
     out = {s.name: arch.full_shape(cfg, s) for s in arch.embedding_specs(cfg)}
-    for i in range(1 if homogeneous(cfg) else cfg.num_layers):
+    for i in range(1 if homogeneous(cfg) and not hybrid_model else cfg.num_layers):
         for spec in arch.layer_specs(cfg, i):
-            key, _, sizes = placement(cfg, i, spec.name)
+            key, _, sizes = placement(cfg, i, spec.name, hybrid_model)
             out[key] = sizes + arch.full_shape(cfg, spec)
-    out.update({s.name: arch.full_shape(cfg, s) for s in arch.final_norm_specs(cfg)})
+    out.update({stored_key(s.name, hybrid_model): arch.full_shape(cfg, s) for s in arch.final_norm_specs(cfg)})
     if not cfg.embedding.tied:
         out[arch.OUTPUT_LAYER] = arch.full_shape(cfg, arch.OUTPUT_SPEC)
     return list(out.items())
+
+
+def stored_key(key: str, hybrid_model: bool) -> str:
+    """The stored key of a tensor outside the layers (HybridModel calls the final norm `final_norm`)."""
+    return hybrid.final_norm_key(key) if hybrid_model else key
 
 
 def is_torch_dist(path: Path) -> bool:
@@ -121,17 +133,25 @@ class DistReader(Reader):
 
     format = "torch_dist"
 
+    @property
+    def megatron_model(self) -> str:
+        """Which megatron-core model saved it: "gpt" (GPTModel) or "hybrid" (HybridModel)."""
+        return "hybrid" if hybrid.pattern_of(self.args) else "gpt"
+
     def notes(self) -> dict:
-        return {"common_state": self.common}
+        notes = {"common_state": self.common, "megatron_model": self.megatron_model}
+        if self.megatron_model == "hybrid":
+            notes["hybrid_layer_pattern"] = hybrid.pattern_of(self.args)
+        return notes
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.iter_dir.iterdir() if p.is_file())
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
-        parsed = arch.split_layer_key(key)
+        parsed, as_hybrid = arch.split_layer_key(key), self.megatron_model == "hybrid"
         if parsed is None:
-            return self._chunks.read(key)
-        stored, offsets, _ = placement(self.config, *parsed)
+            return self._chunks.read(stored_key(key, as_hybrid))
+        stored, offsets, _ = placement(self.config, *parsed, as_hybrid)
         n, shape = len(offsets), self._chunks.shape(stored)  # [(L,) (E,) ...]
         box = self._chunks.read(stored, offsets + (0,) * (len(shape) - n), (1,) * n + shape[n:])
         return box.reshape(shape[n:])
@@ -157,11 +177,11 @@ def open_dist(path: Path, validate: bool = True) -> DistReader:
         raise InputError(f"{where}: args: missing Megatron argparse.Namespace")
     try:
         config = config_from_args(args)
+        stages = stages_from_args(args, config)
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"{where}: args: {exc}") from exc
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
-    stages = stages_from_args(args, config)
-    for key, want in stored_tensors(config):  # every tensor the args imply, with the shape they imply
+    for key, want in stored_tensors(config, hybrid.pattern_of(args) is not None):  # what the args imply
         if not chunks.has(key):
             raise InputError(f"{iter_dir}: {key}: missing tensor (expected shape {want})")
         if chunks.shape(key) != want:
@@ -187,21 +207,24 @@ def read_common(iter_dir: Path, chunks: ChunkReader) -> tuple[object, str, str]:
 
 # ---- writing --------------------------------------------------------------------------------------------
 class DistWriter:
-    """Streams a model into torch_dist, chunk by chunk on a writer thread, in megatron-core's names;
-    `finish` writes the index (`.metadata`), `common.pt` (args, iteration) and `metadata.json`.
-    The args record `layout`; the tensors themselves are stored whole (layout-free)."""
+    """Streams a model into torch_dist, chunk by chunk on a writer thread, in megatron-core's names
+    (GPTModel's, or HybridModel's: `TorchDistOptions.model`); `finish` writes the index (`.metadata`),
+    the common state (args, iteration) and `metadata.json`. The args record `layout`; the tensors
+    themselves are stored whole (layout-free)."""
 
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
                  opts: OutputOptions = OutputOptions()):
         cfg.check_tp(layout.tp)
         self.out_dir, self.cfg, self.layout, self.common = out_dir, cfg, layout, opts.torch_dist.common
+        self.hybrid_model = output_model(cfg, source, opts.torch_dist.model) == "hybrid"
         self.iteration, self.dtype = source.iteration, source.dtype
-        self.args = megatron_args(cfg, source.args, layout, source.iteration)
+        args = megatron_args(cfg, source.args, layout, source.iteration)
+        self.args = hybrid.hybrid_args(args, layout.stages, cfg.moe is not None) if self.hybrid_model else args
         self.iter_dir = out_dir / iteration_dir_name(source.iteration)
         self.iter_dir.mkdir(parents=True)
         self._specs = dict(arch.model_specs(cfg))
         self._chunks = ChunkWriter(self.iter_dir)
-        for key, shape in stored_tensors(cfg):
+        for key, shape in stored_tensors(cfg, self.hybrid_model):
             self._chunks.declare(key, shape, self.dtype)
         self._queue = WriteQueue()
 
@@ -221,9 +244,9 @@ class DistWriter:
         its stored key at its layer (and expert) offsets; SwiGLU's fc1 is two, gate rows and up rows."""
         parsed = arch.split_layer_key(key)
         if parsed is None:
-            yield key, (0,) * full.dim(), full
+            yield stored_key(key, self.hybrid_model), (0,) * full.dim(), full
             return
-        stored, offsets, _ = placement(self.cfg, *parsed)
+        stored, offsets, _ = placement(self.cfg, *parsed, self.hybrid_model)
         halves = full.chunk(2, dim=0) if spec.packing == arch.SWIGLU else (full,)
         row = 0
         for half in halves:
@@ -241,7 +264,9 @@ class DistWriter:
         self._queue.close()
         for i in range(self.cfg.num_layers):  # megatron-core saves each module's (empty) extra state as a list
             for module_state in arch.layer_extra_state(self.cfg, i):
-                self._chunks.add_object(extra_state_key(self.cfg, i, module_state), [None])
+                self._chunks.add_object(extra_state_key(self.cfg, i, module_state, self.hybrid_model), [None])
+        if self.hybrid_model:  # HybridModel keeps the output layer's (GPTModel drops it), tied or not
+            self._chunks.add_object(f"{arch.OUTPUT_EXTRA_STATE}/shard_0_1", [None])
         common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
                   "iteration": 0 if self.iteration == "release" else int(self.iteration)}
         if self.common == "inline":  # as megatron-core 0.19's save: a one-element list, no common.pt
@@ -252,6 +277,16 @@ class DistWriter:
         backend = BACKEND if self.common == "inline" else {**BACKEND, **COMMON_BACKEND}  # as 0.19 / as 0.16
         (self.iter_dir / METADATA_JSON).write_text(json.dumps(backend))
         (self.out_dir / TRACKER).write_text(str(self.iteration))
+
+
+def output_model(cfg: ModelConfig, source: Reader, model: str | None) -> str:
+    """The megatron-core model a torch_dist output is laid out for: as asked, else the source's
+    (a HybridModel checkpoint stays one), else GPTModel's. HybridModel's needs every layer alike."""
+    model = model or getattr(source, "megatron_model", "gpt")
+    if model == "hybrid" and not homogeneous(cfg):
+        raise InputError(f"--torch-dist-model hybrid: dense and MoE layers mixed (moe_layer_freq "
+                         f"{cfg.moe.layer_freq}) are not supported in HybridModel's layout")
+    return model
 
 
 FORMAT = Format("torch_dist", "megatron-core distributed", is_torch_dist, open_dist, DistWriter, target_config,
