@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _grow_parser(g: argparse.ArgumentParser) -> None:
     _paths(g, "source checkpoint directory (Megatron torch/torch_dist, DeepSpeed or Hugging Face)")
     _method_arg(g, methods.GROW)
-    g.add_argument("--target", required=True, help="YAML of Megatron model args; keys left out keep the source's")
+    g.add_argument("--target", default=None, help="YAML of Megatron model args; keys left out keep the source's "
+                   "(default: the source's shape; a stack --layers map sets the depth)")
     _output_args(g, "the source's")
     g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise (default: 0)")
     _method_options(g, methods.GROW)
@@ -102,7 +103,7 @@ def _method_options(p: argparse.ArgumentParser, kind: str) -> None:
         what = f"{', '.join(owners)}: {flag.help}"
         if flag.switch:
             p.add_argument(flag.name, dest=flag.dest, action="store_true", default=argparse.SUPPRESS,
-                           help=f"{what}: turn it off" if flag.default else what)
+                           help=f"{what}: turn it off" if flag.default else f"{what} (default: off)")
             continue
         p.add_argument(flag.name, dest=flag.dest, type=flag.type, default=argparse.SUPPRESS, choices=flag.choices,
                        metavar=flag.metavar, help=what if flag.default is None else f"{what} (default: {flag.default})")
@@ -135,9 +136,10 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, metavar="N",
                    help="layers on the last pipeline stage, as in Megatron-LM (default: an even split)")
     if any_format:
-        p.add_argument("--format", choices=formats.writable(), default="torch",
+        p.add_argument("--format", choices=formats.writable(), default=None,
                        help="output format: " + ", ".join(f"{name} ({formats.FORMATS[name].description})"
-                                                          for name in formats.writable()) + " (default: torch)")
+                                                          for name in formats.writable()) +
+                       " (default: the source's: an HF source gives HF; a DeepSpeed one, torch)")
         p.add_argument("--vocab-size", type=int, default=None, help="the tokenizer's true vocabulary size, to "
                        "re-pad for the target TP (default: the source's args, else its padded rows)")
         p.add_argument("--max-shard-size", type=_size, default=HFOptions.max_shard_size, metavar="SIZE",
@@ -189,7 +191,8 @@ def _output_options(a) -> OutputOptions:
     hf = HFOptions(getattr(a, "max_shard_size", HFOptions.max_shard_size), getattr(a, "hf_model_type", None))
     torch_dist = TorchDistOptions(getattr(a, "torch_dist_common", TorchDistOptions.common),
                                   getattr(a, "torch_dist_model", None))
-    return OutputOptions(getattr(a, "format", "torch"), layout, getattr(a, "vocab_size", None), hf, torch_dist)
+    fmt = getattr(a, "format", None) or (formats.default_output(a.src) if getattr(a, "src", None) else "torch")
+    return OutputOptions(fmt, layout, getattr(a, "vocab_size", None), hf, torch_dist)
 
 
 def _topology(a) -> Topology:

@@ -244,17 +244,20 @@ def tokenizer_near(checkpoint: str | Path) -> Path | None:
     return None
 
 
-# Files that travel with the weights from a checkpoint to what is written from it
-COMPANION_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+# Files that travel with the weights from a checkpoint to what is written from it: the tokenizer in
+# every spelling transformers (4 and 5) and sentencepiece save it, its chat templates, generation settings
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                        "merges.txt", "chat_template.jinja", "chat_template.json")
+COMPANION_FILES = ("tokenizer.model", "tokenizer.json", *TOKENIZER_SIDE_FILES, "generation_config.json")
+TEMPLATE_DIR = "additional_chat_templates"  # transformers' named chat templates, one .jinja each
 
 
 def companion_files(checkpoint: str | Path, tokenizer: str | None = None) -> dict[str, Path]:
-    """The tokenizer (and generation config) files a checkpoint written from `checkpoint` carries:
-    those in its directory, else the tokenizer a training run keeps near it, else `tokenizer` (given
-    by the user)."""
+    """The tokenizer (and generation config) files a checkpoint written from `checkpoint` carries
+    (name -> path; a name may be under `additional_chat_templates/`): those in its directory, else
+    the tokenizer a training run keeps near it, else `tokenizer` (given by the user)."""
     root = Path(checkpoint)
-    found = {name: root / name for name in COMPANION_FILES if (root / name).is_file()}
+    found = _present(root, COMPANION_FILES)
     if any(name in found for name in TOKENIZERS):
         return found
     near = tokenizer_near(root) or (Path(tokenizer) if tokenizer else None)
@@ -262,12 +265,18 @@ def companion_files(checkpoint: str | Path, tokenizer: str | None = None) -> dic
 
 
 def tokenizer_bundle(tokenizer: Path) -> dict[str, Path]:
-    """A tokenizer file and the HF files that belong to it (tokenizer_config.json, special tokens)."""
+    """A tokenizer file and the HF files that belong to it (its config, special tokens, chat templates)."""
     out = {tokenizer.name: tokenizer}
     if tokenizer.suffix == ".json":
-        out.update({name: tokenizer.parent / name for name in ("tokenizer_config.json", "special_tokens_map.json")
-                    if (tokenizer.parent / name).is_file()})
+        out.update(_present(tokenizer.parent, TOKENIZER_SIDE_FILES))
     return out
+
+
+def _present(root: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    found = {name: root / name for name in names if (root / name).is_file()}
+    if "chat_template.jinja" in names:
+        found.update({f"{TEMPLATE_DIR}/{p.name}": p for p in sorted((root / TEMPLATE_DIR).glob("*.jinja"))})
+    return found
 
 
 def source_tokenizer(src_path, tokenizer: str | None) -> Path:

@@ -54,6 +54,9 @@ def build(family: str, out: Path, tokenizer_dir: Path | None = None, seed: int =
     return out
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+
+
 def train_tokenizer(out: Path) -> Path:
     """A byte-level BPE over the embedded corpus (the Python standard library), saved the way
     transformers does: tokenizer.json and tokenizer_config.json naming its eos token."""
@@ -70,6 +73,7 @@ def train_tokenizer(out: Path) -> Path:
                                              show_progress=False)
     tok.train_from_iterator(embedded_documents(300_000), trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE  # transformers 5 saves it as chat_template.jinja
     fast.save_pretrained(out)
     return out
 

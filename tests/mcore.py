@@ -134,8 +134,15 @@ def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = Tr
             pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
             share_embeddings_and_output_weights=cfg.embedding.tied,
             position_embedding_type=cfg.embedding.position,
-            rotary_percent=cfg.rope.percent, rotary_base=cfg.rope.base,
+            rotary_percent=cfg.rope.percent, rotary_base=cfg.rope.base, **rope_scaling(cfg),
         )
+
+
+def rope_scaling(cfg: ModelConfig) -> dict:
+    """GPTModel's rope scaling arguments, as Megatron-LM's model provider passes them."""
+    scaling = cfg.rope.scaling
+    return dict(rope_scaling=scaling is not None, rope_scaling_factor=scaling.factor if scaling else 8.0,
+                seq_len_interpolation_factor=cfg.rope.interpolation)
 
 
 def hybrid_spec(cfg: ModelConfig):

@@ -17,7 +17,7 @@ from hf_models import FAMILIES, VOCAB, build, logits, train_tokenizer
 
 HF = OutputOptions(format="hf", hf=HFOptions(max_shard_size=200_000))
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"}
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +188,42 @@ def test_dry_run_plans_the_hf_files(hf, tmp_path, capsys):
     assert shapes["model.embed_tokens.weight"] == [VOCAB, 64] and not (tmp_path / "x").exists()
 
 
+def test_every_tokenizer_file_travels_into_every_output(hf, tmp_path, capsys):
+    """chat_template.jinja (transformers 5), a chat_template in tokenizer_config.json, named templates,
+    special_tokens_map.json, added_tokens.json, vocab.json/merges.txt and tokenizer.model go from an HF
+    source into an HF output, a Megatron one and HF again, byte for byte; the chat template renders
+    the same. With no --format, each output is the source's format."""
+    import shutil
+
+    import transformers
+
+    src = tmp_path / "src"
+    shutil.copytree(hf["llama"], src)
+    extra = {"special_tokens_map.json": '{"eos_token": "<|endoftext|>"}', "added_tokens.json": "{}",
+             "vocab.json": "{}", "merges.txt": "#version: 0.2\n", "tokenizer.model": "sentencepiece bytes",
+             "additional_chat_templates/tool_use.jinja": "{{ messages[0]['content'] }}"}
+    (src / "additional_chat_templates").mkdir()
+    for name, text in extra.items():
+        (src / name).write_text(text)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'inline' }}"}))
+    target = write_yaml(tmp_path / "t.yaml", num_layers=6)
+    assert cli.main(["grow", "--src", str(src), "--dst", str(tmp_path / "hf"), "--target", str(target)]) == 0
+    assert cli.main(["convert", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "meg"), "--format", "torch"]) == 0
+    assert cli.main(["convert", "--src", str(tmp_path / "meg"), "--dst", str(tmp_path / "back"), "--format", "hf"]) == 0
+    assert cli.main(["convert", "--src", str(tmp_path / "meg"), "--dst", str(tmp_path / "meg2")]) == 0
+    capsys.readouterr()
+    assert open_checkpoint(tmp_path / "hf").format == "hf" and open_checkpoint(tmp_path / "meg2").format == "torch"
+    wanted = {str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()
+              if not p.name.startswith("model") and p.name != "config.json"}
+    for out in ("hf", "meg", "back", "meg2"):
+        assert all((tmp_path / out / name).read_bytes() == (src / name).read_bytes() for name in wanted), out
+    chat = [{"role": "user", "content": "hello"}]
+    render = [transformers.AutoTokenizer.from_pretrained(p).apply_chat_template(chat, tokenize=False)
+              for p in (src, tmp_path / "back")]
+    assert render[0] == render[1] and render[0] in ("<|user|>hello<|endoftext|>", "inline")
+
+
 def test_inspect_describes_an_hf_source(hf, capsys):
     assert cli.main(["inspect", str(hf["qwen3"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -209,7 +245,7 @@ def _edit_config(src, dst, **changes):
 @pytest.mark.parametrize("changes, words", [
     ({"model_type": "phi3"}, "model_type: 'phi3' is not a family"),
     ({"sliding_window": 32}, "sliding_window: 32 is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported"),
     ({"intermediate_size": 80}, "mlp.gate_proj.weight: shape (96, 64) does not match (80, 64)"),
 ])

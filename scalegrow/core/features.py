@@ -108,11 +108,55 @@ class Attention(Record):
 
 
 @dataclass(frozen=True)
+class RopeScaling(Record):
+    """Llama 3's frequency-dependent rope scaling (transformers' rope_type "llama3"; Megatron-LM's
+    --use-rope-scaling --rope-scaling-factor). Wavelengths shorter than original/high are kept, those
+    longer than original/low are stretched by `factor`, and the band between is interpolated smoothly.
+    megatron-core fixes low 1, high 4 and original 8192; only `factor` is one of its arguments."""
+
+    factor: float = megatron("rope_scaling_factor", 8.0)
+    low_freq_factor: float = megatron("rope_scaling_low_freq_factor", 1.0)
+    high_freq_factor: float = megatron("rope_scaling_high_freq_factor", 4.0)
+    original_max_position: int = megatron("rope_scaling_original_max_position_embeddings", 8192)
+
+    @property
+    def megatron_core_constants(self) -> bool:
+        """Whether megatron-core's fixed low/high/original are this model's."""
+        return (self.low_freq_factor, self.high_freq_factor, self.original_max_position) == (1.0, 4.0, 8192)
+
+    def validate(self) -> None:
+        if not self.factor >= 1.0:
+            raise ValueError(f"rope_scaling_factor: must be at least 1, got {self.factor}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"rope_scaling_high_freq_factor: must exceed rope_scaling_low_freq_factor > 0, got "
+                             f"{self.high_freq_factor} and {self.low_freq_factor}")
+        positive("rope_scaling_original_max_position_embeddings", self.original_max_position)
+
+
+@dataclass(frozen=True)
 class Rope(Record):
-    """Rotary position embeddings (read where `embedding.position` is 'rope')."""
+    """Rotary position embeddings (read where `embedding.position` is 'rope'), optionally scaled:
+    Llama 3's `scaling` (a record of its own), or linear position interpolation (transformers'
+    rope_type "linear"; Megatron-LM's --rotary-seq-len-interpolation-factor: positions / factor)."""
 
     base: int = megatron("rotary_base", 10000)
     percent: float = megatron("rotary_percent", 1.0)  # the share of each head's channels rotated
+    interpolation: float | None = megatron("rotary_seq_len_interpolation_factor", None)
+    scaling: RopeScaling | None = None  # flat: use_rope_scaling and RopeScaling's keys
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, tuple[Any, str]]:
+        return {**super().flat_keys(), "use_rope_scaling": (bool, FEATURE), **RopeScaling.flat_keys()}
+
+    @classmethod
+    def flat_kwargs(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
+        scaling = RopeScaling.from_flat(flat) if flat.get("use_rope_scaling") else None
+        return {**super().flat_kwargs(flat), "scaling": scaling}
+
+    def to_flat(self) -> dict[str, Any]:
+        # an unscaled rope spells RopeScaling's defaults, as a dense model spells MoE's
+        return {**super().to_flat(), "use_rope_scaling": self.scaling is not None,
+                **(self.scaling or RopeScaling()).to_flat()}
 
     def dim(self, head_dim: int) -> int:
         """Channels rotated per head."""
@@ -124,6 +168,10 @@ class Rope(Record):
         if used and int(head_dim * self.percent) % 2:
             raise ValueError(f"rotary_percent: kv_channels * rotary_percent must be even, got "
                              f"{head_dim} * {self.percent}")
+        if self.interpolation is not None and not self.interpolation > 0:
+            raise ValueError(f"rotary_seq_len_interpolation_factor: must be positive, got {self.interpolation}")
+        if self.scaling is not None:
+            self.scaling.validate()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.rope import rotary_freqs as rope_angles
 
 # Megatron-LM's activations: --swiglu gates SiLU, --openai-gelu is GELU's tanh approximation
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}
@@ -43,10 +44,7 @@ class Embedding(nn.Module):
 
 def rotary_freqs(cfg: ModelConfig, seq_len: int, device=None) -> torch.Tensor:
     """Megatron's RotaryEmbedding (non-interleaved): [seq, rot_dim] angles, cat(freqs, freqs)."""
-    dim = cfg.rope.dim(cfg.attention.head_dim)
-    inv_freq = 1.0 / (cfg.rope.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return torch.cat((freqs, freqs), dim=-1)
+    return rope_angles(cfg.rope, cfg.attention.head_dim, seq_len, device)
 
 
 def apply_rotary(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,23 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         add_bias_linear=bool(a.get("add_bias_linear", True)), add_qkv_bias=bool(a.get("add_qkv_bias", False)),
         qk_layernorm=bool(a.get("qk_layernorm", False)), init_method_std=float(a.get("init_method_std", 0.02)),
         make_vocab_size_divisible_by=int(a.get("make_vocab_size_divisible_by", 128)), vocab_size=a.get("vocab_size"),
-        **_moe_from_args(a))
+        **_rope_scaling_from_args(a), **_moe_from_args(a))
     return ModelConfig.from_flat(flat)
+
+
+def _rope_scaling_from_args(a: dict[str, Any]) -> dict[str, Any]:
+    """Llama 3's rope scaling (--use-rope-scaling --rope-scaling-factor; megatron-core's constants
+    unless scalegrow wrote others) and linear interpolation (--rotary-seq-len-interpolation-factor)."""
+    interpolation = a.get("rotary_seq_len_interpolation_factor")
+    out = dict(rotary_seq_len_interpolation_factor=None if interpolation is None else float(interpolation),
+               use_rope_scaling=bool(a.get("use_rope_scaling", False)))
+    if out["use_rope_scaling"]:
+        out.update(rope_scaling_factor=float(a.get("rope_scaling_factor", 8.0)),
+                   rope_scaling_low_freq_factor=float(a.get("rope_scaling_low_freq_factor", 1.0)),
+                   rope_scaling_high_freq_factor=float(a.get("rope_scaling_high_freq_factor", 4.0)),
+                   rope_scaling_original_max_position_embeddings=int(
+                       a.get("rope_scaling_original_max_position_embeddings", 8192)))
+    return out
 
 
 def _gpt_view(a: dict[str, Any]) -> dict[str, Any]:

@@ -82,12 +82,23 @@ def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelCon
     """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by × TP, so a new TP
     can need other padding. The true size comes from --vocab-size or args.vocab_size; without
     either, the padded rows are kept as the vocabulary (as Megatron's own converter does)."""
+    refuse_unrepresentable(cfg)
     true_size = vocab_size or cfg.vocab_size
     if true_size is not None and true_size > cfg.padded_vocab_size:
         raise InputError(f"--vocab-size: {true_size} exceeds the checkpoint's {cfg.padded_vocab_size} "
                          f"vocabulary rows")
     padded = sharding.padded_vocab_size(true_size or cfg.padded_vocab_size, cfg.make_vocab_size_divisible_by, tp)
     return cfg.replace(padded_vocab_size=padded, vocab_size=true_size)
+
+
+def refuse_unrepresentable(cfg: ModelConfig) -> None:
+    """Refuse, by name, a feature megatron-core cannot reproduce (a Hugging Face output keeps it)."""
+    scaling = cfg.rope.scaling
+    if scaling is not None and not scaling.megatron_core_constants:
+        raise InputError(
+            f"rope_scaling: megatron-core's llama3 rope scaling fixes low_freq_factor 1, high_freq_factor 4 and "
+            f"original_max_position_embeddings 8192; this model has {scaling.low_freq_factor:g}, "
+            f"{scaling.high_freq_factor:g} and {scaling.original_max_position} (write it with --format hf)")
 
 
 def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Layout,

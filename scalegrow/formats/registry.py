@@ -25,6 +25,13 @@ def writable() -> tuple[str, ...]:
     return tuple(sorted(name for name, f in FORMATS.items() if f.writer is not None))
 
 
+def default_output(src: str | Path) -> str:
+    """The format an output takes when none is asked for: the source's, where scalegrow writes it
+    (a DeepSpeed source gives Megatron legacy, `torch`)."""
+    fmt = next((f for f in FORMATS.values() if f.detect(Path(src))), FALLBACK)
+    return fmt.name if fmt.writer is not None else FALLBACK.name
+
+
 def get(name: str, where: str = "--format") -> Format:
     """A writable format by name; an unknown one is bad input naming the valid ones."""
     fmt = FORMATS.get(name)

@@ -91,7 +91,8 @@ def _unparallel(fmt, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig
     asked: LayoutOptions = opts.layout
     for flag, value in (("--tp", asked.tp), ("--pp", asked.pp), ("--ep", asked.ep)):
         if value not in (None, 1):
-            raise InputError(f"{flag}: the {fmt.name} format has no model parallelism (got {value})")
+            raise InputError(f"{flag}: the {fmt.name} format has no model parallelism (got {value}; "
+                             f"--format torch or torch_dist writes a Megatron checkpoint)")
     if asked.first is not None or asked.last is not None:
         raise InputError(f"--decoder-first/last-pipeline-num-layers: the {fmt.name} format has no pipeline stages")
     return fmt.target_config(cfg, 1, opts.vocab_size), Layout.single(cfg.num_layers)
@@ -134,6 +135,7 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
         metadata.write(out, metadata.record(fmt.name, cfg, layout, source.iteration, method or op.name,
                                             source_record, details, training))
         for name, path in (files or {}).items():
+            (out / name).parent.mkdir(exist_ok=True)  # additional_chat_templates/
             shutil.copyfile(path, out / name)
         nbytes = tree_bytes(out)
     params_src = num_parameters(source.config) if source.on_disk else None

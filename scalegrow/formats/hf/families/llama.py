@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, Rule, layer_rules, must_be
+from scalegrow.core.features import Rope
+from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, Rule, Unsupported, layer_rules, must_be
 
 LAYER = layer_rules(
     "model.layers.{i}.",
@@ -35,15 +36,48 @@ def rope_parameters(hf: dict) -> dict:
     """transformers 5 keeps rope settings in `rope_parameters`; earlier ones in `rope_theta`/`rope_scaling`."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", params.pop("type", "default"))  # transformers 4.3x spelled it `type`
     return params
+
+
+ROPE_TYPES = ("default", "llama3", "linear")  # what the reference model and megatron-core reproduce
+
+
+def rope_in(hf: dict) -> dict:
+    """The flat rope values of a config.json: base, and Llama 3's scaling or linear interpolation."""
+    params = rope_parameters(hf)
+    out = dict(rotary_base=int(params["rope_theta"]), use_rope_scaling=params["rope_type"] == "llama3")
+    if params["rope_type"] == "linear":
+        out["rotary_seq_len_interpolation_factor"] = float(params["factor"])
+    if out["use_rope_scaling"]:
+        out.update(rope_scaling_factor=float(params["factor"]),
+                   rope_scaling_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_scaling_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_scaling_original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    return out
+
+
+def rope_out(rope: Rope) -> dict:
+    """transformers 5's `rope_parameters` for a model's rope (a rope scaled both ways has no HF spelling)."""
+    out = {"rope_theta": float(rope.base), "rope_type": "default"}
+    if rope.scaling is not None and rope.interpolation is not None:
+        raise Unsupported("rotary_seq_len_interpolation_factor: transformers has no rope_type for Llama 3's scaling "
+                          "together with linear interpolation")
+    if rope.interpolation is not None:
+        out.update(rope_type="linear", factor=rope.interpolation)
+    if rope.scaling is not None:
+        s = rope.scaling
+        out.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                   high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
+    return out
 
 
 REFUSALS = (
     must_be("hidden_act", "silu", "SwiGLU with SiLU only"),
     must_be("attention_bias", False, "no bias on o_proj alone"),
     must_be("mlp_bias", False, "no MLP biases without attention biases"),
-    Refusal("rope_type", "plain rope, no scaling", lambda v, hf: v == "default",
-            lambda hf: rope_parameters(hf).get("rope_type", "default")),
+    Refusal("rope_type", "plain rope, llama3 scaling or linear interpolation", lambda v, hf: v in ROPE_TYPES,
+            lambda hf: rope_parameters(hf)["rope_type"]),
     Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
             lambda hf: rope_parameters(hf)["rope_theta"]),
     must_be("partial_rotary_factor", 1.0, "rope over the whole head"),
@@ -61,7 +95,7 @@ def config_in(hf: dict) -> dict:
         padded_vocab_size=hf["vocab_size"], vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        rotary_base=int(rope_parameters(hf)["rope_theta"]),
+        **rope_in(hf),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         init_method_std=float(hf.get("initializer_range", 0.02)))
 
@@ -73,7 +107,7 @@ def config_out(cfg: ModelConfig, base: dict) -> dict:
                num_key_value_heads=cfg.attention.groups, head_dim=_head_dim(cfg, base),
                max_position_embeddings=cfg.max_position_embeddings,
                rms_norm_eps=cfg.norm.eps, hidden_act="silu",
-               rope_parameters={"rope_theta": float(cfg.rope.base), "rope_type": "default"})
+               rope_parameters=rope_out(cfg.rope))
     if "layer_types" in base:  # one entry a layer; only full attention is read (see REFUSALS)
         out["layer_types"] = ["full_attention"] * cfg.num_layers
     return out
