@@ -30,7 +30,8 @@ def test_every_method_option_is_a_flag_with_its_help_and_default():
                 flag = f.metadata["flag"] or "--" + ("no-" if f.default is True else "") + f.name.replace("_", "-")
                 help_text = flag_help(kind, flag)
                 assert name in help_text and f.metadata["help"] in help_text
-                assert f.default is True or f.default is None or f"default: {f.default}" in help_text
+                shown = "off" if f.default is False else f.default
+                assert f.default is True or f.default is None or f"default: {shown}" in help_text
 
 
 def test_flags_given_become_the_methods_options():

@@ -103,3 +103,74 @@ def test_peers_run_through_the_cli(tmp_path):
                 "--target", str(wide), "--tp", "2", "--no-progress"]) == 0
     assert load_model(tmp_path / "hc").cfg.hidden_size == 128
     assert arch.OUTPUT_LAYER in load_model(tmp_path / "hc").state_dict()
+
+
+def grow_with(options, src_cfg, target=None):
+    small = random_model(src_cfg)
+    dst = ModelConfig.from_dict(target or {}, base=src_cfg)
+    op, details = methods.build_operator("stack", methods.GROW, src_cfg, dst, options=options)
+    big = GPT(op.dst).eval()
+    big.load_state_dict(apply(op, small.state_dict()), strict=True)
+    return small, big, op
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_stack_with_a_layer_map_copies_solar_style(family):
+    """SOLAR's depth up-scaling on 3 layers: [0, 2) then [1, 3) -> 0, 1, 1, 2; the map sets the depth."""
+    cfg = family_config(family)
+    small, big, op = grow_with(methods.options_with("stack", methods.GROW, layers="0-1,1-2"), cfg)
+    assert op.dst.num_layers == 4 and op.details() == {"layers": [0, 1, 1, 2], "identity_layers": []}
+    for j, i in enumerate([0, 1, 1, 2]):
+        for name, value in small.decoder.layers[i].state_dict().items():
+            assert torch.equal(big.decoder.layers[j].state_dict()[name], value)
+    assert logits_diff(small, big, cfg) > 1e-2  # a repeated block is applied twice: not lossless
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "ln-swiglu-gqa-rope-tied-qkvbias"])
+def test_stack_with_zero_copies_is_exact(family):
+    cfg = family_config(family)
+    options = methods.options_with("stack", methods.GROW, layers=["0-2", "1-2"], zero_copies=True)
+    small, big, op = grow_with(options, cfg, dict(num_layers=5))
+    assert op.details() == {"layers": [0, 1, 2, 1, 2], "identity_layers": [3, 4]}
+    assert logits_diff(small, big, cfg) == 0.0
+    for j in (3, 4):
+        layer = big.decoder.layers[j]
+        assert layer.mlp.linear_fc2.weight.abs().max() == 0 and layer.self_attention.linear_proj.weight.abs().max() == 0
+        assert torch.equal(layer.mlp.linear_fc1.weight, small.decoder.layers[j - 2].mlp.linear_fc1.weight)
+
+
+@pytest.mark.parametrize("layers, zero, target, words", [
+    ("0-1,1-3", False, None, "--target: layers: 3 is not a layer of the source (0-2)"),
+    ("0-2,1", True, dict(num_layers=6), "--target: num_layers: target 6, but the layer map lists 4 layers"),
+    ("1-2,0-2", True, None, "first met in order 0-2 (first met here: 1-2,0)"),
+    ("0,2,1,2", True, None, "first met here: 0,2,1"),
+    ("0,2", False, None, "num_layers: target 2 is smaller than source 3"),
+    ("2-0", False, None, "--layers: '2-0' runs backwards"),
+    ("0-x", False, None, "--layers: '0-x' is not a layer or an inclusive range"),
+    (None, True, dict(num_layers=6), "zero_copies: needs a layer map"),
+])
+def test_stack_layer_map_refusals_name_the_problem(layers, zero, target, words):
+    cfg = family_config("llama")
+    options = methods.options_with("stack", methods.GROW, layers=layers, zero_copies=zero)
+    with pytest.raises(InputError) as err:
+        methods.build_operator("stack", methods.GROW, cfg, ModelConfig.from_dict(target or {}, base=cfg),
+                               options=options)
+    assert words in str(err.value)
+
+
+def test_stack_layer_map_through_the_cli_and_a_run_config(tmp_path):
+    import json
+
+    from scalegrow.commands import verify
+    from scalegrow.train.config import load_run_config
+
+    cfg = family_config("llama")
+    save_model(random_model(cfg).state_dict(), cfg, tmp_path / "small")
+    assert cli(["grow", "--method", "stack", "--layers", "0-2,1-2", "--zero-copies", "--src", str(tmp_path / "small"),
+                "--dst", str(tmp_path / "up"), "--no-progress"]) == 0  # no --target: the map sets the depth
+    record = json.loads((tmp_path / "up" / "scalegrow.json").read_text())
+    assert record["model"]["num_layers"] == 5 and record["details"]["identity_layers"] == [3, 4]
+    assert verify(tmp_path / "small", tmp_path / "up")["max_abs_diff"] == 0.0
+    run = load_run_config(None, ["growth.method=stack", "growth.stack.layers=[0-2, 1-2]",
+                                 "growth.stack.zero_copies=true"])
+    assert run.growth.stack.layers == ["0-2", "1-2"] and run.growth.stack.zero_copies

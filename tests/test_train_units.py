@@ -56,6 +56,50 @@ def test_run_config_overrides_and_errors(tmp_path):
         load_run_config(path, ["train.steps"])
 
 
+def test_auto_lr_takes_the_sources_peak_else_the_pretrained_default():
+    from scalegrow.train.schedule import PRETRAINED_LR, resolve
+
+    auto = load_run_config(None, ["schedule.lr=auto", "schedule.min_lr=auto"]).schedule
+    assert (auto.lr, auto.min_lr) == ("auto", "auto")
+    got, said = resolve(auto, 2.5e-4)
+    assert (got.lr, got.min_lr) == (2.5e-4, 2.5e-5) and "the source's recorded peak" in said
+    got, said = resolve(auto, None)
+    assert (got.lr, got.min_lr) == (PRETRAINED_LR, PRETRAINED_LR / 10) == (3e-5, 3e-6) and "records none" in said
+    fixed = load_run_config(None, ["schedule.lr=1e-3", "schedule.min_lr=1e-5"]).schedule
+    assert resolve(fixed, 2.5e-4)[0] == fixed  # a number is kept, whatever the source says
+    for override, words in (("schedule.lr=fast", "schedule.lr: must be a number or auto"),
+                            ("train.divergence_factor=0.5", "train.divergence_factor: must be above 1")):
+        with pytest.raises(InputError, match=words):
+            load_run_config(None, [override])
+
+
+def test_recorded_lr_reads_megatron_args_and_scalegrow_runs(tmp_path):
+    import argparse
+
+    from scalegrow.formats.base import MemoryReader
+    from scalegrow.train.starts import recorded_lr
+
+    from helpers import family_config
+
+    cfg = family_config("llama")
+    assert recorded_lr(MemoryReader.of({}, cfg, args=argparse.Namespace(lr=6e-4))) == 6e-4
+    assert recorded_lr(MemoryReader.of({}, cfg, args=argparse.Namespace(lr=None))) is None
+    assert recorded_lr(MemoryReader.of({}, cfg)) is None
+
+
+def test_divergence_guard_stops_on_nan_and_on_a_loss_far_above_its_start(tmp_path):
+    from scalegrow.train.guard import DivergenceGuard, Diverged
+
+    guard = DivergenceGuard(2.0, 3e-3, tmp_path / "checkpoints", reference=3.8)
+    guard.check(5, 7.5)  # under 2 x 3.8
+    with pytest.raises(Diverged, match=r"step 6: the training loss 13\.4 is over 2 x 3\.8.*no checkpoint was saved"):
+        guard.check(6, 13.4)
+    guard.last_saved = 5
+    with pytest.raises(Diverged, match=r"step 7: the validation loss is nan.*step 5 in .*checkpoints.*peak 0\.003"):
+        guard.check(7, float("nan"), "validation loss")
+    DivergenceGuard(None, 1.0, tmp_path).check(1, float("inf"))  # no guard: nothing stops
+
+
 def test_train_batch_size_is_checked(tmp_path):
     cfg = load_run_config(None, ["train.micro_batch_size=4", "train.gradient_accumulation_steps=2"])
     assert deepspeed_config(cfg, world_size=2, gpu=False)["train_batch_size"] == 16

@@ -197,6 +197,29 @@ def test_resume_after_kill_is_bit_identical(scratch, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_diverging_run_stops_keeping_its_last_good_checkpoint(scratch, tmp_path):
+    """Warming up to a peak LR of 0.2 (70x the scratch run's), the validation loss goes 4.7 -> 6.8, 6.1,
+    6.2, then 9.8, over twice its start: the run stops there with exit 3 and one message, before it
+    saves or exports the diverged weights, and its last checkpoint passed the guard. The same command
+    at `schedule.lr=auto` (the scratch run's recorded peak) then resumes from it and finishes."""
+    out, common = tmp_path / "run", ["train.steps=12", "train.save_interval=1", "train.eval_interval=4",
+                                     "schedule.warmup_steps=12", *reuse_data(scratch)]
+    args = [f"output.dir={out}", f"init.from={scratch}/export", *common]
+    result = train("pretrain", "configs/runs/tiny_scratch.yaml", [*args, "schedule.lr=0.2"], check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "training diverged" in line]
+    assert len(errors) == 1 and "pretrain: error: training diverged at step" in errors[0]
+    kept = int(errors[0].split("the last checkpoint, step ")[1].split()[0])
+    assert (out / "checkpoints/latest").read_text().strip() == f"step{kept}"
+    assert not (out / "export").exists() and not (out / "summary.json").exists()
+    val = scalars(out / "tensorboard")["val/loss"]
+    assert all(val[s] <= 2.0 * val[0] for s in val if s <= kept)  # what was kept passed the guard
+    result = train("pretrain", "configs/runs/tiny_scratch.yaml", [*args, "schedule.lr=auto"])
+    assert "peak lr 0.003 (auto: the source's recorded peak), min 0.0003" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["val_loss"]["12"] < 2.0 * val[0]
+
+
 def test_zero3_matches_zero1(scratch, tmp_path):
     """The same 5 steps under ZeRO-3 (parameters partitioned) and ZeRO-1 give the same losses; the
     export is written as torch_dist at TP2 inside the 2-rank job, holding exactly the trained weights."""

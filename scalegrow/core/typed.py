@@ -20,8 +20,16 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
     """
     if hint is Any or value is None:
         return value
-    args = typing.get_args(hint)
-    target = next((a for a in args if a is not type(None)), hint) if args else hint
+    choices = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for target in choices[:-1]:  # a union: the first of its types that takes the value
+        try:
+            return _coerce_one(target, value, where)
+        except InputError:
+            pass
+    return _coerce_one(choices[-1], value, where)
+
+
+def _coerce_one(target: Any, value: Any, where: str) -> Any:
     if target is bool:
         if isinstance(value, bool):
             return value
@@ -39,8 +47,8 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
     elif target is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    elif target is dict:
-        if isinstance(value, dict):
+    elif target in (dict, list):
+        if isinstance(value, target):
             return value
     raise InputError(f"{where}: expected {getattr(target, '__name__', target)}, got {value!r}")
 

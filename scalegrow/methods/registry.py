@@ -15,7 +15,7 @@ from typing import Any, Callable, ContextManager
 
 from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
-from scalegrow.methods import experts, ligo, subclone, upcycle
+from scalegrow.methods import experts, ligo, stack, subclone, upcycle
 from scalegrow.methods.base import Context
 from scalegrow.methods.options import Flag, check, flags, from_flags
 from scalegrow.operators.base import Operator
@@ -64,7 +64,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ligo", GROW, LigoGrowth, ligo.LigoOptions, ligo.train_operator, ligo.make_operator,
            corpus=Corpus("--data", "training corpus")),
     Method("identity", GROW, Identity),
-    Method("stack", GROW, Stack),
+    Method("stack", GROW, Stack, stack.StackOptions, make=stack.make_operator),
     Method("llama-pro", GROW, LlamaPro),
     Method("hypercloning", GROW, HyperCloning),
     Method("bert2bert-aki", GROW, Bert2BertAKI),

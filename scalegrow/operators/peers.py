@@ -2,6 +2,11 @@
 
 - `stack`: StackBERT / progressive stacking (Gong et al., ICML 2019, "Efficient training of BERT by
   progressively stacking", §3): depth only; target layer j copies source layer j mod L. Not lossless.
+  With a layer map it is depth up-scaling as SOLAR (Kim et al., arXiv 2312.15166, §2.1) and
+  mergekit's passthrough slices write it: target layer j copies source layer order[j] (SOLAR:
+  0-23,8-31 of a 32-layer model). With `zero_copies` every repeat of a source layer after its first
+  has zero linear_proj and linear_fc2 (weights and biases), llama-pro's identity block, so a map
+  that lists every layer first in order computes the source's function exactly.
 - `llama-pro`: block expansion (Wu et al., ACL 2024, arXiv 2401.02415, §3.1): depth only; after each of
   P = L'−L even groups of layers, a copy of the group's last layer whose linear_proj and linear_fc2
   (weights and biases) are zero, an exact identity under pre-LN. Lossless.
@@ -27,6 +32,11 @@ OUTPUT_PROJECTIONS = ("self_attention.linear_proj.", "mlp.linear_fc2.")
 
 
 class _DepthOnly(Operator):
+    """Depth only: target layer j is a copy of source layer `depth_map[j][0]`, an identity block
+    where `depth_map[j][1]` (set by `setup`)."""
+
+    depth_map: list[tuple[int, bool]]
+
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         super().check(src, dst)
         for key in src.sizes():
@@ -40,16 +50,72 @@ class _DepthOnly(Operator):
     def map_head(self, tensors):
         return dict(tensors)
 
+    def layer_sources(self, index: int) -> tuple[int, ...]:
+        return (self.depth_map[index][0],)
+
+    def map_layer(self, index, sources):
+        """A copy of the source layer; an identity block (zero output projections) where the depth
+        map says so: under pre-LN the residual stream passes it unchanged."""
+        src, zero = self.depth_map[index]
+        out = {spec.name: sources[src][spec.name] for spec in self.layer_specs(index)}
+        if zero:
+            out.update({k: torch.zeros_like(v) for k, v in out.items() if k.startswith(OUTPUT_PROJECTIONS)})
+        return out
+
 
 class Stack(_DepthOnly):
     name = "stack"
 
-    def layer_sources(self, index: int) -> tuple[int, ...]:
-        return (index % self.src.num_layers,)
+    def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0, order: tuple[int, ...] | None = None,
+                 zero_copies: bool = False):
+        self.order, self.zero_copies = order, zero_copies
+        super().__init__(src, dst, seed)
 
-    def map_layer(self, index, sources):
-        layer = sources[index % self.src.num_layers]
-        return {spec.name: layer[spec.name] for spec in self.layer_specs(index)}
+    def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
+        """A layer map sets the depth: a target that keeps the source's depth takes the map's length."""
+        if self.order is not None:
+            check_order(self.order, src.num_layers, self.zero_copies)
+            if dst.num_layers not in (src.num_layers, len(self.order)):
+                raise ValueError(f"num_layers: target {dst.num_layers}, but the layer map lists {len(self.order)} "
+                                 f"layers (leave num_layers out of the target, or make them agree)")
+            dst = dst.replace(num_layers=len(self.order))
+        elif self.zero_copies:
+            raise ValueError("zero_copies: needs a layer map (which repeats are identities)")
+        return super().resolve(src, dst)
+
+    def setup(self) -> None:
+        order = self.order or tuple(j % self.src.num_layers for j in range(self.dst.num_layers))
+        seen: set[int] = set()
+        self.depth_map = []  # per target layer: (source layer, starts as an identity block)
+        for i in order:
+            self.depth_map.append((i, self.zero_copies and i in seen))
+            seen.add(i)
+
+    def details(self) -> dict:
+        return {"layers": [i for i, _ in self.depth_map],
+                "identity_layers": [j for j, (_, zero) in enumerate(self.depth_map) if zero]}
+
+
+def check_order(order: tuple[int, ...], n: int, zero_copies: bool) -> None:
+    """Every index a source layer; with zero copies, every layer listed and first met in order."""
+    bad = [i for i in order if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers: {bad[0]} is not a layer of the source (0-{n - 1})")
+    firsts = list(dict.fromkeys(order))
+    if zero_copies and firsts != list(range(n)):
+        raise ValueError(f"layers: zero copies keep the function only when every source layer is listed and first "
+                         f"met in order 0-{n - 1} (first met here: {_ranges(firsts)})")
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (how --layers spells a map)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
 class LlamaPro(_DepthOnly):
@@ -61,16 +127,6 @@ class LlamaPro(_DepthOnly):
         self.depth_map = []  # per target layer: (source layer, is a new identity block)
         for i in range(n):
             self.depth_map += [(i, False)] + [(i, True)] * after.count(i)
-
-    def layer_sources(self, index: int) -> tuple[int, ...]:
-        return (self.depth_map[index][0],)
-
-    def map_layer(self, index, sources):
-        src, new = self.depth_map[index]
-        out = {spec.name: sources[src][spec.name] for spec in self.layer_specs(index)}
-        if new:
-            out.update({k: torch.zeros_like(v) for k, v in out.items() if k.startswith(OUTPUT_PROJECTIONS)})
-        return out
 
 
 class HyperCloning(LemonGrowth):

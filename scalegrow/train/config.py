@@ -52,13 +52,17 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    divergence_factor: float | None = 2.0  # stop when a loss is NaN or over this x the start's (None: never)
+
+
+AUTO = "auto"
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"  # "cosine" (scratch) or "lemon" (grown models)
-    lr: float = 1e-3  # peak LR; LEMON keeps the scratch peak
-    min_lr: float = 1e-4
+    lr: float | str = 1e-3  # peak LR; LEMON keeps the scratch peak; "auto": the source's (train/schedule.py)
+    min_lr: float | str = 1e-4  # "auto": a tenth of the peak
     warmup_steps: int = 5
     decay_steps: int | None = None  # cosine: None -> train.steps
     decay_fraction: float = 0.6  # lemon: decay over this fraction of train.steps, then hold min_lr
@@ -206,6 +210,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.growth.method in methods.names(methods.GROW), "growth.method",
          f"must be one of {', '.join(methods.names(methods.GROW))}"),
         (0.0 < cfg.schedule.decay_fraction <= 1.0, "schedule.decay_fraction", "must be in (0, 1]"),
+        (cfg.schedule.lr == AUTO or isinstance(cfg.schedule.lr, float), "schedule.lr", "must be a number or auto"),
+        (cfg.schedule.min_lr == AUTO or isinstance(cfg.schedule.min_lr, float), "schedule.min_lr",
+         "must be a number or auto"),
+        (cfg.train.divergence_factor is None or cfg.train.divergence_factor > 1.0, "train.divergence_factor",
+         "must be above 1 (or null: no guard)"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -17,6 +17,9 @@ from scalegrow.errors import InputError
 from scalegrow.train import loop, starts
 from scalegrow.train.config import RunConfig, load_run_config
 from scalegrow.train.engine import Dist
+from scalegrow.train.guard import Diverged
+
+EXIT_DIVERGED = 3  # the loss diverged (train/guard.py); 2 is bad input
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[RunConfig, argparse.Namespace]:
@@ -99,6 +102,10 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"scalegrow: error: {exc}", file=sys.stderr)
         return 2
+    except Diverged as exc:  # every rank saw the same mean loss: all stop at the same step
+        if dist.is_main:
+            print(f"{kind}: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     finally:
         torch_dist.destroy_process_group()
     return 0

@@ -6,6 +6,7 @@ Re-running the same command resumes from the latest checkpoint, bit-identically 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from scalegrow.operators.identity import Identity
 from scalegrow.train import engine as ds
 from scalegrow.train.config import RunConfig, save_run_config
 from scalegrow.train.distill import student
+from scalegrow.train.guard import DivergenceGuard
 from scalegrow.train.prepare import PreparedData, prepare_data
 from scalegrow.train.schedule import learning_rate
+from scalegrow.train.schedule import resolve as resolve_schedule
 from scalegrow.write import session
 
 
@@ -38,12 +41,14 @@ from scalegrow.write import session
 class Start:
     """What a run starts from: the model config, its weights (None: fresh random init, or the
     checkpoint being resumed), and the provenance of the checkpoint it came from (`scalegrow.json`'s
-    `source`; None from scratch), and the Hugging Face family it was (so an HF export keeps it)."""
+    `source`; None from scratch), the Hugging Face family it was (so an HF export keeps it), and
+    the peak LR it was trained with (for `schedule.lr: auto`)."""
 
     config: ModelConfig
     state_dict: dict[str, torch.Tensor] | None
     source: dict | None = None
     hf_origin: dict | None = None
+    recorded_lr: float | None = None  # the peak LR the source was trained with, where it says
 
 
 class Logger:
@@ -113,6 +118,10 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
         save_run_config(cfg, out / "run_config.yaml")
     data = prepare_data(cfg, dist)
     start = start_fn(cfg, data, dist)
+    schedule, said = resolve_schedule(cfg.schedule, start.recorded_lr)
+    cfg = dataclasses.replace(cfg, schedule=schedule)
+    if dist.is_main:
+        print(f"{kind}: {said}", flush=True)
     torch.manual_seed(cfg.train.seed)
     model = student(start.config, cfg.distill)
     if start.state_dict is None:
@@ -125,30 +134,39 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
                        dist.world_size, cfg.train.seed)
     log = Logger(out, dist, cfg.train.steps, step)
     history = {"val_loss": {}, "train_loss": {}}
+    guard = DivergenceGuard(cfg.train.divergence_factor, cfg.schedule.lr, ckpt_dir, last_saved=step or None)
+    if step == 0 or step < cfg.train.steps:  # where this process starts from
+        guard.reference = evaluate(engine, data.valid, cfg, dist)
     if step == 0:
-        history["val_loss"][0] = evaluate(engine, data.valid, cfg, dist)
+        history["val_loss"][0] = guard.reference
         log.scalars(0, {"val/loss": history["val_loss"][0]})
     began = time.time()
     tokens = order.micro_batch_size * order.accumulation * order.data_parallel * cfg.data.seq_length
     flops = tokens * step_flops(start.config, model, cfg.data.seq_length)  # per step, the teacher's included
-    while step < cfg.train.steps:
-        lr = learning_rate(step, cfg.schedule, cfg.train.steps)
-        loss, seconds, parts = train_step(engine, data.train, order, dist, step, lr)
-        step += 1
-        history["train_loss"][step] = loss
-        log.scalars(step, {"train/loss": loss, "train/lr": lr,
-                           "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                           "train/tokens_per_s": tokens / seconds, "train/flops": step * flops,
-                           **{PART_TAGS[k]: v for k, v in parts.items() if k in PART_TAGS}})
-        log.advance(loss=loss)
-        if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
-            history["val_loss"][step] = evaluate(engine, data.valid, cfg, dist)
-            log.scalars(step, {"val/loss": history["val_loss"][step]})
-        if step % cfg.train.save_interval == 0 or step == cfg.train.steps:
-            save(engine, ckpt_dir, step, start, kind, dist)
-    if cfg.train.steps == 0:  # nothing to train: export the starting point (e.g. a materialised LiGO)
-        save(engine, ckpt_dir, 0, start, kind, dist)
-    log.close()
+    try:
+        while step < cfg.train.steps:
+            lr = learning_rate(step, cfg.schedule, cfg.train.steps)
+            loss, seconds, parts = train_step(engine, data.train, order, dist, step, lr)
+            step += 1
+            history["train_loss"][step] = loss
+            log.scalars(step, {"train/loss": loss, "train/lr": lr,
+                               "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                               "train/tokens_per_s": tokens / seconds, "train/flops": step * flops,
+                               **{PART_TAGS[k]: v for k, v in parts.items() if k in PART_TAGS}})
+            log.advance(loss=loss)
+            guard.check(step, loss)  # the loss of the weights before this step's update
+            saving = step % cfg.train.save_interval == 0 or step == cfg.train.steps
+            if saving or step % cfg.train.eval_interval == 0:  # a checkpoint's own weights pass the guard first
+                history["val_loss"][step] = evaluate(engine, data.valid, cfg, dist)
+                log.scalars(step, {"val/loss": history["val_loss"][step]})
+                guard.check(step, history["val_loss"][step], "validation loss")
+            if saving:
+                save(engine, ckpt_dir, step, start, kind, dist)
+                guard.last_saved = step
+        if cfg.train.steps == 0:  # nothing to train: export the starting point (e.g. a materialised LiGO)
+            save(engine, ckpt_dir, 0, start, kind, dist)
+    finally:  # a diverged run closes its log too
+        log.close()
     return finish(cfg, dist, engine, start, data, history, time.time() - began, kind, flops * cfg.train.steps)
 
 
@@ -235,6 +253,7 @@ def export(cfg: RunConfig, start: Start, state: dict, data: PreparedData, kind: 
     args.tokenizer_type = "HuggingFaceTokenizer" if hf else "GPTSentencePieceTokenizer"
     args.tokenizer_model = "." if hf else "tokenizer.model"
     args.seq_length = cfg.data.seq_length
+    args.lr, args.min_lr = cfg.schedule.lr, cfg.schedule.min_lr  # what the next run's `schedule.lr: auto` reads
     model = MemoryReader.of(state, start.config, iteration=cfg.train.steps, args=args, origin=start.hf_origin)
     training = {**summary, "run_config": cfg.to_dict()}
     session.write(model, Identity(start.config, start.config), out / "export",

@@ -1,6 +1,7 @@
 """Where a run's weights come from: random init (scratch), a checkpoint, or a grown checkpoint."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from scalegrow.core.sharding import padded_vocab_size
@@ -17,11 +18,21 @@ from scalegrow.train.trainer import DeepSpeedTrainer
 from scalegrow.write import executor
 
 
+def recorded_lr(reader) -> float | None:
+    """The peak LR a checkpoint was trained with, where it says: Megatron-LM's `args.lr`, else the run
+    config of the scalegrow training that exported it."""
+    lr = getattr(reader.args, "lr", None)
+    if lr is None and reader.on_disk and (reader.root / metadata.METADATA).is_file():
+        training = json.loads((reader.root / metadata.METADATA).read_text()).get("training") or {}
+        lr = training.get("run_config", {}).get("schedule", {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and lr > 0 else None
+
+
 def scratch_or_continue(cfg: RunConfig, data: PreparedData, dist) -> Start:
     """`model` sized to the tokenizer; weights from `init.from` if given, else random."""
     if cfg.init.from_:
         src = open_checkpoint(cfg.init.from_)
-        return Start(src.config, src.state_dict(), metadata.source_record(src), src.hf_origin())
+        return Start(src.config, src.state_dict(), metadata.source_record(src), src.hf_origin(), recorded_lr(src))
     model = cfg.model_config()
     padded = max(model.padded_vocab_size, padded_vocab_size(data.vocab_size, model.make_vocab_size_divisible_by, 1))
     return Start(model.replace(vocab_size=data.vocab_size, padded_vocab_size=padded), None)
@@ -43,5 +54,6 @@ def grown(cfg: RunConfig, data: PreparedData, dist) -> Start:
                                    options=cfg.growth.options(cfg.growth.method), where="growth.target",
                                    context=None if resuming else methods.ready(context))
     if resuming:  # the checkpoint holds the weights: nothing to prepare or grow
-        return Start(op.dst, None, metadata.source_record(src), src.hf_origin())
-    return Start(op.dst, executor.materialise(src, op), metadata.source_record(src), src.hf_origin())
+        return Start(op.dst, None, metadata.source_record(src), src.hf_origin(), recorded_lr(src))
+    return Start(op.dst, executor.materialise(src, op), metadata.source_record(src), src.hf_origin(),
+                 recorded_lr(src))
