@@ -27,6 +27,10 @@ FAMILIES = {
     "qwen3": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
                   untie_embeddings_and_output_weights=False, add_bias_linear=False, num_query_groups=2,
                   qk_layernorm=True),
+    # Qwen2/Gemma-like sliding window (6 keys) on layers 0 and 2 of 3, full attention on layer 1
+    "rms-swiglu-gqa-rope-window": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                                       untie_embeddings_and_output_weights=True, add_bias_linear=False,
+                                       num_query_groups=2, window_size=[5, 0], window_attn_skip_freq=[1, 0, 1]),
 }
 
 
@@ -39,8 +43,8 @@ def family_config(family: str, **overrides) -> ModelConfig:
     base = dict(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
                 padded_vocab_size=128, vocab_size=100, max_position_embeddings=64, norm_epsilon=1e-5)
     base.update(FAMILIES[family])
-    base.update(overrides)
-    return ModelConfig.from_dict(base)
+    cfg = ModelConfig.from_dict(base)
+    return ModelConfig.from_dict(overrides, base=cfg) if overrides else cfg  # a window list follows num_layers
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, noise: float = 0.05) -> GPT:

@@ -26,13 +26,16 @@ def hf_config(family: str):
             "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, **rope, head_dim=24, num_experts=4,
                                                              num_experts_per_tok=2, moe_intermediate_size=48,
                                                              norm_topk_prob=True),
+            "phi3": lambda: transformers.Phi3Config(  # a window of 8 and rope over half of each head
+                **COMMON, rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5},
+                sliding_window=8, pad_token_id=None, eos_token_id=VOCAB - 1),
             "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, **rope, num_experts=4, num_experts_per_tok=2,
                                                              moe_intermediate_size=48,
                                                              shared_expert_intermediate_size=80),
             }[family]()
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe")
 
 
 def build(family: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0, config=None) -> Path:

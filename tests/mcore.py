@@ -3,8 +3,8 @@
 megatron-core's `GPTModel` builds on CPU with `use_cpu_initialization=True` (`build_gpt`, for a
 `ModelConfig`); a forward pass needs a few shims: the global memory buffer allocates on CPU, the CUDA
 RNG tracker's fork is a no-op, `torch.cuda.current_device` answers 'cpu', `torch.cuda.synchronize`
-does nothing, `Tensor.cuda()` stays on CPU (tied embeddings with PP > 1), and the caller passes an
-explicit causal attention mask.
+does nothing, `Tensor.cuda()` stays on CPU (tied embeddings with PP > 1), the sliding-window mask
+is built on the CPU, and the caller passes an explicit causal attention mask.
 """
 from __future__ import annotations
 
@@ -55,6 +55,20 @@ def install_cpu_shims() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     moe_utils.te_general_gemm = None  # without Transformer Engine the router references an undefined name
+    from megatron.core.fusions import fused_softmax
+
+    window_mask = fused_softmax.get_sliding_window_causal_mask  # builds its mask on "cuda": on the CPU here
+    fused_softmax.get_sliding_window_causal_mask = lambda sq, skv, size: _on_cpu(window_mask, sq, skv, size)
+
+
+def _on_cpu(fn, *args):
+    """`fn` with torch.ones(device="cuda") allocating on the CPU."""
+    ones = torch.ones
+    torch.ones = lambda *a, device=None, **k: ones(*a, **k)
+    try:
+        return fn(*args)
+    finally:
+        torch.ones = ones
 
 
 def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None, ep: int = 1):
@@ -91,7 +105,8 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | 
         num_attention_heads=cfg.attention.heads, num_query_groups=cfg.attention.groups,
         kv_channels=cfg.attention.head_dim, normalization=cfg.norm.kind, layernorm_epsilon=cfg.norm.eps,
         gated_linear_unit=cfg.mlp.gated, activation_func=F.silu if cfg.mlp.gated else gelu,
-        qk_layernorm=cfg.attention.qk_norm,
+        qk_layernorm=cfg.attention.qk_norm, window_size=cfg.attention.window,
+        window_attn_skip_freq=cfg.to_dict()["window_attn_skip_freq"],
         add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.attention.qkv_bias,
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -269,6 +284,22 @@ def check_worker(rank: int, world: int, port: int, tp: int, pp: int, first, last
             torch.save(logits, f"{out_dir}/{n}.pt")
         dist.barrier()
     dist.destroy_process_group()
+
+
+def hf_logits_at_tp2_pp2(sources: dict, tokens: torch.Tensor, tmp_path) -> dict:
+    """name -> megatron-core's logits for each HF source converted to Megatron legacy at TP2/PP2 and
+    loaded strictly, as Megatron-LM builds the model from the args written."""
+    from scalegrow import commands
+    from scalegrow.formats.options import LayoutOptions, OutputOptions
+    from scalegrow.formats.registry import open_checkpoint
+
+    torch.save(tokens, tmp_path / "tokens.pt")
+    jobs = []
+    for name, src in sources.items():
+        commands.convert(src, tmp_path / name, OutputOptions(layout=LayoutOptions(tp=2, pp=2)), progress=False)
+        jobs.append({"config": open_checkpoint(tmp_path / name).config.to_dict(), "path": str(tmp_path / name),
+                     "format": "torch", "tokens": str(tmp_path / "tokens.pt")})
+    return dict(zip(sources, run_megatron_check(2, 2, jobs, tmp_path)))
 
 
 def run_megatron_check(tp: int, pp: int, jobs: list, out_dir, first=None, last=None,

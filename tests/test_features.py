@@ -3,7 +3,7 @@ each record holds, the flat round trip for every family, and what operators read
 import pytest
 
 from scalegrow.core.config import ModelConfig, flat_keys
-from scalegrow.core.features import FEATURE, FREE, MLP, SIZE, Attention, MoE
+from scalegrow.core.features import FEATURE, FREE, LAYERS, MLP, SIZE, Attention, MoE
 from scalegrow.errors import InputError
 from scalegrow.operators.lemon import LemonGrowth
 from scalegrow.operators.subclone import DropLayers
@@ -40,7 +40,8 @@ def test_a_record_can_be_built_directly_and_derives_what_megatron_derives():
 
 def test_every_flat_key_has_a_role_and_features_are_what_operators_keep():
     roles = {key: role for key, (_, role) in flat_keys().items()}
-    assert set(roles.values()) == {SIZE, FEATURE, FREE}
+    assert set(roles.values()) == {SIZE, FEATURE, FREE, LAYERS}
+    assert roles["window_size"] == FEATURE and [k for k, r in roles.items() if r == LAYERS] == ["window_attn_skip_freq"]
     assert {k for k, r in roles.items() if r == SIZE} >= {"num_layers", "hidden_size", "ffn_hidden_size",
                                                           "num_attention_heads", "num_query_groups", "kv_channels"}
     assert roles["norm_epsilon"] == FREE and roles["normalization"] == FEATURE and roles["swiglu"] == FEATURE
@@ -49,7 +50,8 @@ def test_every_flat_key_has_a_role_and_features_are_what_operators_keep():
 
 
 @pytest.mark.parametrize("key, value", [("normalization", "LayerNorm"), ("swiglu", False), ("rotary_base", 500000),
-                                        ("qk_layernorm", True), ("untie_embeddings_and_output_weights", False)])
+                                        ("qk_layernorm", True), ("untie_embeddings_and_output_weights", False),
+                                        ("window_size", [3, 0])])
 def test_growth_and_shrinking_keep_every_feature(key, value):
     src = family_config("llama")
     with pytest.raises(ValueError, match=f"^{key}: target .* differs from source"):
@@ -73,3 +75,29 @@ def test_yaml_switches_are_validated_across_records(tmp_path):
     path = write_yaml(tmp_path / "moe.yaml", num_moe_experts=0)
     with pytest.raises(InputError, match="num_moe_experts: must be a positive integer, got 0"):
         ModelConfig.from_yaml(path, base=family_config("llama"))
+
+
+def test_a_sliding_window_pattern_is_spelled_as_megatron_core_does():
+    from scalegrow.core.config import compact_pattern
+
+    cfg = family_config("rms-swiglu-gqa-rope-window")  # window on layers 0 and 2 of 3
+    assert cfg.attention.window == (5, 0) and cfg.window_pattern() == [True, False, True]
+    assert cfg.to_dict()["window_size"] == [5, 0] and cfg.to_dict()["window_attn_skip_freq"] == [1, 0, 1]
+    # megatron-core's window_attn_skip_freq N: every N-th layer (1-based) has full attention
+    assert family_config("llama", window_size=[5, 0], window_attn_skip_freq=2).window_pattern() == [True, False, True]
+    assert [compact_pattern(p) for p in ([1, 1, 1], [1, 0, 1, 0], [1] * 5 + [0] + [1] * 3, [0, 1, 1])] == \
+        [None, 2, 6, [0, 1, 1]]
+    deeper = ModelConfig.from_dict({"num_layers": 5}, base=cfg)  # a per-layer list repeats to a new depth
+    assert deeper.window_pattern() == [True, False, True, True, False]
+    four = ModelConfig.from_dict({"num_layers": 4}, base=cfg)  # an operator's target layer j from origins[j]
+    assert four.with_layer_origins(cfg, [0, 1, 1, 2]).window_pattern() == [True, False, False, True]
+
+
+@pytest.mark.parametrize("values, words", [
+    (dict(window_size=[5, 2]), "window_size: a causal window is [left, 0]"),
+    (dict(window_size=[5, 0], window_attn_skip_freq=[1, 0]), "one 1 (window) or 0 (full) per layer, 3 in all"),
+    (dict(window_size=[5, 0], window_attn_skip_freq=0), "window_attn_skip_freq: must be a positive integer"),
+])
+def test_a_bad_window_is_refused_by_name(values, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        family_config("llama", **values)

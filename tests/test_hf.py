@@ -97,7 +97,7 @@ def test_hf_to_megatron_to_hf_is_tensor_for_tensor_identical(hf, tmp_path, famil
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
 def test_shrink_and_ligo_outputs_load_in_transformers_and_evaluate(hf, tmp_path, family, capsys):
     """(d) subclone and LiGO written as HF: transformers loads them, its logits are scalegrow's, and
     `scalegrow eval` runs with the HF tokenizer that travelled with them."""
@@ -243,8 +243,8 @@ def _edit_config(src, dst, **changes):
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"model_type": "phi3"}, "model_type: 'phi3' is not a family"),
-    ({"sliding_window": 32}, "sliding_window: 32 is not supported"),
+    ({"model_type": "gemma3_text"}, "model_type: 'gemma3_text' is not a family"),
+    ({"layer_types": ["chunked_attention"] * 4}, "layer_types: ['chunked_attention'] is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported"),
     ({"intermediate_size": 80}, "mlp.gate_proj.weight: shape (96, 64) does not match (80, 64)"),
@@ -263,8 +263,11 @@ def test_unsupported_or_inconsistent_config_is_refused(hf, tmp_path, capsys, cha
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers: [1] is not supported"),
     ("mixtral", {"num_experts_per_tok": 1}, "num_experts_per_tok: 1 is not supported"),
     ("mixtral", {"num_local_experts": 8}, "gate.weight: shape (4, 64) does not match (8, 64)"),
+    ("mixtral", {"sliding_window": 32}, "sliding_window: 32 is not supported"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                                  "long_factor": [2.0] * 4}}, "rope_type: 'longrope' is not supported"),
 ])
-def test_unsupported_moe_config_is_refused(hf, tmp_path, capsys, family, changes, words):
+def test_unsupported_family_config_is_refused(hf, tmp_path, capsys, family, changes, words):
     src = _edit_config(hf[family], tmp_path / "src", **changes)
     assert cli.main(["convert", "--src", str(src), "--dst", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

@@ -28,9 +28,12 @@ def launch_cmd(kind: str, config: str, overrides: list[str], ranks: int = 2, por
 
 
 def train(kind: str, config: str, overrides: list[str], ranks: int = 2, check: bool = True):
-    port = free_port()
-    result = subprocess.run(launch_cmd(kind, config, overrides, ranks, port), cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=900)
+    for attempt in range(3):  # a port found free can be taken before the rendezvous binds it (another
+        port = free_port()    # worker's gloo connections draw from the same range): then try another
+        result = subprocess.run(launch_cmd(kind, config, overrides, ranks, port), cwd=ROOT, env=ENV,
+                                capture_output=True, text=True, timeout=900)
+        if "EADDRINUSE" not in result.stderr:
+            break
     if check and result.returncode != 0:
         raise AssertionError(f"{kind} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     assert_no_shared_memory_left(kind, port)

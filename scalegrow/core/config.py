@@ -71,7 +71,7 @@ class ModelConfig(Record):
         for name in ("num_layers", "hidden_size", "padded_vocab_size", "max_position_embeddings"):
             positive(name, getattr(self, name))
         self.mlp.validate()
-        self.attention.validate(self.hidden_size)
+        self.attention.validate(self.hidden_size, self.num_layers)
         self.norm.validate()
         self.embedding.validate()
         self.rope.validate(self.attention.head_dim, used=self.embedding.position == "rope")
@@ -87,6 +87,18 @@ class ModelConfig(Record):
 
     def is_moe_layer(self, index: int) -> bool:
         return self.moe is not None and index % self.moe.layer_freq == 0
+
+    def window_pattern(self) -> list[bool]:
+        """Per layer, whether it attends within the sliding window."""
+        return [self.attention.windowed(i) for i in range(self.num_layers)]
+
+    def with_layer_origins(self, src: "ModelConfig", origins: list[int]) -> "ModelConfig":
+        """This model with each layer j's per-layer settings (the sliding window) taken from source
+        layer `origins[j]`: what an operator whose target layer j comes from that layer writes."""
+        if src.attention.window is None:
+            return self
+        pattern = [int(src.attention.windowed(i)) for i in origins]
+        return self.replace(window_attn_skip_freq=compact_pattern(pattern))
 
     def features(self) -> dict[str, Any]:
         """The settings no width or depth operator changes (flat names): a target keeps its source's."""
@@ -170,8 +182,23 @@ def flat_keys() -> dict[str, tuple[Any, str]]:
 def _drop_derived(values: dict[str, Any], base: ModelConfig, overrides: Mapping[str, Any]) -> None:
     """Re-derive defaults that followed a changed size, unless the source set them explicitly.
 
-    A key left out keeps its source value, except the query groups of an MHA source:
-    MHA stays MHA when the number of heads grows.
+    A key left out keeps its source value, except the query groups of an MHA source (MHA stays MHA
+    when the number of heads grows) and a per-layer window list at a new depth (repeated to the new
+    length; an operator then gives each layer its source layer's).
     """
     if base.attention.groups == base.attention.heads and "num_query_groups" not in overrides:
         values["num_query_groups"] = None
+    layers, pattern = overrides.get("num_layers", base.num_layers), base.attention.window_layers
+    if isinstance(pattern, tuple) and "window_attn_skip_freq" not in overrides and layers != base.num_layers:
+        values["window_attn_skip_freq"] = compact_pattern([pattern[i % len(pattern)] for i in range(layers)])
+
+
+def compact_pattern(pattern: list[int]) -> int | list[int] | None:
+    """megatron-core's spelling of a per-layer window pattern (1: window): None when every layer has
+    it, N when exactly every N-th layer (1-based) has full attention, else the list itself."""
+    if all(pattern):
+        return None
+    for n in range(2, len(pattern) + 1):
+        if pattern == [int((i + 1) % n != 0) for i in range(len(pattern))]:
+            return n
+    return list(pattern)

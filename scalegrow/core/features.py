@@ -6,7 +6,9 @@ and spells each of them in Megatron-LM's flat argument name at the boundary (`no
 operators may do with it:
 - `SIZE`: what growth and shrinking change (layers, widths, heads, experts);
 - `FEATURE`: what they keep, so a target must match its source (the norm, the activation, rope);
-- `FREE`: bookkeeping that follows neither rule (norm eps, init std, a training coefficient).
+- `FREE`: bookkeeping that follows neither rule (norm eps, init std, a training coefficient);
+- `LAYERS`: one value per layer (which layers use the sliding window): a target layer keeps the value
+  of the source layer it comes from, so operators derive it from their depth maps.
 A new feature is a field here (its flat name and role), the reference model's use of it, and the
 operator rules it needs; nothing else lists field names.
 """
@@ -18,7 +20,7 @@ import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Mapping
 
-SIZE, FEATURE, FREE = "size", "feature", "free"
+SIZE, FEATURE, FREE, LAYERS = "size", "feature", "free", "layers"
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_TYPES = ("learned_absolute", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
@@ -69,19 +71,58 @@ class Record:
 
 @dataclass(frozen=True)
 class Attention(Record):
-    """Self-attention: heads in query groups (GQA; MHA when every head is its own group)."""
+    """Self-attention: heads in query groups (GQA; MHA when every head is its own group), causal,
+    optionally within a sliding window on some layers (megatron-core's `window_size` and
+    `window_attn_skip_freq`; transformers' `sliding_window` and `layer_types`)."""
 
     heads: int = megatron("num_attention_heads", role=SIZE)
     groups: int | None = megatron("num_query_groups", None, SIZE)  # None: one per head (MHA)
     head_dim: int | None = megatron("kv_channels", None, SIZE)  # None: hidden_size / heads
     qk_norm: bool = megatron("qk_layernorm", False)  # a norm over each head's q and k, before rope (Qwen3)
     qkv_bias: bool = megatron("add_qkv_bias", False)  # q/k/v biases without the other linear ones (Qwen2)
+    # (left, right): a query sees the `left` keys before it and itself (transformers' sliding_window
+    # is left + 1); right is 0, causal. None: full attention everywhere
+    window: tuple[int, int] | None = megatron("window_size", None)
+    # which layers the window applies to: None every layer; N every layer but each N-th (1-based); or
+    # one 1/0 per layer (1: the window). megatron-core's window_attn_skip_freq
+    window_layers: int | tuple[int, ...] | None = megatron("window_attn_skip_freq", None, LAYERS)
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, tuple[Any, str]]:  # lists at the flat boundary (YAML, JSON, args)
+        keys = super().flat_keys()
+        return {**keys, "window_size": (list | None, FEATURE), "window_attn_skip_freq": (int | list | None, LAYERS)}
+
+    @classmethod
+    def flat_kwargs(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().flat_kwargs(flat)
+        for name in ("window", "window_layers"):
+            if isinstance(out.get(name), (list, tuple)):
+                out[name] = tuple(int(v) for v in out[name])
+        return out
+
+    def to_flat(self) -> dict[str, Any]:
+        out = super().to_flat()
+        for key in ("window_size", "window_attn_skip_freq"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
 
     def resolved(self, hidden_size: int) -> "Attention":
         """Megatron's "None means derived" defaults made concrete."""
         groups = self.heads if self.groups is None else self.groups
         head_dim = hidden_size // self.heads if self.head_dim is None and self.heads else self.head_dim
         return dataclasses.replace(self, groups=groups, head_dim=head_dim)
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) attends within the window (megatron-core's
+        `is_layer_window_attention`, which counts layers from 1)."""
+        if self.window is None:
+            return False
+        if self.window_layers is None:
+            return True
+        if isinstance(self.window_layers, int):
+            return (layer + 1) % self.window_layers != 0
+        return bool(self.window_layers[layer])
 
     @property
     def per_group(self) -> int:
@@ -97,7 +138,7 @@ class Attention(Record):
         """Columns of linear_proj: every q head's output."""
         return self.heads * self.head_dim
 
-    def validate(self, hidden_size: int) -> None:
+    def validate(self, hidden_size: int, num_layers: int) -> None:
         for name, value in (("num_attention_heads", self.heads), ("num_query_groups", self.groups),
                             ("kv_channels", self.head_dim)):
             positive(name, value)
@@ -105,6 +146,17 @@ class Attention(Record):
             raise ValueError(f"num_attention_heads: {self.heads} does not divide hidden_size {hidden_size}")
         if self.heads % self.groups:
             raise ValueError(f"num_query_groups: {self.groups} does not divide num_attention_heads {self.heads}")
+        self._validate_window(num_layers)
+
+    def _validate_window(self, num_layers: int) -> None:
+        if self.window is not None and (len(self.window) != 2 or self.window[0] < 0 or self.window[1] != 0):
+            raise ValueError(f"window_size: a causal window is [left, 0] with left >= 0, got {list(self.window)}")
+        skip = self.window_layers
+        if isinstance(skip, int) and skip <= 0:
+            raise ValueError(f"window_attn_skip_freq: must be a positive integer or a list, got {skip}")
+        if isinstance(skip, tuple) and (len(skip) != num_layers or set(skip) - {0, 1}):
+            raise ValueError(f"window_attn_skip_freq: one 1 (window) or 0 (full) per layer, {num_layers} in all, "
+                             f"got {list(skip)}")
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,19 @@ def apply_rotary(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((t_rot, t_pass), dim=-1)
 
 
+def window_mask(seq: int, left: int, device=None) -> torch.Tensor:
+    """[seq, seq] True where query i may attend key j: j in [i - left, i] (megatron-core's sliding
+    window (left, 0); transformers' sliding_window is left + 1)."""
+    i = torch.arange(seq, device=device)
+    offset = i[:, None] - i[None, :]  # i - j
+    return (offset >= 0) & (offset <= left)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.window = cfg.attention.window[0] if cfg.attention.windowed(index) else None  # keys before a query
         h, attn = cfg.hidden_size, cfg.attention
         self.linear_qkv = nn.Linear(h, attn.qkv_rows, bias=cfg.has_qkv_bias)
         self.linear_proj = nn.Linear(attn.proj_in, h, bias=cfg.add_bias_linear)
@@ -88,7 +97,11 @@ class SelfAttention(nn.Module):
         # GQA: group g serves the per_g consecutive q heads g*per_g .. g*per_g+per_g-1
         k = k.repeat_interleave(per_g, dim=1)
         v = v.repeat_interleave(per_g, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hn))
+        if self.window is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hn))
+        else:
+            mask = window_mask(s, self.window, x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(hn))
         return out.transpose(1, 2)
 
 
@@ -182,12 +195,13 @@ class MoE(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-LN block: x + attn(norm(x)), then + mlp(norm(x)); the mlp is an MoE in MoE layers."""
+    """Pre-LN block: x + attn(norm(x)), then + mlp(norm(x)); the mlp is an MoE in MoE layers, the
+    attention within a sliding window in window layers."""
 
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
-        self.self_attention = SelfAttention(cfg)
+        self.self_attention = SelfAttention(cfg, index)
         self.pre_mlp_layernorm = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
 

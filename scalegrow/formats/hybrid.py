@@ -18,6 +18,7 @@ import argparse
 import re
 
 from scalegrow.core.layout import Stages
+from scalegrow.errors import InputError
 
 ATTENTION, MLP, MOE, PIPE, MTP = "*", "-", "E", "|", "/"
 OTHER_SYMBOLS = {"M": "Mamba", "G": "gated delta net", "+": "multi-latent attention", "D": "DS-attention"}
@@ -76,6 +77,10 @@ def final_norm_key(key: str) -> str:
 
 def hybrid_args(args: argparse.Namespace, stages: Stages, moe: bool) -> argparse.Namespace:
     """Megatron-LM args of a HybridModel run of this GPT model: the pattern, and twice the layers."""
+    if getattr(args, "window_size", None) is not None and getattr(args, "window_attn_skip_freq", None) is not None:
+        raise InputError("window_attn_skip_freq: a sliding window on some layers only is not written in the "
+                         "HybridModel layout, whose layer numbers count attention and MLP layers apart; write it "
+                         "with --torch-dist-model gpt")
     out = gpt_args(args)
     out.hybrid_layer_pattern = pattern_for(stages, moe)
     out.num_layers = 2 * stages.num_layers

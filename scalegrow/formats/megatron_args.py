@@ -30,6 +30,7 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         add_bias_linear=bool(a.get("add_bias_linear", True)), add_qkv_bias=bool(a.get("add_qkv_bias", False)),
         qk_layernorm=bool(a.get("qk_layernorm", False)), init_method_std=float(a.get("init_method_std", 0.02)),
         make_vocab_size_divisible_by=int(a.get("make_vocab_size_divisible_by", 128)), vocab_size=a.get("vocab_size"),
+        window_size=a.get("window_size"), window_attn_skip_freq=a.get("window_attn_skip_freq"),
         **_rope_scaling_from_args(a), **_moe_from_args(a))
     return ModelConfig.from_flat(flat)
 
@@ -91,6 +92,8 @@ def config_to_args(cfg: ModelConfig, base: argparse.Namespace | None = None, *, 
     if cfg.vocab_size is None:
         updates.pop("vocab_size")
     updates["num_experts"] = updates.pop("num_moe_experts")  # Megatron-LM's name
+    if updates["window_size"] is not None:  # Megatron-LM parses --window-size into a tuple
+        updates["window_size"] = tuple(updates["window_size"])
     if getattr(args, "seq_length", None) is None:
         updates["seq_length"] = cfg.max_position_embeddings
     for key, value in updates.items():

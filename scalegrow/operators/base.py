@@ -71,6 +71,7 @@ class Operator:
         self.dst = self.resolve(src, dst)
         self.seed = seed
         self.setup()
+        self.keep_layer_types()
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         """Every feature (what no width or depth operator changes: the norm, the activation, rope, ...)
@@ -86,6 +87,17 @@ class Operator:
 
     def setup(self) -> None:
         pass
+
+    def origins(self) -> list[int] | None:
+        """Per target layer, the source layer whose per-layer settings (its sliding window) it keeps:
+        the first it reads (None: not known yet, e.g. before a calibration picks the layers)."""
+        return [self.layer_sources(j)[0] for j in range(self.dst.num_layers)]
+
+    def keep_layer_types(self) -> None:
+        """Give each target layer its source layer's per-layer settings (which layers use the window)."""
+        origins = self.origins()
+        if origins is not None:
+            self.dst = self.dst.with_layer_origins(self.src, origins)
 
     def details(self) -> dict:
         """What this operator decided, for `scalegrow.json` (e.g. which layers a shrink kept)."""

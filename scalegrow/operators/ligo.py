@@ -162,6 +162,14 @@ class LigoGrowth(Operator):
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="LiGO mixes whole heads")
         require_not_smaller(src, dst)
+        if dst.num_layers != src.num_layers and len(set(src.window_pattern())) > 1:
+            raise ValueError("window_attn_skip_freq: LiGO mixes every source layer into each new one, so layers "
+                             "with and without the sliding window cannot keep their types; grow the depth with "
+                             "lemon or stack")
+
+    def origins(self) -> list[int]:
+        """The stacking LiGO's depth maps start from; every layer has the same window when depth grows."""
+        return [j % self.src.num_layers for j in range(self.dst.num_layers)]
 
     def setup(self) -> None:
         if self._operator is None:

@@ -113,6 +113,9 @@ class SliceOperator(Operator):
             out["mlp_output_scales"] = {str(k): v for k, v in self.sel.scales.items()}
         return out
 
+    def origins(self) -> list[int] | None:
+        return None if self.sel is None else list(self.sel.layers)
+
     def layer_sources(self, index: int) -> tuple[int, ...]:
         assert self.sel is not None, f"{self.name}: no selection yet (its prepare step has not run)"
         return (self.sel.layers[index],)
@@ -213,6 +216,7 @@ class Subclone(SliceOperator):
             else:
                 neurons.append(top(st.neurons[i], d.mlp.ffn_hidden_size))
         self.sel = Selection(layers, dims, groups, heads, neurons)
+        self.keep_layer_types()
         self.sel.shared = {j: top(st.shared[i], d.moe.shared_size)
                            for j, i in enumerate(layers) if i in st.shared}
 

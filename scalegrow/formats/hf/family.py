@@ -26,7 +26,7 @@ class Unsupported(ValueError):
 class Rule:
     megatron: str  # layer-relative name (`{e}`: the expert's index), or a global key
     hf: tuple[str, ...]  # HF names; `{i}` is the layer index, `{e}` the expert's
-    kind: str = "same"  # same | qkv | gate_up | conv1d | conv1d_qkv (see `to_megatron`)
+    kind: str = "same"  # same | qkv | fused_qkv | gate_up | conv1d | conv1d_qkv (see `to_megatron`)
 
 
 def layer_rules(prefix: str, *rules: tuple) -> tuple[Rule, ...]:
@@ -119,10 +119,12 @@ def to_megatron(kind: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch
         return parts[0].t()
     if kind == "gate_up":
         return torch.cat(parts, dim=0)  # fc1 rows [gate; up]
+    ng, per, hn = cfg.attention.groups, cfg.attention.per_group, cfg.attention.head_dim
     if kind == "conv1d_qkv":  # c_attn: [h, 3h] (Conv1D), columns [q | k | v]; its bias [3h]
         parts = list((parts[0].t() if parts[0].dim() == 2 else parts[0]).chunk(3, dim=0))
+    if kind == "fused_qkv":  # Phi-3's qkv_proj: rows [q (np*hn); k (ng*hn); v (ng*hn)]
+        parts = list(parts[0].split([ng * per * hn, ng * hn, ng * hn], dim=0))
     q, k, v = parts  # q [np*hn, ...], k and v [ng*hn, ...]
-    ng, per, hn = cfg.attention.groups, cfg.attention.per_group, cfg.attention.head_dim
     rest = q.shape[1:]
     # -> [ng, per + 2, hn, ...]: each group's q heads, then its k, then its v
     fused = torch.cat([q.reshape(ng, per, hn, *rest), k.reshape(ng, 1, hn, *rest), v.reshape(ng, 1, hn, *rest)], 1)
@@ -143,4 +145,6 @@ def to_hf(kind: str, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
     if kind == "conv1d_qkv":
         fused = torch.cat([q, k, v], dim=0)
         return [fused.t() if fused.dim() == 2 else fused]
+    if kind == "fused_qkv":
+        return [torch.cat([q, k, v], dim=0)]
     return [q, k, v]

@@ -3,6 +3,7 @@
     llama, mistral   RMSNorm, SwiGLU, GQA, rope          q/k/v and gate/up fused the megatron-core way
     qwen2            + q/k/v biases
     qwen3            + per-head q/k norms (megatron-core's qk_layernorm)
+    phi3             llama with q/k/v in one qkv_proj, gate/up in one gate_up_proj, partial rope, a window
     gpt2             LayerNorm, GELU (tanh approximation), MHA, learned positions, biases, tied
     mixtral          llama + MoE in every layer
     qwen3_moe        qwen3 + MoE in every layer

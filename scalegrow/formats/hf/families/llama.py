@@ -29,7 +29,8 @@ GLOBAL = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",
 
 FEATURES = {"normalization": "RMSNorm", "swiglu": True, "openai_gelu": False, "position_embedding_type": "rope",
             "rotary_percent": 1.0, "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False,
-            "num_moe_experts": None}
+            "num_moe_experts": None, "window_size": None}
+WINDOWED = {k: v for k, v in FEATURES.items() if k != "window_size"}  # what the sliding-window kin keep fixed
 
 
 def rope_parameters(hf: dict) -> dict:
@@ -72,7 +73,7 @@ def rope_out(rope: Rope) -> dict:
     return out
 
 
-REFUSALS = (
+ATTENTION_REFUSALS = (
     must_be("hidden_act", "silu", "SwiGLU with SiLU only"),
     must_be("attention_bias", False, "no bias on o_proj alone"),
     must_be("mlp_bias", False, "no MLP biases without attention biases"),
@@ -81,9 +82,10 @@ REFUSALS = (
     Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
             lambda hf: rope_parameters(hf)["rope_theta"]),
     must_be("partial_rotary_factor", 1.0, "rope over the whole head"),
-    Refusal("layer_types", "full attention in every layer", lambda v, hf: v == ["full_attention"],
-            lambda hf: sorted(set(hf.get("layer_types") or ["full_attention"]))),
 )
+FULL_ATTENTION = Refusal("layer_types", "full attention in every layer", lambda v, hf: v == ["full_attention"],
+                         lambda hf: sorted(set(hf.get("layer_types") or ["full_attention"])))
+REFUSALS = ATTENTION_REFUSALS + (FULL_ATTENTION,)
 
 
 def config_in(hf: dict) -> dict:

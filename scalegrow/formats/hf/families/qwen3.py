@@ -1,8 +1,8 @@
 """Qwen3 (`Qwen3ForCausalLM`): llama with a norm over each head's queries and keys (megatron-core's
-qk_layernorm); no sliding window."""
-from scalegrow.formats.hf.families import llama
-from scalegrow.formats.hf.families.llama import REFUSALS, llama_like
-from scalegrow.formats.hf.families.qwen2 import SLIDING
+qk_layernorm); qwen2's sliding window."""
+from scalegrow.formats.hf.families import llama, qwen2
+from scalegrow.formats.hf.families.llama import llama_like
 
-FAMILY = llama_like("qwen3", "Qwen3ForCausalLM", features={**llama.FEATURES, "qk_layernorm": True},
-                    refusals=REFUSALS + (SLIDING,), moe_sibling="qwen3_moe")
+FAMILY = llama_like("qwen3", "Qwen3ForCausalLM", features={**llama.WINDOWED, "qk_layernorm": True},
+                    refusals=qwen2.REFUSALS, config_in=qwen2.config_in,
+                    config_out=llama.without_attention_bias(qwen2.config_out), moe_sibling="qwen3_moe")
