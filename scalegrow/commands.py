@@ -211,7 +211,7 @@ def verify(src_path: str | Path, dst_path: str | Path, tokens: int = 512, seed: 
     def loss(logits):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch_[:, 1:].flatten()).item()
 
-    return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale else 0.0,
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale else 0.0, "max_abs_logit": scale,
             "loss_src": loss(la), "loss_dst": loss(lb)}
 
 

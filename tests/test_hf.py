@@ -290,3 +290,27 @@ def test_hf_output_has_no_model_parallelism(hf, tmp_path, capsys):
     assert cli.main(["convert", "--src", str(hf["llama"]), "--dst", str(tmp_path / "o"), "--format", "hf",
                      "--tp", "2"]) == 2
     assert "--tp: the hf format has no model parallelism" in capsys.readouterr().err
+
+
+def test_dtype_chooses_what_the_weights_are_stored_in(hf, tmp_path, capsys):
+    """A bf16 model grown with LEMON: stored in bf16 each weight is rounded (verify: different, by
+    bf16's resolution), with --dtype fp32 the grown model computes the source's function."""
+    from safetensors import safe_open
+
+    target = write_yaml(tmp_path / "t.yaml", num_layers=6, hidden_size=128, ffn_hidden_size=192,
+                        num_attention_heads=8, num_query_groups=4)
+    src = tmp_path / "bf16"
+    assert cli.main(["convert", "--src", str(hf["llama"]), "--dst", str(src), "--dtype", "bf16"]) == 0
+    for dtype, verdict in ((None, 1), ("fp32", 0)):
+        out = tmp_path / f"grown-{dtype}"
+        assert cli.main(["grow", "--src", str(src), "--dst", str(out), "--target", str(target),
+                         *(["--dtype", dtype] if dtype else [])]) == 0
+        shard = next(out.glob("*.safetensors"))
+        with safe_open(str(shard), "pt") as f:
+            stored = f.get_tensor(next(iter(f.keys()))).dtype
+        assert stored == (torch.float32 if dtype else torch.bfloat16)
+        assert json.loads((out / "config.json").read_text())["dtype"] == ("float32" if dtype else "bfloat16")
+        capsys.readouterr()
+        assert cli.main(["verify", "--src", str(src), "--dst", str(out)]) == verdict
+        report = json.loads(capsys.readouterr().out)
+        assert report["max_rel_diff"] < (1e-5 if dtype else 2e-2)

@@ -258,13 +258,15 @@ def test_train_batch_size_mismatch_is_bad_input(scratch, tmp_path):
         in result.stderr + result.stdout
 
 
-def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path, family):
     """init.from an HF directory: its tokenizer.json prepares the data; pretrain continues it and
     exports HF, which grow_pretrain then grows (LEMON, lossless) and exports as HF again; transformers
-    loads both exports and computes what scalegrow computes."""
+    loads both exports and computes what scalegrow computes. phi3: fused projections, rope over half
+    of each head, a sliding window of 8 tokens in 64-token windows."""
     from hf_models import build, logits, train_tokenizer
 
-    src = build("qwen2", tmp_path / "qwen2", train_tokenizer(tmp_path / "tokenizer"))
+    src = build(family, tmp_path / family, train_tokenizer(tmp_path / "tokenizer"))
     common = ["train.steps=10", "train.eval_interval=10", "train.save_interval=10", "export.format=hf",
               "data.seq_length=64"]
     train("pretrain", "configs/runs/tiny_scratch.yaml", [f"output.dir={tmp_path / 'cont'}", f"init.from={src}",
@@ -278,7 +280,7 @@ def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path):
     for run, hidden in (("cont", 64), ("grown", 192)):
         export = tmp_path / run / "export"
         config = json.loads((export / "config.json").read_text())
-        assert config["model_type"] == "qwen2" and config["hidden_size"] == hidden and config["vocab_size"] == 1000
+        assert config["model_type"] == family and config["hidden_size"] == hidden and config["vocab_size"] == 1000
         assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in export.iterdir()}
         with torch.no_grad():
             ours, theirs = load_model(export)(x), logits(export, x)

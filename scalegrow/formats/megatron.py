@@ -30,6 +30,7 @@ from scalegrow.formats.base import Format, Reader
 from scalegrow.formats.io import StreamingTorchFile, TensorSlot, WriteQueue, drop_mapped_pages, safe_load
 from scalegrow.formats import hybrid
 from scalegrow.formats.megatron_args import config_from_args
+from scalegrow.formats.options import OutputOptions
 from scalegrow.formats.megatron_rules import (
     CHECKPOINT_VERSION,
     FILE_NAME,
@@ -230,7 +231,7 @@ class MegatronWriter:
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader, opts=None):
         cfg.check_tp(layout.tp)
         self.out_dir, self.cfg, self.layout = out_dir, cfg, layout
-        self.iteration, self.dtype = source.iteration, source.dtype
+        self.iteration, self.dtype = source.iteration, (opts or OutputOptions()).weights_dtype(source.dtype)
         self.args = megatron_args(cfg, source.args, layout, source.iteration)
         self._files: dict[int, list] = {}  # EP rank -> the open stage's files, one per TP rank
         self._specs: dict[str, TensorSpec] = {}

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype's names
+
 
 @dataclass(frozen=True)
 class LayoutOptions:
@@ -49,3 +53,9 @@ class OutputOptions:
     vocab_size: int | None = None  # the tokenizer's true size, to re-pad the vocabulary (None: from args)
     hf: HFOptions = field(default_factory=HFOptions)
     torch_dist: TorchDistOptions = field(default_factory=TorchDistOptions)
+    dtype: str | None = None  # the weights' dtype, a DTYPES name (None: the source's)
+
+    def weights_dtype(self, source: torch.dtype) -> torch.dtype:
+        """What the output's tensors are stored in: `dtype`, else the source's (a bf16 model grown with
+        LEMON into fp32 keeps the function to fp32 noise; stored in bf16 each weight is rounded)."""
+        return DTYPES[self.dtype] if self.dtype is not None else source

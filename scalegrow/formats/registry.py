@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from scalegrow.core import arch
 from scalegrow.core.model import GPT
 from scalegrow.errors import InputError
 from scalegrow.formats import deepspeed, megatron, torch_dist
@@ -52,8 +55,17 @@ def open_checkpoint(path: str | Path, validate: bool = True, quiet: bool = False
 
 
 def load_model(path: str | Path) -> GPT:
-    """The whole checkpoint as a reference GPT in fp32 (merges every TP/PP shard)."""
+    """The whole checkpoint as a reference GPT in fp32 (merges every TP/PP shard). The model is made
+    without initialising it and filled one tensor at a time, so memory holds the fp32 model and one
+    source tensor (a 3B model: 12.5 GB, not three copies of it)."""
     ckpt = open_checkpoint(path)
-    model = GPT(ckpt.config)
-    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict().items()}, strict=True)
+    with torch.device("meta"):
+        model = GPT(ckpt.config)
+    model = model.to_empty(device="cpu")
+    state, specs = model.state_dict(), dict(arch.model_specs(ckpt.config))
+    assert state.keys() == specs.keys(), sorted(state.keys() ^ specs.keys())
+    with torch.no_grad():
+        for key, spec in specs.items():
+            state[key].copy_(ckpt.tensor(key, spec))
+    ckpt.release()
     return model.eval()

@@ -217,7 +217,7 @@ class DistWriter:
         cfg.check_tp(layout.tp)
         self.out_dir, self.cfg, self.layout, self.common = out_dir, cfg, layout, opts.torch_dist.common
         self.hybrid_model = output_model(cfg, source, opts.torch_dist.model) == "hybrid"
-        self.iteration, self.dtype = source.iteration, source.dtype
+        self.iteration, self.dtype = source.iteration, opts.weights_dtype(source.dtype)
         args = megatron_args(cfg, source.args, layout, source.iteration)
         self.args = hybrid.hybrid_args(args, layout.stages, cfg.moe is not None) if self.hybrid_model else args
         self.iter_dir = out_dir / iteration_dir_name(source.iteration)

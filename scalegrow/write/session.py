@@ -102,7 +102,7 @@ def preflight(source: Reader, cfg: ModelConfig, opts: OutputOptions, dst: str | 
     """Every check that needs no tensor data: the output layout (`resolve`), and room for the output
     on the destination's device. Callers run it before any heavy work (calibration, training)."""
     cfg, layout = resolve(source, cfg, opts)
-    check_room(registry.get(opts.format).size(cfg, layout, source.dtype), dst)
+    check_room(registry.get(opts.format).size(cfg, layout, opts.weights_dtype(source.dtype)), dst)
     return cfg, layout
 
 
@@ -121,7 +121,7 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
         source_record = metadata.source_record(source)
     origin = source.hf_origin()  # an HF family travels, so the model can go back to HF as it was
     details = {**({"hf": origin} if origin else {}), **(details or {}), **op.details()}
-    n, sizes, mine = _workers(fmt, cfg, layout, source.dtype, topology)
+    n, sizes, mine = _workers(fmt, cfg, layout, opts.weights_dtype(source.dtype), topology)
     with group.output_dir(dst, overwrite) if group else atomic_output_dir(dst, overwrite) as out:
         try:
             _stream(source, op, lambda: fmt.writer(out, cfg, layout, source, opts), sizes, mine, n, out, group,

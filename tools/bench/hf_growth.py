@@ -6,10 +6,10 @@ Source: Llama-3.2-1B's config.json values (16 layers, hidden 2048, 32 heads in 8
 8192, vocab 128256 tied, rope base 500000 with `llama3` scaling: factor 32, low 1, high 4, original
 8192; 131072 positions, rms eps 1e-5; 1.24 B params), random weights in bf16, written as an HF
 directory by `scalegrow init` + `convert --format hf`. Target: 28 layers, hidden 3072, 48 heads in 8
-groups (3.12 B params, Llama-3.2-3B-sized). The README's commands run in order as child processes
-(peak RSS from wait4): the `--dry-run` plan, the growth HF -> HF in 5 GB shards (against `cp -r` of
-its output), `verify` (exit 0: the same function), and the conversion to Megatron at TP2/PP2. Prints
-one JSON line per case.
+groups (3.12 B params, Llama-3.2-3B-sized). Child processes (peak RSS from wait4): the `--dry-run`
+plan; the growth HF -> HF in bf16, 5 GB shards, against `cp -r` of its output; then the README's
+commands in order: the growth with `--dtype fp32`, `verify` (exit 0: the same function) and the
+conversion to Megatron at TP2/PP2. Prints one JSON line per case.
 """
 from __future__ import annotations
 
@@ -54,14 +54,18 @@ def main() -> None:
     print(json.dumps(measure(exe, work, "LEMON grow Llama-3.2-1B-shaped -> 3B-shaped, HF -> HF, bf16, 5 GB shards",
                              "llama-1b-hf", "llama-3b-hf", grow[:1] + grow[3:])), flush=True)
     rope = json.loads((work / "llama-3b-hf" / "config.json").read_text())["rope_parameters"]
-    for name, command in (("verify (the README: SAME)", ["verify", "--src", str(work / "llama-1b-hf"), "--dst",
-                                                        str(work / "llama-3b-hf")]),
-                          ("convert the grown model to Megatron TP2/PP2", [
-                              "convert", "--src", str(work / "llama-3b-hf"), "--dst", str(work / "llama-3b-megatron"),
-                              "--format", "torch", "--tp", "2", "--pp", "2", "--no-progress"])):
+    print(json.dumps({"case": "the grown config.json's rope", "rope_parameters": rope}), flush=True)
+    shutil.rmtree(work / "llama-3b-hf")  # the README's commands: grown in fp32, verified, converted
+    fp32 = work / "llama-3b-hf-fp32"
+    for name, command in (
+            ("README: grow --dtype fp32 (LEMON exact to fp32 noise)", grow + ["--dtype", "fp32", "--dst", str(fp32),
+                                                                              "--no-progress"]),
+            ("README: verify (exit 0: SAME)", ["verify", "--src", str(work / "llama-1b-hf"), "--dst", str(fp32)]),
+            ("README: convert to Megatron TP2/PP2", ["convert", "--src", str(fp32), "--dst",
+                                                     str(work / "llama-3b-megatron"), "--format", "torch", "--tp", "2",
+                                                     "--pp", "2", "--no-progress"])):
         seconds, peak = run_measured(exe + command)  # exits non-zero (and stops here) unless it worked
-        print(json.dumps({"case": name, "seconds": round(seconds, 2), "peak_rss_bytes": peak, "rope": rope}),
-              flush=True)
+        print(json.dumps({"case": name, "seconds": round(seconds, 2), "peak_rss_bytes": peak}), flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

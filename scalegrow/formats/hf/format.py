@@ -221,10 +221,10 @@ class HFWriter:
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
                  opts: OutputOptions = OutputOptions(), plan_only: bool = False):
         assert layout.tp == 1 and layout.pp == 1 and layout.ep == 1, "HF checkpoints have no model parallelism"
-        self.out_dir, self.cfg, self.layout, self.dtype = out_dir, cfg, layout, source.dtype
+        self.out_dir, self.cfg, self.layout, self.dtype = out_dir, cfg, layout, opts.weights_dtype(source.dtype)
         self.family, base = family_for(cfg, source, opts.hf)
         try:
-            self.hf_config = self.family.to_hf_config(cfg, base, source.dtype)
+            self.hf_config = self.family.to_hf_config(cfg, base, self.dtype)
         except Unsupported as exc:
             raise InputError(f"--hf-model-type: {exc}") from None
         self.rules = tensor_rules(cfg, self.family)
