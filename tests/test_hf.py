@@ -245,7 +245,7 @@ def _edit_config(src, dst, **changes):
 @pytest.mark.parametrize("changes, words", [
     ({"model_type": "gemma3_text"}, "model_type: 'gemma3_text' is not a family"),
     ({"layer_types": ["chunked_attention"] * 4}, "layer_types: ['chunked_attention'] is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'dynamic'"),
     ({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported"),
     ({"intermediate_size": 80}, "mlp.gate_proj.weight: shape (96, 64) does not match (80, 64)"),
 ])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.rope import attention_factor
 from scalegrow.core.rope import rotary_freqs as rope_angles
 
 # Megatron-LM's activations: --swiglu gates SiLU, --openai-gelu is GELU's tanh approximation
@@ -47,13 +48,15 @@ def rotary_freqs(cfg: ModelConfig, seq_len: int, device=None) -> torch.Tensor:
     return rope_angles(cfg.rope, cfg.attention.head_dim, seq_len, device)
 
 
-def apply_rotary(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """t: [b, heads, s, hn]; rotates the first rot_dim channels, passes the rest through."""
+def apply_rotary(t: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """t: [b, heads, s, hn]; rotates the first rot_dim channels (cos and sin times `scale`, YaRN's
+    attention factor), passes the rest through."""
     rot_dim = freqs.shape[-1]
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     x1, x2 = torch.chunk(t_rot, 2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    t_rot = t_rot * freqs.cos().to(t.dtype) + rotated * freqs.sin().to(t.dtype)
+    cos, sin = freqs.cos() * scale, freqs.sin() * scale
+    t_rot = t_rot * cos.to(t.dtype) + rotated * sin.to(t.dtype)
     return torch.cat((t_rot, t_pass), dim=-1)
 
 
@@ -93,7 +96,8 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:  # before rope, as megatron-core (and Qwen3) do
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if freqs is not None:
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+            scale = attention_factor(cfg.rope)
+            q, k = apply_rotary(q, freqs, scale), apply_rotary(k, freqs, scale)
         # GQA: group g serves the per_g consecutive q heads g*per_g .. g*per_g+per_g-1
         k = k.repeat_interleave(per_g, dim=1)
         v = v.repeat_interleave(per_g, dim=1)

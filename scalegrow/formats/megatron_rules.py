@@ -93,6 +93,10 @@ def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelCon
 
 def refuse_unrepresentable(cfg: ModelConfig) -> None:
     """Refuse, by name, a feature megatron-core cannot reproduce (a Hugging Face output keeps it)."""
+    if cfg.rope.yarn is not None:
+        raise InputError("use_yarn: megatron-core's GPTModel takes YaRN's settings only from an MLA config "
+                         "(its plain TransformerConfig has no yarn_* fields), so a Megatron checkpoint of this "
+                         "model would not load as it computes; write it with --format hf")
     scaling = cfg.rope.scaling
     if scaling is not None and not scaling.megatron_core_constants:
         raise InputError(

@@ -41,7 +41,9 @@ def rope_parameters(hf: dict) -> dict:
     return params
 
 
-ROPE_TYPES = ("default", "llama3", "linear")  # what the reference model and megatron-core reproduce
+ROPE_TYPES = ("default", "llama3", "linear", "yarn")  # what the reference model reproduces
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None,
+                 "attention_factor": None, "truncate": True}  # transformers' when a key is absent
 
 
 def rope_in(hf: dict) -> dict:
@@ -55,7 +57,21 @@ def rope_in(hf: dict) -> dict:
                    rope_scaling_low_freq_factor=float(params["low_freq_factor"]),
                    rope_scaling_high_freq_factor=float(params["high_freq_factor"]),
                    rope_scaling_original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    if params["rope_type"] == "yarn":
+        out.update(yarn_in(params, hf))
     return out
+
+
+def yarn_in(params: dict, hf: dict) -> dict:
+    """YaRN's flat values; a missing factor is max_position_embeddings / original (DeepSeek's spelling)."""
+    original = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+    factor = params.get("factor") or hf["max_position_embeddings"] / original
+    given = {k: params.get(k, d) for k, d in YARN_DEFAULTS.items()}
+    return dict(use_yarn=True, yarn_rotary_scaling_factor=float(factor), yarn_original_max_position_embeddings=original,
+                yarn_beta_fast=float(given["beta_fast"] or 32.0), yarn_beta_slow=float(given["beta_slow"] or 1.0),
+                yarn_mscale=given["mscale"], yarn_mscale_all_dim=given["mscale_all_dim"],
+                yarn_attention_factor=given["attention_factor"], yarn_correction_range_round_to_int=given["truncate"])
 
 
 def rope_out(rope: Rope) -> dict:
@@ -70,6 +86,12 @@ def rope_out(rope: Rope) -> dict:
         s = rope.scaling
         out.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
+    if rope.yarn is not None:  # the optional keys only where they are not transformers' defaults
+        y = rope.yarn
+        given = {"beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "mscale": y.mscale,
+                 "mscale_all_dim": y.mscale_all_dim, "attention_factor": y.attention_factor, "truncate": y.truncate}
+        out.update(rope_type="yarn", factor=y.factor, original_max_position_embeddings=y.original_max_position,
+                   **{k: v for k, v in given.items() if v != YARN_DEFAULTS[k]})
     return out
 
 
@@ -77,7 +99,7 @@ ATTENTION_REFUSALS = (
     must_be("hidden_act", "silu", "SwiGLU with SiLU only"),
     must_be("attention_bias", False, "no bias on o_proj alone"),
     must_be("mlp_bias", False, "no MLP biases without attention biases"),
-    Refusal("rope_type", "plain rope, llama3 scaling or linear interpolation", lambda v, hf: v in ROPE_TYPES,
+    Refusal("rope_type", "plain rope, llama3 scaling, linear interpolation or yarn", lambda v, hf: v in ROPE_TYPES,
             lambda hf: rope_parameters(hf)["rope_type"]),
     Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
             lambda hf: rope_parameters(hf)["rope_theta"]),
