@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.features import RopeScaling
 from scalegrow.formats import hybrid
 
 
@@ -36,18 +37,11 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
 
 
 def _rope_scaling_from_args(a: dict[str, Any]) -> dict[str, Any]:
-    """Llama 3's rope scaling (--use-rope-scaling --rope-scaling-factor; megatron-core's constants
-    unless scalegrow wrote others) and linear interpolation (--rotary-seq-len-interpolation-factor)."""
-    interpolation = a.get("rotary_seq_len_interpolation_factor")
-    out = dict(rotary_seq_len_interpolation_factor=None if interpolation is None else float(interpolation),
-               use_rope_scaling=bool(a.get("use_rope_scaling", False)))
-    if out["use_rope_scaling"]:
-        out.update(rope_scaling_factor=float(a.get("rope_scaling_factor", 8.0)),
-                   rope_scaling_low_freq_factor=float(a.get("rope_scaling_low_freq_factor", 1.0)),
-                   rope_scaling_high_freq_factor=float(a.get("rope_scaling_high_freq_factor", 4.0)),
-                   rope_scaling_original_max_position_embeddings=int(
-                       a.get("rope_scaling_original_max_position_embeddings", 8192)))
-    return out
+    """Llama 3's rope scaling (--use-rope-scaling --rope-scaling-factor; the other constants are
+    `RopeScaling`'s defaults, megatron-core's, unless scalegrow wrote others) and linear interpolation
+    (--rotary-seq-len-interpolation-factor), as the args spell them."""
+    keys = ("rotary_seq_len_interpolation_factor", "use_rope_scaling", *RopeScaling.flat_keys())
+    return {key: a[key] for key in keys if a.get(key) is not None}
 
 
 def _gpt_view(a: dict[str, Any]) -> dict[str, Any]:

@@ -95,14 +95,16 @@ def rope_out(rope: Rope) -> dict:
     return out
 
 
+SILU = must_be("hidden_act", "silu", "SwiGLU with SiLU only")
+INTEGER_BASE = Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
+                       lambda hf: rope_parameters(hf)["rope_theta"])
 ATTENTION_REFUSALS = (
-    must_be("hidden_act", "silu", "SwiGLU with SiLU only"),
+    SILU,
     must_be("attention_bias", False, "no bias on o_proj alone"),
     must_be("mlp_bias", False, "no MLP biases without attention biases"),
     Refusal("rope_type", "plain rope, llama3 scaling, linear interpolation or yarn", lambda v, hf: v in ROPE_TYPES,
             lambda hf: rope_parameters(hf)["rope_type"]),
-    Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
-            lambda hf: rope_parameters(hf)["rope_theta"]),
+    INTEGER_BASE,
     must_be("partial_rotary_factor", 1.0, "rope over the whole head"),
 )
 FULL_ATTENTION = Refusal("layer_types", "full attention in every layer", lambda v, hf: v == ["full_attention"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from scalegrow.core.config import ModelConfig
 from scalegrow.formats.hf.families import llama, sliding
-from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, layer_rules, must_be
+from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, layer_rules
 
 LAYER = layer_rules(
     "model.layers.{i}.",
@@ -28,11 +28,10 @@ def partial_rotary(hf: dict) -> float:
 
 
 REFUSALS = (
-    must_be("hidden_act", "silu", "SwiGLU with SiLU only"),
+    llama.SILU,
     Refusal("rope_type", "plain rope (not longrope)", lambda v, hf: v == "default",
             lambda hf: llama.rope_parameters(hf)["rope_type"]),
-    Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
-            lambda hf: llama.rope_parameters(hf)["rope_theta"]),
+    llama.INTEGER_BASE,
     llama.FULL_ATTENTION,
 )
 
