@@ -32,7 +32,22 @@ def hf_config(family: str):
             "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, **rope, num_experts=4, num_experts_per_tok=2,
                                                              moe_intermediate_size=48,
                                                              shared_expert_intermediate_size=80),
+            "gemma2": lambda: gemma_config(family), "gemma3_text": lambda: gemma_config(family),
             }[family]()
+
+
+def gemma_config(family: str):
+    """Every Gemma feature on: a query_pre_attn_scalar that is not the head dimension, final soft-capping,
+    windows of 8; Gemma 2's attention scores capped at 2 (most of them bend), alternating windows;
+    Gemma 3's five local layers to one global, its local rope and q/k norms."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=8,
+                  query_pre_attn_scalar=24, final_logit_softcapping=5.0)
+    if family == "gemma2":
+        return transformers.Gemma2Config(**common, num_hidden_layers=4, attn_logit_softcapping=2.0)
+    return transformers.Gemma3TextConfig(**common, num_hidden_layers=6)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe")

@@ -93,7 +93,12 @@ def _dequantise(gguf: Path, out: Path) -> None:
 
 def gpl3_text() -> str:
     """The GNU GPL version 3 as Debian ships it (a fixed English text every test machine has)."""
-    path = Path("/usr/share/common-licenses/GPL-3")
+    return license_text("GPL-3")
+
+
+def license_text(name: str) -> str:
+    """A licence text from Debian's /usr/share/common-licenses (base-files ships them)."""
+    path = Path("/usr/share/common-licenses") / name
     if not path.is_file():
         pytest.skip(f"{path} is not on this machine (Debian's base-files ships it)")
     return path.read_text()

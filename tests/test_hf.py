@@ -101,14 +101,20 @@ def test_hf_to_megatron_to_hf_is_tensor_for_tensor_identical(hf, tmp_path, famil
 def test_shrink_and_ligo_outputs_load_in_transformers_and_evaluate(hf, tmp_path, family, capsys):
     """(d) subclone and LiGO written as HF: transformers loads them, its logits are scalegrow's, and
     `scalegrow eval` runs with the HF tokenizer that travelled with them."""
+    shrink_and_ligo_evaluate(hf[family], tmp_path, capsys, num_layers=5)
+
+
+def shrink_and_ligo_evaluate(src, tmp_path, capsys, **big_layers):
+    """Subclone (to 48 wide, 3 layers) and LiGO (to 96 wide, and `big_layers`) written as HF; both
+    load in transformers with scalegrow's logits, and `scalegrow eval` scores them below 2 ln V."""
     small = write_yaml(tmp_path / "small.yaml", hidden_size=48, ffn_hidden_size=64, num_layers=3,
                        num_attention_heads=2, num_query_groups=1)
-    big = write_yaml(tmp_path / "big.yaml", hidden_size=96, ffn_hidden_size=128, num_layers=5,
-                     num_attention_heads=6, num_query_groups=3)
+    big = write_yaml(tmp_path / "big.yaml", hidden_size=96, ffn_hidden_size=128, num_attention_heads=6,
+                     num_query_groups=3, **big_layers)
     data = commands.DataOptions(seq_length=64)
-    commands.shrink(hf[family], tmp_path / "shrunk", "subclone", small, HF,
+    commands.shrink(src, tmp_path / "shrunk", "subclone", small, HF,
                     methods.options_with("subclone", methods.SHRINK, tokens=4096), data, progress=False)
-    commands.grow(hf[family], tmp_path / "ligo", "ligo", big, HF, progress=False, data=data,
+    commands.grow(src, tmp_path / "ligo", "ligo", big, HF, progress=False, data=data,
                   options=methods.options_with("ligo", methods.GROW, steps=3))
     for name in ("shrunk", "ligo"):
         with torch.no_grad():
@@ -243,7 +249,7 @@ def _edit_config(src, dst, **changes):
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"model_type": "gemma3_text"}, "model_type: 'gemma3_text' is not a family"),
+    ({"model_type": "gemma3"}, "model_type: 'gemma3' is not a family"),  # multimodal: its text_config nested
     ({"layer_types": ["chunked_attention"] * 4}, "layer_types: ['chunked_attention'] is not supported"),
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'dynamic'"),
     ({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported"),

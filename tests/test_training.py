@@ -258,12 +258,13 @@ def test_train_batch_size_mismatch_is_bad_input(scratch, tmp_path):
         in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma2", "gemma3_text"])
 def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path, family):
     """init.from an HF directory: its tokenizer.json prepares the data; pretrain continues it and
     exports HF, which grow_pretrain then grows (LEMON, lossless) and exports as HF again; transformers
     loads both exports and computes what scalegrow computes. phi3: fused projections, rope over half
-    of each head, a sliding window of 8 tokens in 64-token windows."""
+    of each head, a sliding window of 8 tokens in 64-token windows. gemma2: gradients through both
+    soft-caps; gemma3_text: post-norms, q/k norms and the local rope (tests/hf_models.py)."""
     from hf_models import build, logits, train_tokenizer
 
     src = build(family, tmp_path / family, train_tokenizer(tmp_path / "tokenizer"))

@@ -24,6 +24,7 @@ class Role:
 
     NORM_WEIGHT = "norm_weight"  # input_layernorm / pre_mlp_layernorm γ
     NORM_BIAS = "norm_bias"
+    POST_NORM_WEIGHT = "post_norm_weight"  # post_self_attn / post_mlp layernorm γ: a block output's norm
     OUT_BIAS = "out_bias"  # linear_proj / linear_fc2 bias: writes the residual stream
     QKV_WEIGHT = "qkv_weight"
     QKV_BIAS = "qkv_bias"
@@ -66,6 +67,7 @@ class TensorSpec:
 FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.NORM_WEIGHT: lambda c: (c.hidden_size,),
     Role.NORM_BIAS: lambda c: (c.hidden_size,),
+    Role.POST_NORM_WEIGHT: lambda c: (c.hidden_size,),
     Role.OUT_BIAS: lambda c: (c.hidden_size,),
     Role.QKV_WEIGHT: lambda c: (c.attention.qkv_rows, c.hidden_size),
     Role.QKV_BIAS: lambda c: (c.attention.qkv_rows,),
@@ -99,7 +101,13 @@ def full_shape(cfg: ModelConfig, spec: TensorSpec) -> tuple[int, ...]:
 # ---- the GPT family: dense and MoE layers ------------------------------------------------------------
 def dense_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """The tensors of one dense transformer layer, in megatron-core's state-dict order."""
-    return attention_specs(cfg) + mlp_specs(cfg, "mlp.", Role.FC1_WEIGHT, Role.FC1_BIAS, Role.FC2_WEIGHT)
+    return (attention_specs(cfg) + mlp_specs(cfg, "mlp.", Role.FC1_WEIGHT, Role.FC1_BIAS, Role.FC2_WEIGHT)
+            + post_norm_specs(cfg, "post_mlp_layernorm"))
+
+
+def post_norm_specs(cfg: ModelConfig, name: str) -> list[TensorSpec]:
+    """A block output's norm (Gemma 2/3's post-norms; RMSNorm, no bias), when the model has them."""
+    return [TensorSpec(f"{name}.weight", Role.POST_NORM_WEIGHT, None)] if cfg.norm.post else []
 
 
 def moe_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
@@ -114,7 +122,7 @@ def moe_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
         specs += mlp_specs(cfg, SHARED, Role.SHARED_FC1_WEIGHT, "", Role.SHARED_FC2_WEIGHT)
         if cfg.moe.shared_gate:
             specs.append(TensorSpec(f"{SHARED}gate_weight", Role.SHARED_GATE_WEIGHT, None))
-    return specs
+    return specs + post_norm_specs(cfg, "post_mlp_layernorm")
 
 
 EXPERTS = "mlp.experts.local_experts."
@@ -156,6 +164,7 @@ def attention_specs(cfg: ModelConfig) -> list[TensorSpec]:
             specs.append(TensorSpec(f"self_attention.{which}_layernorm.weight", Role.QK_NORM_WEIGHT, None))
             if cfg.norm.has_bias:
                 specs.append(TensorSpec(f"self_attention.{which}_layernorm.bias", Role.QK_NORM_BIAS, None))
+    specs += post_norm_specs(cfg, "post_self_attn_layernorm")
     specs.append(TensorSpec("pre_mlp_layernorm.weight", Role.NORM_WEIGHT, None))
     if cfg.norm.has_bias:
         specs.append(TensorSpec("pre_mlp_layernorm.bias", Role.NORM_BIAS, None))

@@ -24,10 +24,10 @@ from scalegrow.core.features import (
     MoE,
     Norm,
     Record,
-    Rope,
     megatron,
     positive,
 )
+from scalegrow.core.rope_config import Rope
 from scalegrow.core.typed import coerce, load_yaml_mapping
 from scalegrow.errors import InputError
 
@@ -52,6 +52,7 @@ class ModelConfig(Record):
     init_method_std: float = megatron("init_method_std", 0.02, FREE)
     make_vocab_size_divisible_by: int = megatron("make_vocab_size_divisible_by", 128, FREE)
     vocab_size: int | None = megatron("vocab_size", None, FREE)  # the tokenizer's, when known
+    final_softcap: float | None = megatron("final_logit_softcapping", None)  # logits -> cap·tanh(logits/cap)
 
     def __post_init__(self) -> None:
         # Resolve the Megatron "None means derived" defaults so every reader sees concrete numbers.
@@ -77,6 +78,8 @@ class ModelConfig(Record):
         self.rope.validate(self.attention.head_dim, used=self.embedding.position == "rope")
         if self.moe is not None:
             self.moe.validate(self.add_bias_linear)
+        if self.final_softcap is not None and not self.final_softcap > 0:
+            raise ValueError(f"final_logit_softcapping: must be positive, got {self.final_softcap}")
         if self.vocab_size is not None and self.vocab_size > self.padded_vocab_size:
             raise ValueError(f"vocab_size: {self.vocab_size} exceeds padded_vocab_size {self.padded_vocab_size}")
 

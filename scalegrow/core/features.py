@@ -86,6 +86,8 @@ class Attention(Record):
     # which layers the window applies to: None every layer; N every layer but each N-th (1-based); or
     # one 1/0 per layer (1: the window). megatron-core's window_attn_skip_freq
     window_layers: int | tuple[int, ...] | None = megatron("window_attn_skip_freq", None, LAYERS)
+    softmax_scale: float | None = megatron("softmax_scale", None)  # None: 1/√head_dim (Gemma: query_pre_attn_scalar^-½)
+    softcap: float | None = megatron("attn_logit_softcapping", None)  # scores -> cap·tanh(scores/cap) (Gemma 2)
 
     @classmethod
     def flat_keys(cls) -> dict[str, tuple[Any, str]]:  # lists at the flat boundary (YAML, JSON, args)
@@ -125,6 +127,11 @@ class Attention(Record):
         return bool(self.window_layers[layer])
 
     @property
+    def scale(self) -> float:
+        """What q·k is multiplied by before the softmax."""
+        return self.softmax_scale if self.softmax_scale is not None else self.head_dim ** -0.5
+
+    @property
     def per_group(self) -> int:
         return self.heads // self.groups
 
@@ -147,6 +154,9 @@ class Attention(Record):
         if self.heads % self.groups:
             raise ValueError(f"num_query_groups: {self.groups} does not divide num_attention_heads {self.heads}")
         self._validate_window(num_layers)
+        for name, value in (("softmax_scale", self.softmax_scale), ("attn_logit_softcapping", self.softcap)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: must be positive, got {value}")
 
     def _validate_window(self, num_layers: int) -> None:
         if self.window is not None and (len(self.window) != 2 or self.window[0] < 0 or self.window[1] != 0):
@@ -160,131 +170,37 @@ class Attention(Record):
 
 
 @dataclass(frozen=True)
-class RopeScaling(Record):
-    """Llama 3's frequency-dependent rope scaling (transformers' rope_type "llama3"; Megatron-LM's
-    --use-rope-scaling --rope-scaling-factor). Wavelengths shorter than original/high are kept, those
-    longer than original/low are stretched by `factor`, and the band between is interpolated smoothly.
-    megatron-core fixes low 1, high 4 and original 8192; only `factor` is one of its arguments."""
-
-    factor: float = megatron("rope_scaling_factor", 8.0)
-    low_freq_factor: float = megatron("rope_scaling_low_freq_factor", 1.0)
-    high_freq_factor: float = megatron("rope_scaling_high_freq_factor", 4.0)
-    original_max_position: int = megatron("rope_scaling_original_max_position_embeddings", 8192)
-
-    @property
-    def megatron_core_constants(self) -> bool:
-        """Whether megatron-core's fixed low/high/original are this model's."""
-        return (self.low_freq_factor, self.high_freq_factor, self.original_max_position) == (1.0, 4.0, 8192)
-
-    def validate(self) -> None:
-        if not self.factor >= 1.0:
-            raise ValueError(f"rope_scaling_factor: must be at least 1, got {self.factor}")
-        if not 0 < self.low_freq_factor < self.high_freq_factor:
-            raise ValueError(f"rope_scaling_high_freq_factor: must exceed rope_scaling_low_freq_factor > 0, got "
-                             f"{self.high_freq_factor} and {self.low_freq_factor}")
-        positive("rope_scaling_original_max_position_embeddings", self.original_max_position)
-
-
-@dataclass(frozen=True)
-class Yarn(Record):
-    """YaRN (Peng et al., arXiv 2309.00071, §3.2-3.4; transformers' rope_type "yarn", Qwen2.5 and Qwen3's
-    long contexts): frequencies that turn fewer than `beta_slow` times over the original context are
-    divided by `factor`, those turning more than `beta_fast` times are kept, a linear ramp between; cos
-    and sin are scaled by the attention factor (0.1 ln(factor) + 1 unless given, or the ratio of the
-    mscale and mscale_all_dim terms). Flat names are megatron-core's GPTModel's `yarn_*` settings."""
-
-    factor: float = megatron("yarn_rotary_scaling_factor", 1.0)
-    original_max_position: int = megatron("yarn_original_max_position_embeddings", 4096)
-    beta_fast: float = megatron("yarn_beta_fast", 32.0)
-    beta_slow: float = megatron("yarn_beta_slow", 1.0)
-    mscale: float | None = megatron("yarn_mscale", None)
-    mscale_all_dim: float | None = megatron("yarn_mscale_all_dim", None)
-    attention_factor: float | None = megatron("yarn_attention_factor", None)  # None: derived as above
-    truncate: bool = megatron("yarn_correction_range_round_to_int", True)  # round the ramp's ends outward
-
-    def scale(self) -> float:
-        """What cos and sin are multiplied by (transformers' attention_factor)."""
-        if self.attention_factor is not None:
-            return self.attention_factor
-        if self.mscale and self.mscale_all_dim:
-            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
-        return _yarn_mscale(self.factor, 1.0)
-
-    def validate(self) -> None:
-        if not self.factor > 0:
-            raise ValueError(f"yarn_rotary_scaling_factor: must be positive, got {self.factor}")
-        positive("yarn_original_max_position_embeddings", self.original_max_position)
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-@dataclass(frozen=True)
-class Rope(Record):
-    """Rotary position embeddings (read where `embedding.position` is 'rope'), optionally scaled:
-    Llama 3's `scaling` (a record of its own), linear position interpolation (transformers' rope_type
-    "linear"; Megatron-LM's --rotary-seq-len-interpolation-factor: positions / factor), or YaRN."""
-
-    base: int = megatron("rotary_base", 10000)
-    percent: float = megatron("rotary_percent", 1.0)  # the share of each head's channels rotated
-    interpolation: float | None = megatron("rotary_seq_len_interpolation_factor", None)
-    scaling: RopeScaling | None = None  # flat: use_rope_scaling and RopeScaling's keys
-    yarn: Yarn | None = None  # flat: use_yarn and Yarn's keys
-
-    @classmethod
-    def flat_keys(cls) -> dict[str, tuple[Any, str]]:
-        return {**super().flat_keys(), "use_rope_scaling": (bool, FEATURE), **RopeScaling.flat_keys(),
-                "use_yarn": (bool, FEATURE), **Yarn.flat_keys()}
-
-    @classmethod
-    def flat_kwargs(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
-        scaling = RopeScaling.from_flat(flat) if flat.get("use_rope_scaling") else None
-        yarn = Yarn.from_flat(flat) if flat.get("use_yarn") else None
-        return {**super().flat_kwargs(flat), "scaling": scaling, "yarn": yarn}
-
-    def to_flat(self) -> dict[str, Any]:
-        # an unscaled rope spells RopeScaling's and Yarn's defaults, as a dense model spells MoE's
-        return {**super().to_flat(), "use_rope_scaling": self.scaling is not None,
-                **(self.scaling or RopeScaling()).to_flat(), "use_yarn": self.yarn is not None,
-                **(self.yarn or Yarn()).to_flat()}
-
-    def dim(self, head_dim: int) -> int:
-        """Channels rotated per head."""
-        return head_dim if self.percent >= 1.0 else int(head_dim * self.percent)
-
-    def validate(self, head_dim: int, used: bool) -> None:
-        if not 0.0 < self.percent <= 1.0:
-            raise ValueError(f"rotary_percent: must be in (0, 1], got {self.percent}")
-        if used and int(head_dim * self.percent) % 2:
-            raise ValueError(f"rotary_percent: kv_channels * rotary_percent must be even, got "
-                             f"{head_dim} * {self.percent}")
-        if self.interpolation is not None and not self.interpolation > 0:
-            raise ValueError(f"rotary_seq_len_interpolation_factor: must be positive, got {self.interpolation}")
-        if self.scaling is not None:
-            self.scaling.validate()
-        if self.yarn is not None:
-            self.yarn.validate()
-        if self.yarn is not None and (self.scaling is not None or self.interpolation is not None):
-            raise ValueError("use_yarn: YaRN replaces Llama 3's scaling and linear interpolation; set one of them")
-
-
-@dataclass(frozen=True)
 class Norm(Record):
-    """The model's norms: before attention, before the MLP, at the end (and q/k norms)."""
+    """The model's norms: before attention, before the MLP, at the end (and q/k norms); optionally
+    also after attention and after the MLP, on each block's output before the residual add (Gemma 2/3's
+    "sandwich"). A zero-centred norm stores w and scales by 1 + w (Megatron-LM's --apply-layernorm-1p,
+    megatron-core's layernorm_zero_centered_gamma; Gemma's RMSNorm): operators that compute with a
+    norm's gain read it through `gain` and write it back through `stored`."""
 
     kind: str = megatron("normalization", "LayerNorm")
     eps: float = megatron("norm_epsilon", 1e-5, FREE)
+    zero_centered: bool = megatron("apply_layernorm_1p", False)
+    post: bool = megatron("post_layernorms", False)  # post_self_attn_layernorm, post_mlp_layernorm
 
     @property
     def has_bias(self) -> bool:
         return self.kind == "LayerNorm"
+
+    def gain(self, weight):
+        """The factor a stored norm weight multiplies by."""
+        return weight + 1.0 if self.zero_centered else weight
+
+    def stored(self, gain):
+        """The norm weight stored for a gain (the inverse of `gain`)."""
+        return gain - 1.0 if self.zero_centered else gain
 
     def validate(self) -> None:
         if self.kind not in NORMALIZATIONS:
             raise ValueError(f"normalization: {self.kind!r} is not one of {NORMALIZATIONS}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"norm_epsilon: must be positive, got {self.eps}")
+        if self.post and self.kind != "RMSNorm":
+            raise ValueError("post_layernorms: only with RMSNorm (the families that have them, Gemma 2/3, use it)")
 
 
 @dataclass(frozen=True)
@@ -300,19 +216,22 @@ class MLP(Record):
 
     @classmethod
     def flat_keys(cls) -> dict[str, tuple[Any, str]]:
-        return {"ffn_hidden_size": (int | None, SIZE), "swiglu": (bool, FEATURE), "openai_gelu": (bool, FEATURE)}
+        return {"ffn_hidden_size": (int | None, SIZE), "swiglu": (bool, FEATURE), "openai_gelu": (bool, FEATURE),
+                "gated_linear_unit": (bool, FEATURE)}
 
     @classmethod
     def flat_kwargs(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
+        """`swiglu` is gated SiLU; `gated_linear_unit` (megatron-core's name) gates whichever activation
+        the other flags choose (with `openai_gelu`: Gemma's GeGLU, GELU's tanh approximation)."""
         swiglu, tanh = bool(flat.get("swiglu", False)), bool(flat.get("openai_gelu", False))
         if swiglu and tanh:
             raise ValueError("openai_gelu: SwiGLU's activation is SiLU; the GELU approximation does not apply")
-        return dict(ffn_hidden_size=flat.get("ffn_hidden_size"), gated=swiglu,
+        return dict(ffn_hidden_size=flat.get("ffn_hidden_size"), gated=swiglu or bool(flat.get("gated_linear_unit")),
                     activation="silu" if swiglu else "gelu_tanh" if tanh else "gelu")
 
     def to_flat(self) -> dict[str, Any]:
         return {"ffn_hidden_size": self.ffn_hidden_size, "swiglu": self.gated and self.activation == "silu",
-                "openai_gelu": self.activation == "gelu_tanh"}
+                "openai_gelu": self.activation == "gelu_tanh", "gated_linear_unit": self.gated}
 
     def rows(self, size: int) -> int:
         """fc1 rows of an FFN of `size` neurons (each neuron a gate and an up row when gated)."""
@@ -334,6 +253,7 @@ class Embedding(Record):
 
     position: str = megatron("position_embedding_type", "learned_absolute")
     tied: bool = megatron("untie_embeddings_and_output_weights", True, invert=True)
+    scaled: bool = megatron("scale_embeddings", False)  # token embeddings times √hidden_size (Gemma)
 
     @property
     def learned_positions(self) -> bool:

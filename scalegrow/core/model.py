@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.rope import attention_factor
 from scalegrow.core.rope import rotary_freqs as rope_angles
+from scalegrow.core.rope_config import Rope
 
 # Megatron-LM's activations: --swiglu gates SiLU, --openai-gelu is GELU's tanh approximation
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}
@@ -24,9 +26,37 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximat
 def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
     """The model's norm over `size` features (default: the hidden size)."""
     size = cfg.hidden_size if size is None else size
+    if cfg.norm.zero_centered:
+        return ZeroCenteredNorm(cfg.norm.kind, size, cfg.norm.eps)
     if cfg.norm.kind == "RMSNorm":
         return nn.RMSNorm(size, eps=cfg.norm.eps)
     return nn.LayerNorm(size, eps=cfg.norm.eps)
+
+
+def norm_gain(norm: nn.Module) -> torch.Tensor:
+    """The per-feature factor a norm multiplies by (1 + weight for a zero-centred one)."""
+    weight = norm.weight.detach()
+    return weight + 1.0 if isinstance(norm, ZeroCenteredNorm) else weight
+
+
+class ZeroCenteredNorm(nn.Module):
+    """A norm that scales by 1 + weight (stored zero-centred: Megatron-LM's --apply-layernorm-1p,
+    Gemma's RMSNorm), computed in fp32 and cast back, as transformers' Gemma does."""
+
+    def __init__(self, kind: str, size: int, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.bias = nn.Parameter(torch.zeros(size)) if kind == "LayerNorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        if self.kind == "RMSNorm":
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            h = F.layer_norm(h, h.shape[-1:], eps=self.eps)
+        h = h * (1.0 + self.weight.float())
+        return (h if self.bias is None else h + self.bias.float()).type_as(x)
 
 
 class Embedding(nn.Module):
@@ -35,17 +65,39 @@ class Embedding(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
         self.position_embeddings = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
                                     if cfg.embedding.learned_positions else None)
+        self.scale = cfg.hidden_size ** 0.5 if cfg.embedding.scaled else None  # Gemma's normaliser
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
+        if self.scale is not None:  # in the weights' dtype, as transformers does (√640 is 25.25 in bf16)
+            x = x * torch.tensor(self.scale, dtype=x.dtype)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
         return x
 
 
-def rotary_freqs(cfg: ModelConfig, seq_len: int, device=None) -> torch.Tensor:
-    """Megatron's RotaryEmbedding (non-interleaved): [seq, rot_dim] angles, cat(freqs, freqs)."""
-    return rope_angles(cfg.rope, cfg.attention.head_dim, seq_len, device)
+class Rotary(NamedTuple):
+    """Angle tables [seq, rot_dim] (megatron-core's RotaryEmbedding, non-interleaved: cat(freqs, freqs)):
+    the model's rope, and the sliding-window layers' (Gemma 3's plain rope at its local base)."""
+
+    full: torch.Tensor
+    window: torch.Tensor
+    scale: float  # YaRN's attention factor on the model's rope (the local rope is plain)
+
+    def of_layer(self, windowed: bool) -> tuple[torch.Tensor, float]:
+        """(angles, cos/sin scale) of a layer."""
+        return (self.window, 1.0) if windowed and self.window is not self.full else (self.full, self.scale)
+
+
+def rotary_tables(cfg: ModelConfig, seq_len: int, device=None) -> Rotary | None:
+    """The rotary tables of `cfg` over `seq_len` positions (None: learned positions, no rope)."""
+    if cfg.embedding.position != "rope":
+        return None
+    full = rope_angles(cfg.rope, cfg.attention.head_dim, seq_len, device)
+    local = cfg.rope.local_base
+    window = full if local is None else rope_angles(Rope(base=local, percent=cfg.rope.percent),
+                                                    cfg.attention.head_dim, seq_len, device)
+    return Rotary(full, window, attention_factor(cfg.rope))
 
 
 def apply_rotary(t: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -80,10 +132,10 @@ class SelfAttention(nn.Module):
         self.q_layernorm = make_norm(cfg, attn.head_dim) if attn.qk_norm else None
         self.k_layernorm = make_norm(cfg, attn.head_dim) if attn.qk_norm else None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: Rotary | None) -> torch.Tensor:
         return self.linear_proj(self.heads(x, freqs).flatten(2))
 
-    def heads(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, freqs: Rotary | None) -> torch.Tensor:
         """Each q head's attention output, [b, s, np, hn] (what linear_proj reads)."""
         cfg = self.cfg
         b, s, _ = x.shape
@@ -96,17 +148,29 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:  # before rope, as megatron-core (and Qwen3) do
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if freqs is not None:
-            scale = attention_factor(cfg.rope)
-            q, k = apply_rotary(q, freqs, scale), apply_rotary(k, freqs, scale)
+            table, scale = freqs.of_layer(self.window is not None)
+            q, k = apply_rotary(q, table, scale), apply_rotary(k, table, scale)
         # GQA: group g serves the per_g consecutive q heads g*per_g .. g*per_g+per_g-1
         k = k.repeat_interleave(per_g, dim=1)
         v = v.repeat_interleave(per_g, dim=1)
-        if self.window is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hn))
-        else:
-            mask = window_mask(s, self.window, x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(hn))
-        return out.transpose(1, 2)
+        mask = window_mask(s, self.window, x.device) if self.window is not None else None
+        return attend(q, k, v, mask, cfg.attention.scale, cfg.attention.softcap).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           softcap: float | None) -> torch.Tensor:
+    """Causal attention [b, np, s, hn] (within `mask` [s, s] where given); scores soft-capped to
+    cap·tanh(scores/cap) first when `softcap` is set (Gemma 2), which the fused kernel cannot do."""
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    s = q.shape[-2]
+    allowed = mask if mask is not None else torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), v)
 
 
 class MLP(nn.Module):
@@ -200,18 +264,26 @@ class MoE(nn.Module):
 
 class TransformerLayer(nn.Module):
     """Pre-LN block: x + attn(norm(x)), then + mlp(norm(x)); the mlp is an MoE in MoE layers, the
-    attention within a sliding window in window layers."""
+    attention within a sliding window in window layers. With post-norms (Gemma 2/3) each block's
+    output is normalised again before the residual add: x + post(attn(norm(x)))."""
 
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
+        post = (lambda: make_norm(cfg)) if cfg.norm.post else nn.Identity  # Identity: no state-dict key
         self.input_layernorm = make_norm(cfg)
         self.self_attention = SelfAttention(cfg, index)
+        self.post_self_attn_layernorm = post()
         self.pre_mlp_layernorm = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
+        self.post_mlp_layernorm = post()
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), freqs)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+    def forward(self, x: torch.Tensor, freqs: Rotary | None) -> torch.Tensor:
+        x = self.attention_residual(x, freqs)
+        return x + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x)))
+
+    def attention_residual(self, x: torch.Tensor, freqs: Rotary | None) -> torch.Tensor:
+        """The stream after the attention block (what the MLP's norm reads)."""
+        return x + self.post_self_attn_layernorm(self.self_attention(self.input_layernorm(x), freqs))
 
 
 class Decoder(nn.Module):
@@ -236,8 +308,7 @@ class GPT(nn.Module):
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm output [b, s, hidden] for token ids [b, s]."""
         x = self.embedding(tokens)
-        freqs = (rotary_freqs(self.cfg, tokens.shape[1], tokens.device)
-                 if self.cfg.embedding.position == "rope" else None)
+        freqs = rotary_tables(self.cfg, tokens.shape[1], tokens.device)
         for layer in self.decoder.layers:
             x = layer(x, freqs)
         return self.decoder.final_layernorm(x)
@@ -247,6 +318,8 @@ class GPT(nn.Module):
         (so a training engine's forward returns the loss), plus the MoE load-balancing loss times
         `moe_aux_loss_coeff` in training mode. Both parts are kept in `last_losses` for logging."""
         logits = F.linear(self.hidden_states(tokens), self.output_weight())
+        if self.cfg.final_softcap is not None:  # Gemma 2: cap·tanh(logits/cap)
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         if labels is None:
             return logits
         lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
@@ -273,8 +346,8 @@ def init_weights(model: GPT, seed: int) -> None:
     out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "layernorm" in name:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            if "layernorm" in name:  # a gain of 1: a zero-centred norm stores 0
+                param.fill_(float(cfg.norm.stored(1.0)) if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
                 param.zero_()
             else:

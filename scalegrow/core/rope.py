@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from scalegrow.core.features import Rope, RopeScaling, Yarn
+from scalegrow.core.rope_config import Rope, RopeScaling, Yarn
 
 
 def inv_freq(rope: Rope, dim: int, device=None) -> torch.Tensor:

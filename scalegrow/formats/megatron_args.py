@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.core.features import RopeScaling
+from scalegrow.core.rope_config import RopeScaling
 from scalegrow.formats import hybrid
 
 

@@ -91,8 +91,31 @@ def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelCon
     return cfg.replace(padded_vocab_size=padded, vocab_size=true_size)
 
 
+# flat key -> why megatron-core's GPTModel (local spec) cannot hold any value but the default
+NOT_IN_MEGATRON_CORE = {
+    "apply_layernorm_1p": "its local spec's torch norms have no zero-centred gain",
+    "post_layernorms": "its TransformerLayer has no norm after attention or after the MLP",
+    "scale_embeddings": "its embedding is not scaled by the square root of the hidden size",
+    "attn_logit_softcapping": "its attention has no soft-capping",
+    "final_logit_softcapping": "its output layer has no soft-capping",
+    "rotary_base_local": "it has one rope for every layer",
+}
+
+
 def refuse_unrepresentable(cfg: ModelConfig) -> None:
     """Refuse, by name, a feature megatron-core cannot reproduce (a Hugging Face output keeps it)."""
+    flat, default = cfg.to_dict(), ModelConfig.from_dict(dict(num_layers=1, hidden_size=8, num_attention_heads=1,
+                                                              padded_vocab_size=8)).to_dict()
+    for key, why in NOT_IN_MEGATRON_CORE.items():
+        if flat[key] != default[key]:
+            raise InputError(f"{key}: {flat[key]!r} cannot be written as a Megatron checkpoint: megatron-core's "
+                             f"GPTModel would not compute this model ({why}); write it with --format hf")
+    if cfg.mlp.gated and cfg.mlp.activation != "silu":
+        raise InputError(f"gated_linear_unit: a gated {cfg.mlp.activation} FFN (GeGLU) has no Megatron-LM argument "
+                         f"(--swiglu gates SiLU only); write it with --format hf")
+    if cfg.attention.softmax_scale is not None and cfg.attention.softmax_scale != cfg.attention.head_dim ** -0.5:
+        raise InputError(f"softmax_scale: {cfg.attention.softmax_scale!r} is not 1/sqrt(kv_channels), and "
+                         f"Megatron-LM's arguments have no other attention scale; write it with --format hf")
     if cfg.rope.yarn is not None:
         raise InputError("use_yarn: megatron-core's GPTModel takes YaRN's settings only from an MLA config "
                          "(its plain TransformerConfig has no yarn_* fields), so a Megatron checkpoint of this "

@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.core.model import Embedding, TransformerLayer, rotary_freqs
+from scalegrow.core.model import Embedding, Rotary, TransformerLayer, rotary_tables
 from scalegrow.formats.base import Reader
 from scalegrow.operators.subclone import NormSite
 
 BATCH_TOKENS = 4096  # tokens a layer sees at once
-Visit = Callable[[int, TransformerLayer, torch.Tensor, torch.Tensor | None], torch.Tensor]
+Visit = Callable[[int, TransformerLayer, torch.Tensor, Rotary | None], torch.Tensor]
 
 
 class Mean:
@@ -52,29 +52,29 @@ class Moments:
         self.mean_sq.add((flat ** 2).sum(0), n)
         self.mean_abs.add(flat.abs().sum(0), n)
 
-    def site(self) -> NormSite:
-        return NormSite(self.mean.value, self.mean_sq.value, self.mean_abs.value)
+    def site(self, gain: torch.Tensor | None = None) -> NormSite:
+        return NormSite(self.mean.value, self.mean_sq.value, self.mean_abs.value, gain)
 
 
-def embed(source: Reader, tokens: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The residual stream entering layer 0 [n, s, h] on `device`, and the rotary table (None without rope)."""
+def embed(source: Reader, tokens: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Rotary | None]:
+    """The residual stream entering layer 0 [n, s, h] on `device`, and the rotary tables (None without rope)."""
     cfg = source.config
     embedding = Embedding(cfg).to(device)
     embedding.load_state_dict({k.removeprefix("embedding."): v.float() for k, v in source.embeddings().items()})
-    freqs = rotary_freqs(cfg, tokens.shape[1], device) if cfg.embedding.position == "rope" else None
+    freqs = rotary_tables(cfg, tokens.shape[1], device)
     with torch.no_grad():
         return embedding(tokens.to(device)), freqs
 
 
-def load_layer(cfg: ModelConfig, index: int, tensors: dict[str, torch.Tensor], modules: dict[bool, TransformerLayer],
+def load_layer(cfg: ModelConfig, index: int, tensors: dict[str, torch.Tensor], modules: dict[tuple, TransformerLayer],
                device: torch.device) -> TransformerLayer:
     """Layer `index` with its weights, on `device`, in a module reused for every layer of its kind
-    (dense or MoE)."""
-    moe = cfg.is_moe_layer(index)
-    if moe not in modules:
-        modules[moe] = TransformerLayer(cfg, index).to(device)
-    modules[moe].load_state_dict({k: v.float() for k, v in tensors.items()})
-    return modules[moe]
+    (dense or MoE, full or sliding-window attention)."""
+    kind = (cfg.is_moe_layer(index), cfg.attention.windowed(index))
+    if kind not in modules:
+        modules[kind] = TransformerLayer(cfg, index).to(device)
+    modules[kind].load_state_dict({k: v.float() for k, v in tensors.items()})
+    return modules[kind]
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ def routing_mass(source: Reader, tokens: torch.Tensor, device: torch.device = to
 
     def visit(i, layer, x, freqs):
         if i in mass:
-            mid = x + layer.self_attention(layer.input_layernorm(x), freqs)
+            mid = layer.attention_residual(x, freqs)
             flat = layer.pre_mlp_layernorm(mid).flatten(0, 1)
             router = layer.mlp.router
             weights, index = route(F.linear(flat, router.weight, router.bias), cfg.moe.topk, cfg.moe.pre_softmax)

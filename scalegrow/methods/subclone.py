@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from scalegrow.core.model import MoE, TransformerLayer, route
+from scalegrow.core import arch
+from scalegrow.core.model import MoE, TransformerLayer, norm_gain, route
 from scalegrow.data import batch
 from scalegrow.formats.base import Reader
 from scalegrow.methods.base import Context
@@ -50,6 +51,7 @@ class LayerMeans:
 
     input: Moments = field(default_factory=Moments)
     mlp: Moments = field(default_factory=Moments)
+    gains: tuple = (None, None)  # input_layernorm's and pre_mlp_layernorm's
     heads: Mean = field(default_factory=Mean)
     neurons: Mean = field(default_factory=Mean)  # an MoE layer's: per expert, over its routed tokens
     shared: Mean | None = None
@@ -65,8 +67,11 @@ def calibrate(source: Reader, tokens: torch.Tensor, device: torch.device = torch
     final = Moments()
     for span in spans(x):
         final.add(x[span])
+    norm = arch.final_norm_specs(source.config)[0]
+    final_gain = source.config.norm.gain(source.tensor(norm.name, norm).double())
     return CalibrationStats(
-        input_norms=[m.input.site() for m in layers], mlp_norms=[m.mlp.site() for m in layers], final_norm=final.site(),
+        input_norms=[m.input.site(m.gains[0]) for m in layers], mlp_norms=[m.mlp.site(m.gains[1]) for m in layers],
+        final_norm=final.site(final_gain),
         heads=[m.heads.value for m in layers], neurons=[m.neurons.value for m in layers],
         block_change=[float(m.change.value) for m in layers],
         shared={i: m.shared.value for i, m in enumerate(layers) if m.shared is not None}, tokens=tokens.numel())
@@ -76,9 +81,10 @@ def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, means: LayerMe
     """One micro-batch x [b, s, h] through one layer, its statistics added to `means`; the output."""
     tokens = x.shape[0] * x.shape[1]
     means.input.add(x)
+    means.gains = (norm_gain(layer.input_layernorm).cpu(), norm_gain(layer.pre_mlp_layernorm).cpu())
     heads = layer.self_attention.heads(layer.input_layernorm(x), freqs)  # [b, s, np, hn]
-    means.heads.add(heads.abs().sum(dim=(0, 1, 3)), tokens * heads.shape[-1])
-    mid = x + layer.self_attention.linear_proj(heads.flatten(2))
+    means.heads.add(_head_writes(heads, layer.self_attention.linear_proj.weight), tokens)
+    mid = x + layer.post_self_attn_layernorm(layer.self_attention.linear_proj(heads.flatten(2)))
     means.mlp.add(mid)
     normed = layer.pre_mlp_layernorm(mid)
     if isinstance(layer.mlp, MoE):
@@ -87,13 +93,21 @@ def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, means: LayerMe
         if layer.mlp.shared_experts is not None:
             means.shared = means.shared or Mean()
             means.shared.add(layer.mlp.shared_experts.hidden(normed).abs().sum(dim=(0, 1)), tokens)
-        out = mid + layer.mlp(normed)
+        out = mid + layer.post_mlp_layernorm(layer.mlp(normed))
     else:
         hidden = layer.mlp.hidden(normed)
         means.neurons.add(hidden.abs().sum(dim=(0, 1)), tokens)
-        out = mid + layer.mlp.linear_fc2(hidden)
+        out = mid + layer.post_mlp_layernorm(layer.mlp.linear_fc2(hidden))
     means.change.add(((out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)).sum(), tokens)
     return out
+
+
+def _head_writes(heads: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Per q head, Σ over tokens of ‖W_o,h·head_h‖: what each head writes through linear_proj [np]
+    (one head at a time: [b, s, h] temporaries)."""
+    hn = heads.shape[-1]
+    return torch.stack([(heads[:, :, h] @ proj[:, h * hn:(h + 1) * hn].T).norm(dim=-1).sum()
+                        for h in range(heads.shape[2])])
 
 
 @torch.no_grad()
@@ -105,7 +119,7 @@ def mlp_output_scales(source: Reader, tokens: torch.Tensor, sel: Selection,
     products = {j: [0.0, 0.0] for j in range(len(sel.layers))}
 
     def visit(i, layer, x, freqs):
-        mid = x + layer.self_attention(layer.input_layernorm(x), freqs)
+        mid = layer.attention_residual(x, freqs)
         normed = layer.pre_mlp_layernorm(mid)
         mlp = layer.mlp(normed)
         if i in sel.layers:
@@ -113,7 +127,7 @@ def mlp_output_scales(source: Reader, tokens: torch.Tensor, sel: Selection,
             full, kept = _with_kept_neurons(layer, normed, mlp, sel.neurons[j])
             products[j][0] += float((full.double() * kept.double()).sum())
             products[j][1] += float((kept.double() ** 2).sum())
-        return mid + mlp
+        return mid + layer.post_mlp_layernorm(mlp)
 
     walk(source, tokens, visit, device, progress, "rescale")
     return {j: num / den if den > 0 else 1.0 for j, (num, den) in products.items()}

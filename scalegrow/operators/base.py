@@ -56,6 +56,26 @@ def moe_features() -> tuple[str, ...]:
     return tuple(key for key, (_, role) in MoE.flat_keys().items() if role == FEATURE)
 
 
+OUTPUT_PROJECTIONS = ("self_attention.linear_proj.", "mlp.linear_fc2.")
+
+
+def is_output_projection(name: str) -> bool:
+    """linear_proj, linear_fc2 and every routed or shared expert's linear_fc2 (weights and biases)."""
+    return name.startswith(OUTPUT_PROJECTIONS) or (
+        name.startswith(("mlp.experts.", "mlp.shared_experts.")) and ".linear_fc2." in name)
+
+
+def identity_block(cfg: ModelConfig, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layer `index`'s tensors made an exact identity block. Under pre-LN: zero output projections
+    (llama-pro's block; the stream passes unchanged). With post-norms: their gains 0 instead, since
+    post(z) = 0·z/rms(z) = 0 for every z, while zero projections would leave their rounding residue
+    rescaled by 1/√eps; the projections stay copies that train once the gain moves."""
+    if not cfg.norm.post:
+        return {k: torch.zeros_like(v) if is_output_projection(k) else v for k, v in tensors.items()}
+    posts = {s.name for s in arch.layer_specs(cfg, index) if s.role == arch.Role.POST_NORM_WEIGHT}
+    return {k: cfg.norm.stored(torch.zeros_like(v)) if k in posts else v for k, v in tensors.items()}
+
+
 class Operator:
     """Subclasses set `name` and implement `layer_sources` and the `map_*` methods; `setup`
     precomputes whatever maps they share."""

@@ -13,6 +13,15 @@ Implemented, by section of the paper:
   per application, larger targets by repeating it.
 - Tied output layer: the logits of [E × k, ·]·[y × k, 0] come out k× larger, so the final norm's γ, β
   carry 1/k (the reference code's `scale_for_bert`).
+- Gemma's features (our derivations):
+  * a zero-centred norm (gain 1 + w) follows the same rules on its gain: w* = γ* − 1;
+  * post-norms (a norm on each block's output, before the residual add) read a block output, which is
+    expanded like the stream, [o × k, 0_r]; the RMSNorm rule above then gives [post(o) × k, 0_r], which
+    is what the stream expects, so they take the pre-norms' γ* and eps*. A new block's post-norm gains
+    are 0 instead of its output projections (`identity_block`): still an exact identity;
+  * embeddings scaled by √D (Gemma's normaliser): the grown model multiplies by √D_T, so E* =
+    √(D_S/D_T)·[E × k, 0_r] puts √D_S·[E × k, 0_r] on the stream, as before; a tied output layer then
+    reads logits k·√(D_S/D_T) times too large, so the final norm carries 1/(k·√(D_S/D_T)).
 - Mixture-of-Experts (our extension of §4.2-4.3): the router reads the normed stream like fc1, so its
   input columns split the same way and every logit is kept, hence the same routing and weights; each
   expert is an FFN whose neurons (moe_ffn_hidden_size) expand like the dense FFN's; a new MoE block
@@ -25,7 +34,7 @@ import torch
 
 from scalegrow.core.arch import Role
 from scalegrow.core.config import ModelConfig
-from scalegrow.operators.base import Operator, moe_features, require_equal, require_not_smaller
+from scalegrow.operators.base import Operator, identity_block, moe_features, require_equal, require_not_smaller
 from scalegrow.operators.maps import Noise, ResidualMap, UnitMap, seeded_generator
 
 
@@ -116,30 +125,32 @@ class LemonGrowth(Operator):
 
     # ---- tensors -----------------------------------------------------------------------------
     def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: self.stream.expand(t.float(), dim=1) for name, t in tensors.items()}
+        return {name: self.stream.expand(t.float(), dim=1) * self._embedding_scale for name, t in tensors.items()}
+
+    @property
+    def _embedding_scale(self) -> float:
+        """√(D_S/D_T) when the model multiplies its embeddings by √D (so the stream keeps its values)."""
+        return (self.src.hidden_size / self.dst.hidden_size) ** 0.5 if self.src.embedding.scaled else 1.0
 
     def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         src_layer, is_new = self.depth_map[index]
         tensors = {name: t.float() for name, t in sources[src_layer].items()}
-        if is_new:  # §4.3: output projections of a new block start at zero (cancelling once split)
-            for name, t in tensors.items():
-                if name.startswith(("self_attention.linear_proj.", "mlp.linear_fc2.")) or (
-                        name.startswith(("mlp.experts.", "mlp.shared_experts.")) and ".linear_fc2." in name):
-                    tensors[name] = torch.zeros_like(t)
+        if is_new:  # §4.3 (output projections zero, cancelling once split), or post-norm gains zero
+            tensors = identity_block(self.src, src_layer, tensors)
         return {spec.name: self._grow(spec.role, spec.name, tensors[spec.name], index)
                 for spec in self.layer_specs(index)}
 
     def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
-        tied_scale = 1.0 / self.stream.k if self.src.embedding.tied else 1.0
+        tied_scale = 1.0 / (self.stream.k * self._embedding_scale) if self.src.embedding.tied else 1.0
         for name, t in tensors.items():
             t = t.float()
             if name.endswith("final_layernorm.weight"):
-                out[name] = self._norm_weight(t) * tied_scale
+                out[name] = self._norm_weight(t, tied_scale)
             elif name.endswith("final_layernorm.bias"):
                 out[name] = self._norm_bias(t) * tied_scale
             elif self.src.embedding.tied:  # word embeddings, stored as output_layer on the last stage
-                out[name] = self.stream.expand(t, dim=1)
+                out[name] = self.stream.expand(t, dim=1) * self._embedding_scale
             else:
                 out[name] = self.stream.split_fanin(t, 1, self._noise("output_layer"))
         return out
@@ -148,9 +159,11 @@ class LemonGrowth(Operator):
     def _noise(self, *names: object) -> Noise:
         return Noise(self.seed, seeded_generator(self.seed, *names), self.std)
 
-    def _norm_weight(self, gamma: torch.Tensor) -> torch.Tensor:
-        fill = gamma.mean()
-        return (self.stream.s ** 0.5) * self.stream.copies.expand(gamma, 0, fill)
+    def _norm_weight(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """γ* = √s·[γ × k, mean(γ)] (times `scale`), on a zero-centred norm's gain 1 + w."""
+        gamma = self.src.norm.gain(weight)
+        grown = (self.stream.s ** 0.5 * scale) * self.stream.copies.expand(gamma, 0, gamma.mean())
+        return self.dst.norm.stored(grown)
 
     def _norm_bias(self, beta: torch.Tensor) -> torch.Tensor:
         return self.stream.copies.expand(beta, 0)  # residue 0
@@ -158,7 +171,7 @@ class LemonGrowth(Operator):
     def _grow(self, role: str, name: str, t: torch.Tensor, index: int) -> torch.Tensor:
         noise = self._noise(index, name)
         hn = self.src.attention.head_dim
-        if role == Role.NORM_WEIGHT:
+        if role in (Role.NORM_WEIGHT, Role.POST_NORM_WEIGHT):
             return self._norm_weight(t)
         if role == Role.NORM_BIAS:
             return self._norm_bias(t)

@@ -16,7 +16,10 @@ The grown weights are a learned linear function of the small ones, M = L_depth �
   plus U(0, depth_noise), rows normalised to sum 1. Width "select": target unit j copies source unit
   j mod n (Net2Net-like) plus N(0, width_noise) to break the symmetry between copies; or "random":
   rows of N(0, 1) normalised to unit norm. With zero noise and equal sizes the operator is the identity.
-The operator has O(width² + depth²) parameters, not O(model). It is trained for ~100 steps with the
+Post-norms (Gemma) take their block output's depth coefficients (proj's, fc2's). A zero-centred
+norm's gain 1 + w is what grows (w* = M(1 + w) − 1), and embeddings scaled by √D carry √(D_S/D_T)
+(a tied output layer's final norm 1/√(D_S/D_T)), as LEMON's rules do, so the select start keeps the
+stream's scale. The operator has O(width² + depth²) parameters, not O(model). It is trained for ~100 steps with the
 LM loss through the large model computed from it (`scalegrow.methods.ligo`), then materialised into
 plain weights by `LigoGrowth`. LiGO is not lossless: there is no norm correction.
 """
@@ -36,7 +39,8 @@ def module_type(name: str) -> str:
     for prefix, kind in (("input_layernorm.", "input_layernorm"), ("self_attention.linear_qkv.", "qkv"),
                          ("self_attention.q_layernorm.", "qkv"), ("self_attention.k_layernorm.", "qkv"),
                          ("self_attention.linear_proj.", "proj"), ("pre_mlp_layernorm.", "pre_mlp_layernorm"),
-                         ("mlp.linear_fc1.", "fc1"), ("mlp.linear_fc2.", "fc2")):
+                         ("mlp.linear_fc1.", "fc1"), ("mlp.linear_fc2.", "fc2"),
+                         ("post_self_attn_layernorm.", "proj"), ("post_mlp_layernorm.", "fc2")):
         if name.startswith(prefix):
             return kind
     raise AssertionError(name)
@@ -133,17 +137,37 @@ class LigoOperator(nn.Module):
             w = w[layers]
         return torch.einsum("ts,s...->t...", w, widened)
 
+    def grow_layers(self, name: str, stacked: torch.Tensor, layers: torch.Tensor | None = None) -> torch.Tensor:
+        """A layer tensor stacked over source layers -> target layers `layers` (default: all)."""
+        return self.stored(name, self.mix(name, self.widen(name, self.gain(name, stacked)), layers))
+
+    def grow_global(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Embeddings, final norm and output layer through B_emb; embeddings scaled by √D carry
+        c = √(D_S/D_T), and so does a tied output layer (it is the embedding), its final norm 1/c."""
+        s, d = self.src, self.dst
+        c = (s.hidden_size / d.hidden_size) ** 0.5 if s.embedding.scaled else 1.0
+        if name.startswith("decoder.final_layernorm."):
+            return self.stored(name, self.gain(name, t) @ self.b_emb.T / (c if s.embedding.tied else 1.0))
+        return t @ self.b_emb.T * (1.0 if name == arch.OUTPUT_LAYER and not s.embedding.tied else c)
+
+    def gain(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A zero-centred norm weight as its gain 1 + w (anything else as it is)."""
+        return self.src.norm.gain(t) if name.endswith("layernorm.weight") else t
+
+    def stored(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.dst.norm.stored(t) if name.endswith("layernorm.weight") else t
+
     def forward(self, small: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All large weights (reference-model names) from the small ones, differentiably."""
         s, d = self.src, self.dst
-        big = {name: small[name] @ self.b_emb.T for name in (spec.name for spec in arch.embedding_specs(s))}
+        big = {name: self.grow_global(name, small[name]) for name in (spec.name for spec in arch.embedding_specs(s))}
         for spec in arch.layer_specs(s, 0):
             stacked = torch.stack([small[arch.layer_key(i, spec.name)] for i in range(s.num_layers)])
-            grown = self.mix(spec.name, self.widen(spec.name, stacked))
+            grown = self.grow_layers(spec.name, stacked)
             big.update({arch.layer_key(j, spec.name): grown[j] for j in range(d.num_layers)})
         head = [spec.name for spec in arch.final_norm_specs(s)] + ([] if s.embedding.tied else [arch.OUTPUT_LAYER])
         for name in head:  # final norm and (untied) output layer: B_emb
-            big[name] = small[name] @ self.b_emb.T
+            big[name] = self.grow_global(name, small[name])
         return big
 
 
@@ -190,21 +214,21 @@ class LigoGrowth(Operator):
 
     @torch.no_grad()
     def map_embeddings(self, tensors):
-        return {k: v.float() @ self.operator.b_emb.T for k, v in tensors.items()}
+        return {k: self.operator.grow_global(k, v.float()) for k, v in tensors.items()}
 
     @torch.no_grad()
     def map_layer(self, index, sources):
-        out = {}
+        out, op = {}, self.operator
         for spec in self.layer_specs(index):
             if spec.name not in self._widened:  # widen each source tensor once, reuse for every target
                 stacked = torch.stack([sources[i][spec.name].float() for i in range(self.src.num_layers)])
-                self._widened[spec.name] = self.operator.widen(spec.name, stacked)
-            out[spec.name] = self.operator.mix(spec.name, self._widened[spec.name], torch.tensor([index]))[0]
+                self._widened[spec.name] = op.widen(spec.name, op.gain(spec.name, stacked))
+            out[spec.name] = op.stored(spec.name, op.mix(spec.name, self._widened[spec.name], torch.tensor([index]))[0])
         return out
 
     @torch.no_grad()
     def map_head(self, tensors):
-        return {k: v.float() @ self.operator.b_emb.T for k, v in tensors.items()}
+        return {k: self.operator.grow_global(k, v.float()) for k, v in tensors.items()}
 
 
 def identity_like(src: ModelConfig) -> LigoOperator:

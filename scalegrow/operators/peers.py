@@ -5,7 +5,8 @@
   With a layer map it is depth up-scaling as SOLAR (Kim et al., arXiv 2312.15166, §2.1) and
   mergekit's passthrough slices write it: target layer j copies source layer order[j] (SOLAR:
   0-23,8-31 of a 32-layer model). With `zero_copies` every repeat of a source layer after its first
-  has zero linear_proj and linear_fc2 (weights and biases), llama-pro's identity block, so a map
+  has zero linear_proj and linear_fc2 (weights and biases), llama-pro's identity block (with
+  post-norms, Gemma's, zero post-norm gains instead: `operators.base.identity_block`), so a map
   that lists every layer first in order computes the source's function exactly.
 - `llama-pro`: block expansion (Wu et al., ACL 2024, arXiv 2401.02415, §3.1): depth only; after each of
   P = L'−L even groups of layers, a copy of the group's last layer whose linear_proj and linear_fc2
@@ -24,12 +25,9 @@ import torch
 
 from scalegrow.core.arch import Role
 from scalegrow.core.config import ModelConfig
-from scalegrow.operators.base import Operator, both_sizes, require_equal, require_not_smaller
+from scalegrow.operators.base import Operator, both_sizes, identity_block, require_equal, require_not_smaller
 from scalegrow.operators.lemon import LemonGrowth, head_map, qkv_block_map
 from scalegrow.operators.maps import Noise, UnitMap
-
-OUTPUT_PROJECTIONS = ("self_attention.linear_proj.", "mlp.linear_fc2.")
-
 
 class _DepthOnly(Operator):
     """Depth only: target layer j is a copy of source layer `depth_map[j][0]`, an identity block
@@ -58,9 +56,7 @@ class _DepthOnly(Operator):
         map says so: under pre-LN the residual stream passes it unchanged."""
         src, zero = self.depth_map[index]
         out = {spec.name: sources[src][spec.name] for spec in self.layer_specs(index)}
-        if zero:
-            out.update({k: torch.zeros_like(v) for k, v in out.items() if k.startswith(OUTPUT_PROJECTIONS)})
-        return out
+        return identity_block(self.dst, index, out) if zero else out
 
 
 class Stack(_DepthOnly):
@@ -223,7 +219,7 @@ class Bert2BertAKI(Operator):
 
     def _grow(self, role: str, t: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         s, hn = self.src, self.src.attention.head_dim
-        if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS):
+        if role in (Role.NORM_WEIGHT, Role.NORM_BIAS, Role.OUT_BIAS, Role.POST_NORM_WEIGHT):
             return self.hidden.expand(t, 0)
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are copied whole
             return t

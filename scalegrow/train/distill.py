@@ -141,4 +141,10 @@ def load_teacher(opts: DistillConfig, student: ModelConfig) -> GPT:
 
 def student(cfg: ModelConfig, opts: DistillConfig) -> GPT:
     """The model a run trains: a `DistilledGPT` when `distill.teacher` names one, else a GPT."""
-    return DistilledGPT(cfg, load_teacher(opts, cfg), opts) if opts.teacher else GPT(cfg)
+    if not opts.teacher:
+        return GPT(cfg)
+    teacher = load_teacher(opts, cfg)
+    if cfg.final_softcap is not None or teacher.cfg.final_softcap is not None:
+        raise InputError("final_logit_softcapping: distillation computes the logits in chunks without the cap "
+                         "(Gemma 2's); distill into or from such a model is not supported")
+    return DistilledGPT(cfg, teacher, opts)

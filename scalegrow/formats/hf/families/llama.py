@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.core.features import Rope
+from scalegrow.core.rope_config import Rope
 from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, Rule, Unsupported, layer_rules, must_be
 
 LAYER = layer_rules(
@@ -98,12 +98,13 @@ def rope_out(rope: Rope) -> dict:
 SILU = must_be("hidden_act", "silu", "SwiGLU with SiLU only")
 INTEGER_BASE = Refusal("rope_theta", "an integer rope base", lambda v, hf: float(v).is_integer(),
                        lambda hf: rope_parameters(hf)["rope_theta"])
+ROPE_TYPE = Refusal("rope_type", "plain rope, llama3 scaling, linear interpolation or yarn",
+                    lambda v, hf: v in ROPE_TYPES, lambda hf: rope_parameters(hf)["rope_type"])
 ATTENTION_REFUSALS = (
     SILU,
     must_be("attention_bias", False, "no bias on o_proj alone"),
     must_be("mlp_bias", False, "no MLP biases without attention biases"),
-    Refusal("rope_type", "plain rope, llama3 scaling, linear interpolation or yarn", lambda v, hf: v in ROPE_TYPES,
-            lambda hf: rope_parameters(hf)["rope_type"]),
+    ROPE_TYPE,
     INTEGER_BASE,
     must_be("partial_rotary_factor", 1.0, "rope over the whole head"),
 )
