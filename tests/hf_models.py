@@ -33,6 +33,7 @@ def hf_config(family: str):
                                                              moe_intermediate_size=48,
                                                              shared_expert_intermediate_size=80),
             "gemma2": lambda: gemma_config(family), "gemma3_text": lambda: gemma_config(family),
+            "olmo2": lambda: transformers.Olmo2Config(**COMMON, **rope, pad_token_id=None),
             }[family]()
 
 

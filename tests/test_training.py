@@ -18,7 +18,7 @@ from scalegrow.formats.registry import open_checkpoint
 from scalegrow.train.config import ScheduleConfig
 from scalegrow.train.schedule import learning_rate
 
-from helpers import METADATA_KEYS, tree_sha256
+from helpers import METADATA_KEYS, tree_sha256, write_yaml
 from training import scalars, start_and_kill_after, train
 
 pytestmark = pytest.mark.slow
@@ -258,13 +258,14 @@ def test_train_batch_size_mismatch_is_bad_input(scratch, tmp_path):
         in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma2", "gemma3_text", "olmo2"])
 def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path, family):
     """init.from an HF directory: its tokenizer.json prepares the data; pretrain continues it and
     exports HF, which grow_pretrain then grows (LEMON, lossless) and exports as HF again; transformers
     loads both exports and computes what scalegrow computes. phi3: fused projections, rope over half
     of each head, a sliding window of 8 tokens in 64-token windows. gemma2: gradients through both
-    soft-caps; gemma3_text: post-norms, q/k norms and the local rope (tests/hf_models.py)."""
+    soft-caps; gemma3_text: post-norms, q/k norms and the local rope; olmo2: no norm before a block, q/k
+    norms across heads (tests/hf_models.py)."""
     from hf_models import build, logits, train_tokenizer
 
     src = build(family, tmp_path / family, train_tokenizer(tmp_path / "tokenizer"))
@@ -272,6 +273,10 @@ def test_hf_model_pretrains_grows_and_exports_as_hf(tmp_path, family):
               "data.seq_length=64"]
     train("pretrain", "configs/runs/tiny_scratch.yaml", [f"output.dir={tmp_path / 'cont'}", f"init.from={src}",
                                                          *common])
+    if family == "olmo2":  # its q/k norms across heads need each head copied equally: groups 2 -> 4
+        target = write_yaml(tmp_path / "t.yaml", num_layers=8, hidden_size=192, ffn_hidden_size=528,
+                            num_attention_heads=8, num_query_groups=4)
+        common.append(f"growth.target={target}")
     train("grow_pretrain", "configs/runs/tiny_lemon.yaml", [f"output.dir={tmp_path / 'grown'}",
                                                             f"init.from={tmp_path / 'cont/export'}", *common])
     cont, grown = scalars(tmp_path / "cont/tensorboard"), scalars(tmp_path / "grown/tensorboard")

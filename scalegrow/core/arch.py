@@ -30,6 +30,8 @@ class Role:
     QKV_BIAS = "qkv_bias"
     QK_NORM_WEIGHT = "qk_norm_weight"  # q_layernorm / k_layernorm over one head's dimension
     QK_NORM_BIAS = "qk_norm_bias"
+    Q_NORM_ALL_WEIGHT = "q_norm_all_weight"  # OLMo 2: one norm over every q head's dimensions at once
+    K_NORM_ALL_WEIGHT = "k_norm_all_weight"  # ... and over every query group's k
     PROJ_WEIGHT = "proj_weight"
     FC1_WEIGHT = "fc1_weight"
     FC1_BIAS = "fc1_bias"
@@ -73,6 +75,8 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.QKV_BIAS: lambda c: (c.attention.qkv_rows,),
     Role.QK_NORM_WEIGHT: lambda c: (c.attention.head_dim,),
     Role.QK_NORM_BIAS: lambda c: (c.attention.head_dim,),
+    Role.Q_NORM_ALL_WEIGHT: lambda c: (c.attention.heads * c.attention.head_dim,),
+    Role.K_NORM_ALL_WEIGHT: lambda c: (c.attention.groups * c.attention.head_dim,),
     Role.PROJ_WEIGHT: lambda c: (c.hidden_size, c.attention.proj_in),
     Role.FC1_WEIGHT: lambda c: (c.mlp.fc1_rows, c.hidden_size),
     Role.FC1_BIAS: lambda c: (c.mlp.fc1_rows,),
@@ -150,25 +154,30 @@ def mlp_specs(cfg: ModelConfig, prefix: str, fc1_role: str, fc1_bias: str, fc2_r
 
 def attention_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """A layer's norms and attention: everything before its MLP."""
-    specs = [TensorSpec("input_layernorm.weight", Role.NORM_WEIGHT, None)]
-    if cfg.norm.has_bias:
-        specs.append(TensorSpec("input_layernorm.bias", Role.NORM_BIAS, None))
+    specs = pre_norm_specs(cfg, "input_layernorm")
     specs.append(TensorSpec("self_attention.linear_proj.weight", Role.PROJ_WEIGHT, 1))
     if cfg.add_bias_linear:
         specs.append(TensorSpec("self_attention.linear_proj.bias", Role.OUT_BIAS, None))
     specs.append(TensorSpec("self_attention.linear_qkv.weight", Role.QKV_WEIGHT, 0, QKV))
     if cfg.has_qkv_bias:
         specs.append(TensorSpec("self_attention.linear_qkv.bias", Role.QKV_BIAS, 0, QKV))
-    if cfg.attention.qk_norm:
+    if cfg.attention.qk_norm_across_heads:
+        specs += [TensorSpec("self_attention.q_layernorm.weight", Role.Q_NORM_ALL_WEIGHT, None),
+                  TensorSpec("self_attention.k_layernorm.weight", Role.K_NORM_ALL_WEIGHT, None)]
+    elif cfg.attention.qk_norm:
         for which in ("q", "k"):
             specs.append(TensorSpec(f"self_attention.{which}_layernorm.weight", Role.QK_NORM_WEIGHT, None))
             if cfg.norm.has_bias:
                 specs.append(TensorSpec(f"self_attention.{which}_layernorm.bias", Role.QK_NORM_BIAS, None))
-    specs += post_norm_specs(cfg, "post_self_attn_layernorm")
-    specs.append(TensorSpec("pre_mlp_layernorm.weight", Role.NORM_WEIGHT, None))
-    if cfg.norm.has_bias:
-        specs.append(TensorSpec("pre_mlp_layernorm.bias", Role.NORM_BIAS, None))
-    return specs
+    return specs + post_norm_specs(cfg, "post_self_attn_layernorm") + pre_norm_specs(cfg, "pre_mlp_layernorm")
+
+
+def pre_norm_specs(cfg: ModelConfig, name: str) -> list[TensorSpec]:
+    """A block input's norm, when the model has them (OLMo 2 has none)."""
+    if not cfg.norm.pre:
+        return []
+    bias = [TensorSpec(f"{name}.bias", Role.NORM_BIAS, None)] if cfg.norm.has_bias else []
+    return [TensorSpec(f"{name}.weight", Role.NORM_WEIGHT, None)] + bias
 
 
 def gpt_embedding_specs(cfg: ModelConfig) -> list[TensorSpec]:

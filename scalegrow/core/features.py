@@ -79,6 +79,8 @@ class Attention(Record):
     groups: int | None = megatron("num_query_groups", None, SIZE)  # None: one per head (MHA)
     head_dim: int | None = megatron("kv_channels", None, SIZE)  # None: hidden_size / heads
     qk_norm: bool = megatron("qk_layernorm", False)  # a norm over each head's q and k, before rope (Qwen3)
+    # with qk_norm: one norm over all heads' q (and one over all k) at once, not per head (OLMo 2)
+    qk_norm_across_heads: bool = megatron("qk_layernorm_across_heads", False)
     qkv_bias: bool = megatron("add_qkv_bias", False)  # q/k/v biases without the other linear ones (Qwen2)
     # (left, right): a query sees the `left` keys before it and itself (transformers' sliding_window
     # is left + 1); right is 0, causal. None: full attention everywhere
@@ -154,6 +156,8 @@ class Attention(Record):
         if self.heads % self.groups:
             raise ValueError(f"num_query_groups: {self.groups} does not divide num_attention_heads {self.heads}")
         self._validate_window(num_layers)
+        if self.qk_norm_across_heads and not self.qk_norm:
+            raise ValueError("qk_layernorm_across_heads: says how the q/k norms reach, so needs qk_layernorm")
         for name, value in (("softmax_scale", self.softmax_scale), ("attn_logit_softcapping", self.softcap)):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: must be positive, got {value}")
@@ -173,13 +177,14 @@ class Attention(Record):
 class Norm(Record):
     """The model's norms: before attention, before the MLP, at the end (and q/k norms); optionally
     also after attention and after the MLP, on each block's output before the residual add (Gemma 2/3's
-    "sandwich"). A zero-centred norm stores w and scales by 1 + w (Megatron-LM's --apply-layernorm-1p,
+    "sandwich"), or only there (OLMo 2: `pre` false, the blocks read the stream itself). A zero-centred norm stores w and scales by 1 + w (Megatron-LM's --apply-layernorm-1p,
     megatron-core's layernorm_zero_centered_gamma; Gemma's RMSNorm): operators that compute with a
     norm's gain read it through `gain` and write it back through `stored`."""
 
     kind: str = megatron("normalization", "LayerNorm")
     eps: float = megatron("norm_epsilon", 1e-5, FREE)
     zero_centered: bool = megatron("apply_layernorm_1p", False)
+    pre: bool = megatron("pre_layernorms", True)  # input_layernorm, pre_mlp_layernorm (OLMo 2 has none)
     post: bool = megatron("post_layernorms", False)  # post_self_attn_layernorm, post_mlp_layernorm
 
     @property

@@ -33,8 +33,10 @@ def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
     return nn.LayerNorm(size, eps=cfg.norm.eps)
 
 
-def norm_gain(norm: nn.Module) -> torch.Tensor:
-    """The per-feature factor a norm multiplies by (1 + weight for a zero-centred one)."""
+def norm_gain(norm: nn.Module) -> torch.Tensor | None:
+    """The per-feature factor a norm multiplies by (1 + weight for a zero-centred one; None: no norm)."""
+    if not hasattr(norm, "weight"):
+        return None
     weight = norm.weight.detach()
     return weight + 1.0 if isinstance(norm, ZeroCenteredNorm) else weight
 
@@ -128,12 +130,19 @@ class SelfAttention(nn.Module):
         h, attn = cfg.hidden_size, cfg.attention
         self.linear_qkv = nn.Linear(h, attn.qkv_rows, bias=cfg.has_qkv_bias)
         self.linear_proj = nn.Linear(attn.proj_in, h, bias=cfg.add_bias_linear)
-        # megatron-core's qk_layernorm: one norm over each head's dimension, shared by all heads
-        self.q_layernorm = make_norm(cfg, attn.head_dim) if attn.qk_norm else None
-        self.k_layernorm = make_norm(cfg, attn.head_dim) if attn.qk_norm else None
+        # megatron-core's qk_layernorm: one norm over each head's dimension, shared by all heads; or
+        # (OLMo 2) one over all q heads' dimensions together and one over all k's
+        across = attn.qk_norm_across_heads
+        self.q_layernorm = make_norm(cfg, attn.head_dim * (attn.heads if across else 1)) if attn.qk_norm else None
+        self.k_layernorm = make_norm(cfg, attn.head_dim * (attn.groups if across else 1)) if attn.qk_norm else None
 
     def forward(self, x: torch.Tensor, freqs: Rotary | None) -> torch.Tensor:
         return self.linear_proj(self.heads(x, freqs).flatten(2))
+
+    def _qk_norms(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.attention.qk_norm_across_heads:
+            return _across(self.q_layernorm, q), _across(self.k_layernorm, k)
+        return self.q_layernorm(q), self.k_layernorm(k)
 
     def heads(self, x: torch.Tensor, freqs: Rotary | None) -> torch.Tensor:
         """Each q head's attention output, [b, s, np, hn] (what linear_proj reads)."""
@@ -146,7 +155,7 @@ class SelfAttention(nn.Module):
         k = qkv[:, :, :, per_g].transpose(1, 2)  # [b, ng, s, hn]
         v = qkv[:, :, :, per_g + 1].transpose(1, 2)
         if self.q_layernorm is not None:  # before rope, as megatron-core (and Qwen3) do
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
+            q, k = self._qk_norms(q, k)
         if freqs is not None:
             table, scale = freqs.of_layer(self.window is not None)
             q, k = apply_rotary(q, table, scale), apply_rotary(k, table, scale)
@@ -155,6 +164,12 @@ class SelfAttention(nn.Module):
         v = v.repeat_interleave(per_g, dim=1)
         mask = window_mask(s, self.window, x.device) if self.window is not None else None
         return attend(q, k, v, mask, cfg.attention.scale, cfg.attention.softcap).transpose(1, 2)
+
+
+def _across(norm: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """`norm` over every head of t [b, heads, s, hn] at once (heads in order, as HF's projections)."""
+    b, n, s, hn = t.shape
+    return norm(t.transpose(1, 2).reshape(b, s, n * hn)).view(b, s, n, hn).transpose(1, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -265,15 +280,17 @@ class MoE(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-LN block: x + attn(norm(x)), then + mlp(norm(x)); the mlp is an MoE in MoE layers, the
     attention within a sliding window in window layers. With post-norms (Gemma 2/3) each block's
-    output is normalised again before the residual add: x + post(attn(norm(x)))."""
+    output is normalised again before the residual add: x + post(attn(norm(x))); OLMo 2 has only
+    those: x + post(attn(x))."""
 
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
-        post = (lambda: make_norm(cfg)) if cfg.norm.post else nn.Identity  # Identity: no state-dict key
-        self.input_layernorm = make_norm(cfg)
+        pre = (lambda: make_norm(cfg)) if cfg.norm.pre else nn.Identity  # Identity: no state-dict key
+        post = (lambda: make_norm(cfg)) if cfg.norm.post else nn.Identity
+        self.input_layernorm = pre()
         self.self_attention = SelfAttention(cfg, index)
         self.post_self_attn_layernorm = post()
-        self.pre_mlp_layernorm = make_norm(cfg)
+        self.pre_mlp_layernorm = pre()
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
         self.post_mlp_layernorm = post()
 

@@ -94,6 +94,8 @@ def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelCon
 # flat key -> why megatron-core's GPTModel (local spec) cannot hold any value but the default
 NOT_IN_MEGATRON_CORE = {
     "apply_layernorm_1p": "its local spec's torch norms have no zero-centred gain",
+    "pre_layernorms": "its TransformerLayer always normalises a block's input",
+    "qk_layernorm_across_heads": "its q/k norms are over one head's dimension",
     "post_layernorms": "its TransformerLayer has no norm after attention or after the MLP",
     "scale_embeddings": "its embedding is not scaled by the square root of the hidden size",
     "attn_logit_softcapping": "its attention has no soft-capping",

@@ -81,10 +81,12 @@ def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, means: LayerMe
     """One micro-batch x [b, s, h] through one layer, its statistics added to `means`; the output."""
     tokens = x.shape[0] * x.shape[1]
     means.input.add(x)
-    means.gains = (norm_gain(layer.input_layernorm).cpu(), norm_gain(layer.pre_mlp_layernorm).cpu())
+    means.gains = (norm_gain(layer.input_layernorm), norm_gain(layer.pre_mlp_layernorm))
     heads = layer.self_attention.heads(layer.input_layernorm(x), freqs)  # [b, s, np, hn]
-    means.heads.add(_head_writes(heads, layer.self_attention.linear_proj.weight), tokens)
-    mid = x + layer.post_self_attn_layernorm(layer.self_attention.linear_proj(heads.flatten(2)))
+    proj = layer.self_attention.linear_proj
+    writes, attn = _head_writes(heads, proj.weight)
+    means.heads.add(writes, tokens)
+    mid = x + layer.post_self_attn_layernorm(attn if proj.bias is None else attn + proj.bias)
     means.mlp.add(mid)
     normed = layer.pre_mlp_layernorm(mid)
     if isinstance(layer.mlp, MoE):
@@ -102,12 +104,16 @@ def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, means: LayerMe
     return out
 
 
-def _head_writes(heads: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """Per q head, Σ over tokens of ‖W_o,h·head_h‖: what each head writes through linear_proj [np]
-    (one head at a time: [b, s, h] temporaries)."""
-    hn = heads.shape[-1]
-    return torch.stack([(heads[:, :, h] @ proj[:, h * hn:(h + 1) * hn].T).norm(dim=-1).sum()
-                        for h in range(heads.shape[2])])
+def _head_writes(heads: torch.Tensor, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per q head, Σ over tokens of ‖W_o,h·head_h‖, what each head writes through linear_proj [np];
+    and their sum, linear_proj's output without its bias [b, s, h] (one head at a time, so this costs
+    what linear_proj does)."""
+    hn, norms, out = heads.shape[-1], [], 0.0
+    for h in range(heads.shape[2]):
+        write = heads[:, :, h] @ proj[:, h * hn:(h + 1) * hn].T  # [b, s, h]
+        norms.append(write.norm(dim=-1).sum())
+        out = out + write
+    return torch.stack(norms), out
 
 
 @torch.no_grad()

@@ -19,6 +19,14 @@ Implemented, by section of the paper:
     expanded like the stream, [o × k, 0_r]; the RMSNorm rule above then gives [post(o) × k, 0_r], which
     is what the stream expects, so they take the pre-norms' γ* and eps*. A new block's post-norm gains
     are 0 instead of its output projections (`identity_block`): still an exact identity;
+  * q/k norms (Qwen3, Gemma 3, OLMo 2) share the model's eps, which the stream's rule makes s·eps;
+    q and k rows (and biases) are scaled by √s so they keep their output exactly:
+    √s·q/√(s·ms(q) + s·eps) = q/√(ms(q) + eps);
+  * OLMo 2's q/k norms over all heads at once: each head's block of γ moves with its head, and
+    when every head is copied equally often (query groups and q heads per group each a multiple of
+    the source's) the mean square over all heads is unchanged, so the norm is too (refused otherwise);
+    with no norm before a block (OLMo 2), attention and the MLP read [x × k, 0_r] through the same
+    fan-in splits;
   * embeddings scaled by √D (Gemma's normaliser): the grown model multiplies by √D_T, so E* =
     √(D_S/D_T)·[E × k, 0_r] puts √D_S·[E × k, 0_r] on the stream, as before; a tied output layer then
     reads logits k·√(D_S/D_T) times too large, so the final norm carries 1/(k·√(D_S/D_T)).
@@ -93,6 +101,11 @@ class LemonGrowth(Operator):
                                      f"type (dense vs MoE); grow depth with moe_layer_freq 1, or to a layer count "
                                      f"that keeps the pattern")
         require_equal(src, dst, "kv_channels", why="LEMON keeps the head dimension")
+        a, b = src.attention, dst.attention
+        if a.qk_norm_across_heads and (b.groups % a.groups or b.per_group % a.per_group):
+            raise ValueError(f"qk_layernorm_across_heads: one norm over all heads stays exact only when every head "
+                             f"is copied equally often; make num_query_groups a multiple of {a.groups} and the q "
+                             f"heads per group a multiple of {a.per_group}")
         require_not_smaller(src, dst)
         if dst.attention.per_group < src.attention.per_group:
             raise ValueError(
@@ -110,6 +123,7 @@ class LemonGrowth(Operator):
         self.stream = ResidualMap(src.hidden_size, dst.hidden_size, mean_fill=src.norm.kind == "LayerNorm")
         self.blocks = qkv_block_map(src, dst)
         self.heads = head_map(src, dst)
+        self.groups = UnitMap.circular(src.attention.groups, dst.attention.groups)
         self.neurons = UnitMap.circular(src.mlp.ffn_hidden_size, dst.mlp.ffn_hidden_size)
         if src.moe:  # every expert's neurons expand alike
             self.expert_neurons = UnitMap.circular(src.moe.ffn_hidden_size, dst.moe.ffn_hidden_size)
@@ -179,9 +193,12 @@ class LemonGrowth(Operator):
             return self.stream.expand(t, 0)
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # over one head's dimension, which is kept
             return t
+        if role in (Role.Q_NORM_ALL_WEIGHT, Role.K_NORM_ALL_WEIGHT):  # [n*hn] -> [n, hn]: blocks move with heads
+            units = self.heads if role == Role.Q_NORM_ALL_WEIGHT else self.groups
+            return units.expand(t.reshape(units.n_src, hn), 0).flatten()
         if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             # [ng*(per+2)*hn, ...] -> [ng*(per+2), hn, ...]: replicate whole row blocks
-            blocks = t.reshape(self.blocks.n_src, hn, *t.shape[1:])
+            blocks = self._qk_scaled(t).reshape(self.blocks.n_src, hn, *t.shape[1:])
             rows = self.blocks.expand(blocks, 0).flatten(0, 1)
             return rows if role == Role.QKV_BIAS else self.stream.split_fanin(rows, 1, noise)
         if role == Role.PROJ_WEIGHT:
@@ -200,6 +217,15 @@ class LemonGrowth(Operator):
         if role == Role.ROUTER_BIAS:
             return t
         raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")
+
+    def _qk_scaled(self, t: torch.Tensor) -> torch.Tensor:
+        """QKV rows with q and k times √s where q/k norms follow (see the module docstring)."""
+        a = self.src.attention
+        if not a.qk_norm or self.stream.s == 1.0:
+            return t
+        groups = t.reshape(a.groups, a.per_group + 2, -1).clone()  # [ng, per + 2, hn * ...]
+        groups[:, :a.per_group + 1] *= self.stream.s ** 0.5  # q heads and k; v as it is
+        return groups.reshape(t.shape)
 
     def _neurons(self, role: str) -> UnitMap:
         """The FFN's neuron map, the experts' (shared by all) or the shared expert's."""

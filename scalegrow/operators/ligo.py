@@ -16,7 +16,8 @@ The grown weights are a learned linear function of the small ones, M = L_depth �
   plus U(0, depth_noise), rows normalised to sum 1. Width "select": target unit j copies source unit
   j mod n (Net2Net-like) plus N(0, width_noise) to break the symmetry between copies; or "random":
   rows of N(0, 1) normalised to unit norm. With zero noise and equal sizes the operator is the identity.
-Post-norms (Gemma) take their block output's depth coefficients (proj's, fc2's). A zero-centred
+Post-norms (Gemma, OLMo 2) take their block output's depth coefficients (proj's, fc2's); OLMo 2's q/k
+norms over all heads map their per-head blocks by M_heads (M_g for k), as the heads move. A zero-centred
 norm's gain 1 + w is what grows (w* = M(1 + w) − 1), and embeddings scaled by √D carry √(D_S/D_T)
 (a tied output layer's final norm 1/√(D_S/D_T)), as LEMON's rules do, so the select start keeps the
 stream's scale. The operator has O(width² + depth²) parameters, not O(model). It is trained for ~100 steps with the
@@ -98,7 +99,11 @@ class LigoOperator(nn.Module):
         """One layer tensor stacked over source layers, [L, *shape] -> [L, *target shape]."""
         s, e = self.src, self.b_emb
         if name.startswith(("self_attention.q_layernorm.", "self_attention.k_layernorm.")):
-            return t  # over one head's dimension: heads are mixed whole, so it is kept
+            if not s.attention.qk_norm_across_heads:
+                return t  # over one head's dimension: heads are mixed whole, so it is kept
+            units = self.m_heads if name.startswith("self_attention.q_") else self.m_groups  # OLMo 2: per head
+            blocks = t.reshape(t.shape[0], units.shape[1], s.attention.head_dim)  # [L, n*hn] -> [L, n, hn]
+            return torch.einsum("ts,lsk->ltk", units, blocks).flatten(1)
         if name.endswith("layernorm.weight") or name.endswith("layernorm.bias") or name.endswith(
                 ("linear_proj.bias", "linear_fc2.bias")):
             return t @ e.T  # output side: B_emb

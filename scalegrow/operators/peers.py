@@ -180,6 +180,7 @@ class Bert2BertAKI(Operator):
         s, d = self.src, self.dst
         self.hidden = UnitMap.circular(s.hidden_size, d.hidden_size)
         self.blocks, self.heads = qkv_block_map(s, d), head_map(s, d)
+        self.groups = UnitMap.circular(s.attention.groups, d.attention.groups)
         self.neurons = UnitMap.circular(s.mlp.ffn_hidden_size, d.mlp.ffn_hidden_size)
         self.equal = Noise(self.seed, torch.Generator(), 0.0)  # FPI: fan-out divided equally
 
@@ -223,6 +224,9 @@ class Bert2BertAKI(Operator):
             return self.hidden.expand(t, 0)
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are copied whole
             return t
+        if role in (Role.Q_NORM_ALL_WEIGHT, Role.K_NORM_ALL_WEIGHT):  # blocks copied with their heads
+            units = self.heads if role == Role.Q_NORM_ALL_WEIGHT else self.groups
+            return units.expand(t.reshape(units.n_src, hn), 0).flatten()
         if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             blocks = [x.reshape(self.blocks.n_src, hn, *x.shape[1:]) for x in (t, nxt)]
             rows = self._aki(self.blocks, blocks[0], blocks[1], 0).flatten(0, 1)

@@ -71,7 +71,7 @@ class NormSite:
     def output_rms(self) -> torch.Tensor:
         """Per dimension, the RMS of what the norm outputs: |γ_d|·RMS(x_d)/RMS(x)."""
         rms = self.mean_sq.sqrt() / self.mean_sq.mean().sqrt().clamp(min=1e-30)
-        return rms if self.gain is None else rms * self.gain.double().abs()
+        return rms if self.gain is None else rms * self.gain.double().abs().cpu()
 
 
 @dataclass
@@ -172,6 +172,11 @@ class SliceOperator(Operator):
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are kept whole
             return t
         per, hn = s.attention.per_group, s.attention.head_dim
+        q_heads = (groups[:, None] * per + heads).flatten()  # global q-head indices, group-major
+        if role == Role.Q_NORM_ALL_WEIGHT:  # [np*hn] -> [np, hn]: the kept heads' blocks
+            return t.reshape(s.attention.heads, hn)[q_heads].flatten()
+        if role == Role.K_NORM_ALL_WEIGHT:
+            return t.reshape(s.attention.groups, hn)[groups].flatten()
         if role in (Role.QKV_WEIGHT, Role.QKV_BIAS):
             # [ng*(per+2)*hn, ...] -> [ng, per+2, hn, ...]: keep groups, their chosen q heads, k and v
             blocks = t.reshape(s.attention.groups, per + 2, hn, *t.shape[1:])[groups]
@@ -179,7 +184,6 @@ class SliceOperator(Operator):
             rows = torch.stack([blocks[g, slots[g]] for g in range(len(groups))]).flatten(0, 2)
             return rows[:, dims] if role == Role.QKV_WEIGHT else rows
         if role == Role.PROJ_WEIGHT:
-            q_heads = (groups[:, None] * per + heads).flatten()  # global q-head indices, group-major
             cols = t.reshape(t.shape[0], s.attention.heads, hn)[:, q_heads].flatten(1)
             return cols[dims]
         if role in FFN_ROLES:  # the dense FFN, a routed expert or the shared expert

@@ -79,12 +79,12 @@ def lemon(src: Path, work: Path) -> dict:
                                                                              small.abs().max()).item()}
 
 
-def shrinking(src: Path, work: Path) -> list[dict]:
+def shrinking(src: Path, work: Path):
     calibration = work / "calibration.txt"
     calibration.write_text("\n\n".join(license_text(n) for n in CALIBRATION))
     held_out = english_windows(src, "\n\n".join(license_text(n) for n in HELD_OUT), 4)
     data = commands.DataOptions(data=str(calibration), seq_length=512)
-    rows = [{"case": "source", "held_out_loss": round(lm_loss(src, held_out), 3)}]
+    yield {"case": "source", "held_out_loss": round(lm_loss(src, held_out), 3)}
     for shape, values in SHAPES.items():
         row = {"case": "shrink", "target": shape}
         for method in ("subclone", "drop-layers"):
@@ -94,8 +94,7 @@ def shrinking(src: Path, work: Path) -> list[dict]:
             row[method] = round(lm_loss(work / method, held_out), 3)
             row[f"{method}_s"] = round(time.perf_counter() - start, 1)
             shutil.rmtree(work / method)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def main() -> None:
@@ -105,7 +104,9 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gemma3-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     src = gemma3_270m()
-    for row in [reading(src), lemon(src, work), *shrinking(src, work)]:
+    print(json.dumps(reading(src)), flush=True)
+    print(json.dumps(lemon(src, work)), flush=True)
+    for row in shrinking(src, work):
         print(json.dumps(row), flush=True)
 
 

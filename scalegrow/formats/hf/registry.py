@@ -3,14 +3,14 @@ a model's structure implies."""
 from __future__ import annotations
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.formats.hf.families import (gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3,
-                                           qwen3_moe)
+from scalegrow.formats.hf.families import (gemma, gpt2, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe,
+                                           qwen3, qwen3_moe)
 from scalegrow.formats.hf.family import HFFamily, Unsupported
 
 # In the order a model's structure is matched against them (`infer`): the first that holds it wins.
 FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (
     gpt2.FAMILY, llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mixtral.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY,
-    mistral.FAMILY, phi3.FAMILY, gemma.GEMMA2, gemma.GEMMA3,
+    mistral.FAMILY, phi3.FAMILY, gemma.GEMMA2, gemma.GEMMA3, olmo2.FAMILY,
 )}
 
 

@@ -7,6 +7,7 @@
     gemma2           zero-centred RMSNorm before and after each block, √d embeddings, GeGLU (tanh),
                      query_pre_attn_scalar, soft-capping, alternating windows (HF only: not in megatron-core)
     gemma3_text      gemma2 without soft-capping, + q/k norms, a plain local rope on its 5:1 windowed layers
+    olmo2            llama with norms after attention and the MLP instead of before, q/k norms over all heads
     gpt2             LayerNorm, GELU (tanh approximation), MHA, learned positions, biases, tied
     mixtral          llama + MoE in every layer
     qwen3_moe        qwen3 + MoE in every layer

@@ -35,8 +35,9 @@ LAYER = layer_rules(
     ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",)),
     ("post_mlp_layernorm.weight", ("post_feedforward_layernorm.weight",)),
 )
-FEATURES = {**llama.WINDOWED, "swiglu": False, "openai_gelu": True, "gated_linear_unit": True,
-            "apply_layernorm_1p": True, "post_layernorms": True, "scale_embeddings": True}
+READ = ("softmax_scale", "final_logit_softcapping", "attn_logit_softcapping", "rotary_base_local")  # per model
+FEATURES = {**{k: v for k, v in llama.WINDOWED.items() if k not in READ}, "swiglu": False, "openai_gelu": True,
+            "gated_linear_unit": True, "apply_layernorm_1p": True, "post_layernorms": True, "scale_embeddings": True}
 GELU_TANH = "gelu_pytorch_tanh"
 
 

@@ -3,7 +3,7 @@ Its Conv1D weights are stored transposed ([in, out]), and c_attn holds [q | k | 
 from __future__ import annotations
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.formats.hf.family import HFFamily, Refusal, Rule, layer_rules, must_be
+from scalegrow.formats.hf.family import PLAIN_BLOCK, HFFamily, Refusal, Rule, layer_rules, must_be
 
 LAYER = layer_rules(
     "transformer.h.{i}.",
@@ -28,7 +28,8 @@ GLOBAL = (Rule("embedding.word_embeddings.weight", ("transformer.wte.weight",)),
 
 FEATURES = {"normalization": "LayerNorm", "swiglu": False, "position_embedding_type": "learned_absolute",
             "add_bias_linear": True, "qk_layernorm": False, "rotary_percent": 1.0,
-            "untie_embeddings_and_output_weights": False, "num_moe_experts": None}
+            "untie_embeddings_and_output_weights": False, "num_moe_experts": None, "gated_linear_unit": False,
+            "window_size": None, **PLAIN_BLOCK}
 GELUS = {"gelu_new": True, "gelu": False}  # activation_function -> openai_gelu (the tanh approximation)
 
 REFUSALS = (

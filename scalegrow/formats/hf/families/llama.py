@@ -6,7 +6,8 @@ import dataclasses
 
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.rope_config import Rope
-from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, Rule, Unsupported, layer_rules, must_be
+from scalegrow.formats.hf.family import (DROP, PLAIN_BLOCK, HFFamily, Refusal, Rule, Unsupported, layer_rules,
+                                         must_be)
 
 LAYER = layer_rules(
     "model.layers.{i}.",
@@ -29,7 +30,7 @@ GLOBAL = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",
 
 FEATURES = {"normalization": "RMSNorm", "swiglu": True, "openai_gelu": False, "position_embedding_type": "rope",
             "rotary_percent": 1.0, "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False,
-            "num_moe_experts": None, "window_size": None}
+            "num_moe_experts": None, "window_size": None, **PLAIN_BLOCK}
 WINDOWED = {k: v for k, v in FEATURES.items() if k != "window_size"}  # what the sliding-window kin keep fixed
 
 
