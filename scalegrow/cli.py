@@ -15,6 +15,7 @@ from scalegrow.commands import DataOptions
 from scalegrow.core.config import ModelConfig
 from scalegrow.errors import InputError
 from scalegrow.formats import registry as formats
+from scalegrow.formats.hf.family import EXPERT_LAYOUTS
 from scalegrow.formats.hf.registry import FAMILIES as HF_FAMILIES
 from scalegrow.formats.options import (
     DTYPES,
@@ -158,6 +159,10 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
         p.add_argument("--hf-model-type", default=None, metavar="TYPE",
                        help="hf: the family to write: " + ", ".join(HF_FAMILIES) + " (default: the source's, "
                        "as recorded in its config.json or scalegrow.json, else the one its structure implies)")
+        p.add_argument("--hf-expert-layout", choices=EXPERT_LAYOUTS, default=None,
+                       help="hf: an MoE model's experts: per-expert tensors as the Hub has them, or fused 3-D "
+                       "mlp.experts.gate_up_proj/down_proj as transformers 5 holds them and mergekit writes them "
+                       "(default: the source's; per-expert for a model that never was HF)")
         p.add_argument("--torch-dist-common", choices=TORCH_DIST_COMMON, default=TorchDistOptions.common,
                        help="torch_dist: where the common state (args, iteration) goes: common.pt, which megatron-core "
                        "0.16 to 0.19 all read (0.19 logs that it is deprecated), or inline, inside the .distcp files "
@@ -199,7 +204,8 @@ def _output_options(a) -> OutputOptions:
                  "vocab_size"):
         _positive(name.replace("_", "-"), getattr(a, name, None))
     layout = LayoutOptions(a.tp, a.pp, a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers, a.ep)
-    hf = HFOptions(getattr(a, "max_shard_size", HFOptions.max_shard_size), getattr(a, "hf_model_type", None))
+    hf = HFOptions(getattr(a, "max_shard_size", HFOptions.max_shard_size), getattr(a, "hf_model_type", None),
+                   getattr(a, "hf_expert_layout", None))
     torch_dist = TorchDistOptions(getattr(a, "torch_dist_common", TorchDistOptions.common),
                                   getattr(a, "torch_dist_model", None))
     fmt = getattr(a, "format", None) or (formats.default_output(a.src) if getattr(a, "src", None) else "torch")

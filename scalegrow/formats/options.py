@@ -27,6 +27,9 @@ class HFOptions:
 
     max_shard_size: int = 5 * 10**9  # the largest safetensors file, as transformers' save_pretrained ("5GB")
     model_type: str | None = None  # the family to write (None: the source's, else its structure's)
+    # an MoE model's experts: "per-expert" (the Hub's) or "fused" (transformers 5's 3-D tensors);
+    # None: the source's (per-expert for a model that never was HF)
+    expert_layout: str | None = None
 
 
 TORCH_DIST_COMMON = ("common.pt", "inline")

@@ -10,6 +10,7 @@ activation, rope, biases) and what `config_in` reads (sizes, eps, rope base, exp
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -26,7 +27,9 @@ class Unsupported(ValueError):
 class Rule:
     megatron: str  # layer-relative name (`{e}`: the expert's index), or a global key
     hf: tuple[str, ...]  # HF names; `{i}` is the layer index, `{e}` the expert's
-    kind: str = "same"  # same | qkv | fused_qkv | gate_up | conv1d | conv1d_qkv (see `to_megatron`)
+    kind: str = "same"  # same | qkv | fused_qkv | gate_up | conv1d | conv1d_qkv (see `to_megatron`) | stacked
+    # (stacked: one HF tensor holds every expert's along dim 0; `{e}` is that index, read and written
+    # as a slice by the format)
 
 
 def layer_rules(prefix: str, *rules: tuple) -> tuple[Rule, ...]:
@@ -69,6 +72,11 @@ class HFFamily:
     moe: bool = False  # every layer an MoE layer (else none is)
     moe_sibling: str | None = None  # the family an upcycled model of this one is written as
     requires: Callable[[ModelConfig], Mapping[str, Any]] = field(default=lambda cfg: {})  # size-bound features
+    fused_layer: tuple[Rule, ...] = ()  # an MoE family's rules in transformers 5's fused expert layout
+
+    def with_layout(self, layout: str) -> "HFFamily":
+        """This family with its experts in `layout` (EXPERT_LAYOUTS; a dense family has one layout)."""
+        return dataclasses.replace(self, layer=self.fused_layer) if layout == "fused" and self.fused_layer else self
 
     def to_config(self, hf: dict) -> ModelConfig:
         for refusal in self.refusals:
@@ -107,6 +115,7 @@ class HFFamily:
 PLAIN_BLOCK = {"pre_layernorms": True, "post_layernorms": False, "apply_layernorm_1p": False,
                "scale_embeddings": False, "qk_layernorm_across_heads": False, "softmax_scale": None,
                "attn_logit_softcapping": None, "final_logit_softcapping": None, "rotary_base_local": None}
+EXPERT_LAYOUTS = ("per-expert", "fused")  # experts.{e}.gate_proj ... as the Hub has them; experts.gate_up_proj
 DROP = object()  # a `config_out` value: remove the key from the config.json written
 DENSE_ONLY = ("mlp_bias", "pretraining_tp", "layer_types", "max_window_layers")  # not carried into an MoE sibling
 # HF tensors a checkpoint may hold that are no weights (old causal-mask and rope buffers)
@@ -117,7 +126,7 @@ IGNORED = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
 def to_megatron(kind: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
     """megatron-core's tensor from the HF tensors of one rule. Both use the same half-rotated rope, so
     q and k need no permutation; megatron-core fuses q/k/v per query group and fc1 as [gate; up]."""
-    if kind == "same":
+    if kind in ("same", "stacked"):  # a stacked tensor's slice is read by the format
         return parts[0]
     if kind == "conv1d":  # GPT-2's Conv1D stores [in, out]
         return parts[0].t()
@@ -137,7 +146,7 @@ def to_megatron(kind: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch
 
 def to_hf(kind: str, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
     """The HF tensors of one rule from megatron-core's (the inverse of `to_megatron`)."""
-    if kind == "same":
+    if kind in ("same", "stacked"):
         return [t]
     if kind == "conv1d":
         return [t.t()]

@@ -70,7 +70,10 @@ def hf_tensors(cfg: ModelConfig, family: HFFamily) -> list[tuple[str, tuple[int,
     for key, (rule, where) in tensor_rules(cfg, family).items():
         meta = torch.empty(arch.full_shape(cfg, spec_of(cfg, key)), device="meta")
         parts = to_hf(rule.kind, meta, cfg)
-        out += [(name.format(**where), tuple(p.shape)) for name, p in zip(rule.hf, parts)]
+        if rule.kind == "stacked":  # one tensor for every expert, listed with the first
+            out += [(rule.hf[0].format(**where), (cfg.moe.num_experts, *parts[0].shape))] if where["e"] == 0 else []
+        else:
+            out += [(name.format(**where), tuple(p.shape)) for name, p in zip(rule.hf, parts)]
     return out
 
 
@@ -83,36 +86,44 @@ class HFReader(Reader):
     entries: dict[str, "Entry"] = field(default_factory=dict, repr=False)  # HF name -> where its data is
     _rules: dict = field(default_factory=dict, repr=False)
 
+    expert_layout: str = "per-expert"  # an MoE model's (EXPERT_LAYOUTS), as its tensor names say
+
     format = "hf"
 
     @property
     def family(self) -> HFFamily:
-        return families.get(self.hf_config["model_type"])
+        return families.get(self.hf_config["model_type"]).with_layout(self.expert_layout)
 
     def hf_origin(self) -> dict:
-        return {"model_type": self.family.model_type, "config": self.hf_config}
+        return {"model_type": self.family.model_type, "config": self.hf_config, "expert_layout": self.expert_layout}
 
     def files(self) -> list[Path]:
         return sorted({e.file for e in self.entries.values()})
 
-    def _get(self, name: str) -> torch.Tensor:
-        """One HF tensor, read by its byte range into memory of its own. (safetensors' `safe_open`
-        maps the whole file, and every page it touches stays in RSS until the file is closed, so
-        memory would grow to the size of the source; a positioned read holds one tensor.)"""
+    def _get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """One HF tensor (or its slice `index` along dim 0), read by its byte range into memory of its
+        own. (safetensors' `safe_open` maps the whole file, and every page it touches stays in RSS until
+        the file is closed, so memory would grow to the size of the source; a positioned read holds
+        one tensor.)"""
         entry = self.entries[name]
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
-        data = bytearray(entry.nbytes)
+        shape, offset, size = entry.shape, entry.offset, entry.nbytes
+        if index is not None:  # one expert of a stacked [E, ...] tensor: a contiguous byte range
+            shape, size = shape[1:], size // shape[0]
+            offset += index * size
+        if size == 0:
+            return torch.empty(shape, dtype=DTYPES[entry.dtype])
+        data = bytearray(size)
         with open(entry.file, "rb", buffering=0) as f:
-            f.seek(entry.offset)
-            if f.readinto(data) != entry.nbytes:
+            f.seek(offset)
+            if f.readinto(data) != size:
                 raise InputError(f"{entry.file}: {name}: file ends before the tensor's data")
-        return torch.frombuffer(data, dtype=DTYPES[entry.dtype]).reshape(entry.shape)
+        return torch.frombuffer(data, dtype=DTYPES[entry.dtype]).reshape(shape)
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
         self._rules = self._rules or tensor_rules(self.config, self.family)
         rule, where = self._rules[key]
-        parts = [self._get(name.format(**where)) for name in rule.hf]
+        index = where["e"] if rule.kind == "stacked" else None
+        parts = [self._get(name.format(**where), index) for name in rule.hf]
         return to_megatron(rule.kind, parts, self.config).contiguous()
 
 @dataclass(frozen=True)
@@ -148,9 +159,13 @@ def open_hf(path: str | Path, validate: bool = True) -> HFReader:
     dtypes = {e.dtype for e in entries.values()}
     if len(dtypes) > 1:
         raise InputError(f"{root}: mixed tensor dtypes {sorted(dtypes)}")
-    _check_tensors(root, families.get(hf_config["model_type"]), config, entries)
+    layout = "fused" if any(name.endswith(FUSED_MARK) for name in entries) else "per-expert"
+    _check_tensors(root, families.get(hf_config["model_type"]).with_layout(layout), config, entries)
     return HFReader(root, "release", None, config, Layout.single(config.num_layers),
-                    DTYPES[dtypes.pop()] if dtypes else torch.float32, hf_config, entries)
+                    DTYPES[dtypes.pop()] if dtypes else torch.float32, hf_config, entries, expert_layout=layout)
+
+
+FUSED_MARK = ".mlp.experts.gate_up_proj"  # a tensor only the fused expert layout has
 
 
 def _entries(root: Path) -> dict[str, Entry]:
@@ -212,7 +227,8 @@ def family_for(cfg: ModelConfig, source: Reader, opts: HFOptions) -> tuple[HFFam
         family = families.get(opts.model_type, "--hf-model-type") if opts.model_type else had or families.infer(cfg)
     except Unsupported as exc:
         raise InputError(str(exc)) from None
-    return family, origin.get("config") if family in (was, had) else None
+    layout = opts.expert_layout or origin.get("expert_layout") or "per-expert"  # the source's by default
+    return family.with_layout(layout), origin.get("config") if family in (was, had) else None
 
 
 class HFWriter:
@@ -230,6 +246,7 @@ class HFWriter:
         self.rules = tensor_rules(cfg, self.family)
         self.shards = plan_shards(hf_tensors(cfg, self.family), self.dtype, opts.hf.max_shard_size)
         self._todo = {name: shape for tensors in self.shards.values() for name, shape in tensors}
+        self._slices_left: dict[str, set[int]] = {}  # a stacked tensor's experts not written yet
         self._files = None if plan_only else ShardWriter(out_dir, self.shards, self.dtype)
 
     @property
@@ -249,10 +266,23 @@ class HFWriter:
             full = sharding.pad_vocab(spec, full, self.cfg.padded_vocab_size)
         for name, part in zip(rule.hf, to_hf(rule.kind, full.to(self.dtype), self.cfg)):
             name = name.format(**where)
+            if rule.kind == "stacked":  # expert e's slice of one [E, ...] tensor
+                self._write_slice(name, where["e"], part)
+                continue
             want = self._todo.pop(name)
             assert tuple(part.shape) == want, f"{name}: operator produced {tuple(part.shape)}, expected {want}"
             if self._files is not None:
                 self._files.write(name, part)
+
+    def _write_slice(self, name: str, index: int, part: torch.Tensor) -> None:
+        want = self._todo[name]
+        assert tuple(part.shape) == want[1:], f"{name}[{index}]: produced {tuple(part.shape)}, expected {want[1:]}"
+        left = self._slices_left.setdefault(name, set(range(want[0])))
+        left.remove(index)
+        if not left:
+            del self._todo[name]
+        if self._files is not None:
+            self._files.write(name, part, index)
 
     def close_stage(self) -> None:
         pass

@@ -75,13 +75,18 @@ class ShardWriter:
     def path(self, name: str) -> Path:
         return self.out_dir / self.entries[name].file
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, index: int | None = None) -> None:
+        """`tensor` at its place; with `index`, as slice `index` along dim 0 of a stacked tensor."""
         entry = self.entries[name]
-        assert tuple(tensor.shape) == entry.shape and tensor.dtype == self.dtype, (name, tensor.shape, entry.shape)
+        shape, offset = entry.shape, entry.offset
+        if index is not None:
+            shape = shape[1:]
+            offset += index * math.prod(shape) * self.dtype.itemsize
+        assert tuple(tensor.shape) == shape and tensor.dtype == self.dtype, (name, tensor.shape, shape)
         data = memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()).cast("B")
         done = 0
         while done < len(data):
-            done += os.pwrite(self._fds[entry.file], data[done:], entry.offset + done)
+            done += os.pwrite(self._fds[entry.file], data[done:], offset + done)
 
     def close(self, index: bool = True) -> None:
         """Close every file and, with several shards, write the index (not after a failure)."""

@@ -21,4 +21,4 @@ def config_out(cfg: ModelConfig, base: dict) -> dict:
 FAMILY = HFFamily("mixtral", "MixtralForCausalLM", LAYER, llama.GLOBAL,
                   {**moe.FEATURES, "moe_router_pre_softmax": False}, config_in, config_out,
                   llama.REFUSALS + (SLIDING,)
-                  + moe.REFUSALS + (moe.top1_refusal(lambda hf: True),), moe=True)
+                  + moe.REFUSALS + (moe.top1_refusal(lambda hf: True),), moe=True, fused_layer=moe.fused(LAYER))

@@ -1,8 +1,11 @@
 """What the MoE families (mixtral, qwen3_moe, qwen2_moe) share: the expert rules, how config.json
 spells the router and the experts, and what it may not say. Every layer is an MoE layer.
 
-Expert tensors are stored one per expert (`experts.{e}.…`): transformers 5 fuses them into 3-D
-tensors in memory only and writes them back per expert, as the Hub's checkpoints have them. The
+Expert tensors are stored one per expert (`experts.{e}.…`), as the Hub's checkpoints have them and
+transformers 5 writes them back, or fused (`fused`): every expert's [gate; up] rows in one 3-D
+`mlp.experts.gate_up_proj` [E, 2F, H] and their down projections in `mlp.experts.down_proj` [E, H, F],
+the router as `mlp.gate`, as transformers 5 holds them in memory and mergekit writes them (transformers
+loads both). The
 router's softmax order: top-k weights renormalised (Mixtral always; Qwen with `norm_topk_prob`) is
 megatron-core's softmax over the top k, else its softmax over all experts before top-k.
 """
@@ -24,6 +27,17 @@ def expert_layer(prefix: str, router: str, gate: str, up: str, down: str) -> tup
         ("mlp.router.weight", (router,)),
         (EXPERT + "linear_fc1.weight", (f"experts.{{e}}.{gate}", f"experts.{{e}}.{up}"), "gate_up"),
         (EXPERT + "linear_fc2.weight", (f"experts.{{e}}.{down}",)),
+    )
+
+
+def fused(layer: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """`layer`'s rules with the router and the experts in the fused layout (everything else as it is)."""
+    kept = tuple(r for r in layer if not r.megatron.startswith(EXPERT) and r.megatron != "mlp.router.weight")
+    return kept + layer_rules(
+        "model.layers.{i}.mlp.",
+        ("mlp.router.weight", ("gate.weight",)),
+        (EXPERT + "linear_fc1.weight", ("experts.gate_up_proj",), "stacked"),  # [E, 2F, H]: e's [gate; up]
+        (EXPERT + "linear_fc2.weight", ("experts.down_proj",), "stacked"),  # [E, H, F]
     )
 
 

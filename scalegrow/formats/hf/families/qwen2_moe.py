@@ -25,4 +25,5 @@ def config_out(cfg: ModelConfig, base: dict) -> dict:
 
 
 FAMILY = HFFamily("qwen2_moe", "Qwen2MoeForCausalLM", LAYER, llama.GLOBAL, FEATURES, config_in, config_out,
-                  llama.REFUSALS + (SLIDING,) + moe.REFUSALS + (moe.top1_refusal(qwen3_moe.renormalised),), moe=True)
+                  llama.REFUSALS + (SLIDING,) + moe.REFUSALS + (moe.top1_refusal(qwen3_moe.renormalised),), moe=True,
+                  fused_layer=moe.fused(LAYER))

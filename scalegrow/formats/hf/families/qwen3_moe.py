@@ -26,4 +26,5 @@ def config_out(cfg: ModelConfig, base: dict) -> dict:
 
 FAMILY = HFFamily("qwen3_moe", "Qwen3MoeForCausalLM", LAYER, llama.GLOBAL, {**moe.FEATURES, "qk_layernorm": True},
                   config_in, llama.without_attention_bias(config_out),
-                  llama.REFUSALS + (SLIDING,) + moe.REFUSALS + (moe.top1_refusal(renormalised),), moe=True)
+                  llama.REFUSALS + (SLIDING,) + moe.REFUSALS + (moe.top1_refusal(renormalised),), moe=True,
+                  fused_layer=moe.fused(LAYER))
