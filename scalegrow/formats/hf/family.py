@@ -99,7 +99,7 @@ class HFFamily:
             raise Unsupported(f"model_type: this model cannot be written as {self.model_type} ({', '.join(problems)})")
         base = base or {}
         sibling = base.get("model_type") != self.model_type  # a dense source's config.json for its upcycled MoE
-        out = {k: v for k, v in base.items() if not (sibling and k in DENSE_ONLY)}
+        out = {k: v for k, v in base.items() if not (sibling and k in DENSE_ONLY) and k != "quantization_config"}
         out.update(model_type=self.model_type, architectures=[self.architecture],
                    vocab_size=cfg.vocab_size or cfg.padded_vocab_size, tie_word_embeddings=cfg.embedding.tied,
                    initializer_range=cfg.init_method_std, dtype=str(dtype).removeprefix("torch."))

@@ -26,6 +26,7 @@ from scalegrow.core.config import ModelConfig
 from scalegrow.core.layout import Layout
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Format, Reader, nbytes
+from scalegrow.formats.hf import fp8
 from scalegrow.formats.hf import registry as families
 from scalegrow.formats.hf.families.moe import EXPERT
 from scalegrow.formats.hf.family import IGNORED, HFFamily, Rule, Unsupported, to_hf, to_megatron
@@ -34,6 +35,7 @@ from scalegrow.formats.options import HFOptions, OutputOptions
 
 CONFIG = "config.json"
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+READ_DTYPES = {**DTYPES, fp8.FP8_DTYPE: torch.float8_e4m3fn}  # FP8 only with block scales (`fp8.py`)
 
 
 def tensor_rules(cfg: ModelConfig, family: HFFamily) -> dict[str, tuple[Rule, dict]]:
@@ -87,6 +89,8 @@ class HFReader(Reader):
     _rules: dict = field(default_factory=dict, repr=False)
 
     expert_layout: str = "per-expert"  # an MoE model's (EXPERT_LAYOUTS), as its tensor names say
+    scales: dict[str, "Entry"] = field(default_factory=dict, repr=False)  # FP8 weight name -> its scale_inv
+    block: tuple[int, int] | None = None  # FP8 quantisation blocks (None: not quantised)
 
     format = "hf"
 
@@ -105,19 +109,10 @@ class HFReader(Reader):
         own. (safetensors' `safe_open` maps the whole file, and every page it touches stays in RSS until
         the file is closed, so memory would grow to the size of the source; a positioned read holds
         one tensor.)"""
-        entry = self.entries[name]
-        shape, offset, size = entry.shape, entry.offset, entry.nbytes
-        if index is not None:  # one expert of a stacked [E, ...] tensor: a contiguous byte range
-            shape, size = shape[1:], size // shape[0]
-            offset += index * size
-        if size == 0:
-            return torch.empty(shape, dtype=DTYPES[entry.dtype])
-        data = bytearray(size)
-        with open(entry.file, "rb", buffering=0) as f:
-            f.seek(offset)
-            if f.readinto(data) != size:
-                raise InputError(f"{entry.file}: {name}: file ends before the tensor's data")
-        return torch.frombuffer(data, dtype=DTYPES[entry.dtype]).reshape(shape)
+        raw = _read(name, self.entries[name], index)
+        if name not in self.scales:
+            return raw
+        return fp8.dequantize(raw, _read(name + fp8.SCALE_SUFFIX, self.scales[name], index), self.block, self.dtype)
 
     def tensor(self, key: str, spec: TensorSpec) -> torch.Tensor:
         self._rules = self._rules or tensor_rules(self.config, self.family)
@@ -155,14 +150,50 @@ def open_hf(path: str | Path, validate: bool = True) -> HFReader:
         raise InputError(f"{root / CONFIG}: {exc}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{root / CONFIG}: unreadable model config ({type(exc).__name__}: {exc})") from None
-    entries = _entries(root)
-    dtypes = {e.dtype for e in entries.values()}
+    entries, scales = _entries(root), {}
+    block = _block_size(root, hf_config)
+    if block is not None:
+        entries, scales = fp8.split_scales(entries)
+    _check_quantised(root, entries, scales)
+    dtypes = {e.dtype for name, e in entries.items() if name not in scales}
     if len(dtypes) > 1:
         raise InputError(f"{root}: mixed tensor dtypes {sorted(dtypes)}")
     layout = "fused" if any(name.endswith(FUSED_MARK) for name in entries) else "per-expert"
     _check_tensors(root, families.get(hf_config["model_type"]).with_layout(layout), config, entries)
     return HFReader(root, "release", None, config, Layout.single(config.num_layers),
-                    DTYPES[dtypes.pop()] if dtypes else torch.float32, hf_config, entries, expert_layout=layout)
+                    DTYPES[dtypes.pop()] if dtypes else torch.float32, hf_config, entries, expert_layout=layout,
+                    scales=scales, block=block)
+
+
+def _block_size(root: Path, hf_config: dict) -> tuple[int, int] | None:
+    try:
+        return fp8.block_size(hf_config)
+    except Unsupported as exc:
+        raise InputError(f"{root / CONFIG}: {exc}") from None
+
+
+def _check_quantised(root: Path, entries: dict[str, "Entry"], scales: dict[str, "Entry"]) -> None:
+    """Every FP8 tensor has its scales (what it would mean without them is unknown)."""
+    for name, entry in entries.items():
+        if entry.dtype == fp8.FP8_DTYPE and name not in scales:
+            raise InputError(f"{entry.file}: {name}: an FP8 tensor without {name}{fp8.SCALE_SUFFIX} (and a "
+                             f"{fp8.QUANT_KEY} with weight_block_size in {CONFIG})")
+
+
+def _read(name: str, entry: "Entry", index: int | None = None) -> torch.Tensor:
+    """A safetensors tensor (or its slice `index` along dim 0) by its byte range."""
+    shape, offset, size = entry.shape, entry.offset, entry.nbytes
+    if index is not None:  # one expert of a stacked [E, ...] tensor: a contiguous byte range
+        shape, size = shape[1:], size // shape[0]
+        offset += index * size
+    if size == 0:
+        return torch.empty(shape, dtype=READ_DTYPES[entry.dtype])
+    data = bytearray(size)
+    with open(entry.file, "rb", buffering=0) as f:
+        f.seek(offset)
+        if f.readinto(data) != size:
+            raise InputError(f"{entry.file}: {name}: file ends before the tensor's data")
+    return torch.frombuffer(data, dtype=READ_DTYPES[entry.dtype]).reshape(shape)
 
 
 FUSED_MARK = ".mlp.experts.gate_up_proj"  # a tensor only the fused expert layout has
@@ -181,8 +212,9 @@ def _entries(root: Path) -> dict[str, Entry]:
             raise InputError(f"{file}: missing shard named by {index}")
         start, header = _read_header(file)
         for name, entry in header.items():
-            if entry["dtype"] not in DTYPES:
-                raise InputError(f"{file}: {name}: dtype {entry['dtype']} is not supported (F32, BF16, F16)")
+            if entry["dtype"] not in READ_DTYPES:
+                raise InputError(f"{file}: {name}: dtype {entry['dtype']} is not supported (F32, BF16, F16, and "
+                                 f"F8_E4M3 with block scales)")
             begin, end = entry["data_offsets"]
             out[name] = Entry(file, tuple(entry["shape"]), entry["dtype"], start + begin, end - begin)
     return out
