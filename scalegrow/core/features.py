@@ -1,4 +1,5 @@
-"""A model's features as typed records: attention, rope, norm, MLP, embedding and MoE.
+"""A model's features as typed records: attention, norm, MLP, embedding and MoE (rope's are in
+`core/rope_config.py`, built on the same `Record`).
 
 Each record holds one feature's settings under short names (`cfg.norm.kind`, `cfg.attention.groups`)
 and spells each of them in Megatron-LM's flat argument name at the boundary (`normalization`,
