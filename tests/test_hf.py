@@ -249,7 +249,7 @@ def _edit_config(src, dst, **changes):
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"model_type": "gemma3"}, "model_type: 'gemma3' is not a family"),  # multimodal: its text_config nested
+    ({"model_type": "gemma3"}, "model_type: 'gemma3' is not a family scalegrow reads: Gemma 3's multimodal"),
     ({"layer_types": ["chunked_attention"] * 4}, "layer_types: ['chunked_attention'] is not supported"),
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}}, "rope_type: 'dynamic'"),
     ({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported"),
