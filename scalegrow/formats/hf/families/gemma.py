@@ -64,6 +64,7 @@ def window_in(hf: dict, every: int) -> dict:
 
 def common_in(hf: dict) -> dict:
     """The sizes and settings both Gemmas spell alike (llama's, with Gemma's own attention scale)."""
+    # each Gemma reads its own rope (Gemma 3's is nested per layer type): llama's reader sees a plain one
     out = llama.config_in({**hf, "rope_parameters": {"rope_theta": 10000.0}, "rope_scaling": None})
     return {**out, "softmax_scale": float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
             "final_logit_softcapping": hf.get("final_logit_softcapping"),
