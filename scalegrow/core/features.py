@@ -89,7 +89,8 @@ class Attention(Record):
     # which layers the window applies to: None every layer; N every layer but each N-th (1-based); or
     # one 1/0 per layer (1: the window). megatron-core's window_attn_skip_freq
     window_layers: int | tuple[int, ...] | None = megatron("window_attn_skip_freq", None, LAYERS)
-    softmax_scale: float | None = megatron("softmax_scale", None)  # None: 1/√head_dim (Gemma: query_pre_attn_scalar^-½)
+    # what q·k is multiplied by; None: 1/√head_dim (Gemma: query_pre_attn_scalar^-½)
+    softmax_scale: float | None = megatron("softmax_scale", None)
     softcap: float | None = megatron("attn_logit_softcapping", None)  # scores -> cap·tanh(scores/cap) (Gemma 2)
 
     @classmethod
@@ -178,9 +179,10 @@ class Attention(Record):
 class Norm(Record):
     """The model's norms: before attention, before the MLP, at the end (and q/k norms); optionally
     also after attention and after the MLP, on each block's output before the residual add (Gemma 2/3's
-    "sandwich"), or only there (OLMo 2: `pre` false, the blocks read the stream itself). A zero-centred norm stores w and scales by 1 + w (Megatron-LM's --apply-layernorm-1p,
-    megatron-core's layernorm_zero_centered_gamma; Gemma's RMSNorm): operators that compute with a
-    norm's gain read it through `gain` and write it back through `stored`."""
+    "sandwich"), or only there (OLMo 2: `pre` false, the blocks read the stream itself). A zero-centred
+    norm stores w and scales by 1 + w (Megatron-LM's --apply-layernorm-1p, megatron-core's
+    layernorm_zero_centered_gamma; Gemma's RMSNorm): operators that compute with a norm's gain read it
+    through `gain` and write it back through `stored`."""
 
     kind: str = megatron("normalization", "LayerNorm")
     eps: float = megatron("norm_epsilon", 1e-5, FREE)
@@ -206,7 +208,8 @@ class Norm(Record):
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"norm_epsilon: must be positive, got {self.eps}")
         if self.post and self.kind != "RMSNorm":
-            raise ValueError("post_layernorms: only with RMSNorm (the families that have them, Gemma 2/3, use it)")
+            raise ValueError("post_layernorms: only with RMSNorm (the families that have them, Gemma 2/3 and "
+                             "OLMo 2, use it)")
 
 
 @dataclass(frozen=True)

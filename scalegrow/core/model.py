@@ -33,14 +33,6 @@ def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
     return nn.LayerNorm(size, eps=cfg.norm.eps)
 
 
-def norm_gain(norm: nn.Module) -> torch.Tensor | None:
-    """The per-feature factor a norm multiplies by (1 + weight for a zero-centred one; None: no norm)."""
-    if not hasattr(norm, "weight"):
-        return None
-    weight = norm.weight.detach()
-    return weight + 1.0 if isinstance(norm, ZeroCenteredNorm) else weight
-
-
 class ZeroCenteredNorm(nn.Module):
     """A norm that scales by 1 + weight (stored zero-centred: Megatron-LM's --apply-layernorm-1p,
     Gemma's RMSNorm), computed in fp32 and cast back, as transformers' Gemma does."""
@@ -83,12 +75,12 @@ class Rotary(NamedTuple):
     the model's rope, and the sliding-window layers' (Gemma 3's plain rope at its local base)."""
 
     full: torch.Tensor
-    window: torch.Tensor
+    window: torch.Tensor | None  # None: the windowed layers use the model's rope too
     scale: float  # YaRN's attention factor on the model's rope (the local rope is plain)
 
     def of_layer(self, windowed: bool) -> tuple[torch.Tensor, float]:
         """(angles, cos/sin scale) of a layer."""
-        return (self.window, 1.0) if windowed and self.window is not self.full else (self.full, self.scale)
+        return (self.window, 1.0) if windowed and self.window is not None else (self.full, self.scale)
 
 
 def rotary_tables(cfg: ModelConfig, seq_len: int, device=None) -> Rotary | None:
@@ -97,7 +89,7 @@ def rotary_tables(cfg: ModelConfig, seq_len: int, device=None) -> Rotary | None:
         return None
     full = rope_angles(cfg.rope, cfg.attention.head_dim, seq_len, device)
     local = cfg.rope.local_base
-    window = full if local is None else rope_angles(Rope(base=local, percent=cfg.rope.percent),
+    window = None if local is None else rope_angles(Rope(base=local, percent=cfg.rope.percent),
                                                     cfg.attention.head_dim, seq_len, device)
     return Rotary(full, window, attention_factor(cfg.rope))
 

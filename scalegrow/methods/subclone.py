@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from scalegrow.core import arch
-from scalegrow.core.model import MoE, TransformerLayer, norm_gain, route
+from scalegrow.core.model import MoE, TransformerLayer, route
 from scalegrow.data import batch
 from scalegrow.formats.base import Reader
 from scalegrow.methods.base import Context
@@ -81,7 +81,9 @@ def _layer_stats(layer: TransformerLayer, x: torch.Tensor, freqs, means: LayerMe
     """One micro-batch x [b, s, h] through one layer, its statistics added to `means`; the output."""
     tokens = x.shape[0] * x.shape[1]
     means.input.add(x)
-    means.gains = (norm_gain(layer.input_layernorm), norm_gain(layer.pre_mlp_layernorm))
+    norm = layer.self_attention.cfg.norm  # the gains its two norm sites read through (none before OLMo 2's blocks)
+    means.gains = tuple(norm.gain(n.weight.detach()) if norm.pre else None
+                        for n in (layer.input_layernorm, layer.pre_mlp_layernorm))
     heads = layer.self_attention.heads(layer.input_layernorm(x), freqs)  # [b, s, np, hn]
     proj = layer.self_attention.linear_proj
     writes, attn = _head_writes(heads, proj.weight)

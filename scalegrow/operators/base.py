@@ -56,6 +56,18 @@ def moe_features() -> tuple[str, ...]:
     return tuple(key for key, (_, role) in MoE.flat_keys().items() if role == FEATURE)
 
 
+def embedding_scale(src: ModelConfig, dst: ModelConfig) -> float:
+    """√(D_S/D_T): what token embeddings carry when the model multiplies them by √hidden (Gemma) and the
+    hidden size changes, so the stream keeps its values; 1 for every other model."""
+    return (src.hidden_size / dst.hidden_size) ** 0.5 if src.embedding.scaled else 1.0
+
+
+def times(t: torch.Tensor, c: float) -> torch.Tensor:
+    """`t` (a tensor of the operator's own) times `c`, in place; untouched when c is 1 (an embedding
+    is the largest tensor an operator holds: no second copy of it)."""
+    return t if c == 1.0 else t.mul_(c)
+
+
 OUTPUT_PROJECTIONS = ("self_attention.linear_proj.", "mlp.linear_fc2.")
 
 

@@ -42,7 +42,15 @@ import torch
 
 from scalegrow.core.arch import Role
 from scalegrow.core.config import ModelConfig
-from scalegrow.operators.base import Operator, identity_block, moe_features, require_equal, require_not_smaller
+from scalegrow.operators.base import (
+    Operator,
+    embedding_scale,
+    identity_block,
+    moe_features,
+    require_equal,
+    require_not_smaller,
+    times,
+)
 from scalegrow.operators.maps import Noise, ResidualMap, UnitMap, seeded_generator
 
 
@@ -139,12 +147,8 @@ class LemonGrowth(Operator):
 
     # ---- tensors -----------------------------------------------------------------------------
     def map_embeddings(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: self.stream.expand(t.float(), dim=1) * self._embedding_scale for name, t in tensors.items()}
-
-    @property
-    def _embedding_scale(self) -> float:
-        """√(D_S/D_T) when the model multiplies its embeddings by √D (so the stream keeps its values)."""
-        return (self.src.hidden_size / self.dst.hidden_size) ** 0.5 if self.src.embedding.scaled else 1.0
+        c = embedding_scale(self.src, self.dst)
+        return {name: times(self.stream.expand(t.float(), dim=1), c) for name, t in tensors.items()}
 
     def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         src_layer, is_new = self.depth_map[index]
@@ -156,7 +160,8 @@ class LemonGrowth(Operator):
 
     def map_head(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
-        tied_scale = 1.0 / (self.stream.k * self._embedding_scale) if self.src.embedding.tied else 1.0
+        c = embedding_scale(self.src, self.dst)
+        tied_scale = 1.0 / (self.stream.k * c) if self.src.embedding.tied else 1.0
         for name, t in tensors.items():
             t = t.float()
             if name.endswith("final_layernorm.weight"):
@@ -164,7 +169,7 @@ class LemonGrowth(Operator):
             elif name.endswith("final_layernorm.bias"):
                 out[name] = self._norm_bias(t) * tied_scale
             elif self.src.embedding.tied:  # word embeddings, stored as output_layer on the last stage
-                out[name] = self.stream.expand(t, dim=1) * self._embedding_scale
+                out[name] = times(self.stream.expand(t, dim=1), c)
             else:
                 out[name] = self.stream.split_fanin(t, 1, self._noise("output_layer"))
         return out

@@ -31,7 +31,7 @@ from torch import nn
 
 from scalegrow.core import arch
 from scalegrow.core.config import ModelConfig
-from scalegrow.operators.base import Operator, require_equal, require_not_smaller
+from scalegrow.operators.base import Operator, embedding_scale, require_equal, require_not_smaller
 
 DEPTH_TYPES = ("input_layernorm", "qkv", "proj", "pre_mlp_layernorm", "fc1", "fc2")
 
@@ -149,11 +149,11 @@ class LigoOperator(nn.Module):
     def grow_global(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Embeddings, final norm and output layer through B_emb; embeddings scaled by √D carry
         c = √(D_S/D_T), and so does a tied output layer (it is the embedding), its final norm 1/c."""
-        s, d = self.src, self.dst
-        c = (s.hidden_size / d.hidden_size) ** 0.5 if s.embedding.scaled else 1.0
+        s, c = self.src, embedding_scale(self.src, self.dst)
         if name.startswith("decoder.final_layernorm."):
             return self.stored(name, self.gain(name, t) @ self.b_emb.T / (c if s.embedding.tied else 1.0))
-        return t @ self.b_emb.T * (1.0 if name == arch.OUTPUT_LAYER and not s.embedding.tied else c)
+        grown = t @ self.b_emb.T
+        return grown if c == 1.0 or (name == arch.OUTPUT_LAYER and not s.embedding.tied) else grown * c
 
     def gain(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A zero-centred norm weight as its gain 1 + w (anything else as it is)."""

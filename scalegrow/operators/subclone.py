@@ -37,7 +37,14 @@ import torch
 from scalegrow.core import arch
 from scalegrow.core.arch import Role
 from scalegrow.core.config import ModelConfig
-from scalegrow.operators.base import Operator, moe_features, require_equal, require_not_larger
+from scalegrow.operators.base import (
+    Operator,
+    embedding_scale,
+    moe_features,
+    require_equal,
+    require_not_larger,
+    times,
+)
 
 
 @dataclass
@@ -135,24 +142,20 @@ class SliceOperator(Operator):
         return (self.sel.layers[index],)
 
     def map_embeddings(self, tensors):
-        return {k: v[:, self.sel.dims] * self._embedding_scale for k, v in tensors.items()}
-
-    @property
-    def _embedding_scale(self) -> float:
-        """√(D/D′) when the model multiplies its embeddings by √D (see the module docstring)."""
-        return (self.src.hidden_size / self.dst.hidden_size) ** 0.5 if self.src.embedding.scaled else 1.0
+        c = embedding_scale(self.src, self.dst)
+        return {k: times(v[:, self.sel.dims], c) for k, v in tensors.items()}
 
     def map_head(self, tensors):
-        c = self._embedding_scale if self.src.embedding.tied else 1.0  # tied logits come out c times larger
-        out = {}
+        c = embedding_scale(self.src, self.dst) if self.src.embedding.tied else 1.0  # tied logits: c times larger
+        norm, out = self.src.norm, {}
         for name, t in tensors.items():
             if name.endswith("final_layernorm.weight"):
-                gain = self.src.norm.gain(t[self.sel.dims])
-                out[name] = t[self.sel.dims] if c == 1.0 else self.src.norm.stored(gain / c)
+                kept = t[self.sel.dims]
+                out[name] = kept if c == 1.0 else norm.stored(norm.gain(kept) / c)
             elif name.endswith("final_layernorm.bias"):
-                out[name] = t[self.sel.dims] / c
+                out[name] = times(t[self.sel.dims], 1.0 / c)
             else:
-                out[name] = t[:, self.sel.dims] * c
+                out[name] = times(t[:, self.sel.dims], c)
         return out
 
     def map_layer(self, index, sources):
