@@ -48,13 +48,17 @@ def family_config(family: str, **overrides) -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, noise: float = 0.05) -> GPT:
-    """Megatron init plus noise on every parameter, so norms and biases are not trivial."""
+    """Megatron init plus noise on every parameter, so norms and biases are not trivial (and on
+    DeepSeek's routing bias, a buffer, enough to change which experts are chosen)."""
     model = GPT(cfg)
     init_weights(model, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.add_(torch.randn(b.shape, generator=gen) * 0.1)
     return model.eval()
 
 

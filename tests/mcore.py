@@ -123,11 +123,9 @@ def _moe(cfg: ModelConfig) -> dict:
     """MoE settings; the `allgather` dispatcher (alltoall needs a CUDA stream), no aux loss in forward."""
     if cfg.moe is None:
         return {}
-    return dict(num_moe_experts=cfg.moe.num_experts, moe_router_topk=cfg.moe.topk,
-                moe_ffn_hidden_size=cfg.moe.ffn_hidden_size, moe_layer_freq=cfg.moe.layer_freq,
-                moe_router_pre_softmax=cfg.moe.pre_softmax, moe_token_dispatcher_type="allgather",
-                moe_aux_loss_coeff=0.0, moe_shared_expert_intermediate_size=cfg.moe.shared_size,
-                moe_shared_expert_gate=cfg.moe.shared_gate)
+    flat = {key: value for key, value in cfg.moe.to_flat().items() if key.startswith("moe_")}
+    return {**flat, "num_moe_experts": cfg.moe.num_experts, "moe_token_dispatcher_type": "allgather",
+            "moe_aux_loss_coeff": 0.0}
 
 
 def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = True, post_process: bool = True,
@@ -141,7 +139,7 @@ def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = Tr
         config = transformer_config(cfg, tp, pp, first, last, **extra)
         spec = get_gpt_layer_local_spec(normalization=cfg.norm.kind, qk_layernorm=cfg.attention.qk_norm,
                                         num_experts=cfg.moe and cfg.moe.num_experts, moe_grouped_gemm=False)
-        if cfg.moe and cfg.moe.layer_freq > 1:  # dense and MoE layers mixed: a block spec
+        if cfg.moe and not cfg.moe.every_layer:  # dense and MoE layers mixed: a block spec
             spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=cfg.norm.kind)
         return GPTModel(
             config=config, transformer_layer_spec=spec,

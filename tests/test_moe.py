@@ -372,11 +372,19 @@ def test_lemon_grows_moe_models_losslessly(family, moe, growth):
     assert grown[e1].shape[0] == (2 if family == "llama" else 1) * op.dst.moe.ffn_hidden_size
 
 
-def test_lemon_keeps_the_experts_and_the_layer_pattern(capsys, tmp_path):
+def test_lemon_keeps_the_experts_and_each_layers_type(capsys, tmp_path):
+    """Deeper with dense and MoE layers mixed: each new layer is of its source layer's type, so the
+    pattern becomes a list where every-N-th no longer holds, and the function is kept."""
+    from scalegrow.operators.lemon import LemonGrowth, depth_map
+
     cfg, sd = _trained_looking_moe("gpt2", num_moe_experts=3, moe_router_topk=2, moe_layer_freq=2)
+    op = LemonGrowth(cfg, cfg.replace(num_layers=8), seed=2)
+    want = [int(i % 2 == 0) for i, _ in depth_map(cfg.num_layers, 8)]
+    assert op.dst.to_dict()["moe_layer_freq"] == want and want != [1, 0] * 4
+    x = tokens(cfg, seed=4)
+    ref = logits(cfg, sd, x)
+    assert (logits(op.dst, apply(op, sd), x) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     commands.save_model(sd, cfg, tmp_path / "moe")
-    for target, message in ((dict(num_layers=8), "moe_layer_freq: target layer 1 would copy source layer 0"),
-                            (dict(num_moe_experts=6), "num_moe_experts: target 6 differs from source 3")):
-        assert cli.main(["grow", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"), "--target",
-                         str(write_yaml(tmp_path / "t.yaml", **target))]) == 2
-        assert message in capsys.readouterr().err
+    assert cli.main(["grow", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"), "--target",
+                     str(write_yaml(tmp_path / "t.yaml", num_moe_experts=6))]) == 2
+    assert "num_moe_experts: target 6 differs from source 3" in capsys.readouterr().err

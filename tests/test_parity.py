@@ -13,12 +13,12 @@ PRODUCT = list(itertools.product(
 
 
 def tiny_config(norm, swiglu, attn, pos, untied, bias, **extra) -> ModelConfig:
-    return ModelConfig.from_dict(dict(
+    return ModelConfig.from_dict({**dict(
         num_layers=2, hidden_size=64, num_attention_heads=4,
         num_query_groups=2 if attn == "gqa" else None, ffn_hidden_size=96, padded_vocab_size=128,
         max_position_embeddings=32, normalization=norm, swiglu=swiglu, position_embedding_type=pos,
-        untie_embeddings_and_output_weights=untied, add_bias_linear=bias, rotary_percent=0.5 if pos == "rope" else 1.0,
-        **extra))
+        untie_embeddings_and_output_weights=untied, add_bias_linear=bias, rotary_percent=0.5 if pos == "rope" else 1.0),
+        **extra})
 
 
 @pytest.mark.parametrize("norm,swiglu,attn,pos,untied,bias", PRODUCT,
@@ -50,6 +50,20 @@ FEATURES = {  # beyond the product: what Hugging Face families bring
     "moe-shared-expert-mixed-gelu": ("LayerNorm", False, "mha", "learned_absolute", False, False,
                                      dict(num_moe_experts=2, moe_router_topk=2, moe_layer_freq=2,
                                           moe_shared_expert_intermediate_size=64)),
+    # DeepSeek-V3's router: sigmoid scores chosen with an expert bias, in the best 2 of 4 groups,
+    # normalised and scaled; a shared expert; a dense first layer (first_k_dense_replace)
+    "moe-deepseek-v3-routing": ("RMSNorm", True, "gqa", "rope", True, False,
+                                dict(num_layers=3, num_moe_experts=8, moe_router_topk=4, moe_ffn_hidden_size=24,
+                                     moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                                     moe_router_num_groups=4, moe_router_group_topk=2,
+                                     moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=48,
+                                     moe_layer_freq=[0, 1, 1])),
+    "moe-sigmoid-top1-scaled": ("RMSNorm", True, "mha", "rope", True, False,
+                                dict(num_moe_experts=4, moe_router_topk=1, moe_router_score_function="sigmoid",
+                                     moe_router_topk_scaling_factor=1.5)),
+    "moe-softmax-groups": ("RMSNorm", True, "mha", "rope", True, False,
+                           dict(num_moe_experts=6, moe_router_topk=2, moe_router_pre_softmax=True,
+                                moe_router_num_groups=3, moe_router_group_topk=1)),
 }
 
 
@@ -65,6 +79,9 @@ def assert_parity(mcore, cfg: ModelConfig) -> None:
     with torch.no_grad():  # perturb every parameter so norms and biases are not at their trivial init
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for name, b in theirs.named_buffers():  # DeepSeek's routing bias: large enough to change choices
+            if name.endswith("expert_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
     sd = {k: v for k, v in theirs.state_dict().items() if not k.endswith("_extra_state")}
     ours = GPT(cfg).eval()
     result = ours.load_state_dict(sd, strict=True)

@@ -11,12 +11,13 @@ PACKAGE = ROOT / "scalegrow"
 
 # part -> the parts it may import (every part may import itself, `errors`, `deps` and the model config:
 # core.config, core.features, core.rope_config, core.typed). The core's modules are parts of their own.
-CORE = {"core.arch", "core.sharding", "core.layout", "core.model", "core.rope", "core.counts", "core.device"}
+CORE = {"core.arch", "core.sharding", "core.layout", "core.model", "core.layers", "core.rope", "core.counts", "core.device"}
 ALLOWED = {
     "core.arch": set(),
     "core.sharding": {"core.arch"},
     "core.layout": set(),
-    "core.model": {"core.rope"},
+    "core.model": {"core.rope", "core.layers"},
+    "core.layers": {"core.rope"},
     "core.rope": set(),
     "core.counts": {"core.arch"},
     "core.device": set(),

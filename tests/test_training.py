@@ -312,3 +312,26 @@ def test_upcycled_moe_starts_at_the_dense_loss_and_trains(scratch, tmp_path, mco
         "grow_pretrain"
     state = safe_load(next(export.rglob("model_optim_rng.pt")), mmap=False)
     assert_megatron_core_computes_the_export(mcore, ckpt.config, state["model"], export)
+
+
+def test_deepseek_routed_upcycle_balances_its_experts_under_zero3(scratch, tmp_path, mcore):
+    """Upcycled into DeepSeek-V3's routing (sigmoid scores, an expert bias, 2 of 4 groups, scaled)
+    and trained under ZeRO-3: step 0 is the dense model's final val/loss; after every optimizer step
+    each router's bias moved by ±moe_router_bias_update_rate (megatron-core's aux-loss-free update),
+    the same on both ranks; the export keeps it in fp32 and megatron-core computes the export."""
+    out = tmp_path / "deepseek"
+    target = write_yaml(tmp_path / "t.yaml", num_moe_experts=8, moe_router_topk=2, moe_router_score_function="sigmoid",
+                        moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+                        moe_router_topk_scaling_factor=2.0, moe_router_bias_update_rate=0.01)
+    train("grow_pretrain", "configs/runs/tiny_upcycle.yaml",
+          [f"output.dir={out}", f"init.from={scratch}/export", "train.steps=10", "train.eval_interval=10",
+           "train.save_interval=10", f"growth.target={target}", "deepspeed.zero_stage=3", *reuse_data(scratch)])
+    dense, moe = scalars(scratch / "tensorboard"), scalars(out / "tensorboard")
+    assert abs(moe["val/loss"][0] - dense["val/loss"][STEPS]) <= 1e-4
+    export = out / "export"
+    state = safe_load(next(export.rglob("model_optim_rng.pt")), mmap=False)
+    biases = [v for k, v in state["model"].items() if k.endswith("router.expert_bias")]
+    assert len(biases) == open_checkpoint(export).config.num_layers and all(b.dtype == torch.float32 for b in biases)
+    steps = torch.stack(biases) / 0.01  # each entry a sum of 10 signs: an integer in [-10, 10], not all 0
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 10 and steps.abs().sum() > 0
+    assert_megatron_core_computes_the_export(mcore, open_checkpoint(export).config, state["model"], export)

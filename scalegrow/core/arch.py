@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from scalegrow.core.config import ModelConfig
 
 LAYER_PREFIX = "decoder.layers."
@@ -38,6 +40,7 @@ class Role:
     FC2_WEIGHT = "fc2_weight"
     ROUTER_WEIGHT = "router_weight"  # MoE: [experts, hidden] logits, replicated
     ROUTER_BIAS = "router_bias"  # with add_bias_linear, as megatron-core's TopKRouter has
+    ROUTER_EXPERT_BIAS = "router_expert_bias"  # [experts] fp32: added to the scores that choose (DeepSeek-V3)
     EXPERT_FC1_WEIGHT = "expert_fc1_weight"  # one expert's fc1/fc2 (its fc2 bias is an OUT_BIAS)
     EXPERT_FC1_BIAS = "expert_fc1_bias"
     EXPERT_FC2_WEIGHT = "expert_fc2_weight"
@@ -83,6 +86,7 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.FC2_WEIGHT: lambda c: (c.hidden_size, c.mlp.ffn_hidden_size),
     Role.ROUTER_WEIGHT: lambda c: (c.moe.num_experts, c.hidden_size),
     Role.ROUTER_BIAS: lambda c: (c.moe.num_experts,),
+    Role.ROUTER_EXPERT_BIAS: lambda c: (c.moe.num_experts,),
     Role.EXPERT_FC1_WEIGHT: lambda c: (c.mlp.rows(c.moe.ffn_hidden_size), c.hidden_size),
     Role.EXPERT_FC1_BIAS: lambda c: (c.mlp.rows(c.moe.ffn_hidden_size),),
     Role.EXPERT_FC2_WEIGHT: lambda c: (c.hidden_size, c.moe.ffn_hidden_size),
@@ -95,6 +99,20 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.FINAL_NORM_BIAS: lambda c: (c.hidden_size,),
     Role.OUTPUT_LAYER: lambda c: (c.padded_vocab_size, c.hidden_size),
 }
+
+
+FP32_ROLES = frozenset({Role.ROUTER_EXPERT_BIAS})  # kept in fp32 whatever the checkpoint's dtype (megatron-core)
+
+
+def stored_dtype(spec: TensorSpec, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint of `dtype` stores this tensor in."""
+    return torch.float32 if spec.role in FP32_ROLES else dtype
+
+
+def always_fp32(key: str) -> bool:
+    """Whether a Megatron state-dict key is one kept in fp32 whatever the checkpoint's dtype (a
+    reader tells the checkpoint's dtype by the others)."""
+    return key.endswith("mlp.router.expert_bias")
 
 
 def full_shape(cfg: ModelConfig, spec: TensorSpec) -> tuple[int, ...]:
@@ -120,6 +138,8 @@ def moe_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
     specs = attention_specs(cfg) + [TensorSpec("mlp.router.weight", Role.ROUTER_WEIGHT, None)]
     if cfg.add_bias_linear:
         specs.append(TensorSpec("mlp.router.bias", Role.ROUTER_BIAS, None))
+    if cfg.moe.expert_bias:
+        specs.append(TensorSpec("mlp.router.expert_bias", Role.ROUTER_EXPERT_BIAS, None))
     for e in range(cfg.moe.num_experts):
         specs += mlp_specs(cfg, f"{EXPERTS}{e}.", Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT)
     if cfg.moe.shared_size:  # no biases (megatron-core refuses them)

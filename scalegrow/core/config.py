@@ -77,7 +77,7 @@ class ModelConfig(Record):
         self.embedding.validate()
         self.rope.validate(self.attention.head_dim, used=self.embedding.position == "rope")
         if self.moe is not None:
-            self.moe.validate(self.add_bias_linear)
+            self.moe.validate(self.add_bias_linear, self.num_layers)
         if self.final_softcap is not None and not self.final_softcap > 0:
             raise ValueError(f"final_logit_softcapping: must be positive, got {self.final_softcap}")
         if self.vocab_size is not None and self.vocab_size > self.padded_vocab_size:
@@ -89,19 +89,21 @@ class ModelConfig(Record):
         return self.add_bias_linear or self.attention.qkv_bias
 
     def is_moe_layer(self, index: int) -> bool:
-        return self.moe is not None and index % self.moe.layer_freq == 0
+        return self.moe is not None and self.moe.is_moe_layer(index)
 
     def window_pattern(self) -> list[bool]:
         """Per layer, whether it attends within the sliding window."""
         return [self.attention.windowed(i) for i in range(self.num_layers)]
 
     def with_layer_origins(self, src: "ModelConfig", origins: list[int]) -> "ModelConfig":
-        """This model with each layer j's per-layer settings (the sliding window) taken from source
-        layer `origins[j]`: what an operator whose target layer j comes from that layer writes."""
-        if src.attention.window is None:
-            return self
-        pattern = [int(src.attention.windowed(i)) for i in origins]
-        return self.replace(window_attn_skip_freq=compact_pattern(pattern))
+        """This model with each layer j's per-layer settings (the sliding window, dense or MoE) taken
+        from source layer `origins[j]`: what an operator whose target layer j comes from that layer writes."""
+        changes = {}
+        if src.attention.window is not None:
+            changes["window_attn_skip_freq"] = compact_pattern([int(src.attention.windowed(i)) for i in origins])
+        if src.moe is not None and self.moe is not None and not src.moe.every_layer:
+            changes["moe_layer_freq"] = moe_pattern([int(src.is_moe_layer(i)) for i in origins])
+        return self.replace(**changes) if changes else self
 
     def features(self) -> dict[str, Any]:
         """The settings no width or depth operator changes (flat names): a target keeps its source's."""
@@ -186,14 +188,18 @@ def _drop_derived(values: dict[str, Any], base: ModelConfig, overrides: Mapping[
     """Re-derive defaults that followed a changed size, unless the source set them explicitly.
 
     A key left out keeps its source value, except the query groups of an MHA source (MHA stays MHA
-    when the number of heads grows) and a per-layer window list at a new depth (repeated to the new
-    length; an operator then gives each layer its source layer's).
+    when the number of heads grows) and the per-layer lists at a new depth (the window's repeated,
+    the MoE layers' stretched, so DeepSeek's dense first layers stay first; an operator then gives
+    each layer its source layer's).
     """
     if base.attention.groups == base.attention.heads and "num_query_groups" not in overrides:
         values["num_query_groups"] = None
     layers, pattern = overrides.get("num_layers", base.num_layers), base.attention.window_layers
     if isinstance(pattern, tuple) and "window_attn_skip_freq" not in overrides and layers != base.num_layers:
         values["window_attn_skip_freq"] = compact_pattern([pattern[i % len(pattern)] for i in range(layers)])
+    moe = base.moe.layer_freq if base.moe else None
+    if isinstance(moe, tuple) and "moe_layer_freq" not in overrides and layers != base.num_layers:
+        values["moe_layer_freq"] = moe_pattern([moe[i * len(moe) // layers] for i in range(layers)])
 
 
 def compact_pattern(pattern: list[int]) -> int | list[int] | None:
@@ -203,5 +209,14 @@ def compact_pattern(pattern: list[int]) -> int | list[int] | None:
         return None
     for n in range(2, len(pattern) + 1):
         if pattern == [int((i + 1) % n != 0) for i in range(len(pattern))]:
+            return n
+    return list(pattern)
+
+
+def moe_pattern(pattern: list[int]) -> int | list[int]:
+    """megatron-core's spelling of which layers are MoE (1): N when exactly every N-th layer from the
+    first is, else the list itself."""
+    for n in range(1, len(pattern) + 1):
+        if pattern == [int(i % n == 0) for i in range(len(pattern))]:
             return n
     return list(pattern)

@@ -276,30 +276,70 @@ class Embedding(Record):
 @dataclass(frozen=True)
 class MoE(Record):
     """Mixture-of-Experts layers (Megatron-LM's --num-experts etc.): a top-k router, SequentialMLP
-    experts, an optional shared expert. `ModelConfig.moe` is None for a dense model."""
+    experts, an optional shared expert. `ModelConfig.moe` is None for a dense model.
+
+    Routing is megatron-core's `topk_routing_with_score_function`: softmax scores (after the top-k, or
+    before it with `pre_softmax`), or DeepSeek-V3's sigmoid scores, normalised over the chosen k, with
+    a per-expert bias that only steers the choice (`expert_bias`, the aux-loss-free balancing of
+    arXiv 2408.15664); the choice optionally limited to the `group_topk` best of `num_groups` expert
+    groups; the weights optionally times `scaling_factor`."""
 
     num_experts: int = megatron("num_moe_experts", role=SIZE)
     topk: int = megatron("moe_router_topk", 2, SIZE)
     ffn_hidden_size: int | None = megatron("moe_ffn_hidden_size", None, SIZE)  # None: the dense FFN's
-    layer_freq: int = megatron("moe_layer_freq", 1)  # layer i is MoE when i % layer_freq == 0
+    # which layers are MoE: N every N-th layer from the first (i % N == 0), or one 1/0 per layer
+    # (DeepSeek's dense first layers: first_k_dense_replace)
+    layer_freq: int | tuple[int, ...] = megatron("moe_layer_freq", 1, LAYERS)
     pre_softmax: bool = megatron("moe_router_pre_softmax", False)  # softmax over all experts, then top-k
+    score_function: str = megatron("moe_router_score_function", "softmax")  # or "sigmoid" (DeepSeek-V3)
+    expert_bias: bool = megatron("moe_router_enable_expert_bias", False)  # a bias on the scores that choose
+    num_groups: int | None = megatron("moe_router_num_groups", None)  # experts in this many equal groups
+    group_topk: int | None = megatron("moe_router_group_topk", None)  # ... of which a token uses the best few
+    scaling_factor: float | None = megatron("moe_router_topk_scaling_factor", None)  # the weights times this
     aux_loss_coeff: float = megatron("moe_aux_loss_coeff", 0.0, FREE)  # the load-balancing loss's weight
+    bias_update_rate: float = megatron("moe_router_bias_update_rate", 1e-3, FREE)  # expert_bias's step
     shared_size: int | None = megatron("moe_shared_expert_intermediate_size", None, SIZE)  # always-on FFN
     shared_gate: bool = megatron("moe_shared_expert_gate", False)  # its output times sigmoid(x · gate)
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, tuple[Any, str]]:  # a per-layer list at the flat boundary
+        return {**super().flat_keys(), "moe_layer_freq": (int | list, LAYERS)}
+
+    @classmethod
+    def flat_kwargs(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().flat_kwargs(flat)
+        if isinstance(out.get("layer_freq"), (list, tuple)):
+            out["layer_freq"] = tuple(int(v) for v in out["layer_freq"])
+        return out
+
+    def to_flat(self) -> dict[str, Any]:
+        out = super().to_flat()
+        if isinstance(out["moe_layer_freq"], tuple):
+            out["moe_layer_freq"] = list(out["moe_layer_freq"])
+        return out
 
     @classmethod
     def dense_flat(cls) -> dict[str, Any]:
         """What a dense model spells for these keys: no experts, every other field at its default."""
         return {f.metadata["megatron"]: None if f.default is MISSING else f.default for f in fields(cls)}
 
-    def validate(self, add_bias_linear: bool) -> None:
+    def is_moe_layer(self, index: int) -> bool:
+        if isinstance(self.layer_freq, tuple):
+            return bool(self.layer_freq[index])
+        return index % self.layer_freq == 0
+
+    @property
+    def every_layer(self) -> bool:
+        return self.layer_freq == 1 or (isinstance(self.layer_freq, tuple) and all(self.layer_freq))
+
+    def validate(self, add_bias_linear: bool, num_layers: int) -> None:
         for name, value in (("num_moe_experts", self.num_experts), ("moe_router_topk", self.topk),
-                            ("moe_ffn_hidden_size", self.ffn_hidden_size), ("moe_layer_freq", self.layer_freq)):
+                            ("moe_ffn_hidden_size", self.ffn_hidden_size)):
             positive(name, value)
+        self._validate_layers(num_layers)
         if self.topk > self.num_experts:
             raise ValueError(f"moe_router_topk: {self.topk} exceeds num_moe_experts {self.num_experts}")
-        if self.topk == 1 and not self.pre_softmax:  # megatron-core's rule: a softmax of one is 1
-            raise ValueError("moe_router_pre_softmax: must be true when moe_router_topk is 1")
+        self._validate_scores()
         if self.shared_size is not None:
             positive("moe_shared_expert_intermediate_size", self.shared_size)
         if self.shared_size and add_bias_linear:  # megatron-core asserts it
@@ -307,3 +347,35 @@ class MoE(Record):
                              "biases (add_bias_linear must be false)")
         if self.shared_gate and not self.shared_size:
             raise ValueError("moe_shared_expert_gate: needs moe_shared_expert_intermediate_size")
+
+    def _validate_layers(self, num_layers: int) -> None:
+        freq = self.layer_freq
+        if isinstance(freq, tuple):
+            if len(freq) != num_layers or set(freq) - {0, 1}:
+                raise ValueError(f"moe_layer_freq: one 1 (MoE) or 0 (dense) per layer, {num_layers} in all, "
+                                 f"got {list(freq)}")
+        else:
+            positive("moe_layer_freq", freq)
+
+    def _validate_scores(self) -> None:
+        """megatron-core's TransformerConfig rules for the router."""
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"moe_router_score_function: {self.score_function!r} is not one of {SCORE_FUNCTIONS}")
+        if self.topk == 1 and self.score_function == "softmax" and not self.pre_softmax:  # a softmax of one is 1
+            raise ValueError("moe_router_pre_softmax: must be true when moe_router_topk is 1")
+        if self.expert_bias and self.score_function != "sigmoid":
+            raise ValueError("moe_router_enable_expert_bias: megatron-core's expert bias needs "
+                             "moe_router_score_function sigmoid")
+        if (self.num_groups is None) != (self.group_topk is None):
+            raise ValueError("moe_router_group_topk: group-limited routing needs both it and moe_router_num_groups")
+        if self.num_groups is not None:
+            positive("moe_router_num_groups", self.num_groups)
+            positive("moe_router_group_topk", self.group_topk)
+            if self.num_experts % self.num_groups or self.group_topk > self.num_groups:
+                raise ValueError(f"moe_router_num_groups: {self.num_groups} groups must divide num_moe_experts "
+                                 f"{self.num_experts}, and moe_router_group_topk {self.group_topk} be at most that")
+        if self.scaling_factor is not None and not (self.scaling_factor > 0 and math.isfinite(self.scaling_factor)):
+            raise ValueError(f"moe_router_topk_scaling_factor: must be positive, got {self.scaling_factor}")
+
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")

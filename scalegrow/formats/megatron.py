@@ -122,7 +122,8 @@ def open_megatron(path: str | Path, validate: bool = True) -> MegatronReader:
     tp, pp, ep = (int(getattr(args, f"{k}_model_parallel_size", 1) or 1) for k in ("tensor", "pipeline", "expert"))
     _check_rank_dirs(iter_dir, tp, pp, ep)
     if not validate:
-        dtype = next((v.dtype for v in state0["model"].values() if torch.is_tensor(v)), torch.float32)
+        dtype = next((v.dtype for k, v in state0["model"].items() if torch.is_tensor(v) and not arch.always_fp32(k)),
+                     torch.float32)
         return MegatronReader(root, iteration, args, config, Layout(tp, stages_from_args(args, config), ep), dtype,
                               iter_dir)
     shapes: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
@@ -133,7 +134,7 @@ def open_megatron(path: str | Path, validate: bool = True) -> MegatronReader:
         _check_same_args(file, require_args(state, file), first_file, args)
         model = canonical(state["model"])
         shapes[t, stage, r] = {k: tuple(v.shape) for k, v in model.items() if torch.is_tensor(v)}
-        dtypes.update(v.dtype for v in model.values() if torch.is_tensor(v))
+        dtypes.update(v.dtype for k, v in model.items() if torch.is_tensor(v) and not arch.always_fp32(k))
         del state, model
     del state0
     counts = [_count_layers(shapes[0, stage, 0], iter_dir / rank_dir_name(0, stage, pp, 0, ep)) for stage in range(pp)]
@@ -266,7 +267,8 @@ class MegatronWriter:
                               for t in range(self.layout.tp)]
 
     def _open_file(self, stage: int, tp_rank: int, ep_rank: int, shapes: dict[str, tuple[int, ...]]):
-        slots = {key: TensorSlot(shape, self.dtype) for key, shape in shapes.items()}
+        slots = {key: TensorSlot(shape, torch.float32 if arch.always_fp32(key) else self.dtype)
+                 for key, shape in shapes.items()}
         path = self.file_path(tp_rank, stage, ep_rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = _extra_state_keys(self.cfg, self.layout.stages, stage, self._per_rank)
@@ -283,7 +285,7 @@ class MegatronWriter:
         spec, full = stored
         lkey = local_key(key, self.layout.stages, self._per_rank)
         owner = expert_owner(self.cfg, self.layout.ep, key)
-        shards = sharding.split(spec, full.to(self.dtype), self.layout.tp)
+        shards = sharding.split(spec, full.to(arch.stored_dtype(spec, self.dtype)), self.layout.tp)
         for r in [owner[0]] if owner else range(self.layout.ep):
             for f, shard in zip(self._files[r], shards):
                 if f is not None:

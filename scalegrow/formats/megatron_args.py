@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from scalegrow.core.config import ModelConfig
+from scalegrow.core.features import MoE
 from scalegrow.core.rope_config import RopeScaling
 from scalegrow.formats import hybrid
 
@@ -57,18 +58,16 @@ def _gpt_view(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _moe_from_args(a: dict[str, Any]) -> dict[str, Any]:
-    """The MoE fields from Megatron-LM args (`num_experts`, `moe_*`); a layer pattern list is not read."""
+    """The MoE fields from Megatron-LM args (`num_experts`, `moe_*`): every key the MoE record spells
+    that the args hold (megatron-core's defaults for the others)."""
     if not a.get("num_experts"):
         return {}
     freq = a.get("moe_layer_freq", 1)
-    if not isinstance(freq, int):
-        raise ValueError(f"moe_layer_freq: only an every-Nth-layer integer is supported, got {freq!r}")
-    return dict(num_moe_experts=int(a["num_experts"]), moe_router_topk=int(a.get("moe_router_topk", 2)),
-                moe_ffn_hidden_size=a.get("moe_ffn_hidden_size"), moe_layer_freq=freq,
-                moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax", False)),
-                moe_aux_loss_coeff=float(a.get("moe_aux_loss_coeff", 0.0) or 0.0),
-                moe_shared_expert_intermediate_size=a.get("moe_shared_expert_intermediate_size"),
-                moe_shared_expert_gate=bool(a.get("moe_shared_expert_gate", False)))
+    if not isinstance(freq, (int, list, tuple)):
+        raise ValueError(f"moe_layer_freq: an every-Nth-layer integer or one 0/1 per layer, got {freq!r}")
+    keys = (set(MoE.flat_keys()) - {"num_moe_experts"})
+    return {**{key: a[key] for key in keys if a.get(key) is not None},
+            "num_moe_experts": int(a["num_experts"]), "moe_aux_loss_coeff": float(a.get("moe_aux_loss_coeff") or 0.0)}
 
 
 def config_to_args(cfg: ModelConfig, base: argparse.Namespace | None = None, *, tp: int = 1,

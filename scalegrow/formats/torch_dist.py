@@ -67,7 +67,7 @@ EXPERT_STACK = "mlp.experts.experts."  # experts' tensors, stacked over global e
 
 def homogeneous(cfg: ModelConfig) -> bool:
     """Whether every layer holds the same tensors (megatron-core then stacks them over layers)."""
-    return cfg.moe is None or cfg.moe.layer_freq == 1
+    return cfg.moe is None or cfg.moe.every_layer
 
 
 def placement(cfg: ModelConfig, index: int, name: str,
@@ -225,7 +225,7 @@ class DistWriter:
         self._specs = dict(arch.model_specs(cfg))
         self._chunks = ChunkWriter(self.iter_dir)
         for key, shape in stored_tensors(cfg, self.hybrid_model):
-            self._chunks.declare(key, shape, self.dtype)
+            self._chunks.declare(key, shape, torch.float32 if arch.always_fp32(key) else self.dtype)
         self._queue = WriteQueue()
 
     def open_stage(self, stage: int) -> None:
@@ -236,7 +236,7 @@ class DistWriter:
         if stored is None:
             return
         spec, full = stored
-        for name, offsets, chunk in self._boxes(key, spec, full.to(self.dtype)):
+        for name, offsets, chunk in self._boxes(key, spec, full.to(arch.stored_dtype(spec, self.dtype))):
             self._queue.submit(functools.partial(self._chunks.add_chunk, name, offsets, chunk), self._chunks.path)
 
     def _boxes(self, key: str, spec: TensorSpec, full: torch.Tensor):
@@ -285,7 +285,7 @@ def output_model(cfg: ModelConfig, source: Reader, model: str | None) -> str:
     model = model or getattr(source, "megatron_model", "gpt")
     if model == "hybrid" and not homogeneous(cfg):
         raise InputError(f"--torch-dist-model hybrid: dense and MoE layers mixed (moe_layer_freq "
-                         f"{cfg.moe.layer_freq}) are not supported in HybridModel's layout")
+                         f"{cfg.to_dict()['moe_layer_freq']}) are not supported in HybridModel's layout")
     return model
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from scalegrow.core.model import route
 from scalegrow.formats.base import Reader
 from scalegrow.methods.base import Context
 from scalegrow.methods.calibration import walk
@@ -39,8 +37,7 @@ def routing_mass(source: Reader, tokens: torch.Tensor, device: torch.device = to
         if i in mass:
             mid = layer.attention_residual(x, freqs)
             flat = layer.pre_mlp_layernorm(mid).flatten(0, 1)
-            router = layer.mlp.router
-            weights, index = route(F.linear(flat, router.weight, router.bias), cfg.moe.topk, cfg.moe.pre_softmax)
+            _, weights, index = layer.mlp.router(flat)
             mass[i].index_add_(0, index.flatten().cpu(), weights.flatten().double().cpu())
         return layer(x, freqs)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from scalegrow.core import arch
-from scalegrow.core.model import MoE, TransformerLayer, route
+from scalegrow.core.model import MoE, TransformerLayer
 from scalegrow.data import batch
 from scalegrow.formats.base import Reader
 from scalegrow.methods.base import Context
@@ -159,7 +159,7 @@ def _expert_passes(moe: MoE, x: torch.Tensor, neurons: torch.Tensor | None = Non
     each expert keeps (None: all), and, per expert, the sum of |activation| of its neurons over the
     tokens routed to it [E, F] and how many those were [E]."""
     flat = x.reshape(-1, x.shape[-1])
-    weights, index = route(F.linear(flat, moe.router.weight, moe.router.bias), moe.topk, moe.pre_softmax)
+    _, weights, index = moe.router(flat)
     full, kept, activity, routed = torch.zeros_like(flat), torch.zeros_like(flat), [], []
     for e, expert in enumerate(moe.experts.local_experts):
         token, slot = (index == e).nonzero(as_tuple=True)

@@ -22,9 +22,12 @@ from scalegrow.core.config import ModelConfig
 from scalegrow.operators.base import LayerwiseOperator, require_equal
 
 
+ROUTER_ROLES = (arch.Role.ROUTER_WEIGHT, arch.Role.ROUTER_BIAS, arch.Role.ROUTER_EXPERT_BIAS)  # one row per expert
+
+
 class ExpertMap(LayerwiseOperator):
     """Target expert j of MoE layer i is source expert `experts(i)[j]`, with its router row (and
-    bias); every other tensor passes through."""
+    biases: the logit's, and the score's that only chooses); every other tensor passes through."""
 
     handles_moe = True
 
@@ -43,7 +46,7 @@ class ExpertMap(LayerwiseOperator):
             expert = arch.expert_of(spec.name)
             if expert is not None:
                 out[spec.name] = src[f"{arch.EXPERTS}{self.experts(index)[expert[0]]}.{expert[1]}"]
-            elif spec.role in (arch.Role.ROUTER_WEIGHT, arch.Role.ROUTER_BIAS):
+            elif spec.role in ROUTER_ROLES:
                 out[spec.name] = src[spec.name][self.experts(index)]  # [E_S, ...] -> [E_T, ...]
             else:
                 out[spec.name] = src[spec.name]
@@ -93,6 +96,13 @@ class MoreExperts(ExpertMap):
     before top-k: p'_{e,c} = exp(l_e) / (m·Σ_j exp(l_j)) = p_e / m, again summing to p_e over the
     copies. Σ_e Σ_c (w_e/m)·FFN_e(x) = Σ_e w_e·FFN_e(x). The router logit is thus split evenly between
     the copies by the softmax itself; training moves the copies (and their logits) apart.
+    Sigmoid scores (DeepSeek-V3), normalised over the chosen: the copies tie on s_e + b_e, so the
+    chosen are again the m copies of the source's top k, each weighing s_e / (m·Σ_j s_j) = w_e / m;
+    a scaling factor multiplies both sides. Unnormalised (k = 1) the weights would not split, so that
+    is refused. Grouped experts: the copies of e land in e's group (index e·m + c over groups m times
+    larger), and a group's score, the sum of its m·k/k_g best, is m times the source's over its k/k_g
+    best (softmax after top-k: of the same logits; the other scores: each copy's is s_e / m or s_e,
+    a constant factor either way), so the same groups are chosen.
     """
 
     name = "more-experts"
@@ -105,6 +115,12 @@ class MoreExperts(ExpertMap):
         if m < 2 or rest:
             raise ValueError(f"num_moe_experts: target {target} must be a multiple (x2 or more) of the source's "
                              f"{src.moe.num_experts}")
+        if src.moe.score_function == "sigmoid" and src.moe.topk == 1:
+            raise ValueError("moe_router_topk: a sigmoid router choosing one expert weighs it by its score, which "
+                             "copies cannot split; more-experts needs moe_router_topk of 2 or more there")
+        if src.moe.group_topk and src.moe.topk % src.moe.group_topk:
+            raise ValueError(f"moe_router_group_topk: a group's score sums its moe_router_topk // moe_router_group_topk "
+                             f"best, which copies keep only when {src.moe.group_topk} divides {src.moe.topk}")
         if dst.moe.topk != m * src.moe.topk:
             raise ValueError(f"moe_router_topk: must be {m * src.moe.topk} ({m} x the source's "
                              f"{src.moe.topk}) for {m} copies of every expert to keep the function")

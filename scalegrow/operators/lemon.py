@@ -103,11 +103,6 @@ class LemonGrowth(Operator):
             if bool(src.moe.shared_size) != bool(dst.moe.shared_size):
                 require_equal(src, dst, "moe_shared_expert_intermediate_size", why="LEMON widens a shared expert, "
                               "it does not add or remove one")
-            for j, (i, _) in enumerate(depth_map(src.num_layers, dst.num_layers)):
-                if dst.is_moe_layer(j) != src.is_moe_layer(i):
-                    raise ValueError(f"moe_layer_freq: target layer {j} would copy source layer {i} of the other "
-                                     f"type (dense vs MoE); grow depth with moe_layer_freq 1, or to a layer count "
-                                     f"that keeps the pattern")
         require_equal(src, dst, "kv_channels", why="LEMON keeps the head dimension")
         a, b = src.attention, dst.attention
         if a.qk_norm_across_heads and (b.groups % a.groups or b.per_group % a.per_group):
@@ -219,7 +214,7 @@ class LemonGrowth(Operator):
             return self._neurons(role).split_fanin(self.stream.expand(t, 0), 1, noise)
         if role in (Role.ROUTER_WEIGHT, Role.SHARED_GATE_WEIGHT):  # [E or 1, D_S] read the normed stream, as
             return self.stream.split_fanin(t, 1, noise)  # fc1 does: logits kept
-        if role == Role.ROUTER_BIAS:
+        if role in (Role.ROUTER_BIAS, Role.ROUTER_EXPERT_BIAS):  # per expert: logits and scores kept
             return t
         raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")
 

@@ -118,9 +118,9 @@ class SliceOperator(Operator):
             require_equal(src, dst, key, why="shrink prunes experts with --method prune-experts")
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="heads are kept whole")
-        if src.moe and src.moe.layer_freq > 1 and dst.num_layers != src.num_layers:
+        if src.moe and not src.moe.every_layer and dst.num_layers != src.num_layers:
             raise ValueError(f"num_layers: dropping layers would move the MoE layers of moe_layer_freq "
-                             f"{src.moe.layer_freq}; keep {src.num_layers} layers")
+                             f"{src.to_dict()['moe_layer_freq']}; keep {src.num_layers} layers")
         require_not_larger(src, dst)
         if dst.attention.per_group > src.attention.per_group:
             raise ValueError(f"num_attention_heads: target has {dst.attention.per_group} q heads per group, more "
@@ -198,7 +198,7 @@ class SliceOperator(Operator):
             return halves if role in FC1_BIASES else halves[:, dims]
         if role in (Role.ROUTER_WEIGHT, Role.SHARED_GATE_WEIGHT):  # [E or 1, h]: read the kept dimensions
             return t[:, dims]
-        if role == Role.ROUTER_BIAS:
+        if role in (Role.ROUTER_BIAS, Role.ROUTER_EXPERT_BIAS):  # per expert: the experts stay
             return t
         raise AssertionError(f"no slicing rule for {role!r} ({name})")
 

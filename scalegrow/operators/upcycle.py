@@ -13,13 +13,20 @@ to 1, whatever the router picks:
 - softmax over all experts, then top-k (`moe_router_pre_softmax`): the chosen weights sum to less
   than 1. The router starts at zero, so every weight is 1/E and the k chosen sum to k/E; every
   expert's fc2 weight and bias are scaled by E/k, and the sum is FFN(x) again.
+- sigmoid scores normalised over the chosen k (DeepSeek-V3's router, k > 1): they sum to 1 like the
+  first. With k = 1 the one weight is its score σ(l); the router starts at zero, so it is 1/2, and fc2
+  is scaled by 2. The expert bias (it only steers the choice) starts at zero, as DeepSeek's does.
+- a scaling factor ρ (`moe_router_topk_scaling_factor`) multiplies the weights' sum: fc2 carries 1/ρ.
+- group-limited routing (the best `moe_router_group_topk` of `moe_router_num_groups` groups) only
+  narrows which copies are chosen, which any choice of copies survives.
 Granularity G splits the dense FFN's neurons into G equal segments, FFN(x) = Σ_g FFN_g(x) (fc2 sums
 over neurons; each segment carries fc2's bias / G), and makes E·G experts of FFN/G neurons, top-k·G:
 expert c·G + g is copy c of segment g. The G experts of copy c share one router row, so their logits
 tie and the top k·G are the top k copies with all their segments; softmax over those gives each
-segment π_c / G (π: the softmax over the k copies' logits). fc2 scaled by G makes the layer
-Σ_c π_c · FFN(x) = FFN(x). With softmax before top-k the chosen copies' weights do not sum to a
-constant, so G > 1 needs softmax after top-k.
+segment π_c / G (π: the softmax over the k copies' logits; sigmoid scores normalised over the
+chosen do the same). fc2 scaled by G makes the layer Σ_c π_c · FFN(x) = FFN(x). With softmax before
+top-k the chosen copies' weights do not sum to a constant, so G > 1 needs softmax after top-k or
+normalised sigmoid scores; grouped experts must hold whole copies (the groups divide the E copies).
 `noise` > 0 adds seeded Gaussian noise (relative to each tensor's std) to the copies: this breaks the
 symmetry between experts at the price of exactness.
 """
@@ -71,9 +78,13 @@ class Upcycle(LayerwiseOperator):
             if value % g:
                 raise ValueError(f"{key}: {value} is not a multiple of granularity {g} "
                                  f"(E copies of G segments, top k copies of G segments)")
-        if g > 1 and dst.moe.pre_softmax:
+        if g > 1 and self._router_starts_at_zero(dst.moe):
             raise ValueError(f"moe_router_pre_softmax: granularity {g} keeps the function only with the softmax "
-                             f"after top-k (the chosen weights of a pre-softmax router do not sum to a constant)")
+                             f"after top-k or normalised sigmoid scores (the chosen weights of a pre-softmax router "
+                             f"do not sum to a constant)")
+        if dst.moe.num_groups and (dst.moe.num_experts // g) % dst.moe.num_groups:
+            raise ValueError(f"moe_router_num_groups: {dst.moe.num_groups} groups must divide the "
+                             f"{dst.moe.num_experts // g} copies, so that each group holds whole copies")
 
     def details(self) -> dict:
         return {"num_moe_experts": self.dst.moe.num_experts, "moe_router_topk": self.dst.moe.topk,
@@ -90,15 +101,30 @@ class Upcycle(LayerwiseOperator):
             if expert is not None:
                 segment = self._segment(dense[f"mlp.{expert[1]}"], expert[1], expert[0] % self.granularity)
                 out[spec.name] = self._expert(segment, expert[1], gen)
-            elif spec.role in (arch.Role.ROUTER_WEIGHT, arch.Role.ROUTER_BIAS):
+            elif spec.role in (arch.Role.ROUTER_WEIGHT, arch.Role.ROUTER_BIAS, arch.Role.ROUTER_EXPERT_BIAS):
                 out[spec.name] = self._router(arch.full_shape(self.dst, spec), dense, spec.role, gen)
             else:
                 out[spec.name] = dense[spec.name]
         return out
 
+    @staticmethod
+    def _router_starts_at_zero(moe: MoE) -> bool:
+        """Whether the chosen weights sum to a constant only while every logit is equal (0)."""
+        return moe.pre_softmax and moe.score_function == "softmax" or moe.score_function == "sigmoid" and moe.topk == 1
+
+    def _weight_sum(self) -> float:
+        """What the chosen experts' weights sum to in the upcycled model (see the module docstring)."""
+        moe = self.dst.moe
+        total = moe.topk / moe.num_experts if moe.score_function == "softmax" and moe.pre_softmax else 1.0
+        if moe.score_function == "sigmoid" and moe.topk == 1:
+            total = 0.5  # σ(0)
+        return total * (moe.scaling_factor or 1.0)
+
     def _router(self, shape, dense, role: str, gen: torch.Generator) -> torch.Tensor:
-        like = dense["input_layernorm.weight"]
-        if role == arch.Role.ROUTER_BIAS or self.dst.moe.pre_softmax:
+        like = dense[next(iter(dense))]
+        if role == arch.Role.ROUTER_EXPERT_BIAS:
+            return torch.zeros(shape, dtype=torch.float32)
+        if role == arch.Role.ROUTER_BIAS or self._router_starts_at_zero(self.dst.moe):
             return torch.zeros(shape, dtype=like.dtype)
         g = self.granularity  # one row per copy, repeated for its G segments: [E·G, h]
         rows = torch.randn((shape[0] // g, *shape[1:]), generator=gen) * self.dst.init_method_std
@@ -118,9 +144,9 @@ class Upcycle(LayerwiseOperator):
         return t  # fc2's bias: bias / G per segment, times G
 
     def _expert(self, t: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
-        d = self.dst
-        if d.moe.pre_softmax and name.startswith("linear_fc2"):
-            t = t * (d.moe.num_experts / d.moe.topk)  # the k chosen weights sum to k/E
+        total = self._weight_sum()
+        if total != 1.0 and name.startswith("linear_fc2"):
+            t = t * (1.0 / total)  # the k chosen weights sum to `total`
         if self.noise and t.device.type != "meta":
             t = t + torch.randn(t.shape, generator=gen).to(t.dtype) * (self.noise * t.float().std().item())
         return t.clone()
