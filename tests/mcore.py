@@ -55,6 +55,10 @@ def install_cpu_shims() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     moe_utils.te_general_gemm = None  # without Transformer Engine the router references an undefined name
+    from megatron.core.transformer import multi_latent_attention
+
+    if not isinstance(multi_latent_attention.TELinear, type):  # a stub (a mock) without Transformer Engine
+        multi_latent_attention.HAVE_TE = False
     from megatron.core.fusions import fused_softmax
 
     window_mask = fused_softmax.get_sliding_window_causal_mask  # builds its mask on "cuda": on the CPU here
@@ -96,11 +100,13 @@ def init_parallel(tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, 
 def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | None = None,
                        last: int | None = None, **extra):
     """megatron-core `TransformerConfig` for `cfg`, with CPU-safe fusion settings."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
     from megatron.core.transformer.utils import openai_gelu
 
     gelu = openai_gelu if cfg.mlp.activation == "gelu_tanh" else F.gelu
-    return TransformerConfig(
+    config = TransformerConfig if cfg.mla is None else MLATransformerConfig
+    extra = {**extra, **_mla(cfg)} if cfg.mla is not None else extra
+    return config(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.mlp.ffn_hidden_size,
         num_attention_heads=cfg.attention.heads, num_query_groups=cfg.attention.groups,
         kv_channels=cfg.attention.head_dim, normalization=cfg.norm.kind, layernorm_epsilon=cfg.norm.eps,
@@ -117,6 +123,50 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | 
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         **_moe(cfg), **extra,
     )
+
+
+def _mla(cfg: ModelConfig) -> dict:
+    """Multi-latent attention's settings: the ranks and head dims, and rope (YaRN as MLA spells it)."""
+    flat = {key: value for key, value in cfg.mla.to_flat().items() if key != "multi_latent_attention"}
+    yarn = cfg.rope.yarn
+    if yarn is None:
+        return {**flat, "rope_type": "rope", "rotary_base": cfg.rope.base, "mscale_all_dim": 0.0}
+    return {**flat, "rope_type": "yarn", "rotary_base": cfg.rope.base, "rotary_scaling_factor": yarn.factor,
+            "original_max_position_embeddings": yarn.original_max_position, "beta_fast": yarn.beta_fast,
+            "beta_slow": yarn.beta_slow, "mscale": yarn.mscale or 1.0, "mscale_all_dim": yarn.mscale_all_dim or 0.0}
+
+
+class CpuCoreAttention(torch.nn.Module):
+    """Causal softmax attention for megatron-core's MLA on the CPU (its local DotProductAttention
+    takes no separate key and value widths; Transformer Engine's does, on a GPU). Everything
+    multi-latent (projections, latent norms, the rope's pairs, YaRN's scales) stays megatron-core's."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, **_):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, n, d] -> [b, n, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).flatten(2)  # [s, b, n * dv]
+
+
+def _cpu_mla(spec):
+    """`spec` (a layer's, or a block's layers') with MLA's core attention on the CPU, and its
+    torch_dist keys those of Megatron-LM's Transformer-Engine MLA spec (the latents' norms fused into
+    the up projections, a dense layer's pre-MLP norm into linear_fc1), as the local spec's map does
+    for the usual attention; the local MLA spec has no such map."""
+    for layer in getattr(spec, "layer_specs", None) or [spec]:
+        attention = layer.submodules.self_attention
+        if "MLA" in attention.module.__name__:
+            attention.submodules.core_attention = CpuCoreAttention
+            keys = {"self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+                    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_"}
+            if "MoE" not in layer.submodules.mlp.module.__name__:
+                keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+            layer.submodules.sharded_state_dict_keys_map = keys
+    return spec
 
 
 def _moe(cfg: ModelConfig) -> dict:
@@ -138,9 +188,11 @@ def build_gpt(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = Tr
 
         config = transformer_config(cfg, tp, pp, first, last, **extra)
         spec = get_gpt_layer_local_spec(normalization=cfg.norm.kind, qk_layernorm=cfg.attention.qk_norm,
-                                        num_experts=cfg.moe and cfg.moe.num_experts, moe_grouped_gemm=False)
+                                        num_experts=cfg.moe and cfg.moe.num_experts, moe_grouped_gemm=False,
+                                        multi_latent_attention=cfg.mla is not None)
         if cfg.moe and not cfg.moe.every_layer:  # dense and MoE layers mixed: a block spec
             spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=cfg.norm.kind)
+        spec = _cpu_mla(spec)
         return GPTModel(
             config=config, transformer_layer_spec=spec,
             vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,

@@ -27,6 +27,8 @@ def test_reference_matches_megatron_core(mcore, norm, swiglu, attn, pos, untied,
     assert_parity(mcore, tiny_config(norm, swiglu, attn, pos, untied, bias))
 
 
+MLA = dict(multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=24, qk_head_dim=16, qk_pos_emb_head_dim=8,
+           v_head_dim=12, qk_layernorm=True)
 FEATURES = {  # beyond the product: what Hugging Face families bring
     "qk-layernorm-rms (Qwen3)": ("RMSNorm", True, "gqa", "rope", True, False, dict(qk_layernorm=True)),
     "qk-layernorm-ln": ("LayerNorm", False, "mha", "rope", False, True, dict(qk_layernorm=True)),
@@ -61,6 +63,20 @@ FEATURES = {  # beyond the product: what Hugging Face families bring
     "moe-sigmoid-top1-scaled": ("RMSNorm", True, "mha", "rope", True, False,
                                 dict(num_moe_experts=4, moe_router_topk=1, moe_router_score_function="sigmoid",
                                      moe_router_topk_scaling_factor=1.5)),
+    # multi-latent attention (DeepSeek-V2/V3): q and KV latents with their norms, decoupled rope on
+    # interleaved pairs; without a q latent and with YaRN's mscale in the softmax (V2-Lite); with
+    # DeepSeek-V3's routing and shared expert after a dense first layer
+    "mla-q-latent": ("RMSNorm", True, "mha", "rope", True, False, dict(MLA, rotary_percent=1.0)),
+    "mla-no-q-latent-yarn": ("RMSNorm", True, "mha", "rope", False, False,
+                             dict(MLA, rotary_percent=1.0, q_lora_rank=None, use_yarn=True,
+                                  yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=8,
+                                  yarn_mscale=1.0, yarn_mscale_all_dim=0.8)),
+    "mla-deepseek-v3-moe": ("RMSNorm", True, "mha", "rope", True, False,
+                            dict(MLA, rotary_percent=1.0, num_layers=3, num_moe_experts=8, moe_router_topk=4,
+                                 moe_ffn_hidden_size=24, moe_router_score_function="sigmoid",
+                                 moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+                                 moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=48,
+                                 moe_layer_freq=[0, 1, 1])),
     "moe-softmax-groups": ("RMSNorm", True, "mha", "rope", True, False,
                            dict(num_moe_experts=6, moe_router_topk=2, moe_router_pre_softmax=True,
                                 moe_router_num_groups=3, moe_router_group_topk=1)),

@@ -35,6 +35,14 @@ class Role:
     Q_NORM_ALL_WEIGHT = "q_norm_all_weight"  # OLMo 2: one norm over every q head's dimensions at once
     K_NORM_ALL_WEIGHT = "k_norm_all_weight"  # ... and over every query group's k
     PROJ_WEIGHT = "proj_weight"
+    # multi-latent attention (core/mla_config.py): the latents' down projections, their norms, the ups
+    MLA_Q_DOWN_WEIGHT = "mla_q_down_weight"  # [q_lora_rank, hidden]
+    MLA_Q_UP_WEIGHT = "mla_q_up_weight"  # [heads * (qk_head_dim + rope), q_lora_rank]
+    MLA_Q_WEIGHT = "mla_q_weight"  # [heads * (qk_head_dim + rope), hidden]: q without a latent
+    MLA_KV_DOWN_WEIGHT = "mla_kv_down_weight"  # [kv_lora_rank + rope, hidden]: the KV latent; the shared rope key
+    MLA_KV_UP_WEIGHT = "mla_kv_up_weight"  # [heads * (qk_head_dim + v_head_dim), kv_lora_rank]
+    Q_LATENT_NORM_WEIGHT = "q_latent_norm_weight"  # [q_lora_rank]
+    KV_LATENT_NORM_WEIGHT = "kv_latent_norm_weight"  # [kv_lora_rank]
     FC1_WEIGHT = "fc1_weight"
     FC1_BIAS = "fc1_bias"
     FC2_WEIGHT = "fc2_weight"
@@ -80,7 +88,14 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     Role.QK_NORM_BIAS: lambda c: (c.attention.head_dim,),
     Role.Q_NORM_ALL_WEIGHT: lambda c: (c.attention.heads * c.attention.head_dim,),
     Role.K_NORM_ALL_WEIGHT: lambda c: (c.attention.groups * c.attention.head_dim,),
-    Role.PROJ_WEIGHT: lambda c: (c.hidden_size, c.attention.proj_in),
+    Role.PROJ_WEIGHT: lambda c: (c.hidden_size, c.proj_in),
+    Role.MLA_Q_DOWN_WEIGHT: lambda c: (c.mla.q_lora_rank, c.hidden_size),
+    Role.MLA_Q_UP_WEIGHT: lambda c: (c.mla.q_rows(c.attention.heads), c.mla.q_lora_rank),
+    Role.MLA_Q_WEIGHT: lambda c: (c.mla.q_rows(c.attention.heads), c.hidden_size),
+    Role.MLA_KV_DOWN_WEIGHT: lambda c: (c.mla.kv_down_rows, c.hidden_size),
+    Role.MLA_KV_UP_WEIGHT: lambda c: (c.mla.kv_up_rows(c.attention.heads), c.mla.kv_lora_rank),
+    Role.Q_LATENT_NORM_WEIGHT: lambda c: (c.mla.q_lora_rank,),
+    Role.KV_LATENT_NORM_WEIGHT: lambda c: (c.mla.kv_lora_rank,),
     Role.FC1_WEIGHT: lambda c: (c.mlp.fc1_rows, c.hidden_size),
     Role.FC1_BIAS: lambda c: (c.mlp.fc1_rows,),
     Role.FC2_WEIGHT: lambda c: (c.hidden_size, c.mlp.ffn_hidden_size),
@@ -178,6 +193,9 @@ def attention_specs(cfg: ModelConfig) -> list[TensorSpec]:
     specs.append(TensorSpec("self_attention.linear_proj.weight", Role.PROJ_WEIGHT, 1))
     if cfg.add_bias_linear:
         specs.append(TensorSpec("self_attention.linear_proj.bias", Role.OUT_BIAS, None))
+    if cfg.mla is not None:
+        return specs + mla_specs(cfg) + post_norm_specs(cfg, "post_self_attn_layernorm") + \
+            pre_norm_specs(cfg, "pre_mlp_layernorm")
     specs.append(TensorSpec("self_attention.linear_qkv.weight", Role.QKV_WEIGHT, 0, QKV))
     if cfg.has_qkv_bias:
         specs.append(TensorSpec("self_attention.linear_qkv.bias", Role.QKV_BIAS, 0, QKV))
@@ -190,6 +208,24 @@ def attention_specs(cfg: ModelConfig) -> list[TensorSpec]:
             if cfg.norm.has_bias:
                 specs.append(TensorSpec(f"self_attention.{which}_layernorm.bias", Role.QK_NORM_BIAS, None))
     return specs + post_norm_specs(cfg, "post_self_attn_layernorm") + pre_norm_specs(cfg, "pre_mlp_layernorm")
+
+
+def mla_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """Multi-latent attention's projections (megatron-core's MLASelfAttention, local spec: every one
+    column-parallel, so TP splits their rows, the down projections' too) and the latents' norms."""
+    sa = "self_attention."
+    if cfg.mla.q_lora_rank is None:
+        specs = [TensorSpec(f"{sa}linear_q_proj.weight", Role.MLA_Q_WEIGHT, 0)]
+    else:
+        specs = [TensorSpec(f"{sa}linear_q_down_proj.weight", Role.MLA_Q_DOWN_WEIGHT, 0),
+                 TensorSpec(f"{sa}linear_q_up_proj.weight", Role.MLA_Q_UP_WEIGHT, 0)]
+    specs += [TensorSpec(f"{sa}linear_kv_down_proj.weight", Role.MLA_KV_DOWN_WEIGHT, 0),
+              TensorSpec(f"{sa}linear_kv_up_proj.weight", Role.MLA_KV_UP_WEIGHT, 0)]
+    if cfg.attention.qk_norm:
+        if cfg.mla.q_lora_rank is not None:
+            specs.append(TensorSpec(f"{sa}q_layernorm.weight", Role.Q_LATENT_NORM_WEIGHT, None))
+        specs.append(TensorSpec(f"{sa}kv_layernorm.weight", Role.KV_LATENT_NORM_WEIGHT, None))
+    return specs
 
 
 def pre_norm_specs(cfg: ModelConfig, name: str) -> list[TensorSpec]:
@@ -290,10 +326,26 @@ TE_ALIASES = {
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 TE_NAMES = {local: te for te, local in TE_ALIASES.items()}  # local-spec name -> TE spelling
+# ... and multi-latent attention's TE spec: the latents' norms fused into the up projections, the
+# input norm apart (the down projections are plain linears), an MoE layer's pre-MLP norm apart
+MLA_TE_ALIASES = {
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
+}
+MLA_TE_NAMES = {local: te for te, local in MLA_TE_ALIASES.items()}
 
 
 def canonical_layer_name(name: str) -> str:
-    return TE_ALIASES.get(name, name)
+    return TE_ALIASES.get(name, MLA_TE_ALIASES.get(name, name))
+
+
+def te_layer_name(cfg: ModelConfig, index: int, name: str) -> str:
+    """Layer `index`'s tensor `name` as Megatron-LM's Transformer-Engine spec stores it (torch_dist)."""
+    if cfg.mla is None:
+        return TE_NAMES.get(name, name)
+    if name.startswith("input_layernorm.") or (name.startswith("pre_mlp_layernorm.") and cfg.is_moe_layer(index)):
+        return name
+    return MLA_TE_NAMES.get(name, TE_NAMES.get(name, name))
 
 
 # Modules whose `_extra_state` megatron-core's local spec puts in every state dict.
@@ -304,11 +356,20 @@ LAYER_EXTRA_STATE = ("self_attention.linear_proj._extra_state", "self_attention.
 def layer_extra_state(cfg: ModelConfig, index: int, experts: range | None = None) -> tuple[str, ...]:
     """The `_extra_state` names of layer `index`; an MoE layer's are per expert (`experts`: the
     global indices a file holds, numbered from 0 in it)."""
+    attention = LAYER_EXTRA_STATE[:2] if cfg.mla is None else mla_extra_state(cfg)
     if not cfg.is_moe_layer(index):
-        return LAYER_EXTRA_STATE
+        return attention + LAYER_EXTRA_STATE[2:]
     experts = experts if experts else range(cfg.moe.num_experts)
     shared = (f"{SHARED}linear_fc1._extra_state", f"{SHARED}linear_fc2._extra_state") \
         if cfg.moe.shared_size else ()
-    return LAYER_EXTRA_STATE[:2] + tuple(f"{EXPERTS}{local}.{m}._extra_state" for local in range(len(experts))
+    return attention + tuple(f"{EXPERTS}{local}.{m}._extra_state" for local in range(len(experts))
                                          for m in ("linear_fc1", "linear_fc2")) + shared
+
+
+def mla_extra_state(cfg: ModelConfig) -> tuple[str, ...]:
+    """The `_extra_state` names of multi-latent attention's linear layers."""
+    return ("self_attention.linear_proj._extra_state",) + tuple(
+        spec.name.replace(".weight", "._extra_state") for spec in mla_specs(cfg) if "linear_" in spec.name)
+
+
 OUTPUT_EXTRA_STATE = "output_layer._extra_state"

@@ -27,11 +27,14 @@ from scalegrow.core.features import (
     megatron,
     positive,
 )
+from scalegrow.core.mla_config import MLA
 from scalegrow.core.rope_config import Rope
 from scalegrow.core.typed import coerce, load_yaml_mapping
 from scalegrow.errors import InputError
 
-RECORDS = {"attention": Attention, "mlp": MLP, "norm": Norm, "embedding": Embedding, "rope": Rope, "moe": MoE}
+RECORDS = {"attention": Attention, "mlp": MLP, "norm": Norm, "embedding": Embedding, "rope": Rope, "moe": MoE,
+           "mla": MLA}
+ABSENT = {"moe": MoE.dense_flat, "mla": MLA.absent_flat}  # how a model without the record spells its keys
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ModelConfig(Record):
     embedding: Embedding = field(default_factory=Embedding)
     rope: Rope = field(default_factory=Rope)
     moe: MoE | None = None  # None: a dense FFN in every layer
+    mla: MLA | None = None  # None: the usual attention (QKV in query groups)
     add_bias_linear: bool = megatron("add_bias_linear", True)  # biases on every linear layer
     max_position_embeddings: int = megatron("max_position_embeddings", 2048)
     init_method_std: float = megatron("init_method_std", 0.02, FREE)
@@ -75,15 +79,36 @@ class ModelConfig(Record):
         self.attention.validate(self.hidden_size, self.num_layers)
         self.norm.validate()
         self.embedding.validate()
-        self.rope.validate(self.attention.head_dim, used=self.embedding.position == "rope")
+        rope_dim = self.mla.qk_pos_emb_head_dim if self.mla else self.attention.head_dim
+        self.rope.validate(rope_dim, used=self.embedding.position == "rope")
         if self.moe is not None:
             self.moe.validate(self.add_bias_linear, self.num_layers)
+        if self.mla is not None:
+            self._validate_mla()
         if self.final_softcap is not None and not self.final_softcap > 0:
             raise ValueError(f"final_logit_softcapping: must be positive, got {self.final_softcap}")
         if self.vocab_size is not None and self.vocab_size > self.padded_vocab_size:
             raise ValueError(f"vocab_size: {self.vocab_size} exceeds padded_vocab_size {self.padded_vocab_size}")
 
+    def _validate_mla(self) -> None:
+        """What megatron-core's MLASelfAttention has: every head its own (no query groups), rope on its
+        own channels (all of them), no q/k/v biases, no windows or soft-caps."""
+        self.mla.validate()
+        a = self.attention
+        for name, bad in (("num_query_groups", a.groups != a.heads), ("position_embedding_type", self.embedding.position
+                          != "rope"), ("rotary_percent", self.rope.percent != 1.0), ("add_qkv_bias", a.qkv_bias),
+                          ("qk_layernorm_across_heads", a.qk_norm_across_heads), ("window_size", a.window is not None),
+                          ("attn_logit_softcapping", a.softcap is not None), ("rotary_base_local", self.rope.local_base
+                          is not None), ("normalization", self.norm.kind != "RMSNorm")):
+            if bad:
+                raise ValueError(f"{name}: {self.to_dict()[name]!r} does not apply to multi-latent attention")
+
     # ---- what the records say together ------------------------------------------------------
+    @property
+    def proj_in(self) -> int:
+        """Columns of linear_proj: every head's output (v_head_dim each under MLA)."""
+        return self.attention.heads * self.mla.v_head_dim if self.mla else self.attention.proj_in
+
     @property
     def has_qkv_bias(self) -> bool:
         return self.add_bias_linear or self.attention.qkv_bias
@@ -124,6 +149,10 @@ class ModelConfig(Record):
                      "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if flat[name] is not None and flat[name] % tp:
                 raise ValueError(f"{name}: {flat[name]} is not divisible by tensor parallel size {tp}")
+        if self.mla and (self.mla.q_lora_rank or 0) % tp + self.mla.kv_down_rows % tp:  # column-parallel downs
+            raise ValueError(f"q_lora_rank: {self.mla.q_lora_rank} and kv_lora_rank + qk_pos_emb_head_dim "
+                             f"{self.mla.kv_down_rows} must be divisible by tensor parallel size {tp} (megatron-core's "
+                             f"local spec splits the latents' down projections)")
         if self.moe and self.add_bias_linear and tp > 1:  # megatron-core's rule, as it asserts
             raise ValueError(f"add_bias_linear: megatron-core supports MoE biases only without tensor "
                              f"parallel experts; write this model at tensor parallel size 1, not {tp}")
@@ -133,15 +162,16 @@ class ModelConfig(Record):
         out = self.to_flat()
         for name, record in RECORDS.items():
             value = getattr(self, name)
-            out.update(MoE.dense_flat() if value is None else value.to_flat())
+            out.update(ABSENT[name]() if value is None else value.to_flat())
         return out
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "ModelConfig":
         """From Megatron-named values (checked and typed already); missing ones take defaults."""
-        records = {name: record.from_flat(flat) for name, record in RECORDS.items() if name != "moe"}
+        records = {name: record.from_flat(flat) for name, record in RECORDS.items() if name not in ABSENT}
         moe = MoE.from_flat(flat) if flat.get("num_moe_experts") is not None else None
-        return cls(**cls.flat_kwargs(flat), **records, moe=moe)
+        mla = MLA.from_flat(flat) if flat.get("multi_latent_attention") else None
+        return cls(**cls.flat_kwargs(flat), **records, moe=moe, mla=mla)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some Megatron-named values changed (`replace(hidden_size=128, swiglu=True)`)."""

@@ -33,5 +33,12 @@ def flops_per_token(cfg: ModelConfig, seq_length: int, training: bool = True) ->
     is a matrix of its own."""
     lookups = cfg.hidden_size * ((not cfg.embedding.tied) * cfg.padded_vocab_size
                                  + cfg.embedding.learned_positions * cfg.max_position_embeddings)
-    attention = cfg.num_layers * seq_length * cfg.attention.proj_in
+    attention = cfg.num_layers * seq_length * cfg.attention.heads * _score_and_value_width(cfg)
     return (6.0 if training else 2.0) * (num_active_parameters(cfg) - lookups + attention)
+
+
+def _score_and_value_width(cfg: ModelConfig) -> float:
+    """Per head, the mean of the q·k and the weights·v widths (both head_dim; MLA's are qk + rope and v)."""
+    if cfg.mla is None:
+        return cfg.attention.head_dim
+    return (cfg.mla.q_head_dim + cfg.mla.v_head_dim) / 2

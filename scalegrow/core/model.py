@@ -16,6 +16,7 @@ from torch import nn
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.layers.attention import Rotary, SelfAttention, rotary_tables
 from scalegrow.core.layers.blocks import MLP, make_norm
+from scalegrow.core.layers.mla import MLASelfAttention
 from scalegrow.core.layers.moe import MoE
 
 __all__ = ["GPT", "Embedding", "MoE", "MLP", "Rotary", "SelfAttention", "TransformerLayer", "init_weights",
@@ -50,7 +51,7 @@ class TransformerLayer(nn.Module):
         pre = (lambda: make_norm(cfg)) if cfg.norm.pre else nn.Identity  # Identity: no state-dict key
         post = (lambda: make_norm(cfg)) if cfg.norm.post else nn.Identity
         self.input_layernorm = pre()
-        self.self_attention = SelfAttention(cfg, index)
+        self.self_attention = SelfAttention(cfg, index) if cfg.mla is None else MLASelfAttention(cfg)
         self.post_self_attn_layernorm = post()
         self.pre_mlp_layernorm = pre()
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)

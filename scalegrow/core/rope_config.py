@@ -58,8 +58,13 @@ class Yarn(Record):
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale and self.mscale_all_dim:
-            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
-        return _yarn_mscale(self.factor, 1.0)
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor, 1.0)
+
+    def softmax_mscale(self) -> float:
+        """DeepSeek's (multi-latent attention's) extra softmax factor, mscale(factor, mscale_all_dim)²
+        (megatron-core's MLA and transformers' DeepSeek-V2/V3 apply it; 1 without mscale_all_dim)."""
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
     def validate(self) -> None:
         if not self.factor > 0:
@@ -67,7 +72,7 @@ class Yarn(Record):
         positive("yarn_original_max_position_embeddings", self.original_max_position)
 
 
-def _yarn_mscale(factor: float, mscale: float) -> float:
+def yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 

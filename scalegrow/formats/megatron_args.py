@@ -9,6 +9,7 @@ import torch
 
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.features import MoE
+from scalegrow.core.mla_config import MLA
 from scalegrow.core.rope_config import RopeScaling
 from scalegrow.formats import hybrid
 
@@ -33,8 +34,40 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         qk_layernorm=bool(a.get("qk_layernorm", False)), init_method_std=float(a.get("init_method_std", 0.02)),
         make_vocab_size_divisible_by=int(a.get("make_vocab_size_divisible_by", 128)), vocab_size=a.get("vocab_size"),
         window_size=a.get("window_size"), window_attn_skip_freq=a.get("window_attn_skip_freq"),
-        **_rope_scaling_from_args(a), **_moe_from_args(a))
+        **_rope_scaling_from_args(a), **_moe_from_args(a), **_mla_from_args(a))
     return ModelConfig.from_flat(flat)
+
+
+# Megatron-LM's spelling of MLA's YaRN (--rope-type yarn, its MLATransformerConfig names) -> the Yarn record's
+MLA_YARN = {"rotary_scaling_factor": "yarn_rotary_scaling_factor", "mscale": "yarn_mscale",
+            "mscale_all_dim": "yarn_mscale_all_dim", "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow",
+            "original_max_position_embeddings": "yarn_original_max_position_embeddings"}
+MLA_YARN_DEFAULTS = {"rotary_scaling_factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.0, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "original_max_position_embeddings": 4096}  # MLATransformerConfig's
+
+
+def _mla_from_args(a: dict[str, Any]) -> dict[str, Any]:
+    """Multi-latent attention's sizes and, under --rope-type yarn (MLA's default), its YaRN."""
+    if not a.get("multi_latent_attention"):
+        return {}
+    out = {key: a[key] for key in MLA.flat_keys() if key in a}
+    if (a.get("rope_type") or "yarn") == "yarn":
+        out.update({"use_yarn": True, **{ours: a.get(theirs, MLA_YARN_DEFAULTS[theirs]) for theirs, ours in
+                                         MLA_YARN.items()}})
+    return out
+
+
+def _mla_to_args(cfg: ModelConfig) -> dict[str, Any]:
+    """Megatron-LM's MLA rope arguments (the record's own keys are in `cfg.to_dict()` already)."""
+    if cfg.mla is None:
+        return {}
+    yarn = cfg.rope.yarn
+    if yarn is None:
+        return {"rope_type": "rope", "mscale_all_dim": 0.0}
+    values = {"rotary_scaling_factor": yarn.factor, "mscale": yarn.mscale or 1.0, "mscale_all_dim": yarn.mscale_all_dim
+              or 0.0, "beta_fast": yarn.beta_fast, "beta_slow": yarn.beta_slow,
+              "original_max_position_embeddings": yarn.original_max_position}
+    return {"rope_type": "yarn", **values}
 
 
 def _rope_scaling_from_args(a: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +118,7 @@ def config_to_args(cfg: ModelConfig, base: argparse.Namespace | None = None, *, 
     if cfg.vocab_size is None:
         updates.pop("vocab_size")
     updates["num_experts"] = updates.pop("num_moe_experts")  # Megatron-LM's name
+    updates.update(_mla_to_args(cfg))
     if updates["window_size"] is not None:  # Megatron-LM parses --window-size into a tuple
         updates["window_size"] = tuple(updates["window_size"])
     if getattr(args, "seq_length", None) is None:

@@ -14,6 +14,7 @@ from scalegrow.core import arch, sharding
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.layout import Layout, Stages
+from scalegrow.core.rope_config import yarn_mscale
 from scalegrow.errors import InputError
 from scalegrow.formats import hybrid
 from scalegrow.formats.base import nbytes
@@ -115,19 +116,35 @@ def refuse_unrepresentable(cfg: ModelConfig) -> None:
     if cfg.mlp.gated and cfg.mlp.activation != "silu":
         raise InputError(f"gated_linear_unit: a gated {cfg.mlp.activation} FFN (GeGLU) has no Megatron-LM argument "
                          f"(--swiglu gates SiLU only); write it with --format hf")
-    if cfg.attention.softmax_scale is not None and cfg.attention.softmax_scale != cfg.attention.head_dim ** -0.5:
+    head_dim = cfg.mla.q_head_dim if cfg.mla else cfg.attention.head_dim
+    if cfg.attention.softmax_scale is not None and cfg.attention.softmax_scale != head_dim ** -0.5:
         raise InputError(f"softmax_scale: {cfg.attention.softmax_scale!r} is not 1/sqrt(kv_channels), and "
                          f"Megatron-LM's arguments have no other attention scale; write it with --format hf")
-    if cfg.rope.yarn is not None:
-        raise InputError("use_yarn: megatron-core's GPTModel takes YaRN's settings only from an MLA config "
-                         "(its plain TransformerConfig has no yarn_* fields), so a Megatron checkpoint of this "
-                         "model would not load as it computes; write it with --format hf")
+    _refuse_yarn(cfg)
     scaling = cfg.rope.scaling
     if scaling is not None and not scaling.megatron_core_constants:
         raise InputError(
             f"rope_scaling: megatron-core's llama3 rope scaling fixes low_freq_factor 1, high_freq_factor 4 and "
             f"original_max_position_embeddings 8192; this model has {scaling.low_freq_factor:g}, "
             f"{scaling.high_freq_factor:g} and {scaling.original_max_position} (write it with --format hf)")
+
+
+def _refuse_yarn(cfg: ModelConfig) -> None:
+    """megatron-core reads YaRN only from an MLA config, and computes its cos/sin factor always as
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim), rounding the ramp's ends."""
+    yarn = cfg.rope.yarn
+    if yarn is None:
+        return
+    if cfg.mla is None:
+        raise InputError("use_yarn: megatron-core's GPTModel takes YaRN's settings only from an MLA config "
+                         "(its plain TransformerConfig has no yarn_* fields), so a Megatron checkpoint of this "
+                         "model would not load as it computes; write it with --format hf")
+    theirs = yarn_mscale(yarn.factor, yarn.mscale or 1.0) / yarn_mscale(yarn.factor, yarn.mscale_all_dim or 0.0)
+    if not yarn.truncate or abs(yarn.scale() - theirs) > 1e-12 * yarn.scale():
+        raise InputError(f"use_yarn: megatron-core's MLA YaRN scales cos and sin by mscale(factor, mscale) / "
+                         f"mscale(factor, mscale_all_dim) = {theirs:.6g} and rounds the ramp's ends; "
+                         f"this model's are {yarn.scale():.6g} (yarn_correction_range_round_to_int {yarn.truncate}); "
+                         f"write it with --format hf")
 
 
 def megatron_args(cfg: ModelConfig, base: argparse.Namespace | None, layout: Layout,

@@ -77,7 +77,7 @@ def placement(cfg: ModelConfig, index: int, name: str,
     key per layer, as HybridModel's layout does (at its own layer index, `hybrid.py`). An expert's
     tensor is stacked over the experts too: [(L,) E, ...] at ((index,) e)."""
     expert = arch.expert_of(name)
-    local = arch.TE_NAMES.get(name, name) if expert is None else EXPERT_STACK + expert[1]
+    local = arch.te_layer_name(cfg, index, name) if expert is None else EXPERT_STACK + expert[1]
     if hybrid_model:
         key, offsets, sizes = arch.layer_key(hybrid.layer_index(index, name), local), (), ()
     elif homogeneous(cfg):

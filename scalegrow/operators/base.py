@@ -94,11 +94,15 @@ class Operator:
 
     name = ""
     handles_moe = False  # an operator with rules for MoE layers (router, experts) sets this
+    handles_mla = False  # ... and for multi-latent attention's projections and latent norms
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0):
         if (src.moe or dst.moe) and not self.handles_moe:
             raise ValueError(f"num_moe_experts: {self.name} has no rules for MoE layers yet (lemon, upcycle, "
                              f"more-experts, subclone, drop-layers and prune-experts have)")
+        if (src.mla or dst.mla) and not self.handles_mla:
+            raise ValueError(f"multi_latent_attention: {self.name} has no rules for multi-latent attention yet "
+                             f"(convert, upcycle, more-experts and prune-experts pass it through)")
         self.src = src
         self.dst = self.resolve(src, dst)
         self.seed = seed

@@ -30,6 +30,7 @@ class ExpertMap(LayerwiseOperator):
     biases: the logit's, and the score's that only chooses); every other tensor passes through."""
 
     handles_moe = True
+    handles_mla = True  # attention passes through
 
     def experts(self, index: int) -> list[int]:
         raise NotImplementedError

@@ -12,6 +12,7 @@ from scalegrow.operators.base import LayerwiseOperator, require_equal
 class Identity(LayerwiseOperator):
     name = "identity"
     handles_moe = True  # every tensor passes through, whatever its role
+    handles_mla = True  # attention passes through
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         for key in src.to_dict():

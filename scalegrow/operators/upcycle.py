@@ -43,6 +43,7 @@ from scalegrow.operators.base import LayerwiseOperator, require_equal
 class Upcycle(LayerwiseOperator):
     name = "upcycle"
     handles_moe = True
+    handles_mla = True  # attention passes through
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0, noise: float = 0.0, granularity: int = 1):
         self.noise, self.granularity = noise, granularity

@@ -32,10 +32,10 @@ def rotary_tables(cfg: ModelConfig, seq_len: int, device=None) -> Rotary | None:
     """The rotary tables of `cfg` over `seq_len` positions (None: learned positions, no rope)."""
     if cfg.embedding.position != "rope":
         return None
-    full = rope_angles(cfg.rope, cfg.attention.head_dim, seq_len, device)
+    dim = cfg.mla.qk_pos_emb_head_dim if cfg.mla else cfg.attention.head_dim  # MLA: rope's own channels
+    full = rope_angles(cfg.rope, dim, seq_len, device)
     local = cfg.rope.local_base
-    window = None if local is None else rope_angles(Rope(base=local, percent=cfg.rope.percent),
-                                                    cfg.attention.head_dim, seq_len, device)
+    window = None if local is None else rope_angles(Rope(base=local, percent=cfg.rope.percent), dim, seq_len, device)
     return Rotary(full, window, attention_factor(cfg.rope))
 
 
