@@ -34,7 +34,23 @@ def hf_config(family: str):
                                                              shared_expert_intermediate_size=80),
             "gemma2": lambda: gemma_config(family), "gemma3_text": lambda: gemma_config(family),
             "olmo2": lambda: transformers.Olmo2Config(**COMMON, **rope, pad_token_id=None),
+            "deepseek_v3": lambda: deepseek_config(),
             }[family]()
+
+
+def deepseek_config(**changes):
+    """DeepSeek-V3 in small: q and KV latents, YaRN with both mscales, a dense first layer, then 8
+    routed experts in 4 groups (a token's 4 from its best 2), scaled by 2.5, and 2 shared experts."""
+    import transformers
+
+    yarn = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}
+    values = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8,
+                  routed_scaling_factor=2.5, kv_lora_rank=24, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=12,
+                  qk_nope_head_dim=16, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
+                  norm_topk_prob=True, max_position_embeddings=128, rope_parameters=yarn, rms_norm_eps=1e-6)
+    return transformers.DeepseekV3Config(**{**values, **changes})
 
 
 def gemma_config(family: str):
@@ -65,6 +81,9 @@ def build(family: str, out: Path, tokenizer_dir: Path | None = None, seed: int =
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        for name, b in model.named_buffers():  # DeepSeek's routing bias: enough to change choices
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn(b.shape, generator=gen) * 0.1)
     model.generation_config.max_new_tokens = 17  # something to see carried over
     model.save_pretrained(out, max_shard_size="100KB")
     if tokenizer_dir is not None:

@@ -128,6 +128,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, first: int | 
 def _mla(cfg: ModelConfig) -> dict:
     """Multi-latent attention's settings: the ranks and head dims, and rope (YaRN as MLA spells it)."""
     flat = {key: value for key, value in cfg.mla.to_flat().items() if key != "multi_latent_attention"}
+    flat["transformer_impl"] = "local"  # megatron-core 0.19 resolves MLA's norms by the backend this names
     yarn = cfg.rope.yarn
     if yarn is None:
         return {**flat, "rope_type": "rope", "rotary_base": cfg.rope.base, "mscale_all_dim": 0.0}
@@ -163,7 +164,9 @@ def _cpu_mla(spec):
             attention.submodules.core_attention = CpuCoreAttention
             keys = {"self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
                     "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_"}
-            if "MoE" not in layer.submodules.mlp.module.__name__:
+            mlp = layer.submodules.mlp  # a ModuleSpec, or (megatron-core 0.19's dense MLP) a partial
+            mlp = getattr(mlp, "module", None) or getattr(mlp, "func", mlp)
+            if "MoE" not in getattr(mlp, "__name__", ""):
                 keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
             layer.submodules.sharded_state_dict_keys_map = keys
     return spec

@@ -20,8 +20,11 @@ FP8_MAX = 448.0  # float8_e4m3fn's largest value
 
 
 def quantise(src, dst, block=BLOCK):
-    """`src` with every projection weight in FP8 blocks and its scale_inv beside it, the rest in bf16."""
+    """`src` with every projection weight in FP8 blocks and its scale_inv beside it, the rest in bf16
+    (DeepSeek's routing bias in fp32, as its release has it)."""
     from safetensors.torch import save_file
+
+    from scalegrow.formats.hf.shards import always_fp32
 
     out = {}
     for name, t in safetensors_state(src).items():
@@ -35,7 +38,7 @@ def quantise(src, dst, block=BLOCK):
             out[name] = (t / fp8.dequantize(torch.ones_like(t), scale, block, torch.float32)).to(torch.float8_e4m3fn)
             out[name + fp8.SCALE_SUFFIX] = scale.float()
         else:
-            out[name] = t.to(torch.bfloat16)
+            out[name] = t if always_fp32(name) else t.to(torch.bfloat16)
     dst.mkdir()
     for f in src.iterdir():
         if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):

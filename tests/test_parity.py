@@ -86,6 +86,9 @@ FEATURES = {  # beyond the product: what Hugging Face families bring
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_reference_matches_megatron_core_features(mcore, feature):
     *combo, extra = FEATURES[feature]
+    if feature == "mla-no-q-latent-yarn" and mcore.version() >= (0, 19):
+        pytest.skip("megatron-core 0.19 fuses a norm into linear_q_proj when qk_layernorm has no q latent (a norm "
+                    "DeepSeek-V2-Lite does not have), which only Transformer Engine builds; 0.16 is the oracle here")
     assert_parity(mcore, tiny_config(*combo, **extra))
 
 

@@ -12,7 +12,8 @@ bash tools/system_deps.sh
 ORACLE=(tests/test_parity.py tests/test_megatron_load.py tests/test_torch_dist.py tests/test_hf.py
         tests/test_moe.py tests/test_training.py tests/test_install.py tests/test_corpus.py
         tests/test_hybrid.py tests/test_rope.py tests/test_sliding.py tests/test_post_norm_families.py
-        tests/test_moe_layouts.py tests/test_fp8.py tests/test_deepseek_routing.py tests/test_mla.py)
+        tests/test_moe_layouts.py tests/test_fp8.py tests/test_deepseek_routing.py tests/test_mla.py
+        tests/test_deepseek_hf.py)
 (
   source tools/venv.sh
   python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"

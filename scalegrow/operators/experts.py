@@ -36,9 +36,9 @@ class ExpertMap(LayerwiseOperator):
         raise NotImplementedError
 
     @staticmethod
-    def require_only_experts_change(src: ModelConfig, dst: ModelConfig, why: str) -> None:
+    def require_only_experts_change(src: ModelConfig, dst: ModelConfig, why: str, also: tuple[str, ...] = ()) -> None:
         for key in src.to_dict():
-            if key not in ("num_moe_experts", "moe_router_topk"):
+            if key not in ("num_moe_experts", "moe_router_topk", *also):
                 require_equal(src, dst, key, why=why)
 
     def map_layer(self, index: int, sources: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -63,7 +63,9 @@ class PruneExperts(ExpertMap):
         if not dst.moe or dst.moe.num_experts >= src.moe.num_experts:
             raise ValueError(f"num_moe_experts: target {dst.moe and dst.moe.num_experts} must be below the source's "
                              f"{src.moe.num_experts}")
-        self.require_only_experts_change(src, dst, "prune-experts removes experts only")
+        # fewer experts may need fewer groups (pruning keeps the best experts, not the function)
+        self.require_only_experts_change(src, dst, "prune-experts removes experts only",
+                                         also=("moe_router_num_groups", "moe_router_group_topk"))
 
     def setup(self) -> None:
         keep = list(range(self.dst.moe.num_experts))

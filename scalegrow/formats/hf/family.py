@@ -114,7 +114,8 @@ class HFFamily:
 # What a family has unless it says otherwise: megatron-core GPT's pre-LN block, unscaled and uncapped
 PLAIN_BLOCK = {"pre_layernorms": True, "post_layernorms": False, "apply_layernorm_1p": False,
                "scale_embeddings": False, "qk_layernorm_across_heads": False, "softmax_scale": None,
-               "attn_logit_softcapping": None, "final_logit_softcapping": None, "rotary_base_local": None}
+               "attn_logit_softcapping": None, "final_logit_softcapping": None, "rotary_base_local": None,
+               "multi_latent_attention": False}
 EXPERT_LAYOUTS = ("per-expert", "fused")  # experts.{e}.gate_proj ... as the Hub has them; experts.gate_up_proj
 DROP = object()  # a `config_out` value: remove the key from the config.json written
 DENSE_ONLY = ("mlp_bias", "pretraining_tp", "layer_types", "max_window_layers")  # not carried into an MoE sibling

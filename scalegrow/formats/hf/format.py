@@ -30,7 +30,7 @@ from scalegrow.formats.hf import fp8
 from scalegrow.formats.hf import registry as families
 from scalegrow.formats.hf.families.moe import EXPERT
 from scalegrow.formats.hf.family import IGNORED, HFFamily, Rule, Unsupported, to_hf, to_megatron
-from scalegrow.formats.hf.shards import INDEX, ShardWriter, plan_shards
+from scalegrow.formats.hf.shards import INDEX, ShardWriter, always_fp32, plan_shards
 from scalegrow.formats.options import HFOptions, OutputOptions
 
 CONFIG = "config.json"
@@ -155,7 +155,7 @@ def open_hf(path: str | Path, validate: bool = True) -> HFReader:
     if block is not None:
         entries, scales = fp8.split_scales(entries)
     _check_quantised(root, entries, scales)
-    dtypes = {e.dtype for name, e in entries.items() if name not in scales}
+    dtypes = {e.dtype for name, e in entries.items() if name not in scales and not always_fp32(name)}
     if len(dtypes) > 1:
         raise InputError(f"{root}: mixed tensor dtypes {sorted(dtypes)}")
     layout = "fused" if any(name.endswith(FUSED_MARK) for name in entries) else "per-expert"

@@ -3,7 +3,8 @@
     model-00001-of-00003.safetensors ...   8-byte header length, JSON header, then the raw tensors
     model.safetensors.index.json           {"metadata": {"total_size": N}, "weight_map": {name: file}}
 
-A checkpoint's tensors (names, shapes, dtype) are known before any is computed, so every shard's
+A checkpoint's tensors (names, shapes, dtypes: the checkpoint's, and fp32 for the few tensors a
+model keeps in fp32, DeepSeek's routing bias) are known before any is computed, so every shard's
 header is written first and each tensor goes straight to its offset when it arrives, in any order:
 memory stays bounded by one tensor. One shard is named `model.safetensors` and has no index, as
 `transformers`' `save_pretrained` does.
@@ -28,6 +29,16 @@ class Entry:
     file: str
     offset: int  # absolute, in the file
     shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def always_fp32(name: str) -> bool:
+    """An HF tensor stored in fp32 whatever the checkpoint's dtype (as DeepSeek-V3's release has it)."""
+    return name.endswith("e_score_correction_bias")
+
+
+def dtype_of(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if always_fp32(name) else dtype
 
 
 def plan_shards(tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
@@ -36,7 +47,7 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
     groups: list[list] = [[]]
     size = 0
     for name, shape in tensors:
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype_of(name, dtype).itemsize
         if groups[-1] and size + nbytes > max_shard_size:
             groups.append([])
             size = 0
@@ -59,8 +70,9 @@ class ShardWriter:
     def _create(self, file: str, tensors: list[tuple[str, tuple[int, ...]]]) -> None:
         header, at = {"__metadata__": {"format": "pt"}}, 0
         for name, shape in tensors:
-            end = at + math.prod(shape) * self.dtype.itemsize
-            header[name] = {"dtype": DTYPES[self.dtype], "shape": list(shape), "data_offsets": [at, end]}
+            dtype = dtype_of(name, self.dtype)
+            end = at + math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [at, end]}
             at = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -70,7 +82,8 @@ class ShardWriter:
         os.ftruncate(fd, start + at)
         self._fds[file] = fd
         for name, shape in tensors:
-            self.entries[name] = Entry(file, start + header[name]["data_offsets"][0], tuple(shape))
+            self.entries[name] = Entry(file, start + header[name]["data_offsets"][0], tuple(shape),
+                                       dtype_of(name, self.dtype))
 
     def path(self, name: str) -> Path:
         return self.out_dir / self.entries[name].file
@@ -81,8 +94,8 @@ class ShardWriter:
         shape, offset = entry.shape, entry.offset
         if index is not None:
             shape = shape[1:]
-            offset += index * math.prod(shape) * self.dtype.itemsize
-        assert tuple(tensor.shape) == shape and tensor.dtype == self.dtype, (name, tensor.shape, shape)
+            offset += index * math.prod(shape) * entry.dtype.itemsize
+        assert tuple(tensor.shape) == shape and tensor.dtype == entry.dtype, (name, tensor.shape, shape)
         data = memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()).cast("B")
         done = 0
         while done < len(data):
@@ -94,6 +107,6 @@ class ShardWriter:
             os.close(fd)
         self._fds = {}
         if index and len({e.file for e in self.entries.values()}) > 1:
-            total = sum(math.prod(e.shape) * self.dtype.itemsize for e in self.entries.values())
+            total = sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries.values())
             index = {"metadata": {"total_size": total}, "weight_map": {n: e.file for n, e in self.entries.items()}}
             (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")

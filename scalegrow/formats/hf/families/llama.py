@@ -135,10 +135,17 @@ def config_out(cfg: ModelConfig, base: dict) -> dict:
                num_key_value_heads=cfg.attention.groups, head_dim=_head_dim(cfg, base),
                max_position_embeddings=cfg.max_position_embeddings,
                rms_norm_eps=cfg.norm.eps, hidden_act="silu",
-               rope_parameters=rope_out(cfg.rope))
+               rope_parameters=_keeping_given(rope_out(cfg.rope), base.get("rope_parameters")))
     if "layer_types" in base:  # one entry a layer; only full attention is read (see REFUSALS)
         out["layer_types"] = ["full_attention"] * cfg.num_layers
     return out
+
+
+def _keeping_given(rope: dict, given: dict | None) -> dict:
+    """`rope` with the source's own spelling of the same rope type kept (keys it wrote at their defaults)."""
+    if not given or given.get("rope_type") != rope["rope_type"]:
+        return rope
+    return {**given, **rope}
 
 
 def _head_dim(cfg: ModelConfig, base: dict) -> int | None:

@@ -42,7 +42,9 @@ def fused(layer: tuple[Rule, ...]) -> tuple[Rule, ...]:
 
 
 FEATURES = {**llama.FEATURES, "moe_layer_freq": 1, "moe_shared_expert_intermediate_size": None,
-            "moe_shared_expert_gate": False}
+            "moe_shared_expert_gate": False, "moe_router_score_function": "softmax",  # DeepSeek's routing is not theirs
+            "moe_router_enable_expert_bias": False, "moe_router_num_groups": None, "moe_router_group_topk": None,
+            "moe_router_topk_scaling_factor": None}
 FEATURES.pop("num_moe_experts")
 REFUSALS = (must_be("decoder_sparse_step", 1, "every layer an MoE layer"),
             Refusal("mlp_only_layers", "every layer an MoE layer", lambda v, hf: v == [],

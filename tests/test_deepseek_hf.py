@@ -1,0 +1,134 @@
+"""Hugging Face DeepSeek-V3 (`DeepseekV3ForCausalLM`) in and out: transformers is the oracle for the
+reference model (multi-latent attention, YaRN, the sigmoid router with its fp32 bias and groups,
+shared experts, dense first layers), for every output, and for an FP8-block source; megatron-core's
+MLA GPTModel computes transformers' logits from the Megatron conversion."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from scalegrow import cli, commands
+from scalegrow.formats.registry import open_checkpoint
+
+from hf_models import build, deepseek_config, logits, train_tokenizer
+from test_fp8 import quantise, transformers_state
+from test_hf import safetensors_state
+
+X = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+VARIANTS = {  # V3's shape; V2-Lite's attention (no q latent) with plain rope and one group, top-1 unnormalised
+    "v3": {},
+    "no-q-latent-top1": dict(q_lora_rank=None, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                             n_group=1, topk_group=1, num_experts_per_tok=1, norm_topk_prob=False,
+                             routed_scaling_factor=1.0, first_k_dense_replace=2),
+}
+
+
+def close(got, want) -> bool:
+    return (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek")
+    tokenizer = train_tokenizer(root / "tokenizer")  # prune-experts calibrates on text
+    return {name: build("deepseek_v3", root / name, tokenizer, config=deepseek_config(**changes))
+            for name, changes in VARIANTS.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_reference_model_computes_what_transformers_computes(models, variant):
+    cfg = open_checkpoint(models[variant]).config
+    assert cfg.mla.qk_pos_emb_head_dim == 8 and cfg.moe.expert_bias
+    with torch.no_grad():
+        assert close(commands.load_model(models[variant])(X), logits(models[variant], X))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hf_to_megatron_and_back_is_identical(models, variant, tmp_path):
+    src = models[variant]
+    for dst, how in (("m", ["--tp", "2", "--pp", "2", "--ep", "2", "--format", "torch"]), ("hf", ["--format", "hf"])):
+        assert cli.main(["convert", "--src", str(src if dst == "m" else tmp_path / "m"), "--dst", str(tmp_path / dst),
+                         "--no-progress", *how]) == 0
+    ours, theirs = safetensors_state(tmp_path / "hf"), safetensors_state(src)
+    assert ours.keys() == theirs.keys() and [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    assert {ours[k].dtype for k in ours if k.endswith("e_score_correction_bias")} == {torch.float32}
+    config, source = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "hf", src))
+    assert {k: v for k, v in config.items() if k != "head_dim"} == {k: v for k, v in source.items() if k != "head_dim"}
+    assert close(logits(tmp_path / "hf", X), logits(src, X))
+
+
+def test_a_bf16_release_keeps_its_routing_bias_in_fp32(models, tmp_path):
+    assert cli.main(["convert", "--src", str(models["v3"]), "--dst", str(tmp_path / "bf16"), "--format", "hf",
+                     "--dtype", "bf16", "--no-progress"]) == 0
+    assert cli.main(["convert", "--src", str(tmp_path / "bf16"), "--dst", str(tmp_path / "m"), "--format", "torch",
+                     "--no-progress"]) == 0
+    state = safetensors_state(tmp_path / "bf16")
+    assert {v.dtype for k, v in state.items() if not k.endswith("e_score_correction_bias")} == {torch.bfloat16}
+    assert torch.equal(state["model.layers.2.mlp.gate.e_score_correction_bias"],
+                       safetensors_state(models["v3"])["model.layers.2.mlp.gate.e_score_correction_bias"])
+    assert open_checkpoint(tmp_path / "m").dtype == torch.bfloat16
+
+
+def test_an_fp8_block_release_is_read_as_transformers_dequantises_it(models, tmp_path):
+    quantised = quantise(models["v3"], tmp_path / "fp8", block=(8, 8))
+    assert cli.main(["convert", "--src", str(quantised), "--dst", str(tmp_path / "out"), "--format", "hf",
+                     "--hf-expert-layout", "fused", "--no-progress"]) == 0  # as transformers holds them
+    ours, theirs = safetensors_state(tmp_path / "out"), transformers_state(quantised)
+    assert any(k.endswith("q_b_proj.weight") for k in ours)
+    differ = [k for k in ours if not torch.equal(ours[k], theirs[k].to(ours[k].dtype))]
+    assert ours.keys() <= theirs.keys() and differ == []
+
+
+def test_expert_operators_on_deepseek(models, tmp_path, capsys):
+    """more-experts keeps the function (copies land in their source's group; megatron-core's group
+    score over the 8 // 2 best) but that group score is not transformers' (its 2 best): HF refuses it
+    by name, Megatron holds it; prune-experts' output loads strictly in transformers and evaluates."""
+    src = models["v3"]
+    target = tmp_path / "t.yaml"
+    target.write_text("num_moe_experts: 16\nmoe_router_topk: 8\n")
+    grow = ["grow", "--method", "more-experts", "--src", str(src), "--target", str(target), "--no-progress"]
+    assert cli.main([*grow, "--dst", str(tmp_path / "more-hf"), "--format", "hf"]) == 2
+    assert "cannot be written as deepseek_v3 (moe_router_group_topk=2)" in capsys.readouterr().err
+    assert cli.main([*grow, "--dst", str(tmp_path / "more"), "--format", "torch"]) == 0
+    with torch.no_grad():
+        assert close(commands.load_model(tmp_path / "more")(X)[..., :1000], logits(src, X))
+    target.write_text("num_moe_experts: 4\nmoe_router_topk: 4\nmoe_router_num_groups: 2\nmoe_router_group_topk: 2\n")
+    assert cli.main(["shrink", "--method", "prune-experts", "--src", str(src), "--dst", str(tmp_path / "pruned"),
+                     "--target", str(target), "--format", "hf", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "pruned/config.json").read_text())["n_routed_experts"] == 4
+    pruned = logits(tmp_path / "pruned", X)
+    assert pruned.shape == (2, 40, 1000) and torch.isfinite(pruned).all()
+
+
+def test_what_megatron_core_cannot_reproduce_is_refused_by_name(models, tmp_path, capsys):
+    for change, message in ((dict(rope_interleave=False), "rope_interleave: False is not supported"),
+                            (dict(num_experts_per_tok=6), "topk_group: 2 is not supported"),
+                            (dict(scoring_func="softmax"), "scoring_func: 'softmax' is not supported")):
+        bad = tmp_path / "bad"
+        shutil.copytree(models["v3"], bad, dirs_exist_ok=True)
+        config = {**json.loads((models["v3"] / "config.json").read_text()), **change}
+        (bad / "config.json").write_text(json.dumps(config))
+        assert cli.main(["convert", "--src", str(bad), "--dst", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_megatron_core_computes_transformers_logits(models, tmp_path):
+    """The done criterion: a sharded tiny DeepseekV3ForCausalLM saved by transformers, converted to
+    Megatron TP2/PP2/EP2 (legacy) and torch_dist; megatron-core's MLA GPTModel computes its logits."""
+    import mcore
+
+    src = models["v3"]
+    for dst, how in (("legacy", ["--tp", "2", "--pp", "2", "--ep", "2", "--format", "torch"]),
+                     ("dist", ["--format", "torch_dist"])):
+        assert cli.main(["convert", "--src", str(src), "--dst", str(tmp_path / dst), "--no-progress", *how]) == 0
+    torch.save(X, tmp_path / "tokens.pt")
+    job = {"config": open_checkpoint(tmp_path / "legacy").config.to_dict(), "path": str(tmp_path / "legacy"),
+           "format": "torch", "tokens": str(tmp_path / "tokens.pt")}
+    want = logits(src, X)
+    for got in mcore.run_megatron_check(2, 2, [job, dict(job, path=str(tmp_path / "dist"), format="torch_dist")],
+                                        tmp_path, ep=2):
+        assert close(got[..., :1000], want)
