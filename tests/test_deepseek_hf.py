@@ -82,6 +82,40 @@ def test_an_fp8_block_release_is_read_as_transformers_dequantises_it(models, tmp
     assert ours.keys() <= theirs.keys() and differ == []
 
 
+def test_lemon_grows_deepseek_losslessly_in_transformers(models, tmp_path):
+    """LEMON HF -> HF: wider stream, more heads, wider q and KV latents, FFNs and experts, deeper;
+    transformers computes the source's logits from the grown model."""
+    target = tmp_path / "t.yaml"
+    target.write_text("hidden_size: 96\nnum_attention_heads: 6\nq_lora_rank: 48\nkv_lora_rank: 40\n"
+                      "ffn_hidden_size: 128\nmoe_ffn_hidden_size: 32\nmoe_shared_expert_intermediate_size: 64\n"
+                      "num_layers: 6\n")
+    assert cli.main(["grow", "--method", "lemon", "--src", str(models["v3"]), "--dst", str(tmp_path / "grown"),
+                     "--target", str(target), "--no-progress"]) == 0
+    config = json.loads((tmp_path / "grown/config.json").read_text())
+    assert (config["model_type"], config["hidden_size"], config["kv_lora_rank"], config["n_shared_experts"],
+            config["num_hidden_layers"], config["first_k_dense_replace"]) == ("deepseek_v3", 96, 40, 2, 6, 1)
+    assert close(logits(tmp_path / "grown", X), logits(models["v3"], X))
+
+
+def test_subclone_shrinks_deepseek_for_transformers(models, tmp_path):
+    """Subclone on MLA with DeepSeek's experts: at the source's own size it keeps every dimension, head
+    and neuron in order, so transformers computes the source's logits; at half width the output loads
+    strictly in transformers and evaluates."""
+    target = tmp_path / "t.yaml"
+    shrink = ["shrink", "--method", "subclone", "--src", str(models["v3"]), "--target", str(target), "--no-progress",
+              "--calib-tokens", "2048"]
+    target.write_text("num_layers: 4\n")
+    assert cli.main([*shrink, "--dst", str(tmp_path / "same")]) == 0
+    assert close(logits(tmp_path / "same", X), logits(models["v3"], X))
+    target.write_text("hidden_size: 32\nnum_attention_heads: 2\nffn_hidden_size: 48\nmoe_ffn_hidden_size: 12\n"
+                      "moe_shared_expert_intermediate_size: 24\nnum_layers: 3\n")
+    assert cli.main([*shrink, "--dst", str(tmp_path / "half")]) == 0
+    config = json.loads((tmp_path / "half/config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["kv_lora_rank"]) == (32, 2, 24)
+    half = logits(tmp_path / "half", X)
+    assert half.shape == (2, 40, 1000) and torch.isfinite(half).all()
+
+
 def test_expert_operators_on_deepseek(models, tmp_path, capsys):
     """more-experts keeps the function (copies land in their source's group; megatron-core's group
     score over the 8 // 2 best) but that group score is not transformers' (its 2 best): HF refuses it

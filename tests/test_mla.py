@@ -70,7 +70,7 @@ def test_what_megatron_cannot_hold_is_refused_by_name(tmp_path, capsys):
             in capsys.readouterr().err) and not (tmp_path / "x").exists()
 
 
-def test_operators_without_mla_rules_refuse_it(tmp_path, capsys):
+def test_operators_without_mla_rules_refuse_it(tmp_path, capsys):  # LEMON has them (below)
     cfg = config()
     commands.save_model(random_model(cfg).state_dict(), cfg, tmp_path / "mla")
     assert cli.main(["grow", "--src", str(tmp_path / "mla"), "--dst", str(tmp_path / "x"), "--target",
@@ -101,3 +101,35 @@ def test_megatron_core_computes_mla_at_tp2_pp2_ep2(tmp_path):
     for got in mcore.run_megatron_check(2, 2, [job, dict(job, path=str(tmp_path / "dist"), format="torch_dist")],
                                         tmp_path, ep=2):
         assert (got[..., :100] - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("growth", [
+    dict(hidden_size=96, num_attention_heads=6, q_lora_rank=48, kv_lora_rank=40, ffn_hidden_size=128,
+         moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=64, num_layers=6),
+    dict(hidden_size=128, kv_lora_rank=48),
+    dict(num_layers=8, num_attention_heads=8),
+    dict(hidden_size=96, num_attention_heads=6, kv_lora_rank=72),  # s = 2/3 against s_c = 1: the √(s/s_c) rows
+], ids=["heads-latents-width-depth", "stream-and-kv-latent-doubled", "depth-heads", "stream-not-latents"])
+def test_lemon_grows_mla_losslessly(growth):
+    """LEMON's MLA rules (operators/lemon.py): latents widened with their norms under the stream's
+    eps* = s·eps, heads copied with their q/kv up rows, the shared rope key kept; DeepSeek routing.
+    A large eps, so that a latent off by a factor would show (RMSNorm ignores scale but for eps)."""
+    from scalegrow.operators.lemon import LemonGrowth
+    from scalegrow.write.executor import apply
+
+    cfg = config(**YARN, **DEEPSEEK_MOE, norm_epsilon=0.1)
+    sd = random_model(cfg, seed=3).state_dict()
+    op = LemonGrowth(cfg, ModelConfig.from_dict(growth, base=cfg), seed=2)
+    grown = apply(op, sd)
+    x = tokens(cfg, seed=4)
+    from scalegrow.core.model import GPT
+
+    def run(c, state):
+        model = GPT(c).eval()
+        model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            return model(x)
+
+    want = run(cfg, sd)
+    assert (run(op.dst, grown) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert grown["decoder.layers.1.self_attention.kv_layernorm.weight"].shape == (op.dst.mla.kv_lora_rank,)

@@ -155,7 +155,6 @@ def test_shrinking_an_moe_keeps_its_experts_and_layer_pattern(tmp_path, capsys):
     cfg, sd = _trained_looking_moe("gpt2", num_moe_experts=4, moe_router_topk=2, moe_layer_freq=2)
     commands.save_model(sd, cfg, tmp_path / "moe")
     for method, target, message in (
-            ("subclone", dict(num_layers=2), "num_layers: dropping layers would move the MoE layers"),
             ("drop-layers", dict(num_moe_experts=2), "shrink prunes experts with --method prune-experts"),
             ("subclone", dict(moe_ffn_hidden_size=128), "moe_ffn_hidden_size: target 128 is larger")):
         assert cli.main(["shrink", "--method", method, "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "x"),
@@ -168,6 +167,10 @@ def test_shrinking_an_moe_keeps_its_experts_and_layer_pattern(tmp_path, capsys):
     key = "decoder.layers.2.mlp.experts.local_experts.3.linear_fc2.weight"
     assert torch.equal(got[key], sd[key][:48, :64])
     assert torch.equal(got["decoder.layers.2.mlp.router.weight"], sd["decoder.layers.2.mlp.router.weight"][:, :48])
+    assert cli.main(["shrink", "--method", "drop-layers", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / "h"),
+                     "--target", str(write_yaml(tmp_path / "t.yaml", num_layers=2)), "--no-progress"]) == 0
+    kept = commands.load_model(tmp_path / "h")  # layers 0 and 2, both MoE: each kept layer keeps its type
+    assert kept.cfg.to_dict()["moe_layer_freq"] == 1 and kept.cfg.num_layers == 2
 
 
 def test_shrinking_and_growing_a_shared_expert(tmp_path):

@@ -102,7 +102,8 @@ class Operator:
                              f"more-experts, subclone, drop-layers and prune-experts have)")
         if (src.mla or dst.mla) and not self.handles_mla:
             raise ValueError(f"multi_latent_attention: {self.name} has no rules for multi-latent attention yet "
-                             f"(convert, upcycle, more-experts and prune-experts pass it through)")
+                             f"(lemon, subclone and drop-layers have; convert, upcycle, more-experts and "
+                             f"prune-experts pass it through)")
         self.src = src
         self.dst = self.resolve(src, dst)
         self.seed = seed

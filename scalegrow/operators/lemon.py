@@ -34,7 +34,17 @@ Implemented, by section of the paper:
   input columns split the same way and every logit is kept, hence the same routing and weights; each
   expert is an FFN whose neurons (moe_ffn_hidden_size) expand like the dense FFN's; a new MoE block
   zeroes every expert's fc2, so its output is zero whatever the router picks. Expert count, top-k and
-  the router's softmax order stay as they are; dense and MoE layers keep their types.
+  the router's softmax order stay as they are; dense and MoE layers keep their types. DeepSeek's
+  routing bias only ranks experts, whose logits are kept: it is copied.
+- Multi-latent attention (our derivation; the record in `core/mla_config.py`): the down projections
+  read the normed stream, so their input columns split like fc1's. Heads replicate with their q and
+  kv up-projection rows (q's rope part with it), linear_proj's columns split over the copies (v_head_dim
+  each); the shared rope key, one for all heads, keeps its rows. A latent c of rank r widens to r'
+  as the stream does, c* = √(s/s_c)·[c × k_c, 0] with k_c = r' // r and s_c = k_c·r/r': its mean
+  square is then s·ms(c), so under the model's eps* = s·eps its norm gives
+  c*/√(s·(ms(c) + eps)) = [ĉ × k_c, 0]/√s_c; the gain γ* = √s_c·[γ × k_c, ·] returns [γĉ × k_c, 0],
+  and the up projection's columns split over the k_c copies, reading γĉ exactly. (r' = r: the
+  down rows are times √s, as for Qwen3's q/k norms.) Head dims and the rope's stay the source's.
 """
 from __future__ import annotations
 
@@ -94,6 +104,7 @@ def head_map(src: ModelConfig, dst: ModelConfig) -> UnitMap:
 class LemonGrowth(Operator):
     name = "lemon"
     handles_moe = True
+    handles_mla = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         for key in ("num_moe_experts", "moe_router_topk", *moe_features()):
@@ -104,6 +115,8 @@ class LemonGrowth(Operator):
                 require_equal(src, dst, "moe_shared_expert_intermediate_size", why="LEMON widens a shared expert, "
                               "it does not add or remove one")
         require_equal(src, dst, "kv_channels", why="LEMON keeps the head dimension")
+        if src.mla:
+            self._check_mla(src, dst)
         a, b = src.attention, dst.attention
         if a.qk_norm_across_heads and (b.groups % a.groups or b.per_group % a.per_group):
             raise ValueError(f"qk_layernorm_across_heads: one norm over all heads stays exact only when every head "
@@ -114,6 +127,13 @@ class LemonGrowth(Operator):
             raise ValueError(
                 f"num_query_groups: target has {dst.attention.per_group} q heads per group, fewer than the "
                 f"source's {src.attention.per_group}; every source head must keep a copy")
+
+    @staticmethod
+    def _check_mla(src: ModelConfig, dst: ModelConfig) -> None:
+        for key in ("qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            require_equal(src, dst, key, why="LEMON keeps every head's widths")
+        if (src.mla.q_lora_rank is None) != (dst.mla.q_lora_rank is None):
+            require_equal(src, dst, "q_lora_rank", why="LEMON widens a q latent, it does not add or remove one")
 
     def resolve(self, src: ModelConfig, dst: ModelConfig) -> ModelConfig:
         """LayerNorm/RMSNorm need eps* = s·eps for the expanded stream to normalise exactly."""
@@ -133,6 +153,10 @@ class LemonGrowth(Operator):
         if src.moe and src.moe.shared_size:
             self.shared_neurons = UnitMap.circular(src.moe.shared_size,
                                                    dst.moe.shared_size)
+        if src.mla:  # the latents widen as the stream does (see the module docstring)
+            self.kv_latent = ResidualMap(src.mla.kv_lora_rank, dst.mla.kv_lora_rank, mean_fill=False)
+            if src.mla.q_lora_rank:
+                self.q_latent = ResidualMap(src.mla.q_lora_rank, dst.mla.q_lora_rank, mean_fill=False)
         self.depth_map = depth_map(src.num_layers, dst.num_layers)
         self.std = dst.init_method_std
 
@@ -184,7 +208,9 @@ class LemonGrowth(Operator):
 
     def _grow(self, role: str, name: str, t: torch.Tensor, index: int) -> torch.Tensor:
         noise = self._noise(index, name)
-        hn = self.src.attention.head_dim
+        if role in MLA_ROLES:
+            return self._grow_mla(role, t, noise)
+        hn = self.src.mla.v_head_dim if self.src.mla else self.src.attention.head_dim  # linear_proj's per head
         if role in (Role.NORM_WEIGHT, Role.POST_NORM_WEIGHT):
             return self._norm_weight(t)
         if role == Role.NORM_BIAS:
@@ -218,6 +244,27 @@ class LemonGrowth(Operator):
             return t
         raise AssertionError(f"LEMON has no rule for role {role!r} ({name})")
 
+    def _grow_mla(self, role: str, t: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """Multi-latent attention's tensors (see the module docstring)."""
+        mla, s = self.src.mla, self.stream.s
+        if role in (Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT):  # γ* = √s_c·[γ × k_c, mean(γ)]
+            latent = self.q_latent if role == Role.Q_LATENT_NORM_WEIGHT else self.kv_latent
+            return latent.s ** 0.5 * latent.copies.expand(t, 0, t.mean())
+        if role in (Role.MLA_Q_WEIGHT, Role.MLA_Q_UP_WEIGHT, Role.MLA_KV_UP_WEIGHT):
+            per_head = mla.q_head_dim if role != Role.MLA_KV_UP_WEIGHT else mla.qk_head_dim + mla.v_head_dim
+            # [heads * per_head, in] -> [heads, per_head, in]: a head's rows move together
+            rows = self.heads.expand(t.reshape(self.heads.n_src, per_head, -1), 0).flatten(0, 1)
+            reads = {Role.MLA_Q_WEIGHT: self.stream, Role.MLA_Q_UP_WEIGHT: getattr(self, "q_latent", None),
+                     Role.MLA_KV_UP_WEIGHT: self.kv_latent}[role]
+            return reads.split_fanin(rows, 1, noise)
+        if role == Role.MLA_Q_DOWN_WEIGHT:
+            rows = (s / self.q_latent.s) ** 0.5 * self.q_latent.expand(t, 0)
+            return self.stream.split_fanin(rows, 1, noise)
+        assert role == Role.MLA_KV_DOWN_WEIGHT
+        latent, rope = t.split([mla.kv_lora_rank, mla.qk_pos_emb_head_dim], dim=0)  # [kv latent; shared rope key]
+        rows = torch.cat([(s / self.kv_latent.s) ** 0.5 * self.kv_latent.expand(latent, 0), rope], dim=0)
+        return self.stream.split_fanin(rows, 1, noise)
+
     def _qk_scaled(self, t: torch.Tensor) -> torch.Tensor:
         """QKV rows with q and k times √s where q/k norms follow (see the module docstring)."""
         a = self.src.attention
@@ -234,4 +281,6 @@ class LemonGrowth(Operator):
         return self.neurons if role in (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.FC2_WEIGHT) else self.expert_neurons
 
 
+MLA_ROLES = (Role.MLA_Q_WEIGHT, Role.MLA_Q_DOWN_WEIGHT, Role.MLA_Q_UP_WEIGHT, Role.MLA_KV_DOWN_WEIGHT,
+             Role.MLA_KV_UP_WEIGHT, Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT)
 FC1_ROLES = (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.SHARED_FC1_WEIGHT)

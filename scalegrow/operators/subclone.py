@@ -14,7 +14,7 @@ Weight subcloning initialises a smaller transformer from a larger trained one:
   gate and up rows go together. In an MoE layer each expert ranks its own neurons over the tokens
   routed to it (our extension), and the router keeps the kept dimensions' columns.
 - §3.3 depth: remove the blocks that change their input least, ‖block(x) − x‖ / ‖x‖, from the middle
-  of the network (never the first or the last block).
+  of the network (never the first or the last block); a kept block keeps its type, dense or MoE.
 - §3.4 rescaling (our rule, measured against none in tests/test_shrink.py and docs/RESULTS.md): an
   FFN's output is a sum over its neurons, so dropping neurons removes additive terms and shrinks it.
   A second calibration pass scales each kept `linear_fc2` (weight, not bias; in an MoE layer every
@@ -104,23 +104,27 @@ class CalibrationStats:
 FC2_WEIGHTS = (Role.FC2_WEIGHT, Role.EXPERT_FC2_WEIGHT, Role.SHARED_FC2_WEIGHT)
 FC1_BIASES = (Role.FC1_BIAS, Role.EXPERT_FC1_BIAS)
 FFN_ROLES = FC2_WEIGHTS + FC1_BIASES + (Role.FC1_WEIGHT, Role.EXPERT_FC1_WEIGHT, Role.SHARED_FC1_WEIGHT)
+MLA_ROLES = (Role.MLA_Q_WEIGHT, Role.MLA_Q_DOWN_WEIGHT, Role.MLA_Q_UP_WEIGHT, Role.MLA_KV_DOWN_WEIGHT,
+             Role.MLA_KV_UP_WEIGHT, Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT)
 
 
 class SliceOperator(Operator):
     """Keeps a `Selection` of the source: every weight is a slice (shrinking needs no arithmetic).
     MoE layers: the router keeps the kept dimensions' columns, every expert its own best neurons;
-    experts themselves are pruned by `prune-experts`, so count, top-k and softmax order stay."""
+    experts themselves are pruned by `prune-experts`, so count, top-k and softmax order stay.
+    Multi-latent attention keeps its best heads (each its own group) and its latents whole."""
 
     handles_moe = True
+    handles_mla = True
 
     def check(self, src: ModelConfig, dst: ModelConfig) -> None:
         for key in ("num_moe_experts", "moe_router_topk", *moe_features()):
             require_equal(src, dst, key, why="shrink prunes experts with --method prune-experts")
         super().check(src, dst)
         require_equal(src, dst, "kv_channels", why="heads are kept whole")
-        if src.moe and not src.moe.every_layer and dst.num_layers != src.num_layers:
-            raise ValueError(f"num_layers: dropping layers would move the MoE layers of moe_layer_freq "
-                             f"{src.to_dict()['moe_layer_freq']}; keep {src.num_layers} layers")
+        for key in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            if src.mla:
+                require_equal(src, dst, key, why="multi-latent attention's heads and latents are kept whole")
         require_not_larger(src, dst)
         if dst.attention.per_group > src.attention.per_group:
             raise ValueError(f"num_attention_heads: target has {dst.attention.per_group} q heads per group, more "
@@ -174,8 +178,10 @@ class SliceOperator(Operator):
             return t[dims]
         if role in (Role.QK_NORM_WEIGHT, Role.QK_NORM_BIAS):  # heads are kept whole
             return t
-        per, hn = s.attention.per_group, s.attention.head_dim
+        per, hn = s.attention.per_group, s.mla.v_head_dim if s.mla else s.attention.head_dim  # linear_proj's
         q_heads = (groups[:, None] * per + heads).flatten()  # global q-head indices, group-major
+        if role in MLA_ROLES:
+            return self._slice_mla(role, t, dims, q_heads)
         if role == Role.Q_NORM_ALL_WEIGHT:  # [np*hn] -> [np, hn]: the kept heads' blocks
             return t.reshape(s.attention.heads, hn)[q_heads].flatten()
         if role == Role.K_NORM_ALL_WEIGHT:
@@ -202,6 +208,18 @@ class SliceOperator(Operator):
             return t
         raise AssertionError(f"no slicing rule for {role!r} ({name})")
 
+    def _slice_mla(self, role: str, t: torch.Tensor, dims: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Multi-latent attention: the down projections read the kept dimensions, the up projections'
+        rows are the kept heads'; the latents (and their norms) are kept whole."""
+        mla, n = self.src.mla, self.src.attention.heads
+        if role in (Role.MLA_Q_DOWN_WEIGHT, Role.MLA_KV_DOWN_WEIGHT):
+            return t[:, dims]
+        if role in (Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT):
+            return t
+        per_head = mla.qk_head_dim + mla.v_head_dim if role == Role.MLA_KV_UP_WEIGHT else mla.q_head_dim
+        rows = t.reshape(n, per_head, t.shape[1])[heads].flatten(0, 1)  # [n * per_head, in] -> kept heads'
+        return rows[:, dims] if role == Role.MLA_Q_WEIGHT else rows
+
     def _ffn_neurons(self, role: str, name: str, j: int) -> tuple[int, torch.Tensor]:
         """(source neuron count, kept neurons) of the FFN a tensor of target layer `j` belongs to."""
         s, sel = self.src, self.sel
@@ -221,13 +239,12 @@ class DropLayers(SliceOperator):
         s, d = self.src, self.dst
         layers = [i * s.num_layers // d.num_layers for i in range(d.num_layers)]
         heads = torch.arange(d.attention.per_group).expand(d.attention.groups, -1)
-        neurons = [torch.arange(d.moe.ffn_hidden_size).expand(d.moe.num_experts, -1) if d.is_moe_layer(j)
-                   else torch.arange(d.mlp.ffn_hidden_size) for j in range(d.num_layers)]
+        neurons = [torch.arange(d.moe.ffn_hidden_size).expand(d.moe.num_experts, -1) if s.is_moe_layer(i)
+                   else torch.arange(d.mlp.ffn_hidden_size) for i in layers]  # each kept layer keeps its type
         self.sel = Selection(layers, torch.arange(d.hidden_size), [torch.arange(d.attention.groups)] * d.num_layers,
                              [heads] * d.num_layers, neurons)
         if d.moe and d.moe.shared_size:
-            self.sel.shared = {j: torch.arange(d.moe.shared_size)
-                               for j in range(d.num_layers) if d.is_moe_layer(j)}
+            self.sel.shared = {j: torch.arange(d.moe.shared_size) for j, i in enumerate(layers) if s.is_moe_layer(i)}
 
 
 class Subclone(SliceOperator):
