@@ -152,6 +152,9 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
                        " (default: the source's: an HF source gives HF; a DeepSpeed one, torch)")
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="the written weights' dtype (default: "
                        "the source's; fp32 keeps a bf16 model grown with LEMON lossless to fp32 noise)")
+        p.add_argument("--drop-mtp", action="store_true", help="write without the source's multi-token-prediction "
+                       "layers (DeepSeek-V3's model.layers.61.*), which no output holds yet and transformers ignores "
+                       "(default: refuse such a source)")
         p.add_argument("--vocab-size", type=int, default=None, help="the tokenizer's true vocabulary size, to "
                        "re-pad for the target TP (default: the source's args, else its padded rows)")
         p.add_argument("--max-shard-size", type=_size, default=HFOptions.max_shard_size, metavar="SIZE",
@@ -209,7 +212,8 @@ def _output_options(a) -> OutputOptions:
     torch_dist = TorchDistOptions(getattr(a, "torch_dist_common", TorchDistOptions.common),
                                   getattr(a, "torch_dist_model", None))
     fmt = getattr(a, "format", None) or (formats.default_output(a.src) if getattr(a, "src", None) else "torch")
-    return OutputOptions(fmt, layout, getattr(a, "vocab_size", None), hf, torch_dist, getattr(a, "dtype", None))
+    return OutputOptions(fmt, layout, getattr(a, "vocab_size", None), hf, torch_dist, getattr(a, "dtype", None),
+                         getattr(a, "drop_mtp", False))
 
 
 def _topology(a) -> Topology:

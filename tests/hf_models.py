@@ -53,6 +53,19 @@ def deepseek_config(**changes):
     return transformers.DeepseekV3Config(**{**values, **changes})
 
 
+def deepseek_v2_config(**changes):
+    """DeepSeek-V2 in small: V3's shape with V2's router (softmax over all experts, top 4 unnormalised,
+    scaled by 2, within the 3 of 4 groups with the best expert) and no routing bias."""
+    import transformers
+
+    values = dict(deepseek_config().to_dict(), topk_method="group_limited_greedy", n_group=4, topk_group=3,
+                  routed_scaling_factor=2.0, norm_topk_prob=False)
+    for key in ("model_type", "architectures", "transformers_version", "rope_interleave", "num_nextn_predict_layers",
+                "dtype", "head_dim", "qk_head_dim"):
+        values.pop(key, None)
+    return transformers.DeepseekV2Config(**{**values, **changes})
+
+
 def gemma_config(family: str):
     """Every Gemma feature on: a query_pre_attn_scalar that is not the head dimension, final soft-capping,
     windows of 8; Gemma 2's attention scores capped at 2 (most of them bend), alternating windows;

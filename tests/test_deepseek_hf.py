@@ -13,7 +13,7 @@ import torch
 from scalegrow import cli, commands
 from scalegrow.formats.registry import open_checkpoint
 
-from hf_models import build, deepseek_config, logits, train_tokenizer
+from hf_models import build, deepseek_config, deepseek_v2_config, logits, train_tokenizer
 from test_fp8 import quantise, transformers_state
 from test_hf import safetensors_state
 
@@ -147,6 +147,55 @@ def test_what_megatron_core_cannot_reproduce_is_refused_by_name(models, tmp_path
         (bad / "config.json").write_text(json.dumps(config))
         assert cli.main(["convert", "--src", str(bad), "--dst", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_multi_token_prediction_layers_are_refused_by_name_or_dropped(models, tmp_path, capsys):
+    """The release's MTP layer (model.layers.{L}.*, num_nextn_predict_layers 1) goes into no output:
+    refused by name, or left out with --drop-mtp, the model otherwise the same."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "mtp"
+    shutil.copytree(models["v3"], src)
+    last = {k.replace("model.layers.3.", "model.layers.4."): v.clone()
+            for k, v in safetensors_state(src).items() if k.startswith("model.layers.3.")}
+    last.update({"model.layers.4.enorm.weight": torch.ones(64), "model.layers.4.eh_proj.weight": torch.zeros(64, 128)})
+    save_file(last, src / "model-mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in last})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    convert = ["convert", "--src", str(src), "--format", "torch", "--no-progress"]
+    assert cli.main([*convert, "--dst", str(tmp_path / "x")]) == 2
+    assert "model.layers.4.*: 1 multi-token-prediction layer(s) (" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert cli.main([*convert, "--dst", str(tmp_path / "m"), "--drop-mtp"]) == 0
+    with torch.no_grad():
+        assert close(commands.load_model(tmp_path / "m")(X)[..., :1000], logits(models["v3"], X))
+
+
+V2_VARIANTS = {"v2-groups-yarn": {}, "v2-lite": dict(q_lora_rank=None, topk_method="greedy", n_group=None,
+                                                   topk_group=None, rope_parameters={"rope_theta": 10000.0,
+                                                                                     "rope_type": "default"})}
+
+
+@pytest.mark.parametrize("variant", sorted(V2_VARIANTS))
+def test_deepseek_v2_in_and_out(variant, tmp_path):
+    """DeepSeek-V2 (and V2-Lite, no q latent): transformers' logits reproduced; HF -> Megatron -> HF
+    tensor for tensor, config.json as it was."""
+    src = build("deepseek_v2", tmp_path / variant, config=deepseek_v2_config(**V2_VARIANTS[variant]))
+    cfg = open_checkpoint(src).config
+    assert cfg.moe.pre_softmax and cfg.moe.scaling_factor == 2.0 and not cfg.moe.expert_bias
+    with torch.no_grad():
+        assert close(commands.load_model(src)(X), logits(src, X))
+    for dst, how in (("m", ["--tp", "2", "--ep", "2", "--format", "torch"]), ("hf", ["--format", "hf"])):
+        assert cli.main(["convert", "--src", str(src if dst == "m" else tmp_path / "m"), "--dst", str(tmp_path / dst),
+                         "--no-progress", *how]) == 0
+    ours, theirs = safetensors_state(tmp_path / "hf"), safetensors_state(src)
+    assert ours.keys() == theirs.keys() and [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    config, source = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "hf", src))
+    assert {k: v for k, v in config.items() if k != "head_dim"} == {k: v for k, v in source.items() if k != "head_dim"}
+    if variant == "v2-groups-yarn":  # a group's best expert is megatron-core's group score only at topk // topk_group 1
+        (src / "config.json").write_text(json.dumps({**source, "topk_group": 2}))
+        assert cli.main(["convert", "--src", str(src), "--dst", str(tmp_path / "x"), "--format", "torch"]) == 2
 
 
 @pytest.mark.slow

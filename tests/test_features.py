@@ -41,7 +41,8 @@ def test_a_record_can_be_built_directly_and_derives_what_megatron_derives():
 def test_every_flat_key_has_a_role_and_features_are_what_operators_keep():
     roles = {key: role for key, (_, role) in flat_keys().items()}
     assert set(roles.values()) == {SIZE, FEATURE, FREE, LAYERS}
-    assert roles["window_size"] == FEATURE and [k for k, r in roles.items() if r == LAYERS] == ["window_attn_skip_freq"]
+    assert roles["window_size"] == FEATURE
+    assert [k for k, r in roles.items() if r == LAYERS] == ["window_attn_skip_freq", "moe_layer_freq"]
     assert {k for k, r in roles.items() if r == SIZE} >= {"num_layers", "hidden_size", "ffn_hidden_size",
                                                           "num_attention_heads", "num_query_groups", "kv_channels"}
     assert roles["norm_epsilon"] == FREE and roles["normalization"] == FEATURE and roles["swiglu"] == FEATURE

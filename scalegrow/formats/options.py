@@ -57,6 +57,7 @@ class OutputOptions:
     hf: HFOptions = field(default_factory=HFOptions)
     torch_dist: TorchDistOptions = field(default_factory=TorchDistOptions)
     dtype: str | None = None  # the weights' dtype, a DTYPES name (None: the source's)
+    drop_mtp: bool = False  # write without a source's multi-token-prediction layers (no output holds them yet)
 
     def weights_dtype(self, source: torch.dtype) -> torch.dtype:
         """What the output's tensors are stored in: `dtype`, else the source's (a bf16 model grown with

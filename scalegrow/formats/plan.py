@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from scalegrow.core import arch
+
 from scalegrow.formats.megatron import MegatronWriter
 
 
@@ -31,7 +33,8 @@ class _PlanFile:
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         want = self._todo.pop(key)
-        assert tuple(tensor.shape) == want and tensor.dtype == self.dtype, (self.name, key, tensor.shape, want)
+        dtype = torch.float32 if arch.always_fp32(key) else self.dtype
+        assert tuple(tensor.shape) == want and tensor.dtype == dtype, (self.name, key, tensor.shape, want)
 
     def close(self) -> None:
         assert not self._todo, f"{self.name}: tensors never written: {sorted(self._todo)[:3]}"

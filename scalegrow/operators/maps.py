@@ -127,6 +127,8 @@ class UnitMap:
         The copies sum to t_u exactly (LEMON's `proj` rule, R the noise); free units get R.
         A unit with a single copy keeps its weights bit for bit.
         """
+        if t.device.type == "meta":  # a plan needs the shape only (meta arithmetic costs ~1 ms an op)
+            return t.new_empty((*t.shape[:dim], self.n_dst, *t.shape[dim + 1:]))
         src = _as_3d(t, dim)
         a, _, b = src.shape
         out = torch.empty((a, self.n_dst, b), dtype=torch.float32, device=src.device)

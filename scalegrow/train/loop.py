@@ -217,7 +217,9 @@ def train_step(engine, train: TokenStream, order: BatchOrder, dist: ds.Dist, ste
         total += last["lm"]
         for key, value in last.items():
             parts[key] = parts.get(key, 0.0) + value
-    engine.module.balance_experts(torch_dist.all_reduce if torch_dist.is_initialized() else None)
+    balance = getattr(engine.module, "balance_experts", None)  # a GPT's routing biases (LiGO's operator has none)
+    if balance is not None:
+        balance(torch_dist.all_reduce if torch_dist.is_initialized() else None)
     seconds = time.perf_counter() - tic
     distilled = "kl" in parts
     parts = {k: _mean_over_ranks(v, order.accumulation) for k, v in parts.items() if distilled or k != "lm"}

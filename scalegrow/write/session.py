@@ -98,9 +98,21 @@ def _unparallel(fmt, cfg: ModelConfig, opts: OutputOptions) -> tuple[ModelConfig
     return fmt.target_config(cfg, 1, opts.vocab_size), Layout.single(cfg.num_layers)
 
 
+def refuse_dropped_tensors(source: Reader, opts: OutputOptions) -> None:
+    """A source's multi-token-prediction layers go nowhere: refused by name unless --drop-mtp."""
+    mtp = getattr(source, "mtp", ())
+    if mtp and not opts.drop_mtp:
+        layers = sorted({".".join(name.split(".")[:3]) for name in mtp})
+        names = ", ".join(f"{layer}.*" for layer in layers)
+        raise InputError(f"{names}: {len(layers)} multi-token-prediction layer(s) ({len(mtp)} tensors, "
+                         f"num_nextn_predict_layers) that scalegrow's model and every output lack; --drop-mtp "
+                         f"writes the model without them (transformers ignores them too)")
+
+
 def preflight(source: Reader, cfg: ModelConfig, opts: OutputOptions, dst: str | Path) -> tuple[ModelConfig, Layout]:
     """Every check that needs no tensor data: the output layout (`resolve`), and room for the output
     on the destination's device. Callers run it before any heavy work (calibration, training)."""
+    refuse_dropped_tensors(source, opts)
     cfg, layout = resolve(source, cfg, opts)
     check_room(registry.get(opts.format).size(cfg, layout, opts.weights_dtype(source.dtype)), dst)
     return cfg, layout
@@ -178,6 +190,7 @@ def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, topology: Topology) -
 def plan(source: Reader, op: Operator, opts: OutputOptions = OutputOptions(), progress: bool = False) -> dict:
     """The output plan {file: {key: shard shape}}: the operator really runs, on meta tensors of the
     source's shapes, but nothing is read, allocated or written."""
+    refuse_dropped_tensors(source, opts)
     meta = MetaReader.like(source)
     cfg, layout = resolve(meta, op.dst, opts)
     planner = registry.get(opts.format).planner or PlanWriter

@@ -91,6 +91,7 @@ class HFReader(Reader):
     expert_layout: str = "per-expert"  # an MoE model's (EXPERT_LAYOUTS), as its tensor names say
     scales: dict[str, "Entry"] = field(default_factory=dict, repr=False)  # FP8 weight name -> its scale_inv
     block: tuple[int, int] | None = None  # FP8 quantisation blocks (None: not quantised)
+    mtp: tuple[str, ...] = ()  # multi-token-prediction tensors (model.layers.{L..}.*), which scalegrow does not read
 
     format = "hf"
 
@@ -159,10 +160,20 @@ def open_hf(path: str | Path, validate: bool = True) -> HFReader:
     if len(dtypes) > 1:
         raise InputError(f"{root}: mixed tensor dtypes {sorted(dtypes)}")
     layout = "fused" if any(name.endswith(FUSED_MARK) for name in entries) else "per-expert"
-    _check_tensors(root, families.get(hf_config["model_type"]).with_layout(layout), config, entries)
+    mtp = mtp_tensors(entries, config.num_layers, hf_config)
+    _check_tensors(root, families.get(hf_config["model_type"]).with_layout(layout), config,
+                   {k: v for k, v in entries.items() if k not in mtp})
     return HFReader(root, "release", None, config, Layout.single(config.num_layers),
                     DTYPES[dtypes.pop()] if dtypes else torch.float32, hf_config, entries, expert_layout=layout,
-                    scales=scales, block=block)
+                    scales=scales, block=block, mtp=tuple(sorted(mtp)))
+
+
+def mtp_tensors(entries: dict, num_layers: int, hf_config: dict) -> set[str]:
+    """The tensors of the `num_nextn_predict_layers` multi-token-prediction layers DeepSeek stores
+    after the model's own (`model.layers.61.*` in DeepSeek-V3)."""
+    extra = range(num_layers, num_layers + int(hf_config.get("num_nextn_predict_layers") or 0))
+    prefixes = tuple(f"model.layers.{i}." for i in extra)
+    return {name for name in entries if prefixes and name.startswith(prefixes)}
 
 
 def _block_size(root: Path, hf_config: dict) -> tuple[int, int] | None:

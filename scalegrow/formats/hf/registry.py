@@ -3,14 +3,14 @@ a model's structure implies."""
 from __future__ import annotations
 
 from scalegrow.core.config import ModelConfig
-from scalegrow.formats.hf.families import (deepseek, gemma, gpt2, llama, mistral, mixtral, olmo2, phi3, qwen2,
-                                           qwen2_moe, qwen3, qwen3_moe)
+from scalegrow.formats.hf.families import (deepseek, deepseek_v2, gemma, gpt2, llama, mistral, mixtral, olmo2,
+                                           phi3, qwen2, qwen2_moe, qwen3, qwen3_moe)
 from scalegrow.formats.hf.family import HFFamily, Unsupported
 
 # In the order a model's structure is matched against them (`infer`): the first that holds it wins.
 FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (
     gpt2.FAMILY, llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mixtral.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY,
-    mistral.FAMILY, phi3.FAMILY, gemma.GEMMA2, gemma.GEMMA3, olmo2.FAMILY, deepseek.FAMILY,
+    mistral.FAMILY, phi3.FAMILY, gemma.GEMMA2, gemma.GEMMA3, olmo2.FAMILY, deepseek.FAMILY, deepseek_v2.FAMILY,
 )}
 
 
@@ -29,8 +29,6 @@ NOT_YET = {
     "gemma3": "Gemma 3's multimodal checkpoint holds its text model in text_config beside a vision tower; "
               "only the text model's own checkpoint (gemma3_text: Gemma 3 270M, 1B) is read",
     "gemma": "Gemma 1 is not read yet (Gemma 2 and 3 are)",
-    "deepseek_v2": "DeepSeek-V2's softmax router with its group-limited greedy choice is not read yet "
-                   "(deepseek_v3 is: its multi-latent attention is V2's)",
     "olmo3": "OLMo 3's sliding windows on OLMo 2's block are not read yet (OLMo 2 is)",
 }
 

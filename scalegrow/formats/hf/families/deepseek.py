@@ -1,4 +1,4 @@
-"""DeepSeek-V3 (`DeepseekV3ForCausalLM`; Kimi K2 and Moonlight share it): multi-latent attention
+"""DeepSeek-V3 (`DeepseekV3ForCausalLM`: DeepSeek-V3, V3.1, R1): multi-latent attention
 (`self_attn.q_a_proj`, `q_a_layernorm`, `q_b_proj` or, without a q latent, `q_proj`;
 `kv_a_proj_with_mqa` [KV latent; shared rope key], `kv_a_layernorm`, `kv_b_proj`), dense FFNs in the
 first `first_k_dense_replace` layers, then an MoE: sigmoid scores chosen with `e_score_correction_bias`
