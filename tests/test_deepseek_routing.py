@@ -181,3 +181,14 @@ def test_megatron_core_computes_deepseek_routing_at_tp2_ep2(tmp_path):
     for got in mcore.run_megatron_check(2, 2, [job, dict(job, path=str(tmp_path / "dist"), format="torch_dist")],
                                         tmp_path, ep=2):
         assert close(got[..., :100], want)
+
+
+def test_a_target_layer_has_its_source_layers_type():
+    """The MoE pattern follows the depth map, whatever a target says: every layer of an all-MoE
+    source stays MoE (a target's moe_layer_freq 2 would have left LEMON no expert to copy from)."""
+    src = family_config("llama", num_layers=4).replace(num_moe_experts=4)
+    op = LemonGrowth(src, src.replace(moe_layer_freq=2, num_layers=6), seed=0)
+    assert op.dst.to_dict()["moe_layer_freq"] == 1
+    sd = random_model(src, seed=3).state_dict()
+    x = tokens(src, seed=4)
+    assert close(logits(op.dst, apply(op, sd), x), logits(src, sd, x))

@@ -126,7 +126,7 @@ class ModelConfig(Record):
         changes = {}
         if src.attention.window is not None:
             changes["window_attn_skip_freq"] = compact_pattern([int(src.attention.windowed(i)) for i in origins])
-        if src.moe is not None and self.moe is not None and not src.moe.every_layer:
+        if src.moe is not None and self.moe is not None:  # a target layer has its source layer's type
             changes["moe_layer_freq"] = moe_pattern([int(src.is_moe_layer(i)) for i in origins])
         return self.replace(**changes) if changes else self
 
