@@ -116,18 +116,20 @@ FULL_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
 }
 
 
-FP32_ROLES = frozenset({Role.ROUTER_EXPERT_BIAS})  # kept in fp32 whatever the checkpoint's dtype (megatron-core)
-
-
-def stored_dtype(spec: TensorSpec, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a checkpoint of `dtype` stores this tensor in."""
-    return torch.float32 if spec.role in FP32_ROLES else dtype
+EXPERT_BIAS = "mlp.router.expert_bias"  # DeepSeek's routing bias: megatron-core keeps it in fp32
+MLA_ROLES = (Role.MLA_Q_WEIGHT, Role.MLA_Q_DOWN_WEIGHT, Role.MLA_Q_UP_WEIGHT, Role.MLA_KV_DOWN_WEIGHT,
+             Role.MLA_KV_UP_WEIGHT, Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT)
 
 
 def always_fp32(key: str) -> bool:
-    """Whether a Megatron state-dict key is one kept in fp32 whatever the checkpoint's dtype (a
-    reader tells the checkpoint's dtype by the others)."""
-    return key.endswith("mlp.router.expert_bias")
+    """Whether a Megatron state-dict key (of any layout: per layer, stacked, stage-local) is one kept
+    in fp32 whatever the checkpoint's dtype (a reader tells the checkpoint's dtype by the others)."""
+    return key.endswith(EXPERT_BIAS)
+
+
+def stored_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint of `dtype` stores the tensor under `key` in."""
+    return torch.float32 if always_fp32(key) else dtype
 
 
 def full_shape(cfg: ModelConfig, spec: TensorSpec) -> tuple[int, ...]:
@@ -154,7 +156,7 @@ def moe_layer_specs(cfg: ModelConfig) -> list[TensorSpec]:
     if cfg.add_bias_linear:
         specs.append(TensorSpec("mlp.router.bias", Role.ROUTER_BIAS, None))
     if cfg.moe.expert_bias:
-        specs.append(TensorSpec("mlp.router.expert_bias", Role.ROUTER_EXPERT_BIAS, None))
+        specs.append(TensorSpec(EXPERT_BIAS, Role.ROUTER_EXPERT_BIAS, None))
     for e in range(cfg.moe.num_experts):
         specs += mlp_specs(cfg, f"{EXPERTS}{e}.", Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.EXPERT_FC2_WEIGHT)
     if cfg.moe.shared_size:  # no biases (megatron-core refuses them)

@@ -95,11 +95,18 @@ class ModelConfig(Record):
         own channels (all of them), no q/k/v biases, no windows or soft-caps."""
         self.mla.validate()
         a = self.attention
-        for name, bad in (("num_query_groups", a.groups != a.heads), ("position_embedding_type", self.embedding.position
-                          != "rope"), ("rotary_percent", self.rope.percent != 1.0), ("add_qkv_bias", a.qkv_bias),
-                          ("qk_layernorm_across_heads", a.qk_norm_across_heads), ("window_size", a.window is not None),
-                          ("attn_logit_softcapping", a.softcap is not None), ("rotary_base_local", self.rope.local_base
-                          is not None), ("normalization", self.norm.kind != "RMSNorm")):
+        not_mla = {  # flat name -> whether this model has it, which MLA does not
+            "num_query_groups": a.groups != a.heads,
+            "position_embedding_type": self.embedding.position != "rope",
+            "rotary_percent": self.rope.percent != 1.0,
+            "add_qkv_bias": a.qkv_bias,
+            "qk_layernorm_across_heads": a.qk_norm_across_heads,
+            "window_size": a.window is not None,
+            "attn_logit_softcapping": a.softcap is not None,
+            "rotary_base_local": self.rope.local_base is not None,
+            "normalization": self.norm.kind != "RMSNorm",
+        }
+        for name, bad in not_mla.items():
             if bad:
                 raise ValueError(f"{name}: {self.to_dict()[name]!r} does not apply to multi-latent attention")
 
@@ -149,7 +156,7 @@ class ModelConfig(Record):
                      "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if flat[name] is not None and flat[name] % tp:
                 raise ValueError(f"{name}: {flat[name]} is not divisible by tensor parallel size {tp}")
-        if self.mla and (self.mla.q_lora_rank or 0) % tp + self.mla.kv_down_rows % tp:  # column-parallel downs
+        if self.mla and any(rows % tp for rows in (self.mla.q_lora_rank or 0, self.mla.kv_down_rows)):  # split downs
             raise ValueError(f"q_lora_rank: {self.mla.q_lora_rank} and kv_lora_rank + qk_pos_emb_head_dim "
                              f"{self.mla.kv_down_rows} must be divisible by tensor parallel size {tp} (megatron-core's "
                              f"local spec splits the latents' down projections)")

@@ -267,8 +267,7 @@ class MegatronWriter:
                               for t in range(self.layout.tp)]
 
     def _open_file(self, stage: int, tp_rank: int, ep_rank: int, shapes: dict[str, tuple[int, ...]]):
-        slots = {key: TensorSlot(shape, torch.float32 if arch.always_fp32(key) else self.dtype)
-                 for key, shape in shapes.items()}
+        slots = {key: TensorSlot(shape, arch.stored_dtype(key, self.dtype)) for key, shape in shapes.items()}
         path = self.file_path(tp_rank, stage, ep_rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = _extra_state_keys(self.cfg, self.layout.stages, stage, self._per_rank)
@@ -285,7 +284,7 @@ class MegatronWriter:
         spec, full = stored
         lkey = local_key(key, self.layout.stages, self._per_rank)
         owner = expert_owner(self.cfg, self.layout.ep, key)
-        shards = sharding.split(spec, full.to(arch.stored_dtype(spec, self.dtype)), self.layout.tp)
+        shards = sharding.split(spec, full.to(arch.stored_dtype(key, self.dtype)), self.layout.tp)
         for r in [owner[0]] if owner else range(self.layout.ep):
             for f, shard in zip(self._files[r], shards):
                 if f is not None:

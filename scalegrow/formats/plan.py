@@ -33,7 +33,7 @@ class _PlanFile:
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         want = self._todo.pop(key)
-        dtype = torch.float32 if arch.always_fp32(key) else self.dtype
+        dtype = arch.stored_dtype(key, self.dtype)
         assert tuple(tensor.shape) == want and tensor.dtype == dtype, (self.name, key, tensor.shape, want)
 
     def close(self) -> None:

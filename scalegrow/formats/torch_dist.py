@@ -225,7 +225,7 @@ class DistWriter:
         self._specs = dict(arch.model_specs(cfg))
         self._chunks = ChunkWriter(self.iter_dir)
         for key, shape in stored_tensors(cfg, self.hybrid_model):
-            self._chunks.declare(key, shape, torch.float32 if arch.always_fp32(key) else self.dtype)
+            self._chunks.declare(key, shape, arch.stored_dtype(key, self.dtype))
         self._queue = WriteQueue()
 
     def open_stage(self, stage: int) -> None:
@@ -236,7 +236,7 @@ class DistWriter:
         if stored is None:
             return
         spec, full = stored
-        for name, offsets, chunk in self._boxes(key, spec, full.to(arch.stored_dtype(spec, self.dtype))):
+        for name, offsets, chunk in self._boxes(key, spec, full.to(arch.stored_dtype(key, self.dtype))):
             self._queue.submit(functools.partial(self._chunks.add_chunk, name, offsets, chunk), self._chunks.path)
 
     def _boxes(self, key: str, spec: TensorSpec, full: torch.Tensor):

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from scalegrow.core.arch import Role
+from scalegrow.core.arch import MLA_ROLES, Role
 from scalegrow.core.config import ModelConfig
 from scalegrow.operators.base import (
     Operator,
@@ -197,10 +197,12 @@ class LemonGrowth(Operator):
     def _noise(self, *names: object) -> Noise:
         return Noise(self.seed, seeded_generator(self.seed, *names), self.std)
 
-    def _norm_weight(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """γ* = √s·[γ × k, mean(γ)] (times `scale`), on a zero-centred norm's gain 1 + w."""
+    def _norm_weight(self, weight: torch.Tensor, scale: float = 1.0, over: ResidualMap | None = None) -> torch.Tensor:
+        """γ* = √s·[γ × k, mean(γ)] (times `scale`), on a zero-centred norm's gain 1 + w; `over` an MLA
+        latent instead of the stream: √s_c·[γ × k_c, mean(γ)]."""
+        over = over or self.stream
         gamma = self.src.norm.gain(weight)
-        grown = (self.stream.s ** 0.5 * scale) * self.stream.copies.expand(gamma, 0, gamma.mean())
+        grown = (over.s ** 0.5 * scale) * over.copies.expand(gamma, 0, gamma.mean())
         return self.dst.norm.stored(grown)
 
     def _norm_bias(self, beta: torch.Tensor) -> torch.Tensor:
@@ -246,24 +248,29 @@ class LemonGrowth(Operator):
 
     def _grow_mla(self, role: str, t: torch.Tensor, noise: Noise) -> torch.Tensor:
         """Multi-latent attention's tensors (see the module docstring)."""
-        mla, s = self.src.mla, self.stream.s
-        if role in (Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT):  # γ* = √s_c·[γ × k_c, mean(γ)]
-            latent = self.q_latent if role == Role.Q_LATENT_NORM_WEIGHT else self.kv_latent
-            return latent.s ** 0.5 * latent.copies.expand(t, 0, t.mean())
-        if role in (Role.MLA_Q_WEIGHT, Role.MLA_Q_UP_WEIGHT, Role.MLA_KV_UP_WEIGHT):
-            per_head = mla.q_head_dim if role != Role.MLA_KV_UP_WEIGHT else mla.qk_head_dim + mla.v_head_dim
-            # [heads * per_head, in] -> [heads, per_head, in]: a head's rows move together
-            rows = self.heads.expand(t.reshape(self.heads.n_src, per_head, -1), 0).flatten(0, 1)
-            reads = {Role.MLA_Q_WEIGHT: self.stream, Role.MLA_Q_UP_WEIGHT: getattr(self, "q_latent", None),
-                     Role.MLA_KV_UP_WEIGHT: self.kv_latent}[role]
-            return reads.split_fanin(rows, 1, noise)
+        mla = self.src.mla
+        if role == Role.Q_LATENT_NORM_WEIGHT:
+            return self._norm_weight(t, over=self.q_latent)
+        if role == Role.KV_LATENT_NORM_WEIGHT:
+            return self._norm_weight(t, over=self.kv_latent)
         if role == Role.MLA_Q_DOWN_WEIGHT:
-            rows = (s / self.q_latent.s) ** 0.5 * self.q_latent.expand(t, 0)
+            return self.stream.split_fanin(self._latent_rows(t, self.q_latent), 1, noise)
+        if role == Role.MLA_KV_DOWN_WEIGHT:
+            latent, rope = t.split([mla.kv_lora_rank, mla.qk_pos_emb_head_dim], dim=0)  # [kv latent; shared rope key]
+            rows = torch.cat([self._latent_rows(latent, self.kv_latent), rope], dim=0)
             return self.stream.split_fanin(rows, 1, noise)
-        assert role == Role.MLA_KV_DOWN_WEIGHT
-        latent, rope = t.split([mla.kv_lora_rank, mla.qk_pos_emb_head_dim], dim=0)  # [kv latent; shared rope key]
-        rows = torch.cat([(s / self.kv_latent.s) ** 0.5 * self.kv_latent.expand(latent, 0), rope], dim=0)
-        return self.stream.split_fanin(rows, 1, noise)
+        # the per-head projections: q from the stream (no q latent), or q/kv up from their latents
+        per_head, reads = {Role.MLA_Q_WEIGHT: (mla.q_head_dim, self.stream),
+                           Role.MLA_Q_UP_WEIGHT: (mla.q_head_dim, getattr(self, "q_latent", None)),
+                           Role.MLA_KV_UP_WEIGHT: (mla.qk_head_dim + mla.v_head_dim, self.kv_latent)}[role]
+        # [heads * per_head, in] -> [heads, per_head, in]: a head's rows move together
+        rows = self.heads.expand(t.reshape(self.heads.n_src, per_head, -1), 0).flatten(0, 1)
+        return reads.split_fanin(rows, 1, noise)
+
+    def _latent_rows(self, t: torch.Tensor, latent: ResidualMap) -> torch.Tensor:
+        """A down projection's latent rows, √(s/s_c)·[W × k_c, 0]: the latent's mean square becomes s times
+        its own, which the norm's eps* = s·eps keeps exact."""
+        return (self.stream.s / latent.s) ** 0.5 * latent.expand(t, 0)
 
     def _qk_scaled(self, t: torch.Tensor) -> torch.Tensor:
         """QKV rows with q and k times √s where q/k norms follow (see the module docstring)."""
@@ -281,6 +288,4 @@ class LemonGrowth(Operator):
         return self.neurons if role in (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.FC2_WEIGHT) else self.expert_neurons
 
 
-MLA_ROLES = (Role.MLA_Q_WEIGHT, Role.MLA_Q_DOWN_WEIGHT, Role.MLA_Q_UP_WEIGHT, Role.MLA_KV_DOWN_WEIGHT,
-             Role.MLA_KV_UP_WEIGHT, Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT)
 FC1_ROLES = (Role.FC1_WEIGHT, Role.FC1_BIAS, Role.EXPERT_FC1_WEIGHT, Role.EXPERT_FC1_BIAS, Role.SHARED_FC1_WEIGHT)

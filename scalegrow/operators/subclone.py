@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scalegrow.core import arch
-from scalegrow.core.arch import Role
+from scalegrow.core.arch import MLA_ROLES, Role
 from scalegrow.core.config import ModelConfig
 from scalegrow.operators.base import (
     Operator,
@@ -104,8 +104,6 @@ class CalibrationStats:
 FC2_WEIGHTS = (Role.FC2_WEIGHT, Role.EXPERT_FC2_WEIGHT, Role.SHARED_FC2_WEIGHT)
 FC1_BIASES = (Role.FC1_BIAS, Role.EXPERT_FC1_BIAS)
 FFN_ROLES = FC2_WEIGHTS + FC1_BIASES + (Role.FC1_WEIGHT, Role.EXPERT_FC1_WEIGHT, Role.SHARED_FC1_WEIGHT)
-MLA_ROLES = (Role.MLA_Q_WEIGHT, Role.MLA_Q_DOWN_WEIGHT, Role.MLA_Q_UP_WEIGHT, Role.MLA_KV_DOWN_WEIGHT,
-             Role.MLA_KV_UP_WEIGHT, Role.Q_LATENT_NORM_WEIGHT, Role.KV_LATENT_NORM_WEIGHT)
 
 
 class SliceOperator(Operator):

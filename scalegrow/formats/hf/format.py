@@ -307,7 +307,7 @@ class HFWriter:
         spec = spec_of(self.cfg, key)
         if spec.packing == arch.VOCAB:  # Megatron's padded rows are no tokens
             full = sharding.pad_vocab(spec, full, self.cfg.padded_vocab_size)
-        for name, part in zip(rule.hf, to_hf(rule.kind, full.to(arch.stored_dtype(spec, self.dtype)), self.cfg)):
+        for name, part in zip(rule.hf, to_hf(rule.kind, full.to(arch.stored_dtype(key, self.dtype)), self.cfg)):
             name = name.format(**where)
             if rule.kind == "stacked":  # expert e's slice of one [E, ...] tensor
                 self._write_slice(name, where["e"], part)

@@ -7,13 +7,14 @@ times `routed_scaling_factor`, beside `n_shared_experts` always-on experts in on
 (`mlp.shared_experts`). What megatron-core reproduces, as `core/mla_config.py` and `core/layers/moe.py` say.
 
 Multi-token prediction layers (`num_nextn_predict_layers`, the release's `model.layers.61.*`) are not
-part of transformers' model, nor scalegrow's: a checkpoint that holds them is refused by the tensor check.
+part of transformers' model, nor scalegrow's: the reader sets them aside (`HFReader.mtp`) and a write
+refuses them by name unless `--drop-mtp` (`write/session.refuse_dropped_tensors`).
 """
 from __future__ import annotations
 
 from scalegrow.core.config import ModelConfig, moe_pattern
 from scalegrow.formats.hf.families import llama, moe
-from scalegrow.formats.hf.family import DROP, PLAIN_BLOCK, HFFamily, Refusal, layer_rules, must_be
+from scalegrow.formats.hf.family import DROP, HFFamily, Refusal, layer_rules, must_be
 
 ATTENTION = layer_rules(
     "model.layers.{i}.",
@@ -41,7 +42,7 @@ EXPERTS = tuple(r for r in moe.expert_layer("model.layers.{i}.mlp.", "gate.weigh
                                             "up_proj.weight", "down_proj.weight") if r not in llama.ATTENTION)
 LAYER = ATTENTION + MLP + EXPERTS
 
-FEATURES = {**llama.FEATURES, **PLAIN_BLOCK, "qk_layernorm": True, "multi_latent_attention": True,
+FEATURES = {**llama.FEATURES, "qk_layernorm": True, "multi_latent_attention": True,
             "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
             "moe_router_pre_softmax": False, "moe_shared_expert_gate": False}
 for size in ("num_moe_experts", "window_size"):
