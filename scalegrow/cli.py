@@ -177,8 +177,9 @@ def _output_args(p: argparse.ArgumentParser, layout_default: str, any_format: bo
         p.add_argument("--dry-run", action="store_true", help="print every output file's tensors and shapes as "
                        "JSON; reads only the source's args (no tensor data) and writes nothing")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes writing the output's rank files (torch format), each holding about one "
-                   "file in memory (default: as many as the usable cores, the files and the available memory allow)")
+                   help="processes writing the output: legacy rank files (torch), or layers (torch_dist, hf: each "
+                   "computed once and written into its place); each holds about one file, or a few layers, in memory "
+                   "(default: as many as the usable cores, the output and the available memory allow)")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, and no chatter from DeepSpeed")
 

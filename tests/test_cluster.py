@@ -50,14 +50,28 @@ def torchrun_on_both(argv: list[str], before: dict[str, str] = {}) -> list[subpr
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
-def test_torchrun_on_two_nodes_writes_what_one_process_writes(cluster, src, tmp_path):
-    assert subprocess.run([sys.executable, "-m", "scalegrow.cli", *grow_argv(src, tmp_path / "one", "--pp", "3")],
-                          env=ENV).returncode == 0
-    head, other = torchrun_on_both(grow_argv(src, tmp_path / "two", "--pp", "3"))
+def cli(*argv: str) -> int:
+    return subprocess.run([sys.executable, "-m", "scalegrow.cli", *argv], env=ENV).returncode
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist", "hf"])
+def test_torchrun_on_two_nodes_writes_what_one_process_writes(cluster, src, tmp_path, fmt):
+    """Legacy rank files, torch_dist's layers (each node its own .distcp files) and HF's layers (both
+    nodes filling the same safetensors shards) across the two nodes."""
+    extra = ["--pp", "3"] if fmt == "torch" else ["--format", fmt, "--max-shard-size", "300kB"]
+    assert cli(*grow_argv(src, tmp_path / "one", *extra)) == 0
+    head, other = torchrun_on_both(grow_argv(src, tmp_path / "two", *extra))
     assert (head.returncode, other.returncode) == (0, 0), head.stderr[-3000:] + other.stderr[-3000:]
-    assert checkpoint_files(tmp_path / "two") == checkpoint_files(tmp_path / "one")
     assert f"wrote its share of {tmp_path / 'two'} as rank 1 of 2" in other.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "src", "t.yaml", "two"]
+    if fmt == "torch_dist":  # the same tensors in other data files: compared as legacy files
+        assert {p.name[:3] for p in (tmp_path / "two/release").glob("*.distcp")} == {"__0", "__1"}
+        for name in ("one", "two"):
+            assert cli("convert", "--src", str(tmp_path / name), "--dst", str(tmp_path / f"{name}-legacy"),
+                       "--no-progress") == 0
+            shutil.rmtree(tmp_path / name)
+            (tmp_path / f"{name}-legacy").rename(tmp_path / name)
+    assert checkpoint_files(tmp_path / "two") == checkpoint_files(tmp_path / "one")
 
 
 def test_a_node_without_the_shared_directory_fails_both_and_leaves_nothing(cluster, src, tmp_path):

@@ -88,12 +88,24 @@ def test_what_ranks_cannot_share_is_refused(src, tmp_path):
     assert [code for code, _, _ in results] == [2, 2]
     assert "--method ligo prepares its operator on data, which is not shared between ranks (rank 0 of 2)" \
         in results[0][2]
-    hf = grow_argv(src, tmp_path / "out", "--format", "hf")
-    results = run_ranks([hf, hf])
-    assert [code for code, _, _ in results] == [2, 2]
-    assert "the hf format is written by one process for now (this is rank 1 of 2: run it without torchrun" \
-        in results[1][2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "t.yaml"]
+
+
+def test_ranks_divide_the_layers_of_hf_and_torch_dist_outputs(src, tmp_path):
+    """Two ranks of two workers each: HF's shards byte for byte as one process writes them; torch_dist
+    with four data files (one per rank and worker), converting to one process's legacy files."""
+    for fmt in ("hf", "torch_dist"):
+        one = grow_argv(src, tmp_path / f"{fmt}-one", "--format", fmt, "--max-shard-size", "300kB", "--workers", "1")
+        assert subprocess.run([sys.executable, "-m", "scalegrow.cli", *one]).returncode == 0
+        argv = grow_argv(src, tmp_path / fmt, "--format", fmt, "--max-shard-size", "300kB", "--workers", "2")
+        assert [code for code, _, _ in run_ranks([argv, argv])] == [0, 0]
+    assert checkpoint_files(tmp_path / "hf") == checkpoint_files(tmp_path / "hf-one")
+    assert sorted(p.name for p in (tmp_path / "torch_dist/release").glob("*.distcp")) == \
+        ["__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"]
+    for name in ("torch_dist", "torch_dist-one"):
+        assert subprocess.run([sys.executable, "-m", "scalegrow.cli", "convert", "--src", str(tmp_path / name),
+                               "--dst", str(tmp_path / f"{name}-legacy"), "--no-progress"]).returncode == 0
+    assert checkpoint_files(tmp_path / "torch_dist-legacy") == checkpoint_files(tmp_path / "torch_dist-one-legacy")
 
 
 def test_ranks_are_found_in_torchrun_and_srun_environments():

@@ -9,6 +9,7 @@ from scalegrow.formats.io import safe_load
 from scalegrow.formats.megatron import FILE_NAME
 from scalegrow.formats.options import LayoutOptions, OutputOptions
 from scalegrow.formats.registry import open_checkpoint
+from scalegrow.write.session import Topology
 
 from helpers import family_config, random_model, tokens, write_yaml
 
@@ -170,9 +171,13 @@ def test_megatron_core_loads_every_rank(mcore, tmp_path, dst_layout):
         with torch.no_grad():
             expected.append(small(x))
     if dst_layout == (2, 2, None, None):  # torch_dist, resharded by megatron-core itself on load
-        convert(jobs[-1]["path"], tmp_path / "dist", OutputOptions(format="torch_dist"), progress=False)
-        jobs.append(dict(jobs[-1], path=str(tmp_path / "dist"), format="torch_dist"))
-        expected.append(expected[-1])
+        for workers in (1, 3):  # written by one process, and by three (each its layers, its own .distcp file)
+            dist = tmp_path / f"dist{workers}"
+            convert(jobs[-1]["path"], dist, OutputOptions(format="torch_dist"), progress=False,
+                    topology=Topology(workers=workers))
+            assert len(list(dist.glob("iter_*/*.distcp"))) == workers
+            jobs.append(dict(jobs[-1], path=str(dist), format="torch_dist"))
+            expected.append(expected[-1])
     results = mcore.run_megatron_check(tp, pp, jobs, tmp_path, first=first, last=last)
     for got, want in zip(results, expected):
         got = got[..., : want.shape[-1]]

@@ -169,8 +169,8 @@ def test_no_common_state_at_all_is_refused_by_name(tmp_path, capsys):
 @pytest.mark.parametrize("out", ["torch_dist", "torch_dist-inline", "torch"])
 def test_megatron_core_save_grows_into_what_megatron_core_loads_with_the_source_logits(mcore, tmp_path, out):
     """The installed megatron-core's own save (0.19: common state inside the .distcp files) of a model,
-    grown by LEMON into torch_dist (either layout) and legacy files: megatron-core loads each strictly
-    and computes the source's logits."""
+    grown by LEMON into torch_dist (either layout; two workers, two data files) and legacy files:
+    megatron-core loads each strictly and computes the source's logits."""
     from megatron.core import dist_checkpointing
 
     from scalegrow.cli import main
@@ -188,10 +188,12 @@ def test_megatron_core_save_grows_into_what_megatron_core_loads_with_the_source_
     if layout and mcore.version() < (0, 19):
         pytest.skip("megatron-core < 0.19 reads the common state from common.pt only")
     extra = ["--torch-dist-common", "inline"] if layout else []
+    extra += ["--workers", "2"]  # torch_dist: two data files, each worker's layers
     assert main(["grow", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "big"), "--target", str(target),
                  "--format", fmt, *extra, "--no-progress"]) == 0
     grown = open_checkpoint(tmp_path / "big").config
     model = mcore.build_gpt(grown).eval()
+    assert len(list((tmp_path / "big").glob("iter_*/*.distcp"))) == (2 if fmt == "torch_dist" else 0)
     if fmt == "torch":
         state = safe_load(tmp_path / "big/iter_0000005/mp_rank_00/model_optim_rng.pt", mmap=False)
     else:

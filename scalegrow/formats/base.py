@@ -124,10 +124,24 @@ class Writer(Protocol):
 
     def close_stage(self) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self) -> None:
+        """Everything written through this writer is in place; a writer not `restrict`ed to a share
+        also completes the checkpoint."""
 
     def abort(self) -> None:
         """After a failure: release files and threads (what was written is discarded)."""
+
+
+class SharedWriter(Writer, Protocol):
+    """A writer that several workers and ranks can share a checkpoint with (`Format.work_units`)."""
+
+    def restrict(self, units: frozenset, name: str) -> None:
+        """Write only these work units (a worker's share); `name` ("{rank}_{worker}") tells this
+        worker's files and records apart from the others'."""
+
+    def complete(self) -> None:
+        """Once every share is written: what the format writes once (tracker, index, metadata), from
+        the records the shares left."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,9 @@ class Format:
     the bytes of tensor data a checkpoint holds (replicated tensors counted once per copy stored).
     `parallel` is False for formats without TP/PP (one file set for the whole model); `planner` makes
     a writer that records the output files' tensors and writes nothing (None: Megatron's plan).
-    `file_sizes` (formats whose writers can `restrict` themselves to some files) lets several worker
-    processes write one checkpoint (`write/workers.py`)."""
+    `work_units` (formats with a `SharedWriter`) lets several worker processes and ranks write one
+    checkpoint (`write/workers.py`): {unit: bytes}, a unit being a rank file (stage, EP rank, TP rank)
+    where files are written in order, else a piece (stage, position) computed once (`piece_sizes`)."""
 
     name: str
     description: str
@@ -150,11 +165,24 @@ class Format:
     size: Callable[[ModelConfig, Layout, torch.dtype], int] | None = None
     parallel: bool = True
     planner: Callable[..., Writer] | None = None
-    file_sizes: Callable[[ModelConfig, Layout, torch.dtype], dict] | None = None  # per output file: workers split them
+    work_units: Callable[[ModelConfig, Layout, torch.dtype], dict] | None = None  # what workers divide
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
+
+
+def piece_sizes(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> dict[tuple[int, int], int]:
+    """(stage, position) -> tensor bytes, for formats that put each tensor in a planned place: the
+    embeddings at -1, layer j at j, the final norm and output layer at num_layers."""
+    def size(specs) -> int:
+        return sum(nbytes(arch.full_shape(cfg, s), dtype) for s in specs)
+
+    stages, last = layout.stages, cfg.num_layers
+    out = {(0, -1): size(arch.embedding_specs(cfg))}
+    out.update({(stages.locate(j)[0], j): size(arch.layer_specs(cfg, j)) for j in range(last)})
+    out[(stages.pp - 1, last)] = size(arch.final_norm_specs(cfg) + ([] if cfg.embedding.tied else [arch.OUTPUT_SPEC]))
+    return out
 
 
 # ---- readers and writers without a format -----------------------------------------------------------

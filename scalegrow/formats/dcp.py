@@ -144,50 +144,70 @@ class ChunkReader:
 
 
 class ChunkWriter:
-    """Appends chunks to one DCP data file as they come, then writes the `.metadata` that indexes
-    them. Tensors are declared with their global size and dtype; each chunk names its offsets."""
+    """Appends chunks to one DCP data file as they come (opened at the first), then writes the
+    `.metadata` that indexes them. Tensors are declared with their global size and dtype; each chunk
+    names its offsets. Several writers, one data file each, may fill one checkpoint: each hands its
+    `records()` to the one that writes `.metadata` (`finish(others)`)."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, data_file: str = DATA_FILE):
+        self.root, self.data_file = root, data_file
         self._md, self._fs = _dcp()
-        self.path = root / DATA_FILE
-        self._file = open(self.path, "wb")
-        self._items: dict = {}  # key -> TensorStorageMetadata or BytesStorageMetadata
-        self._storage: dict = {}  # MetadataIndex -> _StorageInfo
+        self.path = root / data_file
+        self._file = None
+        self._declared: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._records: list[list] = []  # [key, offsets or None (a byte item), sizes, file, start, length]
 
     def declare(self, key: str, size: tuple[int, ...], dtype: torch.dtype) -> None:
-        md = self._md
-        self._items[key] = md.TensorStorageMetadata(md.TensorProperties(dtype=dtype), torch.Size(size), [])
+        self._declared[key] = (tuple(size), dtype)
 
     def add_chunk(self, key: str, offsets: tuple[int, ...], chunk: torch.Tensor) -> None:
         """One box of a declared tensor, stored the way DCP stores it: `torch.save` of that box alone."""
         chunk = chunk.detach().contiguous()
         if chunk.untyped_storage().nbytes() != chunk.nbytes:  # a view into a larger tensor
             chunk = chunk.clone()
-        start = self._file.tell()
-        torch.save(chunk, self._file)
-        self._record(self._md.MetadataIndex(key, torch.Size(offsets)), start)
-        self._items[key].chunks.append(self._md.ChunkStorageMetadata(torch.Size(offsets), chunk.shape))
+        self._save(key, chunk, list(offsets), list(chunk.shape))
 
     def add_object(self, key: str, obj) -> None:
         """A byte item (DCP pickles non-tensor objects with `torch.save`)."""
+        self._save(key, obj, None, None)
+
+    def _save(self, key: str, obj, offsets: list | None, sizes: list | None) -> None:
+        if self._file is None:
+            self._file = open(self.path, "ab")  # after the chunks of an earlier writer of this file, if any
         start = self._file.tell()
         torch.save(obj, self._file)
-        self._record(self._md.MetadataIndex(key), start)
-        self._items[key] = self._md.BytesStorageMetadata()
+        self._records.append([key, offsets, sizes, self.data_file, start, self._file.tell() - start])
 
-    def _record(self, index, start: int) -> None:
-        self._storage[index] = self._fs._StorageInfo(DATA_FILE, start, self._file.tell() - start)
+    def records(self) -> list[list]:
+        """What this writer stored and where (JSON-able), once its file is closed."""
+        self.close()
+        return list(self._records)
 
-    def abort(self) -> None:
-        self._file.close()
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
-    def finish(self) -> None:
-        self._file.close()
-        for key, item in self._items.items():
-            if isinstance(item, self._md.TensorStorageMetadata):
+    abort = close
+
+    def finish(self, others: list[list] = ()) -> None:
+        """`.metadata` over this writer's records and `others` (other writers' `records()`), every
+        declared tensor covered exactly, chunks listed in offset order whichever writer stored them."""
+        md, fs = self._md, self._fs
+        records = sorted(self.records() + [list(r) for r in others], key=lambda r: (r[0], r[1] or []))
+        items = {key: md.TensorStorageMetadata(md.TensorProperties(dtype=dtype), torch.Size(size), [])
+                 for key, (size, dtype) in self._declared.items()}
+        storage = {}
+        for key, offsets, sizes, file, start, length in records:
+            if offsets is None:
+                items[key], index = md.BytesStorageMetadata(), md.MetadataIndex(key)
+            else:
+                items[key].chunks.append(md.ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+                index = md.MetadataIndex(key, torch.Size(offsets))
+            storage[index] = fs._StorageInfo(file, start, length)
+        for key, item in items.items():
+            if isinstance(item, md.TensorStorageMetadata):
                 covered = sum(c.sizes.numel() for c in item.chunks)
                 assert covered == item.size.numel(), f"{key}: chunks cover {covered} of {item.size.numel()}"
-        metadata = self._md.Metadata(self._items, storage_data=self._storage, version="1.0.0")
         with open(self.root / METADATA, "wb") as f:
-            pickle.dump(metadata, f)
+            pickle.dump(md.Metadata(items, storage_data=storage, version="1.0.0"), f)

@@ -240,9 +240,8 @@ class MegatronWriter:
         self._per_rank = experts_per_rank(cfg, layout)
         self.owned: set[tuple[int, int, int]] | None = None  # (stage, EP, TP) files to write; None: all
 
-    def restrict(self, files: set[tuple[int, int, int]]) -> None:
-        """Write only `files` (a worker's share, `write/workers.py`); the tracker is left to the
-        writer that owns every file."""
+    def restrict(self, files: frozenset[tuple[int, int, int]], name: str = "") -> None:
+        """Write only `files` (a worker's share, `write/workers.py`); the tracker is left to `complete`."""
         self.owned = set(files)
 
     def _owns(self, stage: int, ep_rank: int, tp_rank: int) -> bool:
@@ -303,7 +302,11 @@ class MegatronWriter:
         assert not self._files
         self._queue.close()
         if self.owned is None:
-            (self.out_dir / TRACKER).write_text(str(self.iteration))
+            self.complete()
+
+    def complete(self) -> None:
+        """Every rank file is there: the tracker names the iteration."""
+        (self.out_dir / TRACKER).write_text(str(self.iteration))
 
     def abort(self) -> None:
         self._queue.abort()
@@ -340,4 +343,4 @@ def _extra_state_keys(cfg: ModelConfig, stages: Stages, stage: int, experts: int
 
 
 FORMAT = Format("torch", "Megatron legacy", is_megatron, open_megatron, MegatronWriter, target_config,
-                checkpoint_bytes, file_sizes=file_bytes)
+                checkpoint_bytes, work_units=file_bytes)

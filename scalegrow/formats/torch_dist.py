@@ -38,9 +38,9 @@ from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.layout import Layout
 from scalegrow.errors import InputError
-from scalegrow.formats import hybrid
-from scalegrow.formats.base import Format, Reader, nbytes
-from scalegrow.formats.dcp import ChunkReader, ChunkWriter
+from scalegrow.formats import hybrid, receipts
+from scalegrow.formats.base import Format, Reader, nbytes, piece_sizes
+from scalegrow.formats.dcp import DATA_FILE, ChunkReader, ChunkWriter
 from scalegrow.formats.io import WriteQueue, safe_load
 from scalegrow.formats.megatron_args import config_from_args
 from scalegrow.formats.megatron_rules import (
@@ -210,7 +210,9 @@ class DistWriter:
     """Streams a model into torch_dist, chunk by chunk on a writer thread, in megatron-core's names
     (GPTModel's, or HybridModel's: `TorchDistOptions.model`); `finish` writes the index (`.metadata`),
     the common state (args, iteration) and `metadata.json`. The args record `layout`; the tensors
-    themselves are stored whole (layout-free)."""
+    themselves are stored whole (layout-free). Several workers and ranks share one checkpoint
+    (`restrict`): each appends its chunks to its own `__{rank}_{worker}.distcp` and leaves a receipt
+    of them; `complete` indexes every receipt's chunks, as megatron-core's save does for its ranks."""
 
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
                  opts: OutputOptions = OutputOptions()):
@@ -221,12 +223,21 @@ class DistWriter:
         args = megatron_args(cfg, source.args, layout, source.iteration)
         self.args = hybrid.hybrid_args(args, layout.stages, cfg.moe is not None) if self.hybrid_model else args
         self.iter_dir = out_dir / iteration_dir_name(source.iteration)
-        self.iter_dir.mkdir(parents=True)
+        self.iter_dir.mkdir(parents=True, exist_ok=True)  # by every worker
         self._specs = dict(arch.model_specs(cfg))
-        self._chunks = ChunkWriter(self.iter_dir)
-        for key, shape in stored_tensors(cfg, self.hybrid_model):
-            self._chunks.declare(key, shape, arch.stored_dtype(key, self.dtype))
+        self._chunks = self._chunk_writer(DATA_FILE)
         self._queue = WriteQueue()
+        self._name: str | None = None  # a worker's ("{rank}_{worker}"), once restricted
+
+    def _chunk_writer(self, data_file: str) -> ChunkWriter:
+        chunks = ChunkWriter(self.iter_dir, data_file)
+        for key, shape in stored_tensors(self.cfg, self.hybrid_model):
+            chunks.declare(key, shape, arch.stored_dtype(key, self.dtype))
+        return chunks
+
+    def restrict(self, units: frozenset, name: str) -> None:
+        """A worker's writer: the executor hands it only its pieces, stored in its own data file."""
+        self._name, self._chunks = name, self._chunk_writer(f"__{name}.distcp")
 
     def open_stage(self, stage: int) -> None:
         pass
@@ -262,16 +273,26 @@ class DistWriter:
 
     def finish(self) -> None:
         self._queue.close()
+        if self._name is not None:
+            receipts.leave(self.iter_dir, self._name, self._chunks.records())
+            return
+        self._complete(self._chunks)
+
+    def complete(self) -> None:
+        """Every worker has left its receipt: the byte items, `.metadata` over every worker's chunks."""
+        self._complete(self._chunks, receipts.collect(self.iter_dir))
+
+    def _complete(self, chunks: ChunkWriter, others: list[list] = ()) -> None:
         for i in range(self.cfg.num_layers):  # megatron-core saves each module's (empty) extra state as a list
             for module_state in arch.layer_extra_state(self.cfg, i):
-                self._chunks.add_object(extra_state_key(self.cfg, i, module_state, self.hybrid_model), [None])
+                chunks.add_object(extra_state_key(self.cfg, i, module_state, self.hybrid_model), [None])
         if self.hybrid_model:  # HybridModel keeps the output layer's (GPTModel drops it), tied or not
-            self._chunks.add_object(f"{arch.OUTPUT_EXTRA_STATE}/shard_0_1", [None])
+            chunks.add_object(f"{arch.OUTPUT_EXTRA_STATE}/shard_0_1", [None])
         common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION,
                   "iteration": 0 if self.iteration == "release" else int(self.iteration)}
         if self.common == "inline":  # as megatron-core 0.19's save: a one-element list, no common.pt
-            self._chunks.add_object(COMMON_STATE, [common])
-        self._chunks.finish()
+            chunks.add_object(COMMON_STATE, [common])
+        chunks.finish(others)
         if self.common == COMMON:
             torch.save(common, self.iter_dir / COMMON)
         backend = BACKEND if self.common == "inline" else {**BACKEND, **COMMON_BACKEND}  # as 0.19 / as 0.16
@@ -290,4 +311,4 @@ def output_model(cfg: ModelConfig, source: Reader, model: str | None) -> str:
 
 
 FORMAT = Format("torch_dist", "megatron-core distributed", is_torch_dist, open_dist, DistWriter, target_config,
-                checkpoint_bytes)
+                checkpoint_bytes, work_units=piece_sizes)

@@ -34,11 +34,12 @@ class LayerCache:
 
 
 def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, desc: str | None = None,
-        stages: list[int] | None = None) -> None:
+        stages: list[int] | None = None, positions: frozenset[int] | None = None) -> None:
     """Stream `op` applied to `source` into `writer`, one target stage and one layer at a time
-    (only `stages`, when given: a worker's share)."""
+    (a worker's share, when given: only `stages`, and of them only `positions`: -1 the embeddings,
+    j layer j, num_layers the head)."""
     try:
-        _stream(source, op, writer, progress, desc or op.name, stages)
+        _stream(source, op, writer, progress, desc or op.name, stages, positions)
     except BaseException:
         writer.abort()
         raise
@@ -46,21 +47,26 @@ def run(source: Reader, op: Operator, writer: Writer, progress: bool = True, des
         source.release()
 
 
-def _stream(source: Reader, op: Operator, writer: Writer, progress: bool, desc: str, only: list[int] | None) -> None:
-    stages = writer.layout.stages
+def _stream(source: Reader, op: Operator, writer: Writer, progress: bool, desc: str, only: list[int] | None,
+            positions: frozenset[int] | None) -> None:
+    stages, last = writer.layout.stages, op.dst.num_layers
     reads = max(len(op.layer_sources(j)) for j in range(op.dst.num_layers))
     cache = LayerCache(source.layer, size=max(2, reads))  # e.g. LiGO: every target layer reads all sources
+
+    def mine(position: int) -> bool:
+        return positions is None or position in positions
+
     bar = tqdm(total=op.dst.num_layers + 2, desc=desc, unit="layer", disable=not progress)
     for stage in range(stages.pp) if only is None else only:
         writer.open_stage(stage)
-        if stage == 0:
+        if stage == 0 and mine(-1):
             _write(writer, op.map_embeddings(source.embeddings()))
             bar.update()
-        for j in stages.layers(stage):
+        for j in filter(mine, stages.layers(stage)):
             grown = op.map_layer(j, {i: cache.get(i) for i in op.layer_sources(j)})
             _write(writer, {arch.layer_key(j, k): v for k, v in grown.items()})
             bar.update()
-        if stage == stages.pp - 1:
+        if stage == stages.pp - 1 and mine(last):
             _write(writer, op.map_head(source.head()))
             bar.update()
         writer.close_stage()

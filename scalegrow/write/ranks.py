@@ -58,9 +58,9 @@ class Ranks:
         return cls(rank, world, dist.PrefixStore("scalegrow", store))
 
     def share(self, sizes: dict) -> dict:
-        """The output files (and their bytes) this rank writes: its part of `workers.divide`."""
+        """The work units (and their bytes) this rank writes: its part of `workers.divide`."""
         shares = divide(sizes, self.world)
-        mine = shares[self.rank].files if self.rank < len(shares) else frozenset()
+        mine = shares[self.rank].units if self.rank < len(shares) else frozenset()
         return {f: sizes[f] for f in mine}
 
     @contextlib.contextmanager

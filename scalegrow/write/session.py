@@ -156,30 +156,27 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
 
 def _stream(source: Reader, op: Operator, make_writer, sizes: dict, mine: dict, n: int, out: Path,
             group: Ranks | None, progress: bool, desc: str) -> None:
-    """This process writes every file; or its `n` forked workers write this rank's files (`mine`),
-    rank 0 waits for every rank's, and then writes what the format writes once (the tracker)."""
+    """This process writes every file; or its `n` forked workers write this rank's share (`mine`),
+    rank 0 waits for every rank's, and then writes what the format writes once (`complete`: the
+    tracker, an index, metadata)."""
     if n == 1 and group is None:
         executor.run(source, op, make_writer(), progress=progress, desc=desc)
         return
     bar = workers.progress_bar(sum(sizes.values()), progress and (group is None or group.leader), desc)
-    workers.run(source, op, make_writer, workers.divide(mine, n), out, bar, group.check if group else lambda: None)
+    workers.run(source, op, make_writer, workers.divide(mine, n), out, bar, group.check if group else lambda: None,
+                group.rank if group else 0)
     if group:
         group.gather(lambda: workers.move(bar, out))
     bar.close()
     if group is None or group.leader:
-        make_writer().finish()
+        make_writer().complete()
 
 
 def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, topology: Topology) -> tuple[int, dict, dict]:
-    """How many processes write this rank's files (--workers, or with None what cores and memory
-    allow), the bytes of every output file, and of the files this rank writes (all, when alone)."""
+    """How many processes write this rank's share (--workers, or with None what cores and memory
+    allow), the bytes of every work unit of the output, and of this rank's (all, when alone)."""
     ranks = topology.ranks
-    if fmt.file_sizes is None:
-        if topology.workers not in (None, 1) or ranks:
-            raise InputError(f"--workers: the {fmt.name} format is written by one process for now"
-                             + (f" (this is {ranks}: run it without torchrun or srun)" if ranks else ""))
-        return 1, {}, {}
-    sizes = fmt.file_sizes(cfg, layout, dtype)
+    sizes = fmt.work_units(cfg, layout, dtype)
     mine = ranks.share(sizes) if ranks else sizes
     n, note = workers.count(topology.workers, mine)
     if note:

@@ -1,12 +1,19 @@
-"""Writing one checkpoint with several worker processes, each owning a share of the output files.
+"""Writing one checkpoint with several worker processes, each owning a share of the output.
 
-    plan -> fork N workers -> each streams its stages into its own files -> the parent finishes
+    plan -> fork N workers -> each streams its share and leaves its files -> the parent completes
 
-The output's rank files (stage, EP rank, TP rank) are divided among the workers: whole pipeline
-stages when there are at least as many stages as workers (no work is repeated), else the files of
-each stage (a stage's layers are then computed by every worker that writes one of its files, and
-each writes only its own shards). Every tensor is computed exactly as in one process (noise is
-seeded per tensor), so the files are bit-identical to `--workers 1`. Workers are forked: they share
+What is divided are the format's work units (`Format.work_units`), in order and by bytes:
+- a format written in order (Megatron legacy: torch's zip files) divides its rank files
+  (stage, EP rank, TP rank): whole pipeline stages when there are at least as many stages as
+  workers (no work is repeated), else the files of each stage (a stage's layers are then computed by
+  every worker that writes one of its files, and each writes only its own shards);
+- a format whose tensors have planned places (Hugging Face safetensors, torch_dist) divides pieces
+  (stage, position): the embeddings (-1), each layer, the head (num_layers). Each piece is computed
+  once, by one worker, and written into its place (a safetensors offset, or the worker's own `.distcp`
+  file), so a single-stage model (every HF model) is shared among workers too.
+Each worker's writer finishes its own part; the parent's writer then `complete`s the checkpoint once
+(the tracker, HF's index and config.json, torch_dist's `.metadata`). Every tensor is computed exactly
+as in one process (noise is seeded per tensor), so the tensors are bit-identical to `--workers 1`. Workers are forked: they share
 the operator and the opened source, and nothing is pickled; each runs one thread (OpenMP's pool
 does not survive a fork), so the default count is one worker per usable core. The first worker to
 fail stops the others; its error is the command's, and the partial output goes with the atomic
@@ -14,6 +21,7 @@ directory.
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import time
@@ -27,44 +35,57 @@ from tqdm import tqdm
 
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Reader, Writer
-from scalegrow.formats.io import tree_bytes
 from scalegrow.operators.base import Operator
 from scalegrow.write import executor
 
 GiB = 2**30
-File = tuple[int, int, int]  # (stage, EP rank, TP rank)
+MIN_SHARE = 32 * 2**20  # by default no worker is forked for less output than this: the fork would cost more
+File = tuple[int, int, int]  # (stage, EP rank, TP rank): a rank file, written in order by one worker
+Piece = tuple[int, int]  # (stage, position): -1 the embeddings, j layer j, num_layers the head
+Unit = File | Piece
 
 
 @dataclass(frozen=True)
 class Share:
-    """What one worker writes: its files, and the stages it must stream to produce them."""
+    """What one worker writes: its units, and the stages it must stream to produce them."""
 
-    files: frozenset[File]
+    units: frozenset[Unit]
 
     @property
     def stages(self) -> list[int]:
-        return sorted({stage for stage, _, _ in self.files})
+        return sorted({unit[0] for unit in self.units})
+
+    @property
+    def positions(self) -> frozenset[int] | None:
+        """The pieces' positions to compute (None: rank files, whose stages are computed whole)."""
+        if any(len(unit) == 3 for unit in self.units):
+            return None
+        return frozenset(position for _, position in self.units)
 
 
-def divide(sizes: dict[File, int], workers: int) -> list[Share]:
-    """Split the files into at most `workers` shares of about equal bytes, in file order: whole
-    stages while there are enough of them, else files of a stage (see the module docstring)."""
-    stages = sorted({f[0] for f in sizes})
-    if len(stages) >= workers:
-        units = [[f for f in sorted(sizes) if f[0] == s] for s in stages]
+def divide(sizes: dict[Unit, int], workers: int) -> list[Share]:
+    """Split the units into at most `workers` shares of about equal bytes, in order: rank files by
+    whole stages while there are enough of them, else (and pieces always) unit by unit."""
+    stages = sorted({u[0] for u in sizes})
+    if len(stages) >= workers and all(len(u) == 3 for u in sizes):
+        groups = [[u for u in sorted(sizes) if u[0] == s] for s in stages]
     else:
-        units = [[f] for f in sorted(sizes)]
-    weights = [sum(sizes[f] for f in unit) for unit in units]
-    total, shares, current, done = sum(weights), [], [], 0
-    for unit, weight in zip(units, weights):
-        current += unit
-        done += weight
-        if done >= total * (len(shares) + 1) / workers and len(shares) < workers - 1:
-            shares.append(Share(frozenset(current)))
-            current = []
-    if current:
-        shares.append(Share(frozenset(current)))
-    return shares
+        groups = [[u] for u in sorted(sizes)]
+    if not groups:
+        return []
+    weights = [sum(sizes[u] for u in group) for group in groups]
+    cuts = _cuts(list(itertools.accumulate(weights)), min(workers, len(groups)))
+    return [Share(frozenset(itertools.chain(*groups[a:b]))) for a, b in zip([0] + cuts, cuts + [len(groups)])]
+
+
+def _cuts(cumulative: list[int], n: int) -> list[int]:
+    """Where to cut a sequence of groups into `n` runs of about equal weight: each cut the one whose
+    running total is nearest its share (k/n of the total), every run keeping at least one group."""
+    cuts, total = [], cumulative[-1] if cumulative else 0
+    for k in range(1, n):
+        first, last = (cuts[-1] if cuts else 0) + 1, len(cumulative) - (n - k)
+        cuts.append(min(range(first, last + 1), key=lambda c: abs(cumulative[c - 1] - total * k / n)))
+    return cuts
 
 
 def usable_cores() -> int:
@@ -79,14 +100,14 @@ def available_memory() -> int:
     return 0
 
 
-def per_worker_memory(largest_file: int) -> int:
-    """The memory bound one worker keeps: 1.5 x the largest file it writes + 0.5 GiB."""
-    return int(1.5 * largest_file + 0.5 * GiB)
+def per_worker_memory(largest_unit: int) -> int:
+    """The memory bound one worker keeps: 1.5 x the largest unit it writes (a file, or a layer) + 0.5 GiB."""
+    return int(1.5 * largest_unit + 0.5 * GiB)
 
 
-def count(requested: int | None, sizes: dict[File, int], memory: int | None = None) -> tuple[int, str | None]:
+def count(requested: int | None, sizes: dict[Unit, int], memory: int | None = None) -> tuple[int, str | None]:
     """(workers to run, a note when the count was lowered). `requested` None: as many as the usable
-    cores, the files and the available memory allow. A requested count that does not fit in memory
+    cores, the units and the available memory allow, one per MIN_SHARE of output at most. A requested count that does not fit in memory
     is refused (InputError naming both figures)."""
     memory = available_memory() if memory is None else memory
     each = per_worker_memory(max(sizes.values(), default=0))
@@ -99,20 +120,22 @@ def count(requested: int | None, sizes: dict[File, int], memory: int | None = No
                              f"({each / GiB:.2f} GiB each) but {memory / GiB:.1f} GiB is available; "
                              f"use --workers {fits}")
         return max(1, min(requested, len(sizes))), None
-    n = min(usable_cores(), len(sizes), fits)
-    note = f"workers: {n} (memory for {fits})" if fits < min(usable_cores(), len(sizes)) else None
+    worth = max(1, sum(sizes.values()) // MIN_SHARE)
+    n = min(usable_cores(), len(sizes), fits, worth)
+    note = f"workers: {n} (memory for {fits})" if fits < min(usable_cores(), len(sizes), worth) else None
     return max(1, n), note
 
 
 def run(source: Reader, op: Operator, make_writer: Callable[[], Writer], shares: list[Share], out: Path,
-        bar: tqdm, poll: Callable[[], None] = lambda: None) -> None:
+        bar: tqdm, poll: Callable[[], None] = lambda: None, rank: int = 0) -> None:
     """Write `op` applied to `source` into `out` with one forked process per share, moving `bar` by
     the bytes in `out`; `poll()` is called while waiting and may raise to stop them all (another
-    rank failed). The tracker is the caller's, once every file is there."""
+    rank failed). Worker k of `rank` names its files `{rank}_{k}`. Completing the checkpoint (the
+    writer's `complete`) is the caller's, once every rank's workers are done."""
     ctx = mp.get_context("fork")
     errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_work, args=(source, op, make_writer, share, errors), daemon=True)
-             for share in shares]
+    procs = [ctx.Process(target=_work, args=(source, op, make_writer, share, f"{rank}_{k}", errors), daemon=True)
+             for k, share in enumerate(shares)]
     for p in procs:
         p.start()
     try:
@@ -130,15 +153,21 @@ def progress_bar(total: int, progress: bool, desc: str) -> tqdm:
 
 
 def move(bar: tqdm, out: Path) -> None:
-    bar.update(min(bar.total, tree_bytes(out)) - bar.n)
+    bar.update(min(bar.total, written_bytes(out)) - bar.n)
 
 
-def _work(source: Reader, op: Operator, make_writer, share: Share, errors) -> None:
+def written_bytes(root: Path) -> int:
+    """Bytes written under `root` so far: a file's allocated blocks, since formats that write into
+    planned places (safetensors) make each file its full size, empty, before any tensor is there."""
+    return sum(min(st.st_size, st.st_blocks * 512) for st in (p.stat() for p in root.rglob("*") if p.is_file()))
+
+
+def _work(source: Reader, op: Operator, make_writer, share: Share, name: str, errors) -> None:
     torch.set_num_threads(1)  # a forked child hangs in the parent's OpenMP pool: one thread, one core each
     try:
         writer = make_writer()
-        writer.restrict(share.files)
-        executor.run(source, op, writer, progress=False, stages=share.stages)
+        writer.restrict(share.units, name)
+        executor.run(source, op, writer, progress=False, stages=share.stages, positions=share.positions)
     except BaseException as exc:  # the parent re-raises it: one line for bad input, else the traceback
         errors.put((isinstance(exc, InputError), str(exc) if isinstance(exc, InputError) else traceback.format_exc()))
         os._exit(1)

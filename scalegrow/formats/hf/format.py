@@ -15,6 +15,7 @@ trims Megatron's padded rows.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.layout import Layout
 from scalegrow.errors import InputError
-from scalegrow.formats.base import Format, Reader, nbytes
+from scalegrow.formats import receipts
+from scalegrow.formats.base import Format, Reader, nbytes, piece_sizes
 from scalegrow.formats.hf import fp8
 from scalegrow.formats.hf import registry as families
 from scalegrow.formats.hf.families.moe import EXPERT
@@ -275,7 +277,9 @@ def family_for(cfg: ModelConfig, source: Reader, opts: HFOptions) -> tuple[HFFam
 
 
 class HFWriter:
-    """Streams full tensors into planned safetensors shards; config.json is written at the end."""
+    """Streams full tensors into planned safetensors shards; config.json is written at the end. Any
+    number of writers may share the shards (`restrict`): each puts its own tensors at their places
+    and leaves a receipt of them; `complete` checks that the receipts cover the plan exactly once."""
 
     def __init__(self, out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
                  opts: OutputOptions = OutputOptions(), plan_only: bool = False):
@@ -288,13 +292,18 @@ class HFWriter:
             raise InputError(f"--hf-model-type: {exc}") from None
         self.rules = tensor_rules(cfg, self.family)
         self.shards = plan_shards(hf_tensors(cfg, self.family), self.dtype, opts.hf.max_shard_size)
-        self._todo = {name: shape for tensors in self.shards.values() for name, shape in tensors}
-        self._slices_left: dict[str, set[int]] = {}  # a stacked tensor's experts not written yet
+        self._shapes = {name: shape for tensors in self.shards.values() for name, shape in tensors}
+        self._written: list[tuple[str, int | None]] = []  # (HF name, expert slice or None), as written
         self._files = None if plan_only else ShardWriter(out_dir, self.shards, self.dtype)
+        self._name: str | None = None  # a worker's ("{rank}_{worker}"), once restricted
 
     @property
     def plan(self) -> dict[str, dict[str, tuple[int, ...]]]:
         return {file: dict(tensors) for file, tensors in self.shards.items()}
+
+    def restrict(self, units: frozenset, name: str) -> None:
+        """A worker's writer: the executor hands it only its pieces; it leaves a receipt at `finish`."""
+        self._name = name
 
     def open_stage(self, stage: int) -> None:
         pass
@@ -308,37 +317,40 @@ class HFWriter:
         if spec.packing == arch.VOCAB:  # Megatron's padded rows are no tokens
             full = sharding.pad_vocab(spec, full, self.cfg.padded_vocab_size)
         for name, part in zip(rule.hf, to_hf(rule.kind, full.to(arch.stored_dtype(key, self.dtype)), self.cfg)):
-            name = name.format(**where)
-            if rule.kind == "stacked":  # expert e's slice of one [E, ...] tensor
-                self._write_slice(name, where["e"], part)
-                continue
-            want = self._todo.pop(name)
+            name, index = name.format(**where), where["e"] if rule.kind == "stacked" else None
+            want = self._shapes[name][1:] if index is not None else self._shapes[name]  # stacked: expert e's slice
             assert tuple(part.shape) == want, f"{name}: operator produced {tuple(part.shape)}, expected {want}"
+            self._written.append((name, index))
             if self._files is not None:
-                self._files.write(name, part)
-
-    def _write_slice(self, name: str, index: int, part: torch.Tensor) -> None:
-        want = self._todo[name]
-        assert tuple(part.shape) == want[1:], f"{name}[{index}]: produced {tuple(part.shape)}, expected {want[1:]}"
-        left = self._slices_left.setdefault(name, set(range(want[0])))
-        left.remove(index)
-        if not left:
-            del self._todo[name]
-        if self._files is not None:
-            self._files.write(name, part, index)
+                self._files.write(name, part, index)
 
     def close_stage(self) -> None:
         pass
 
     def finish(self) -> None:
-        assert not self._todo, f"tensors never written: {sorted(self._todo)[:3]}"
         if self._files is not None:
             self._files.close()
+        if self._name is not None:
+            receipts.leave(self.out_dir, self._name, self._written)
+            return
+        self._seal(self._written)
+
+    def complete(self) -> None:
+        """Every worker has finished: their receipts checked against the plan, then the index and config."""
+        self._seal([(name, index) for name, index in receipts.collect(self.out_dir)])
+
+    def _seal(self, written: list[tuple[str, int | None]]) -> None:
+        planned = Counter((name.format(**where), where["e"] if rule.kind == "stacked" else None)
+                          for rule, where in self.rules.values() for name in rule.hf)  # stacked: by expert
+        wrong = (Counter(written) - planned) + (planned - Counter(written))
+        assert not wrong, f"tensors written other than once each: {sorted(wrong)[:3]}"
+        if self._files is not None:
+            self._files.write_index()
             (self.out_dir / CONFIG).write_text(json.dumps(self.hf_config, indent=2) + "\n")
 
     def abort(self) -> None:
         if self._files is not None:
-            self._files.close(index=False)
+            self._files.close()
 
 
 def target_config(cfg: ModelConfig, tp: int, vocab_size: int | None) -> ModelConfig:
@@ -359,4 +371,4 @@ def plan_writer(out_dir: Path, cfg: ModelConfig, layout: Layout, source: Reader,
 
 
 FORMAT = Format("hf", "Hugging Face safetensors", is_hf, open_hf, HFWriter, target_config, checkpoint_bytes,
-                parallel=False, planner=plan_writer)
+                parallel=False, planner=plan_writer, work_units=piece_sizes)

@@ -59,15 +59,18 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
 
 
 class ShardWriter:
-    """Creates every shard with its header and full size; `write` puts a tensor at its place."""
+    """Plans every shard's header; `write` puts a tensor at its place. A shard is created by the
+    first write into it, the same way by every writer (header, then its full size; nothing truncated),
+    so several workers and ranks can fill the same files at once."""
 
     def __init__(self, out_dir: Path, shards: dict[str, list[tuple[str, tuple[int, ...]]]], dtype: torch.dtype):
         self.out_dir, self.dtype, self.entries = out_dir, dtype, {}
+        self._heads: dict[str, tuple[bytes, int]] = {}  # file -> (header bytes, file size)
         self._fds: dict[str, int] = {}
         for file, tensors in shards.items():
-            self._create(file, tensors)
+            self._plan(file, tensors)
 
-    def _create(self, file: str, tensors: list[tuple[str, tuple[int, ...]]]) -> None:
+    def _plan(self, file: str, tensors: list[tuple[str, tuple[int, ...]]]) -> None:
         header, at = {"__metadata__": {"format": "pt"}}, 0
         for name, shape in tensors:
             dtype = dtype_of(name, self.dtype)
@@ -77,13 +80,19 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         start = 8 + len(raw)
-        fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
-        os.write(fd, struct.pack("<Q", len(raw)) + raw)
-        os.ftruncate(fd, start + at)
-        self._fds[file] = fd
+        self._heads[file] = (struct.pack("<Q", len(raw)) + raw, start + at)
         for name, shape in tensors:
             self.entries[name] = Entry(file, start + header[name]["data_offsets"][0], tuple(shape),
                                        dtype_of(name, self.dtype))
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            head, size = self._heads[file]
+            fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT, 0o666)  # less the umask
+            _pwrite(fd, memoryview(head), 0)
+            os.ftruncate(fd, size)  # every writer makes it the same size: no data is cut
+            self._fds[file] = fd
+        return self._fds[file]
 
     def path(self, name: str) -> Path:
         return self.out_dir / self.entries[name].file
@@ -97,16 +106,22 @@ class ShardWriter:
             offset += index * math.prod(shape) * entry.dtype.itemsize
         assert tuple(tensor.shape) == shape and tensor.dtype == entry.dtype, (name, tensor.shape, shape)
         data = memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()).cast("B")
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._fds[entry.file], data[done:], offset + done)
+        _pwrite(self._fd(entry.file), data, offset)
 
-    def close(self, index: bool = True) -> None:
-        """Close every file and, with several shards, write the index (not after a failure)."""
+    def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
-        if index and len({e.file for e in self.entries.values()}) > 1:
+
+    def write_index(self) -> None:
+        """With several shards, `model.safetensors.index.json`: every tensor's file, and the total size."""
+        if len(self._heads) > 1:
             total = sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries.values())
             index = {"metadata": {"total_size": total}, "weight_map": {n: e.file for n, e in self.entries.items()}}
             (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
