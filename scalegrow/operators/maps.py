@@ -108,12 +108,15 @@ class UnitMap:
     def expand(self, t: torch.Tensor, dim: int, fill: torch.Tensor | None = None) -> torch.Tensor:
         """Replicate the units along `dim`; free units take `fill` (broadcast over them), else zero."""
         src = _as_3d(t, dim)
-        out = src.new_zeros((src.shape[0], self.n_dst, src.shape[2]))
-        if self.is_circular:
+        shape = (src.shape[0], self.n_dst, src.shape[2])
+        if self.is_circular:  # every unit is written below: no zeros first (a pass over the output)
+            out = src.new_empty(shape)
             for b in range(0, self.n_copied, self.n_src):
                 width = min(self.n_src, self.n_copied - b)
                 out[:, b:b + width] = src[:, :width]
+            out[:, self.n_copied:] = 0.0
         else:
+            out = src.new_zeros(shape)
             pos = torch.nonzero(self.index >= 0).flatten()
             out.index_copy_(1, pos.to(src.device), src.index_select(1, self.index[pos].to(src.device)))
         if fill is not None and self.n_copied < self.n_dst:
@@ -134,7 +137,9 @@ class UnitMap:
         out = torch.empty((a, self.n_dst, b), dtype=torch.float32, device=src.device)
         for lo, hi in _row_chunks(a, self.n_dst * b * 4 * 4):
             r = noise.take(lo * self.n_dst * b, (hi - lo, self.n_dst, b), src.device, out=out[lo:hi])
-            out[lo:hi] = self._split_rows(src[lo:hi].float(), r)  # in place for circular maps
+            split = self._split_rows(src[lo:hi].float(), r)
+            if split is not r:  # circular maps split in place
+                out[lo:hi] = split
         return out.reshape(*t.shape[:dim], self.n_dst, *t.shape[dim + 1:]).to(t.dtype)
 
     def _split_rows(self, src: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -153,20 +158,20 @@ class UnitMap:
         return r.index_copy(1, pos, src.index_select(1, idx) / per_copy + copies_noise - mean.index_select(1, idx))
 
     def _split_circular(self, src: torch.Tensor, r: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The block form of `_split_rows` for circular maps: copy j of u is u's column in block j // n.
+        In place, block by block, with one temporary of the source's size (the hot loop of a grow)."""
         n, m = self.n_src, self.n_copied
         blocks = [(s, min(n, m - s)) for s in range(0, m, n)]
-        single = (counts == 1).nonzero().flatten()
-        if single.numel():  # units with one copy sit in the first block only
-            r[:, single.to(src.device)] = 0.0
-        noise_sum = r[:, :n].clone()  # the first block is always whole
+        if m < 2 * n:  # units m - n .. n - 1 have one copy, in the first block only: no noise there
+            r[:, m - n:n] = 0.0
+        base = torch.sub(src, r[:, :n])  # the first block is always whole
         for s, width in blocks[1:]:
-            noise_sum[:, :width] += r[:, s:s + width]
-        per_src = counts.to(src.device, src.dtype).view(1, -1, 1)
-        base = (src - noise_sum) / per_src  # copy j of u: r_j + (t_u - Σ_copies r) / c_u
-        out = r  # free units keep their noise
+            base[:, :width] -= r[:, s:s + width]
+        if len(blocks) > 1:  # copy j of u: r_j + (t_u - Σ_copies r) / c_u
+            base /= counts.to(src.device, src.dtype).view(1, -1, 1)
         for s, width in blocks:
-            out[:, s:s + width] += base[:, :width]
-        return out
+            r[:, s:s + width] += base[:, :width]
+        return r  # free units keep their noise
 
 
 @dataclass(frozen=True)

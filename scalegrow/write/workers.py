@@ -24,9 +24,9 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
-import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing import connection
 from pathlib import Path
 from typing import Callable
 
@@ -188,4 +188,4 @@ def _watch(procs, errors, out: Path, bar: tqdm, poll: Callable[[], None]) -> Non
         move(bar, out)
         if len(done) == len(procs):
             return
-        time.sleep(0.2)
+        connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)  # or sooner, as one ends

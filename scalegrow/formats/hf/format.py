@@ -14,6 +14,7 @@ trims Megatron's padded rows.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from scalegrow.core.layout import Layout
 from scalegrow.errors import InputError
 from scalegrow.formats import receipts
 from scalegrow.formats.base import Format, Reader, nbytes, piece_sizes
+from scalegrow.formats.io import WriteQueue
 from scalegrow.formats.hf import fp8
 from scalegrow.formats.hf import registry as families
 from scalegrow.formats.hf.families.moe import EXPERT
@@ -296,6 +298,7 @@ class HFWriter:
         self._written: list[tuple[str, int | None]] = []  # (HF name, expert slice or None), as written
         self._files = None if plan_only else ShardWriter(out_dir, self.shards, self.dtype)
         self._name: str | None = None  # a worker's ("{rank}_{worker}"), once restricted
+        self._queue: WriteQueue | None = None  # started by the first write
 
     @property
     def plan(self) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -321,13 +324,16 @@ class HFWriter:
             want = self._shapes[name][1:] if index is not None else self._shapes[name]  # stacked: expert e's slice
             assert tuple(part.shape) == want, f"{name}: operator produced {tuple(part.shape)}, expected {want}"
             self._written.append((name, index))
-            if self._files is not None:
-                self._files.write(name, part, index)
+            if self._files is not None:  # on a writer thread: pwrite releases the GIL, the next tensor computes
+                self._queue = self._queue or WriteQueue()
+                self._queue.submit(functools.partial(self._files.write, name, part, index), self._files.path(name))
 
     def close_stage(self) -> None:
         pass
 
     def finish(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
         if self._files is not None:
             self._files.close()
         if self._name is not None:
@@ -349,6 +355,8 @@ class HFWriter:
             (self.out_dir / CONFIG).write_text(json.dumps(self.hf_config, indent=2) + "\n")
 
     def abort(self) -> None:
+        if self._queue is not None:
+            self._queue.abort()
         if self._files is not None:
             self._files.close()
 
