@@ -5,9 +5,11 @@ import json
 import os
 
 import pytest
+import torch
 
 from scalegrow import cli, commands
 from scalegrow.errors import InputError
+from scalegrow.formats.registry import open_checkpoint
 from scalegrow.operators.lemon import LemonGrowth
 from scalegrow.write import workers
 
@@ -125,6 +127,17 @@ def test_torch_dist_workers_hold_what_one_process_writes(src, tmp_path):
         assert checkpoint_files(tmp_path / f"legacy{n}") == checkpoint_files(tmp_path / "legacy1"), n
     files = sorted(p.name for p in (tmp_path / "3/release").iterdir())
     assert files == [".metadata", "__0_0.distcp", "__0_1.distcp", "__0_2.distcp", "common.pt", "metadata.json"]
+
+
+def test_torch_dist_workers_split_mixed_moe_layers_and_their_experts(tmp_path):
+    cfg = family_config("llama", num_layers=4, num_moe_experts=4, moe_router_topk=2, moe_layer_freq=2)
+    commands.save_model(random_model(cfg, seed=3).state_dict(), cfg, tmp_path / "moe")
+    for n in ("1", "3"):
+        assert cli.main(["convert", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / n), "--format",
+                         "torch_dist", "--workers", n, "--no-progress"]) == 0
+    one, three = (open_checkpoint(tmp_path / n).state_dict() for n in ("1", "3"))
+    assert one.keys() == three.keys() and all(torch.equal(one[k], three[k]) for k in one)
+    assert len(list((tmp_path / "3").glob("*/*.distcp"))) == 3
 
 
 def test_a_piece_no_worker_wrote_fails_the_check_and_leaves_nothing(src, tmp_path, capsys, monkeypatch):

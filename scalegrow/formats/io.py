@@ -221,13 +221,13 @@ class WriteError(Exception):
 class WriteQueue:
     """Writes on a background thread (torch's zip writer releases the GIL), so disk I/O overlaps
     the next tensor's computation. At most `depth` tensors wait: memory stays bounded. A failed
-    write is re-raised in the caller's thread as a `WriteError` naming the file."""
+    write is re-raised in the caller's thread as a `WriteError` naming the file. The thread starts
+    with the first job, so a writer made before workers are forked forks no thread."""
 
     def __init__(self, depth: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="scalegrow-writer", daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -248,6 +248,8 @@ class WriteQueue:
     def submit(self, job: Callable[[], None], path: Path) -> None:
         """Run `job`, which writes into `path`, on the writer thread."""
         self._check()
+        if self._thread.ident is None:
+            self._thread.start()
         self._queue.put((job, path))
 
     def drain(self) -> None:
@@ -255,8 +257,9 @@ class WriteQueue:
         self._check()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
         self._check()
 
     def abort(self) -> None:

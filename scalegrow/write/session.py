@@ -163,13 +163,14 @@ def _stream(source: Reader, op: Operator, make_writer, sizes: dict, mine: dict, 
         executor.run(source, op, make_writer(), progress=progress, desc=desc)
         return
     bar = workers.progress_bar(sum(sizes.values()), progress and (group is None or group.leader), desc)
+    completing = make_writer()  # before the fork: what it imports (DCP's ~1 s) the workers then share
     workers.run(source, op, make_writer, workers.divide(mine, n), out, bar, group.check if group else lambda: None,
                 group.rank if group else 0)
     if group:
         group.gather(lambda: workers.move(bar, out))
     bar.close()
     if group is None or group.leader:
-        make_writer().complete()
+        completing.complete()
 
 
 def _workers(fmt, cfg: ModelConfig, layout: Layout, dtype, topology: Topology) -> tuple[int, dict, dict]:

@@ -298,7 +298,7 @@ class HFWriter:
         self._written: list[tuple[str, int | None]] = []  # (HF name, expert slice or None), as written
         self._files = None if plan_only else ShardWriter(out_dir, self.shards, self.dtype)
         self._name: str | None = None  # a worker's ("{rank}_{worker}"), once restricted
-        self._queue: WriteQueue | None = None  # started by the first write
+        self._queue = WriteQueue()  # its thread starts with the first write
 
     @property
     def plan(self) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -325,15 +325,13 @@ class HFWriter:
             assert tuple(part.shape) == want, f"{name}: operator produced {tuple(part.shape)}, expected {want}"
             self._written.append((name, index))
             if self._files is not None:  # on a writer thread: pwrite releases the GIL, the next tensor computes
-                self._queue = self._queue or WriteQueue()
                 self._queue.submit(functools.partial(self._files.write, name, part, index), self._files.path(name))
 
     def close_stage(self) -> None:
         pass
 
     def finish(self) -> None:
-        if self._queue is not None:
-            self._queue.close()
+        self._queue.close()
         if self._files is not None:
             self._files.close()
         if self._name is not None:
@@ -355,8 +353,7 @@ class HFWriter:
             (self.out_dir / CONFIG).write_text(json.dumps(self.hf_config, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._queue is not None:
-            self._queue.abort()
+        self._queue.abort()
         if self._files is not None:
             self._files.close()
 
