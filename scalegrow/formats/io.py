@@ -286,6 +286,35 @@ def _libc():
     return libc
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h), and glibc's defaults
+_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[None]:
+    """Within: this process reuses the memory of freed tensors instead of handing it back to the kernel.
+
+    Streaming allocates and frees tensors of the same few sizes layer after layer. glibc serves each
+    one above 32 MiB with a fresh mmap and unmaps it on free, so every layer pays page faults and
+    zeroing for all of its memory again; with mmap off and no trimming the heap keeps the freed blocks
+    for the next layer. Measured on an HF -> HF growth (2.7 GB out): ~70% fewer page faults, a third
+    less system time, the same peak RSS (docs/BENCHMARKS.md). On leaving, glibc's defaults come back
+    and the heap is trimmed. glibc only; elsewhere nothing changes.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        for param, value in _DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
+
+
 def drop_mapped_pages(tensors: Iterable[torch.Tensor]) -> None:
     """Let the pages of *mmap-loaded* tensors leave this process's RSS (they stay in the page cache).
 

@@ -19,7 +19,7 @@ from scalegrow.core.layout import Layout, Stages
 from scalegrow.errors import InputError
 from scalegrow.formats import metadata, registry
 from scalegrow.formats.base import MetaReader, Reader
-from scalegrow.formats.io import WriteError, atomic_output_dir, tree_bytes
+from scalegrow.formats.io import WriteError, atomic_output_dir, freed_memory_kept, tree_bytes
 from scalegrow.formats.options import LayoutOptions, OutputOptions
 from scalegrow.formats.plan import PlanWriter
 from scalegrow.operators.base import Operator
@@ -136,8 +136,9 @@ def write(source: Reader, op: Operator, dst: str | Path, opts: OutputOptions = O
     n, sizes, mine = _workers(fmt, cfg, layout, opts.weights_dtype(source.dtype), topology)
     with group.output_dir(dst, overwrite) if group else atomic_output_dir(dst, overwrite) as out:
         try:
-            _stream(source, op, lambda: fmt.writer(out, cfg, layout, source, opts), sizes, mine, n, out, group,
-                    progress, desc or op.name)
+            with freed_memory_kept():  # layer after layer of the same sizes: reused, not faulted in afresh
+                _stream(source, op, lambda: fmt.writer(out, cfg, layout, source, opts), sizes, mine, n, out, group,
+                        progress, desc or op.name)
         except (WriteError, OSError, RuntimeError) as exc:
             explain_full_device(exc, out, dst)
             raise
