@@ -111,7 +111,8 @@ def test_hf_stacked_experts_are_written_slice_by_slice_by_several_workers(tmp_pa
     commands.save_model(random_model(cfg, seed=2).state_dict(), cfg, tmp_path / "moe")
     for n in ("1", "2"):
         assert cli.main(["convert", "--src", str(tmp_path / "moe"), "--dst", str(tmp_path / n), "--format", "hf",
-                         "--hf-expert-layout", "fused", "--max-shard-size", "100kB", "--workers", n, "--no-progress"]) == 0
+                         "--hf-expert-layout", "fused", "--max-shard-size", "100kB", "--workers", n,
+                         "--no-progress"]) == 0
     assert checkpoint_files(tmp_path / "2") == checkpoint_files(tmp_path / "1")
     assert "model.layers.2.mlp.experts.gate_up_proj" in json.loads((tmp_path / "2/model.safetensors.index.json")
                                                                     .read_text())["weight_map"]

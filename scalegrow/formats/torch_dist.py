@@ -276,13 +276,14 @@ class DistWriter:
         if self._name is not None:
             receipts.leave(self.iter_dir, self._name, self._chunks.records())
             return
-        self._complete(self._chunks)
+        self._complete()
 
     def complete(self) -> None:
         """Every worker has left its receipt: the byte items, `.metadata` over every worker's chunks."""
-        self._complete(self._chunks, receipts.collect(self.iter_dir))
+        self._complete(receipts.collect(self.iter_dir))
 
-    def _complete(self, chunks: ChunkWriter, others: list[list] = ()) -> None:
+    def _complete(self, others: list[list] = ()) -> None:
+        chunks = self._chunks
         for i in range(self.cfg.num_layers):  # megatron-core saves each module's (empty) extra state as a list
             for module_state in arch.layer_extra_state(self.cfg, i):
                 chunks.add_object(extra_state_key(self.cfg, i, module_state, self.hybrid_model), [None])

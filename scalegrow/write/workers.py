@@ -13,9 +13,10 @@ What is divided are the format's work units (`Format.work_units`), in order and 
   file), so a single-stage model (every HF model) is shared among workers too.
 Each worker's writer finishes its own part; the parent's writer then `complete`s the checkpoint once
 (the tracker, HF's index and config.json, torch_dist's `.metadata`). Every tensor is computed exactly
-as in one process (noise is seeded per tensor), so the tensors are bit-identical to `--workers 1`. Workers are forked: they share
-the operator and the opened source, and nothing is pickled; each runs one thread (OpenMP's pool
-does not survive a fork), so the default count is one worker per usable core. The first worker to
+as in one process (noise is seeded per tensor), so the tensors are bit-identical to `--workers 1`.
+Workers are forked: they share the operator and the opened source, and nothing is pickled; each runs
+one thread (OpenMP's pool does not survive a fork), so the default count is one worker per usable
+core (and per MIN_SHARE of output). The first worker to
 fail stops the others; its error is the command's, and the partial output goes with the atomic
 directory.
 """
@@ -107,8 +108,8 @@ def per_worker_memory(largest_unit: int) -> int:
 
 def count(requested: int | None, sizes: dict[Unit, int], memory: int | None = None) -> tuple[int, str | None]:
     """(workers to run, a note when the count was lowered). `requested` None: as many as the usable
-    cores, the units and the available memory allow, one per MIN_SHARE of output at most. A requested count that does not fit in memory
-    is refused (InputError naming both figures)."""
+    cores, the units and the available memory allow, one per MIN_SHARE of output at most. A
+    requested count that does not fit in memory is refused (InputError naming both figures)."""
     memory = available_memory() if memory is None else memory
     each = per_worker_memory(max(sizes.values(), default=0))
     fits = max(1, memory // each)

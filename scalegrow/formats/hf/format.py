@@ -29,12 +29,12 @@ from scalegrow.core.layout import Layout
 from scalegrow.errors import InputError
 from scalegrow.formats import receipts
 from scalegrow.formats.base import Format, Reader, nbytes, piece_sizes
-from scalegrow.formats.io import WriteQueue
 from scalegrow.formats.hf import fp8
 from scalegrow.formats.hf import registry as families
 from scalegrow.formats.hf.families.moe import EXPERT
 from scalegrow.formats.hf.family import IGNORED, HFFamily, Rule, Unsupported, to_hf, to_megatron
 from scalegrow.formats.hf.shards import INDEX, ShardWriter, always_fp32, plan_shards
+from scalegrow.formats.io import WriteQueue
 from scalegrow.formats.options import HFOptions, OutputOptions
 
 CONFIG = "config.json"
