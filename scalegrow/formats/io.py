@@ -210,6 +210,12 @@ def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
+def written_bytes(root: Path) -> int:
+    """Bytes written under `root` so far: a file's allocated blocks, since formats that write into
+    planned places (safetensors) make each file its full size, empty, before any tensor is there."""
+    return sum(min(st.st_size, st.st_blocks * 512) for st in (p.stat() for p in root.rglob("*") if p.is_file()))
+
+
 class WriteError(Exception):
     """Writing `path` failed; the cause is the original error (e.g. no space left on the device)."""
 
@@ -298,8 +304,9 @@ def freed_memory_kept() -> Iterator[None]:
     one above 32 MiB with a fresh mmap and unmaps it on free, so every layer pays page faults and
     zeroing for all of its memory again; with mmap off and no trimming the heap keeps the freed blocks
     for the next layer. Measured on an HF -> HF growth (2.7 GB out): ~70% fewer page faults, a third
-    less system time, the same peak RSS (docs/BENCHMARKS.md). On leaving, glibc's defaults come back
-    and the heap is trimmed. glibc only; elsewhere nothing changes.
+    less system time, the same peak RSS (docs/BENCHMARKS.md). On leaving, glibc's default values are
+    set again (explicitly set, so its mmap threshold no longer adapts to freed sizes) and the
+    heap is trimmed. glibc only; elsewhere nothing changes.
     """
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):

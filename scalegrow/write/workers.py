@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from scalegrow.errors import InputError
 from scalegrow.formats.base import Reader, Writer
+from scalegrow.formats.io import written_bytes
 from scalegrow.operators.base import Operator
 from scalegrow.write import executor
 
@@ -155,12 +156,6 @@ def progress_bar(total: int, progress: bool, desc: str) -> tqdm:
 
 def move(bar: tqdm, out: Path) -> None:
     bar.update(min(bar.total, written_bytes(out)) - bar.n)
-
-
-def written_bytes(root: Path) -> int:
-    """Bytes written under `root` so far: a file's allocated blocks, since formats that write into
-    planned places (safetensors) make each file its full size, empty, before any tensor is there."""
-    return sum(min(st.st_size, st.st_blocks * 512) for st in (p.stat() for p in root.rglob("*") if p.is_file()))
 
 
 def _work(source: Reader, op: Operator, make_writer, share: Share, name: str, errors) -> None:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -78,14 +79,14 @@ def measure(exe: list[str], work: Path, name: str, src: str, dst: str, command: 
     return result
 
 
-def bench_setup(doc: str) -> tuple[argparse.Namespace, Path, list[str]]:
-    """(--workdir/--keep args, the work directory, the CLI command) shared by the CLI benchmarks."""
+def bench_setup(doc: str, options: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+                ) -> tuple[argparse.Namespace, Path, list[str]]:
+    """(--workdir/--keep args and a benchmark's own `options`, the work directory, the CLI command)
+    shared by the CLI benchmarks."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of every case, alternating")
-    parser.add_argument("--no-megatron-core", dest="megatron_core", action="store_false",
-                        help="skip megatron-core's own torch_dist save (needs megatron-core installed)")
+    options(parser)
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scalegrow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,7 @@ def cases(work: Path) -> list[tuple[str, str, str, list[str]]]:
             ["convert", "--format", "hf", "--max-shard-size", "1GB"]),
            ("LEMON grow HF -> HF (1 GB shards, TP1/PP1), 16L/h1024 -> 24L/h1536, fp32", "src-hf", "dst-hf-grown",
             grow + ["--format", "hf", "--max-shard-size", "1GB"])]
+    # the 1-worker grow writes `dst` itself: every later case reads it
     return [(f"{name}, {w} worker(s)", src, f"{dst}-{w}" if dst != "dst" or w == 2 else dst,
              command + ["--workers", str(w)]) for name, src, dst, command in one for w in (1, 2)]
 
@@ -132,8 +134,14 @@ def summary(runs: list[dict]) -> dict:
     return out
 
 
+def convert_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every case, alternating")
+    parser.add_argument("--no-megatron-core", dest="megatron_core", action="store_false",
+                        help="skip megatron-core's own torch_dist save (needs megatron-core installed)")
+
+
 def main() -> None:
-    args, work, exe = bench_setup(__doc__)
+    args, work, exe = bench_setup(__doc__, convert_options)
     (work / "source.yaml").write_text(yaml.safe_dump(SOURCE))
     (work / "target.yaml").write_text(yaml.safe_dump(TARGET))
     shutil.rmtree(work / "src", ignore_errors=True)
