@@ -10,6 +10,7 @@ import torch
 
 from scalegrow import commands
 from scalegrow.formats.options import OutputOptions
+from scalegrow.write.session import Topology
 
 from helpers import write_yaml
 from hf_models import logits
@@ -46,10 +47,12 @@ def test_scalegrow_reads_gemma3_270m_as_transformers_does(gemma3):
 
 def test_lemon_grows_gemma3_270m_wider_and_deeper_losslessly(gemma3, tmp_path):
     """640 -> 768 wide (a residue for the zero-centred norms), 4 -> 8 heads in 2 groups, FFN 2048 -> 2560,
-    18 -> 24 layers: transformers computes the source's logits to 1e-5 of their scale (BENCHMARKS)."""
+    18 -> 24 layers, written by two workers (each its own layers, into the same safetensors shards):
+    transformers computes the source's logits to 1e-5 of their scale (BENCHMARKS)."""
     target = write_yaml(tmp_path / "t.yaml", num_layers=24, hidden_size=768, ffn_hidden_size=2560,
                         num_attention_heads=8, num_query_groups=2)
-    commands.grow(gemma3, tmp_path / "big", "lemon", target, OutputOptions(format="hf"), progress=False)
+    commands.grow(gemma3, tmp_path / "big", "lemon", target, OutputOptions(format="hf"), progress=False,
+                  topology=Topology(workers=2))
     ids = english_windows(gemma3, gpl3_text(), 1)
     small, big = logits(gemma3, ids), logits(tmp_path / "big", ids)
     assert (small - big).abs().max() <= 1e-5 * small.abs().max()
