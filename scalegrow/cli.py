@@ -85,6 +85,9 @@ def _grow_parser(g: argparse.ArgumentParser) -> None:
                    "(default: the source's shape; a stack --layers map sets the depth)")
     _output_args(g, "the source's")
     g.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise (default: 0)")
+    g.add_argument("--optimizer-state", action="store_true", help="also grow the source's Adam state (a DeepSpeed "
+                   "checkpoint's, any ZeRO stage) into optimizer_state.pt beside the weights, for `pretrain "
+                   "init.optimizer_state=true` (docs/METHODS.md)")
     _method_options(g, methods.GROW)
 
 
@@ -230,7 +233,8 @@ def cmd_grow(a) -> int:
     options = methods.options_from_flags(a.method, methods.GROW, vars(a))
     summary = commands.grow(a.src, a.dst, a.method, a.target, _output_options(a), seed=a.seed,
                             overwrite=a.overwrite, progress=not a.no_progress, dry_run=a.dry_run, options=options,
-                            data=DataOptions(a.data, a.tokenizer), topology=_topology(a), device=a.device)
+                            data=DataOptions(a.data, a.tokenizer), topology=_topology(a), device=a.device,
+                            optimizer_state=a.optimizer_state)
     if a.dry_run:
         return _print_plan(summary)
     print(f"grew {a.src} with {a.method}: {summary}")

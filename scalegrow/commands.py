@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from scalegrow.core.device import resolve as resolve_device
 from scalegrow.core.model import GPT, init_weights
 from scalegrow.data import batch, companion_files, corpus_streams, source_tokenizer
 from scalegrow.errors import InputError
+from scalegrow.formats import optimizer
 from scalegrow.formats.base import MemoryReader, MetaReader
 from scalegrow.formats.options import LayoutOptions, OutputOptions
 from scalegrow.formats.registry import FORMATS, load_model, open_checkpoint
@@ -26,7 +28,7 @@ from scalegrow.methods import budget
 from scalegrow.methods import registry as methods
 from scalegrow.methods.base import Context, LocalTrainer
 from scalegrow.operators.identity import Identity
-from scalegrow.write import session
+from scalegrow.write import moments, session
 from scalegrow.write.destination import check_destination
 from scalegrow.write.session import Summary, Topology
 
@@ -66,11 +68,12 @@ def save_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path, *
 def grow(src_path: str | Path, dst: str | Path, method: str, target: str | Path | None,
          out: OutputOptions = OutputOptions(), seed: int = 0, overwrite: bool = False, progress: bool = True,
          dry_run: bool = False, options=None, data: DataOptions = DataOptions(), topology: Topology = Topology(),
-         device: str | None = None) -> Summary | dict:
+         device: str | None = None, optimizer_state: bool = False) -> Summary | dict:
     """Grow `src_path` with `method` to the model in the `target` YAML, written at `out`; a prepare
     step (LiGO's training) runs on `device` (`core/device.py`). With `dry_run`, nothing is read or
-    written: the output plan (file -> key -> shape) is returned."""
-    job = Job(methods.GROW, method, out, topology, seed, overwrite, progress, data, device)
+    written: the output plan (file -> key -> shape) is returned. With `optimizer_state`, the source's
+    Adam state is grown too, into `optimizer_state.pt` beside the weights (write/moments.py)."""
+    job = Job(methods.GROW, method, out, topology, seed, overwrite, progress, data, device, optimizer_state)
     return _transform(job, src_path, dst, target, dry_run, options)
 
 
@@ -113,6 +116,7 @@ class Job:
     progress: bool
     data: DataOptions
     device: str | None
+    optimizer_state: bool = False  # grow the source's Adam state too (grow --optimizer-state)
 
 
 def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: dict | None = None) -> Summary | dict:
@@ -125,7 +129,12 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
         dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
         where = str(target or "--target")
 
+    if job.optimizer_state and not src.holds_optimizer_state:
+        raise InputError(f"--optimizer-state: {src_path} is a {src.format} checkpoint that holds no optimizer state "
+                         f"scalegrow reads (a DeepSpeed checkpoint does, or a grow --optimizer-state output)")
+
     def context(m: methods.Method, op) -> ContextManager[Context]:
+        _check_entrywise(job, op)
         session.preflight(src, op.dst, job.out, dst)  # layout and room first: preparing is the heavy part
         ranks = job.topology.ranks
         if ranks:  # each rank would train or calibrate on its own, and might not agree to the bit
@@ -138,9 +147,31 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
                                          context=None if dry_run else context, where=where)
     if dry_run:
         return session.plan(src, op, job.out)
-    return session.write(src, op, dst, job.out, topology=job.topology, details={**details, **(record or {})},
-                         files=companion_files(src.root, job.data.tokenizer), overwrite=job.overwrite,
-                         progress=job.progress, desc=f"{job.kind}/{job.method}", start=start)
+    _check_entrywise(job, op)
+    with _grown_optimizer_state(src, op, job.optimizer_state) as optimizer_file:
+        return session.write(src, op, dst, job.out, topology=job.topology, details={**details, **(record or {})},
+                             files={**companion_files(src.root, job.data.tokenizer), **optimizer_file},
+                             overwrite=job.overwrite, progress=job.progress, desc=f"{job.kind}/{job.method}",
+                             start=start)
+
+
+def _check_entrywise(job: Job, op) -> None:
+    if job.optimizer_state and not op.entrywise:
+        raise InputError(f"--optimizer-state: {job.method}'s operator mixes source entries, and Adam's moments "
+                         f"grow exactly only through copies and splits (lemon, hypercloning, stack, ...)")
+
+
+@contextlib.contextmanager
+def _grown_optimizer_state(src, op, wanted: bool) -> Iterator[dict[str, Path]]:
+    """{`optimizer_state.pt`: a temporary file of the source's Adam state grown with the weights}, for
+    the writer to copy into the output; {} when not `wanted`."""
+    if not wanted:
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="scalegrow-adam-") as tmp:
+        path = Path(tmp) / optimizer.FILE
+        optimizer.save(moments.grow(op, src.optimizer_state()), path)
+        yield {optimizer.FILE: path}
 
 
 @contextlib.contextmanager

@@ -113,6 +113,27 @@ def test_quick_mode_runs_every_method(tmp_path):
 
 
 @pytest.mark.slow
+def test_token_budget_race_quick_mode(tmp_path):
+    """tools/bench/token_budgets.py --quick: at every budget every method trains the same steps; LEMON
+    (with or without Adam's state) starts at the small model's final loss; the plot is written."""
+    out = tmp_path / "budgets"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "token_budgets.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["budgets"]) == ["0.25", "0.5"]
+    small_final = summary["small"]["final_val"][0]
+    for budget in summary["budgets"].values():
+        rows = {r["method"]: r for r in budget["rows"][0]}
+        assert set(rows) == {"scratch", "lemon", "hypercloning+stack", "lemon-no-rewarmup", "lemon+adam",
+                             "lemon+adam+rewarmup"}
+        for name in ("lemon", "lemon-no-rewarmup", "lemon+adam", "lemon+adam+rewarmup"):
+            assert rows[name]["start_val"] == pytest.approx(small_final, abs=1e-4), name
+        assert rows["scratch"]["start_val"] > small_final + 0.5
+    assert (out / "token_budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
 def test_subclone_kd_quick_mode_races_every_student(tmp_path):
     """tools/bench/subclone_kd.py --quick: every student trains; distillation changes the training,
     not the start (val loss is the plain model's); the students share their initialisations; a KD

@@ -22,6 +22,8 @@ from scalegrow.core import arch
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.config import ModelConfig
 from scalegrow.core.layout import Layout
+from scalegrow.formats import optimizer
+from scalegrow.formats.optimizer import AdamMoments
 from scalegrow.formats.io import file_digest_line
 
 
@@ -81,6 +83,16 @@ class Reader:
         out[arch.OUTPUT_LAYER] = self.tensor(arch.WORD_EMBEDDINGS if self.config.embedding.tied else arch.OUTPUT_LAYER,
                                              arch.OUTPUT_SPEC)
         return out
+
+    @property
+    def holds_optimizer_state(self) -> bool:
+        return self.on_disk and (self.root / optimizer.FILE).is_file()
+
+    def optimizer_state(self) -> AdamMoments | None:
+        """Adam's state saved beside the weights (`optimizer_state.pt`, by `grow --optimizer-state`), or
+        None; DeepSpeed checkpoints read theirs from their partitions."""
+        path = self.root / optimizer.FILE
+        return optimizer.load(path) if self.on_disk and path.is_file() else None
 
     def state_dict(self, clone: bool = True) -> dict[str, torch.Tensor]:
         """The whole model under reference-model names (TP1/PP1), for verify and training. `clone=False`

@@ -180,6 +180,7 @@ class LigoGrowth(Operator):
     """A trained LigoOperator behind the streaming executor's interface (materialisation)."""
 
     name = "ligo"
+    entrywise = False  # its factors mix source entries
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0, operator: LigoOperator | None = None,
                  **init):

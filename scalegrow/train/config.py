@@ -79,6 +79,9 @@ class DeepSpeedConfig:
 class InitConfig:
     # checkpoint to start from: Megatron (torch/torch_dist) or DeepSpeed; grow_pretrain grows it
     from_: str | None = None
+    # pretrain: start from the Adam state init.from holds (a DeepSpeed checkpoint's, or the
+    # optimizer_state.pt `scalegrow grow --optimizer-state` wrote); grow_pretrain: growth.optimizer_state
+    optimizer_state: bool = False
 
 
 def _growth_config() -> type:
@@ -90,6 +93,9 @@ def _growth_config() -> type:
         ("method", str, field(default=methods.DEFAULT[methods.GROW])),
         ("target", Any, field(default=None)),  # YAML path or mapping of Megatron names (left out: the source's)
         ("seed", int, field(default=0)),
+        # carry the source's Adam moments and step count through the growth (train/moments.py); the
+        # source must be a DeepSpeed checkpoint (a training run's output.dir/checkpoints)
+        ("optimizer_state", bool, field(default=False)),
         *sections,
     ], namespace={"options": lambda self, method: getattr(self, method.replace("-", "_"), None),
                   "sections": tuple(name for name, _, _ in sections)})
@@ -209,6 +215,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.export.format in formats.writable(), "export.format", f"must be one of {', '.join(formats.writable())}"),
         (cfg.growth.method in methods.names(methods.GROW), "growth.method",
          f"must be one of {', '.join(methods.names(methods.GROW))}"),
+        (cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0 (0: no warmup, e.g. with "
+         "growth.optimizer_state)"),
         (0.0 < cfg.schedule.decay_fraction <= 1.0, "schedule.decay_fraction", "must be in (0, 1]"),
         (cfg.schedule.lr == AUTO or isinstance(cfg.schedule.lr, float), "schedule.lr", "must be a number or auto"),
         (cfg.schedule.min_lr == AUTO or isinstance(cfg.schedule.min_lr, float), "schedule.min_lr",

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from scalegrow.errors import InputError
+from scalegrow.formats.optimizer import EXP_AVG, EXP_AVG_SQ, AdamMoments
 from scalegrow.train.config import RunConfig
 
 
@@ -78,6 +79,53 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, dist: Dist):
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def load_adam(engine, moments: AdamMoments) -> None:
+    """Adam's state (full tensors by parameter name) into the engine's optimizer, whatever the ZeRO
+    stage: each parameter's moments through DeepSpeed's `safe_set_full_optimizer_state` (each rank keeps
+    its partition), and the source's step count, so the bias correction goes on."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    make_optimizer_state(engine)
+    link_optimizer_states(engine)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapped torch optimizer
+    for name, p in engine.module.named_parameters():
+        for key in (EXP_AVG, EXP_AVG_SQ):
+            value = getattr(moments, key)[name].to(torch.float32)
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO-3, ZeRO 1/2 (and bf16)
+                safe_set_full_optimizer_state(p, value.reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape), key)
+            else:  # no ZeRO: the torch optimizer holds the parameter itself
+                base.state[p][key].copy_(value.reshape(p.shape))
+    for state in base.state.values():
+        state["step"] = torch.full_like(state["step"], moments.step) if torch.is_tensor(state["step"]) else moments.step
+    for group in base.param_groups:  # DeepSpeed's FusedAdam (GPU) counts steps per group
+        if "step" in group:
+            group["step"] = moments.step
+
+
+def make_optimizer_state(engine) -> None:
+    """DeepSpeed makes Adam's state at the first optimizer step: take it at LR 0 with zero gradients.
+    The weights stay bit for bit (AdamW moves them by lr × its update and decays them by 1 − lr × decay)."""
+    lrs = [group["lr"] for group in engine.optimizer.param_groups]
+    set_lr(engine, 0.0)
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=engine.device)  # any batch: its loss counts 0 times
+    for _ in range(engine.gradient_accumulation_steps()):  # the optimizer steps at the boundary
+        engine.backward(engine(tokens[:, :-1], tokens[:, 1:]) * 0.0)
+        engine.step()
+    for group, lr in zip(engine.optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+def link_optimizer_states(engine) -> None:
+    """ZeRO 1/2 (DeepSpeed 0.19.8) link each parameter's view of Adam's state at the first optimizer step
+    of the first param group, before the other groups' states exist: the second group's parameters
+    (norms, biases: `param_groups`) then have no view, and `safe_{get,set}_full_optimizer_state` fail for
+    them. Linking again once every group has stepped gives every parameter its view."""
+    relink = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if relink is not None and hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        relink()
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

@@ -25,6 +25,7 @@ from scalegrow.data import BatchOrder, TokenStream, batch, tokenizer_bundle
 from scalegrow.formats import metadata
 from scalegrow.formats.base import MemoryReader
 from scalegrow.formats.megatron_args import config_to_args
+from scalegrow.formats.optimizer import AdamMoments
 from scalegrow.formats.options import LayoutOptions, OutputOptions
 from scalegrow.operators.identity import Identity
 from scalegrow.train import engine as ds
@@ -49,6 +50,7 @@ class Start:
     source: dict | None = None
     hf_origin: dict | None = None
     recorded_lr: float | None = None  # the peak LR the source was trained with, where it says
+    adam: AdamMoments | None = None  # Adam's state grown with the weights (growth.optimizer_state)
 
 
 class Logger:
@@ -128,8 +130,11 @@ def run(cfg: RunConfig, dist: ds.Dist, start_fn: Callable[[RunConfig, PreparedDa
         init_weights(model, cfg.train.seed)
     else:
         model.load_state_dict(start.state_dict, strict=True)
+    fresh = ds.latest_tag(ckpt_dir) is None
     engine = ds.initialize(model, cfg, dist)
     step = ds.resume(engine, ckpt_dir)
+    if fresh and start.adam is not None:  # a resumed run's checkpoint holds its own
+        ds.load_adam(engine, start.adam)
     order = BatchOrder(data.train.num_samples, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
                        dist.world_size, cfg.train.seed)
     log = Logger(out, dist, cfg.train.steps, step)

@@ -10,6 +10,8 @@ from scalegrow.formats import metadata
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.methods import registry as methods
 from scalegrow.methods.base import Context
+from scalegrow.formats.optimizer import AdamMoments
+from scalegrow.write import moments
 from scalegrow.train.config import RunConfig
 from scalegrow.train.engine import latest_tag
 from scalegrow.train.loop import Start
@@ -32,7 +34,9 @@ def scratch_or_continue(cfg: RunConfig, data: PreparedData, dist) -> Start:
     """`model` sized to the tokenizer; weights from `init.from` if given, else random."""
     if cfg.init.from_:
         src = open_checkpoint(cfg.init.from_)
-        return Start(src.config, src.state_dict(), metadata.source_record(src), src.hf_origin(), recorded_lr(src))
+        adam = held_adam(src, "init.optimizer_state", cfg.init.from_) if cfg.init.optimizer_state else None
+        return Start(src.config, src.state_dict(), metadata.source_record(src), src.hf_origin(), recorded_lr(src),
+                     adam)
     model = cfg.model_config()
     padded = max(model.padded_vocab_size, padded_vocab_size(data.vocab_size, model.make_vocab_size_divisible_by, 1))
     return Start(model.replace(vocab_size=data.vocab_size, padded_vocab_size=padded), None)
@@ -55,5 +59,28 @@ def grown(cfg: RunConfig, data: PreparedData, dist) -> Start:
                                    context=None if resuming else methods.ready(context))
     if resuming:  # the checkpoint holds the weights: nothing to prepare or grow
         return Start(op.dst, None, metadata.source_record(src), src.hf_origin(), recorded_lr(src))
+    adam = grown_adam(cfg, src, op, dist) if cfg.growth.optimizer_state else None
     return Start(op.dst, executor.materialise(src, op), metadata.source_record(src), src.hf_origin(),
-                 recorded_lr(src))
+                 recorded_lr(src), adam)
+
+
+def grown_adam(cfg: RunConfig, src, op, dist) -> AdamMoments:
+    """The source's Adam moments and step count, grown with the weights (write/moments.py)."""
+    if not op.entrywise:
+        raise InputError(f"growth.optimizer_state: {cfg.growth.method}'s operator mixes source entries, and Adam's "
+                         f"moments grow exactly only through copies and splits (lemon, hypercloning, stack, ...)")
+    grown = moments.grow(op, held_adam(src, "growth.optimizer_state", cfg.init.from_))
+    if dist.is_main:
+        print(f"grow_pretrain: Adam's moments grown with the weights ({len(grown.exp_avg)} parameters, step "
+              f"{grown.step} of the source)", flush=True)
+    return grown
+
+
+def held_adam(src, key: str, path) -> AdamMoments:
+    """The Adam state `src` holds, or a clear refusal naming `key`."""
+    adam = src.optimizer_state()
+    if adam is None:
+        raise InputError(f"{key}: {path} is a {src.format} checkpoint that holds no optimizer state scalegrow reads; "
+                         f"point init.from at the DeepSpeed checkpoints of the run that trained it (its "
+                         f"output.dir/checkpoints), or at a `scalegrow grow --optimizer-state` output")
+    return adam

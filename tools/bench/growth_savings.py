@@ -48,6 +48,7 @@ from scalegrow.data import (  # noqa: E402
     load_tokenizer,
     train_tokenizer,
 )
+from scalegrow.formats import optimizer as optimizer_state  # noqa: E402
 from scalegrow.methods import registry as methods  # noqa: E402
 from scalegrow.train.config import ScheduleConfig  # noqa: E402
 from scalegrow.train.distill import DistillConfig, DistilledGPT  # noqa: E402
@@ -143,11 +144,15 @@ def _first_bytes(docs, limit: int):
 # ---- training ----------------------------------------------------------------------------------------
 def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data: Data, b: Budget, seed: int,
           desc: str, first_batch: int = 0, teacher: GPT | None = None,
-          distill: DistillConfig | None = None) -> tuple[dict, GPT]:
+          distill: DistillConfig | None = None, adam: optimizer_state.AdamMoments | None = None,
+          warmup_steps: int | None = None, keep_adam: Path | None = None,
+          evals_at: frozenset[int] = frozenset()) -> tuple[dict, GPT]:
     """AdamW with DeepSpeed's CPU settings; val loss at step 0, every eval_interval and at the end.
     Batches are the seed's order from `first_batch` on (a continued run sees new tokens). With a
     `teacher`, the training loss distills it (`distill`'s alpha, temperature, top_k); val loss is
-    the plain next-token loss either way, and the KL and CE are logged at each evaluation."""
+    the plain next-token loss either way, and the KL and CE are logged at each evaluation. `adam`:
+    Adam's state to start from (a grown one); `keep_adam`: where to save Adam's final state;
+    `evals_at`: more steps to evaluate at (e.g. early ones, where a grown run may spike)."""
     train_stream, valid = data.train, data.valid
     model = GPT(cfg) if teacher is None else DistilledGPT(cfg, teacher, distill)
     if state is None:
@@ -155,7 +160,10 @@ def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data:
     else:
         model.load_state_dict(state, strict=True)
     opt = torch.optim.AdamW(model.parameters(), lr=b.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    sched = ScheduleConfig(name=schedule, lr=b.lr, min_lr=b.min_lr, warmup_steps=max(1, round(b.warmup_fraction * steps)))
+    if adam is not None:
+        optimizer_state.into_torch(opt, model, adam)
+    warmup = max(1, round(b.warmup_fraction * steps)) if warmup_steps is None else warmup_steps
+    sched = ScheduleConfig(name=schedule, lr=b.lr, min_lr=b.min_lr, warmup_steps=warmup)
     order = BatchOrder(train_stream.num_samples, b.micro_batch_size, 1, 1, seed)
     history, began = {"val": {0: evaluate(model, valid, b)}, "train": {}}, time.time()
     for step in tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True):
@@ -167,11 +175,14 @@ def train(cfg: ModelConfig, state: dict | None, schedule: str, steps: int, data:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         history["train"][step + 1] = loss.item()
-        if (step + 1) % b.eval_interval == 0 or step + 1 == steps:
+        if (step + 1) % b.eval_interval == 0 or step + 1 == steps or step + 1 in evals_at:
             history["val"][step + 1] = evaluate(model, valid, b)
             if teacher is not None:
                 history.setdefault("distill", {})[step + 1] = model.last_losses
     history["seconds"] = round(time.time() - began, 1)
+    if keep_adam is not None:
+        keep_adam.parent.mkdir(parents=True, exist_ok=True)
+        optimizer_state.save(optimizer_state.from_torch(opt, model), keep_adam)
     return history, model
 
 
