@@ -1,4 +1,4 @@
-"""Adam's state grown with the weights (issue 28, train/moments.py): the map is the grown model's own
+"""Adam's state grown with the weights (issue 28, write/moments.py): the map is the grown model's own
 gradient map (checked against autograd on the grown model), DeepSpeed's ZeRO 1-3 checkpoints give the
 moments DeepSpeed itself reports, and `growth.optimizer_state: true` carries them into grow_pretrain
 under ZeRO 1, 2 and 3 with the source's loss unchanged."""

@@ -96,7 +96,7 @@ class Operator:
     handles_moe = False  # an operator with rules for MoE layers (router, experts) sets this
     handles_mla = False  # ... and for multi-latent attention's projections and latent norms
     entrywise = True  # every target entry is a multiple of one source entry (copies, splits): Adam's state
-    # can be grown exactly (train/moments.py); a learned operator that mixes entries (LiGO) is not
+    # can be grown exactly (write/moments.py); a learned operator that mixes entries (LiGO) is not
 
     def __init__(self, src: ModelConfig, dst: ModelConfig, seed: int = 0):
         if (src.moe or dst.moe) and not self.handles_moe:
@@ -141,7 +141,7 @@ class Operator:
     def identity_layers(self) -> frozenset[int]:
         """Target layers that are new identity blocks (zero or cancelling output projections), from a
         `depth_map` of (source layer, is new) where the operator has one. At the growth point such a
-        block computes nothing, so no gradient reaches its other tensors (train/moments.py)."""
+        block computes nothing, so no gradient reaches its other tensors (write/moments.py)."""
         depth = getattr(self, "depth_map", None) or []
         return frozenset(j for j, (_, new) in enumerate(depth) if new)
 

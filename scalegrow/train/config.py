@@ -93,7 +93,7 @@ def _growth_config() -> type:
         ("method", str, field(default=methods.DEFAULT[methods.GROW])),
         ("target", Any, field(default=None)),  # YAML path or mapping of Megatron names (left out: the source's)
         ("seed", int, field(default=0)),
-        # carry the source's Adam moments and step count through the growth (train/moments.py); the
+        # carry the source's Adam moments and step count through the growth (write/moments.py); the
         # source must be a DeepSpeed checkpoint (a training run's output.dir/checkpoints)
         ("optimizer_state", bool, field(default=False)),
         *sections,

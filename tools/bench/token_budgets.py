@@ -9,7 +9,7 @@ Adam's state. Then at every budget, for the same number of large-model steps: sc
 warmup), and the small model grown by LEMON or by HyperCloning then stacking (G_stack's operator needs
 the same width: HyperCloning widens first), each trained on LEMON's schedule (the same peak LR, 5%
 re-warmup, decayed over 60% of the run); LEMON once more without the re-warmup, and twice with Adam's
-moments and step count grown with the weights (`scalegrow.train.moments`), without and with the re-warmup. Savings are
+moments and step count grown with the weights (`scalegrow.write.moments`), without and with the re-warmup. Savings are
 the large-model compute each grown run needs to reach scratch's final validation loss, without and with
 the small model's pretraining; the loss gap is each run's final loss minus scratch's, at the same
 large-model compute. Every finished run is cached under --out/runs; prints JSON, writes plots beside it.
