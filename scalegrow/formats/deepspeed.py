@@ -20,8 +20,8 @@ import torch
 from scalegrow.core.arch import TensorSpec
 from scalegrow.core.layout import Layout
 from scalegrow.formats.base import Format, Reader
-from scalegrow.formats.io import BASE_ALLOWED, megatron_allowed, safe_load
 from scalegrow.errors import InputError
+from scalegrow.formats.io import BASE_ALLOWED, megatron_allowed, safe_load
 from scalegrow.formats.metadata import read_model
 from scalegrow.formats.optimizer import EXP_AVG, EXP_AVG_SQ, AdamMoments
 
@@ -115,19 +115,11 @@ class DeepSpeedReader(Reader):
             optim = [safe_load(f, allowed=_deepspeed_allowed())["optimizer_state_dict"]
                      for f in merge.get_optim_files(folder)]
             models = merge.parse_model_states(merge.get_model_state_files(folder))
-            stage, key = optim[0]["zero_stage"], _BASE_STATE[int(optim[0]["zero_stage"])]
-            states = [[o[key]["state"][i] for i in sorted(o[key]["state"])] for o in optim]
-            steps = {int(s["step"]) for rank in states for s in rank}
-            merged = {}
-            for moment in (EXP_AVG, EXP_AVG_SQ):
-                flat = [[s[moment] for s in rank] for rank in states]
-                if stage <= 2:
-                    sd = merge._get_fp32_state_dict_from_zero2_checkpoint(
-                        len(optim), flat, models, True, optim[0].get("param_alignment_paddings"))
-                else:
-                    sd = merge.to_torch_tensor(merge._get_fp32_state_dict_from_zero3_checkpoint(len(optim), flat,
-                                                                                                models, True))
-                merged[moment] = {k: v for k, v in sd.items() if _in_shapes(k, models)}  # not buffers
+            key = _BASE_STATE[int(optim[0]["zero_stage"])]
+            states = [[o[key]["state"][i] for i in sorted(o[key]["state"])] for o in optim]  # [rank][partition]
+            merged = {m: _merged([[s[m] for s in rank] for rank in states], optim[0], models)
+                      for m in (EXP_AVG, EXP_AVG_SQ)}
+        steps = {int(s["step"]) for rank in states for s in rank}
         if len(steps) != 1:
             raise InputError(f"{folder}: Adam's step counts differ between partitions: {sorted(steps)}")
         return AdamMoments(merged[EXP_AVG], merged[EXP_AVG_SQ], steps.pop())
@@ -137,8 +129,16 @@ _BASE_STATE = {1: "base_optimizer_state", 2: "base_optimizer_state", 3: "optimiz
 # optimizer's own state_dict inside DeepSpeed's: one entry per flat fp32 partition (ZeRO-3: per sub-group)
 
 
-def _in_shapes(name: str, models) -> bool:
-    return any(name in shapes for shapes in models[0].param_shapes)
+def _merged(flat: list[list[torch.Tensor]], optim: dict, models) -> dict[str, torch.Tensor]:
+    """One moment's full tensors by parameter name from its flat partitions ([rank][partition])."""
+    from deepspeed.utils import zero_to_fp32 as merge
+
+    if int(optim["zero_stage"]) <= 2:
+        sd = merge._get_fp32_state_dict_from_zero2_checkpoint(len(flat), flat, models, True,
+                                                              optim.get("param_alignment_paddings"))
+    else:
+        sd = merge.to_torch_tensor(merge._get_fp32_state_dict_from_zero3_checkpoint(len(flat), flat, models, True))
+    return {k: v for k, v in sd.items() if any(k in shapes for shapes in models[0].param_shapes)}  # not buffers
 
 
 def open_deepspeed(path: Path, validate: bool = True) -> DeepSpeedReader:

@@ -7,17 +7,16 @@ from pathlib import Path
 from scalegrow.core.sharding import padded_vocab_size
 from scalegrow.errors import InputError
 from scalegrow.formats import metadata
+from scalegrow.formats.optimizer import AdamMoments
 from scalegrow.formats.registry import open_checkpoint
 from scalegrow.methods import registry as methods
 from scalegrow.methods.base import Context
-from scalegrow.formats.optimizer import AdamMoments
-from scalegrow.write import moments
 from scalegrow.train.config import RunConfig
 from scalegrow.train.engine import latest_tag
 from scalegrow.train.loop import Start
 from scalegrow.train.prepare import PreparedData
 from scalegrow.train.trainer import DeepSpeedTrainer
-from scalegrow.write import executor
+from scalegrow.write import executor, moments
 
 
 def recorded_lr(reader) -> float | None:

@@ -24,19 +24,19 @@ from scalegrow.formats.optimizer import AdamMoments
 from scalegrow.operators.base import Operator
 from scalegrow.write.executor import apply
 
-# ---- the map ----------------------------------------------------------------------------------------
+
 def _linear(op: Operator, state: dict[str, torch.Tensor], offset: dict[str, torch.Tensor]) -> dict:
     """T(x) - T(0), the operator without its constant part (noise, a zero-centred norm's gain of 1),
     on the tensors that are live at the growth point: a new identity block's are zero."""
     dormant = tuple(f"{arch.layer_key(j, '')}" for j in op.identity_layers())
-    return {k: torch.zeros_like(v) if k.startswith(dormant) and dormant else v - offset[k]
+    return {k: torch.zeros_like(v) if dormant and k.startswith(dormant) else v - offset[k]
             for k, v in apply(op, state).items()}
 
 
-def copy_weights(op: Operator, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """D = diag(TᵀT), per source entry: Tᵀ(T(1)) by autograd through the operator's linear part."""
+def copy_weights(op: Operator, like: dict[str, torch.Tensor], offset: dict[str, torch.Tensor]) -> dict:
+    """D = diag(TᵀT), per source entry: Tᵀ(T(1)) by autograd through the operator's linear part
+    (`offset`: T(0)). Exact for entry-wise maps, where TᵀT is diagonal."""
     with torch.enable_grad():
-        offset = {k: v.detach() for k, v in apply(op, {k: torch.zeros_like(v) for k, v in like.items()}).items()}
         ones = {k: torch.ones_like(v, requires_grad=True) for k, v in like.items()}
         grown = [t for t in _linear(op, ones, offset).values() if t.requires_grad]  # not: zeroed (new) tensors
         torch.autograd.backward(grown, [t.detach() for t in grown])
@@ -45,10 +45,10 @@ def copy_weights(op: Operator, like: dict[str, torch.Tensor]) -> dict[str, torch
 
 def gradient_map(op: Operator, like: dict[str, torch.Tensor]):
     """G(g) = T(D⁻¹ g), the grown model's gradient for a source gradient `g` (entries with D = 0: 0)."""
-    d = copy_weights(op, like)
-    inverse = {k: torch.where(v > 0, 1.0 / v.clamp(min=torch.finfo(v.dtype).tiny), 0.0) for k, v in d.items()}
     with torch.no_grad():
         offset = apply(op, {k: torch.zeros_like(v) for k, v in like.items()})
+    d = copy_weights(op, like, offset)
+    inverse = {k: torch.where(v > 0, 1.0 / v.clamp(min=torch.finfo(v.dtype).tiny), 0.0) for k, v in d.items()}
 
     def grad_map(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
