@@ -9,7 +9,8 @@ Adam's state. Then at every budget, for the same number of large-model steps: sc
 warmup), and the small model grown by LEMON or by HyperCloning then stacking (G_stack's operator needs
 the same width: HyperCloning widens first), each trained on LEMON's schedule (the same peak LR, 5%
 re-warmup, decayed over 60% of the run); LEMON once more without the re-warmup, and twice with Adam's
-moments and step count grown with the weights (`scalegrow.write.moments`), without and with the re-warmup. Savings are
+moments and step count grown with the weights (`scalegrow.write.moments`), without and with the re-warmup;
+and LEMON's weights on scratch's cosine schedule (LEMON's faster decay, or the initialisation?). Savings are
 the large-model compute each grown run needs to reach scratch's final validation loss, without and with
 the small model's pretraining; the loss gap is each run's final loss minus scratch's, at the same
 large-model compute. Every finished run is cached under --out/runs; prints JSON, writes plots beside it.
@@ -41,7 +42,8 @@ BUDGETS = {"full": (0.25, 2.0, 8.0, 20.0), "quick": (0.25, 0.5)}
 SMALL_TOKENS_PER_PARAM = {"full": 20.0, "quick": 1.0}  # the small model's own budget, the same at every large one
 EVALS = 24  # evaluations per run, besides the early ones below
 EARLY = frozenset({1, 2, 5, 10, 20, 50, 100})  # where a grown run's loss spikes, if it does
-METHODS = ("scratch", "lemon", "hypercloning+stack", "lemon-no-rewarmup", "lemon+adam", "lemon+adam+rewarmup")
+METHODS = ("scratch", "lemon", "hypercloning+stack", "lemon-no-rewarmup", "lemon+adam", "lemon+adam+rewarmup",
+           "lemon-cosine")
 
 
 class Seed(gs.Seed):
@@ -97,6 +99,8 @@ class Budgeted(gs.Seed):
             state = self.grow_only(method)
             if name == "lemon-no-rewarmup":
                 return self.train(name, state, "lemon", warmup_steps=0)
+            if name == "lemon-cosine":  # scratch's schedule: is it the initialisation or LEMON's faster decay?
+                return self.train(name, state, "cosine")
             if name.startswith("lemon+adam"):
                 op, _ = methods.build_operator("lemon", methods.GROW, self.small, self.large, seed=self.seed)
                 adam = moments.grow(op, optimizer_state.load(self.ckpt / "small.adam.pt"))
