@@ -20,17 +20,16 @@ from scalegrow.write.executor import apply
 
 from training import DEEPSPEED, ENV, ROOT, free_port, scalars, train
 
-FAMILY = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
-              untie_embeddings_and_output_weights=True, add_bias_linear=False, padded_vocab_size=128,
-              vocab_size=128, max_position_embeddings=64)
+FAMILY = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False,
+              padded_vocab_size=128, vocab_size=128, max_position_embeddings=64)
 SMALL = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1,
              kv_channels=16)
 LARGE = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
              kv_channels=16)
 
 
-def config(shape: dict, **extra) -> ModelConfig:
-    return ModelConfig.from_dict(dict(**shape, **FAMILY, **extra))
+def config(shape: dict, tied: bool = False, **extra) -> ModelConfig:
+    return ModelConfig.from_dict(dict(**shape, **FAMILY, untie_embeddings_and_output_weights=not tied, **extra))
 
 
 def gradients(model: GPT, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -43,24 +42,29 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(scope="module")
-def noise_free_growth():
-    """A trained-looking small GPT, LEMON to twice its width and depth without symmetry-breaking noise,
-    and both models' gradients on the same batch."""
-    small = GPT(config(SMALL))
+def growth(tied: bool):
+    """A small GPT grown by LEMON to twice its width and depth without symmetry-breaking noise, and both
+    models' gradients on the same batch."""
+    small = GPT(config(SMALL, tied))
     init_weights(small, 0)
-    op, _ = methods.build_operator("lemon", methods.GROW, small.cfg, config(LARGE, init_method_std=0.0), seed=0)
+    op, _ = methods.build_operator("lemon", methods.GROW, small.cfg, config(LARGE, tied, init_method_std=0.0), seed=0)
     grown = GPT(op.dst)
     grown.load_state_dict(apply(op, {k: v.detach() for k, v in small.state_dict().items()}))
     tokens = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(0))
     return op, gradients(small, tokens), gradients(grown, tokens)
 
 
-def test_the_moment_map_is_the_grown_models_gradient(noise_free_growth):
+@pytest.fixture(scope="module")
+def noise_free_growth():
+    return growth(tied=False)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_moment_map_is_the_grown_models_gradient(tied):
     """G(g) = T(D⁻¹g) is, tensor for tensor, the gradient autograd finds on the grown model (the copies
-    are exact without noise). A new identity block gets no gradient but at its output projections,
-    where G (no source) gives zero."""
-    op, small, grown = noise_free_growth
+    are exact without noise; a tied output layer is the embedding's one tensor). A new identity block
+    gets no gradient but at its output projections, where G (no source) gives zero."""
+    op, small, grown = growth(tied)
     mapped = moments.gradient_map(op, small)(small)
     new = tuple(f"decoder.layers.{j}." for j in op.identity_layers())
     assert new == ("decoder.layers.1.", "decoder.layers.3.")

@@ -104,12 +104,14 @@ class DeepSpeedReader(Reader):
     def holds_optimizer_state(self) -> bool:
         return any((self.root / self.tag).glob("*optim_states.pt"))
 
-    def optimizer_state(self) -> AdamMoments:
+    def optimizer_state(self) -> AdamMoments | None:
         """Adam's moments per parameter and its step count, merged from every rank's ZeRO 1-3 partitions
         by DeepSpeed's own `zero_to_fp32` merge (the one that merges the fp32 weights, given the moments'
-        flat partitions instead: they are laid out alike, partition for partition)."""
+        flat partitions instead: they are laid out alike, partition for partition); None without them."""
         from deepspeed.utils import zero_to_fp32 as merge
 
+        if not self.holds_optimizer_state:
+            return None
         folder = str(self.root / self.tag)
         with deepspeed_chatter(quiet=True):
             optim = [safe_load(f, allowed=_deepspeed_allowed())["optimizer_state_dict"]
