@@ -126,8 +126,8 @@ def test_token_budget_race_quick_mode(tmp_path):
     for budget in summary["budgets"].values():
         rows = {r["method"]: r for r in budget["rows"][0]}
         assert set(rows) == {"scratch", "lemon", "hypercloning+stack", "lemon-no-rewarmup", "lemon+adam",
-                             "lemon+adam+rewarmup"}
-        for name in ("lemon", "lemon-no-rewarmup", "lemon+adam", "lemon+adam+rewarmup"):
+                             "lemon+adam+rewarmup", "lemon-cosine"}
+        for name in ("lemon", "lemon-no-rewarmup", "lemon+adam", "lemon+adam+rewarmup", "lemon-cosine"):
             assert rows[name]["start_val"] == pytest.approx(small_final, abs=1e-4), name
         assert rows["scratch"]["start_val"] > small_final + 0.5
     assert (out / "token_budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
