@@ -129,12 +129,13 @@ class Budgeted(gs.Seed):
 
 
 # ---- report -----------------------------------------------------------------------------------------
-def spike(run: dict) -> tuple[float, int | None]:
-    """How far the validation loss rises above its start within 100 steps, and the first evaluation
-    after that peak at which it is back at or below its start (0: it never rose; None: never back)."""
+def spike(run: dict, steps: int) -> tuple[float, int | None]:
+    """How far the validation loss rises above its start in the first 10% of the run (at least 100 steps:
+    twice a 5% warmup), and the first evaluation after that peak at which it is back at or below its
+    start (0: it never rose; None: never back)."""
     points = sorted((int(k), v) for k, v in run["val"].items())
     start = points[0][1]
-    early = [(k, v) for k, v in points if 0 < k <= 100]
+    early = [(k, v) for k, v in points if 0 < k <= max(100, steps // 10)]
     peak_step, peak = max(early, key=lambda kv: kv[1], default=(0, start))
     if peak <= start:
         return peak - start, 0
@@ -154,7 +155,7 @@ def summarise(results: dict[int, dict], run: Seed) -> dict:
             seed_rows = report.growth_rows(at, {}, tokens, large_f, small_total)
             for row in seed_rows:
                 row["final_gap"] = row["final_val"] - report.final_val(at["scratch"])
-                row["spike"], row["recovered"] = spike(at[row["method"]])
+                row["spike"], row["recovered"] = spike(at[row["method"]], res["budgets"][x]["steps"])
             rows.append(seed_rows)
         budgets[x] = {"steps": next(iter(results.values()))["budgets"][x]["steps"], "rows": rows,
                       **{key: report.aggregate(rows, key) for key in ("saved", "saved_with_small", "final_gap",
@@ -178,21 +179,27 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     panels = [("saved", "large-model compute saved (%)", 100), ("saved_with_small", "saved, small pretraining "
               "included (%)", 100), ("final_gap", "final val loss - scratch's (nats)", 1)]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, label, scale) in zip(axes, panels):
-        for method in METHODS[1:]:
+        for i, method in enumerate(METHODS[1:]):
             agg = [summary["budgets"][x][key].get(method, {}) for x in xs]
             pts = [(float(x), a) for x, a in zip(xs, agg) if a.get("mean") is not None]
-            if not pts:
-                continue
+            missed = [float(x) for x, a in zip(xs, agg) if a.get("mean") is None]
             ax.errorbar([p[0] for p in pts], [scale * a["mean"] for _, a in pts],
                         yerr=[[scale * (a["mean"] - a["min"]) for _, a in pts], [scale * (a["max"] - a["mean"])
                                                                                    for _, a in pts]],
-                        marker="o", capsize=3, label=method)
+                        marker="o", capsize=3, color=colours[i % 10], label=method, alpha=0.85)
+            if missed and key != "final_gap":  # never reached scratch's final loss: marked below zero
+                ax.scatter(missed, [-8 - 3 * i] * len(missed), marker="x", color=colours[i % 10])
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("tokens per parameter of the large model")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    axes[1].set_ylim(-60, 60)  # 0.25 tokens/param (small pretraining 5x the run) is off the scale
+    axes[1].annotate("0.25: -404%\n(small pretraining\n5x the run)", (0.25, -60), xytext=(0.3, -50), fontsize=7)
+    for ax in axes[:2]:
+        ax.text(0.02, 0.02, "x: never reached scratch's final loss", transform=ax.transAxes, fontsize=7)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Growth {summary['small']['params'] / 1e6:.2f}M -> {summary['large']['params'] / 1e6:.2f}M "
                  f"params against the token budget (dict-gcide, {len(summary['seeds'])} seeds)")
@@ -212,9 +219,11 @@ def markdown(summary: dict) -> str:
         if not agg or agg.get("mean") is None:
             return f"not reached ({agg.get('reached', '-')})"
         f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:+.3f}")
-        return f"{f(agg['mean'])} ({f(agg['min'])} … {f(agg['max'])})"
+        reached, seeds = agg["reached"].split("/")
+        return f"{f(agg['mean'])} ({f(agg['min'])} … {f(agg['max'])})" + (
+            f" [reached in {reached} of {seeds} seeds]" if reached != seeds else "")
     lines = ["| tokens/param | steps | method | saved | saved incl. small | final loss − scratch "
-             "| spike (≤100 steps) | back at its start loss (step) |", "|---|---|---|---|---|---|---|---|"]
+             "| spike (first 10%) | back at its start loss (step) |", "|---|---|---|---|---|---|---|---|"]
     for x, at in sorted(summary["budgets"].items(), key=lambda kv: float(kv[0])):
         for method in METHODS[1:]:
             lines.append(f"| {x} | {at['steps']} | {method} | {cell(at['saved'].get(method, {}), True)} | "
