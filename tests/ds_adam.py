@@ -15,6 +15,7 @@ from scalegrow.core.config import ModelConfig
 from scalegrow.core.model import GPT, init_weights
 from scalegrow.formats.optimizer import AdamMoments
 from scalegrow.train import engine as ds
+from scalegrow.train.launch import release_shared_memory
 
 CFG = ModelConfig.from_dict(dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2,
                                  num_query_groups=1, kv_channels=16, normalization="RMSNorm", swiglu=True,
@@ -78,6 +79,7 @@ def loaded_step(stage: int) -> float:
 
 def main(out: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shared_memory(torch_dist.get_rank())  # DeepSpeed's CPU all-reduce buffer, unlinked once mapped
     torch.manual_seed(0)
     for stage in (1, 2, 3):
         result = {"saved": saved_moments(stage, out), "loaded_step_diff": loaded_step(stage)}

@@ -18,7 +18,7 @@ from scalegrow.write import moments
 from scalegrow.formats import optimizer as optimizer_state
 from scalegrow.write.executor import apply
 
-from training import DEEPSPEED, ENV, ROOT, free_port, scalars, train
+from training import DEEPSPEED, ENV, ROOT, assert_no_shared_memory_left, free_port, scalars, train
 
 FAMILY = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False,
               padded_vocab_size=128, vocab_size=128, max_position_embeddings=64)
@@ -134,10 +134,12 @@ def test_deepspeed_checkpoints_give_the_moments_deepspeed_reports(tmp_path):
     """Two CPU ranks under ZeRO 1, 2 and 3 (tests/ds_adam.py): the moments merged from the saved
     partitions equal DeepSpeed's own `safe_get_full_optimizer_state`, bit for bit, for every parameter;
     moments loaded into a fresh engine then step exactly as torch's AdamW from the same state."""
+    port = free_port()
     result = subprocess.run([str(DEEPSPEED), "--log_level", "error", "--num_gpus", "2", "--master_port",
-                             str(free_port()), str(ROOT / "tests" / "ds_adam.py"), str(tmp_path)],
+                             str(port), str(ROOT / "tests" / "ds_adam.py"), str(tmp_path)],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_no_shared_memory_left("ds_adam", port)
     for stage in (1, 2, 3):
         reported = torch.load(tmp_path / f"z{stage}.pt", weights_only=True)
         read = DeepSpeedReader.optimizer_state(DeepSpeedReader(tmp_path / f"z{stage}", 3, None, None, None, None, tag="t"))
