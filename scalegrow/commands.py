@@ -129,9 +129,8 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
         dst_cfg = ModelConfig.from_yaml(target, base=src.config) if target else src.config
         where = str(target or "--target")
 
-    if job.optimizer_state and not src.holds_optimizer_state:
-        raise InputError(f"--optimizer-state: {src_path} is a {src.format} checkpoint that holds no optimizer state "
-                         f"scalegrow reads (a DeepSpeed checkpoint does, or a grow --optimizer-state output)")
+    if job.optimizer_state:
+        moments.require_held(src, "--optimizer-state")
 
     def context(m: methods.Method, op) -> ContextManager[Context]:
         _check_entrywise(job, op)
@@ -156,9 +155,8 @@ def _transform(job: Job, src_path, dst, target, dry_run: bool, options, record: 
 
 
 def _check_entrywise(job: Job, op) -> None:
-    if job.optimizer_state and not op.entrywise:
-        raise InputError(f"--optimizer-state: {job.method}'s operator mixes source entries, and Adam's moments "
-                         f"grow exactly only through copies and splits (lemon, hypercloning, stack, ...)")
+    if job.optimizer_state:
+        moments.require_entrywise(op, "--optimizer-state", job.method)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ def scratch_or_continue(cfg: RunConfig, data: PreparedData, dist) -> Start:
     """`model` sized to the tokenizer; weights from `init.from` if given, else random."""
     if cfg.init.from_:
         src = open_checkpoint(cfg.init.from_)
-        adam = held_adam(src, "init.optimizer_state", cfg.init.from_) if cfg.init.optimizer_state else None
+        adam = held_adam(src, "init.optimizer_state") if cfg.init.optimizer_state else None
         return Start(src.config, src.state_dict(), metadata.source_record(src), src.hf_origin(), recorded_lr(src),
                      adam)
     model = cfg.model_config()
@@ -65,21 +65,15 @@ def grown(cfg: RunConfig, data: PreparedData, dist) -> Start:
 
 def grown_adam(cfg: RunConfig, src, op, dist) -> AdamMoments:
     """The source's Adam moments and step count, grown with the weights (write/moments.py)."""
-    if not op.entrywise:
-        raise InputError(f"growth.optimizer_state: {cfg.growth.method}'s operator mixes source entries, and Adam's "
-                         f"moments grow exactly only through copies and splits (lemon, hypercloning, stack, ...)")
-    grown = moments.grow(op, held_adam(src, "growth.optimizer_state", cfg.init.from_))
+    moments.require_entrywise(op, "growth.optimizer_state", cfg.growth.method)
+    grown = moments.grow(op, held_adam(src, "growth.optimizer_state"))
     if dist.is_main:
         print(f"grow_pretrain: Adam's moments grown with the weights ({len(grown.exp_avg)} parameters, step "
               f"{grown.step} of the source)", flush=True)
     return grown
 
 
-def held_adam(src, key: str, path) -> AdamMoments:
+def held_adam(src, key: str) -> AdamMoments:
     """The Adam state `src` holds, or a clear refusal naming `key`."""
-    adam = src.optimizer_state()
-    if adam is None:
-        raise InputError(f"{key}: {path} is a {src.format} checkpoint that holds no optimizer state scalegrow reads; "
-                         f"point init.from at the DeepSpeed checkpoints of the run that trained it (its "
-                         f"output.dir/checkpoints), or at a `scalegrow grow --optimizer-state` output")
-    return adam
+    moments.require_held(src, key)
+    return src.optimizer_state()

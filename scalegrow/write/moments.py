@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from scalegrow.core import arch
+from scalegrow.errors import InputError
 from scalegrow.formats.optimizer import AdamMoments
 from scalegrow.operators.base import Operator
 from scalegrow.write.executor import apply
@@ -63,3 +64,19 @@ def grow(op: Operator, moments: AdamMoments) -> AdamMoments:
     roots = grad_map({k: v.clamp(min=0).sqrt() for k, v in moments.exp_avg_sq.items()})
     second = {k: v.square() for k, v in roots.items()}
     return AdamMoments(first, second, moments.step)
+
+
+# ---- what a growth of Adam's state needs: one refusal each, for every command and run config key ----
+def require_held(src, key: str) -> None:
+    """`src` (a reader) must hold Adam's state: a DeepSpeed checkpoint's, or an `optimizer_state.pt`."""
+    if not src.holds_optimizer_state:
+        raise InputError(f"{key}: {src.root} is a {src.format} checkpoint that holds no optimizer state scalegrow "
+                         f"reads; point it at the DeepSpeed checkpoints of the run that trained it (its "
+                         f"output.dir/checkpoints), or at a `scalegrow grow --optimizer-state` output")
+
+
+def require_entrywise(op: Operator, key: str, method: str) -> None:
+    """The moment map is exact only for copy-and-split operators (`Operator.entrywise`)."""
+    if not op.entrywise:
+        raise InputError(f"{key}: {method}'s operator mixes source entries, and Adam's moments grow exactly only "
+                         f"through copies and splits (lemon, hypercloning, stack, ...)")
