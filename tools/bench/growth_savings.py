@@ -236,23 +236,30 @@ class Seed:
         path.write_text(yaml.safe_dump(cfg.to_dict()))
         return path
 
+    def grow_large(self, method: str) -> tuple[Path, dict]:
+        """The small checkpoint grown to the large shape by `method`'s operators in turn (`scalegrow grow`'s
+        own path, checkpoints on disk): the last checkpoint and what LiGO's operator recorded."""
+        src, extra = self.ckpt / "small", {}
+        data = DataOptions(str(self.data.prefix), str(self.tokenizer), self.b.seq_length, self.b.micro_batch_size)
+        ops = GROWTH[method]
+        for k, op in enumerate(ops):
+            last = k == len(ops) - 1
+            cfg = self.large if last else self.large.replace(num_layers=self.small.num_layers)
+            dst = self.ckpt / (method if last else f"{method}.{k}")
+            grow(src, dst, op, self.target_yaml(cfg, f"{method}.{k}"), seed=self.seed, overwrite=True,
+                 progress=False, options=methods.options_with(op, methods.GROW, steps=self.b.ligo_steps),
+                 data=data)
+            extra.update(json.loads((dst / "scalegrow.json").read_text())["details"].get("ligo", {}))
+            src = dst
+        return src, extra
+
     def grown(self, method: str) -> dict:
         def make():
-            src, ops, extra = self.ckpt / "small", GROWTH[method], {}
-            data = DataOptions(str(self.data.prefix), str(self.tokenizer), self.b.seq_length, self.b.micro_batch_size)
-            for k, op in enumerate(ops):
-                last = k == len(ops) - 1
-                cfg = self.large if last else self.large.replace(num_layers=self.small.num_layers)
-                dst = self.ckpt / (method if last else f"{method}.{k}")
-                grow(src, dst, op, self.target_yaml(cfg, f"{method}.{k}"), seed=self.seed, overwrite=True,
-                     progress=False, options=methods.options_with(op, methods.GROW, steps=self.b.ligo_steps),
-                     data=data)
-                extra.update(json.loads((dst / "scalegrow.json").read_text())["details"].get("ligo", {}))
-                src = dst
-            model = load_model(src)
+            path, extra = self.grow_large(method)
+            model = load_model(path)
             history, _ = train(model.cfg, model.state_dict(), "lemon", self.b.large_steps, self.data, self.b,
                                self.seed, method)
-            history["ligo_steps"] = self.b.ligo_steps if "ligo" in ops else 0
+            history["ligo_steps"] = self.b.ligo_steps if "ligo" in GROWTH[method] else 0
             history["ligo"] = extra
             return history
         return self.cached(method, make)

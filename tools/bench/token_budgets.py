@@ -110,19 +110,8 @@ class Budgeted(gs.Seed):
         return self.cached(name, make)
 
     def grow_only(self, method: str) -> dict:
-        """The grown weights (scalegrow grow's own path, as in growth_savings), before any training."""
-        from scalegrow.commands import DataOptions, grow
-
-        src, ops = self.ckpt / "small", gs.GROWTH[method]
-        data = DataOptions(str(self.data.prefix), str(self.tokenizer), self.b.seq_length, self.b.micro_batch_size)
-        for k, op in enumerate(ops):
-            last = k == len(ops) - 1
-            cfg = self.large if last else self.large.replace(num_layers=self.small.num_layers)
-            dst = self.ckpt / (method if last else f"{method}.{k}")
-            grow(src, dst, op, self.target_yaml(cfg, f"{method}.{k}"), seed=self.seed, overwrite=True,
-                 progress=False, options=methods.options_with(op, methods.GROW), data=data)
-            src = dst
-        return load_model(src).state_dict()
+        """The grown weights (growth_savings' growth through `scalegrow grow`), before any training."""
+        return load_model(self.grow_large(method)[0]).state_dict()
 
     def run_all(self) -> dict:
         return {"steps": self.b.large_steps, "runs": {m: self.run(m) for m in METHODS}}
